@@ -1,0 +1,38 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Layers import only downward:
+// C shims -> XTSSystem -> XTSCrypto -> XTSFormat -> XTSKeys -> XTSContent -> XTSFS -> XTSFuse -> XTSVolume -> xtsfs (CLI)
+let package = Package(
+    name: "xtsfs",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "xtsfs", targets: ["xtsfs"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .systemLibrary(name: "CFuse", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
+        .systemLibrary(name: "CCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
+        .systemLibrary(name: "CArgon2", pkgConfig: "libargon2", providers: [.apt(["libargon2-dev"])]),
+        .systemLibrary(name: "CSysShim"),
+        .target(name: "XTSSystem", dependencies: ["CSysShim"]),
+        .target(name: "XTSCrypto", dependencies: ["XTSSystem", "CCrypto", "CArgon2"]),
+        .target(name: "XTSFormat", dependencies: ["XTSSystem", "XTSCrypto"]),
+        .target(name: "XTSKeys", dependencies: ["XTSSystem", "XTSCrypto", "XTSFormat"]),
+        .target(name: "XTSContent", dependencies: ["XTSSystem", "XTSCrypto", "XTSFormat", "XTSKeys"]),
+        .target(name: "XTSFS", dependencies: ["CSysShim", "XTSSystem", "XTSCrypto", "XTSFormat", "XTSKeys", "XTSContent"]),
+        .target(name: "XTSFuse", dependencies: ["XTSSystem", "XTSFS", "CFuse"]),
+        .target(name: "XTSVolume", dependencies: ["CSysShim", "XTSSystem", "XTSCrypto", "XTSFormat", "XTSKeys", "XTSContent", "XTSFS", "XTSFuse"]),
+        .executableTarget(name: "xtsfs", dependencies: [
+            "XTSVolume", "XTSSystem", "XTSKeys", "XTSFormat", "XTSCrypto",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "XTSCryptoTests", dependencies: ["XTSCrypto", "XTSSystem"], resources: [.copy("Vectors")]),
+        .testTarget(name: "XTSFormatTests", dependencies: ["XTSFormat", "XTSKeys", "XTSCrypto", "XTSSystem", "XTSVolume"], resources: [.copy("Golden")]),
+        .testTarget(name: "XTSContentTests", dependencies: ["XTSContent", "XTSCrypto", "XTSFormat", "XTSKeys", "XTSSystem"]),
+        .testTarget(name: "XTSIntegrationTests", dependencies: ["XTSVolume", "XTSSystem", "xtsfs"], resources: [.copy("Fixtures")]),
+    ],
+    swiftLanguageModes: [.v6]
+)

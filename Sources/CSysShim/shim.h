@@ -1,0 +1,85 @@
+#ifndef XTSFS_CSYS_SHIM_H
+#define XTSFS_CSYS_SHIM_H
+// Linux calls that Glibc's Swift overlay does not import (macros or GNU-only).
+#include <fcntl.h>
+extern int pipe2(int pipefd[2], int flags);
+#include <errno.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/statvfs.h>
+#include <sys/mount.h>
+#include <spawn.h>
+#include <signal.h>
+#include <syslog.h>
+
+#ifndef POSIX_SPAWN_SETSID
+#define POSIX_SPAWN_SETSID 0x80 /* glibc >= 2.26; hidden without _GNU_SOURCE */
+#endif
+
+#define XTS_RENAME_NOREPLACE 1
+#define XTS_RENAME_EXCHANGE 2
+
+static inline int xts_renameat2(const char *from, const char *to, unsigned int flags) {
+    return (int)syscall(SYS_renameat2, AT_FDCWD, from, AT_FDCWD, to, flags);
+}
+
+static inline int xts_set_undumpable(void) {
+    return prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+}
+static inline int xts_statvfs(const char *path, struct statvfs *out) {
+    return statvfs(path, out);
+}
+static inline int xts_pipe_cloexec(int fds[2]) {
+    return pipe2(fds, O_CLOEXEC);
+}
+
+// syslog is variadic: Swift cannot call it.
+static inline void xts_syslog(int priority, const char *message) {
+    syslog(priority, "%s", message);
+}
+
+/// posix_spawn attributes for the mount daemon: its own session, an empty signal mask
+/// and default handlers (a Swift parent may have signals blocked, and a child inherits that).
+static inline int xts_spawn_daemon(pid_t *pid, const char *path, char *const argv[], char *const envp[],
+                                   int key_fd, int status_fd) {
+    posix_spawnattr_t attr;
+    posix_spawn_file_actions_t fa;
+    sigset_t empty, defaults;
+    int r;
+    posix_spawnattr_init(&attr);
+    posix_spawn_file_actions_init(&fa);
+    sigemptyset(&empty);
+    sigemptyset(&defaults);
+    sigaddset(&defaults, SIGTERM); sigaddset(&defaults, SIGINT); sigaddset(&defaults, SIGHUP);
+    sigaddset(&defaults, SIGPIPE); sigaddset(&defaults, SIGQUIT);
+    posix_spawnattr_setsigmask(&attr, &empty);
+    posix_spawnattr_setsigdefault(&attr, &defaults);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSID);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_adddup2(&fa, key_fd, 3);
+    posix_spawn_file_actions_adddup2(&fa, status_fd, 4);
+    r = posix_spawn(pid, path, &fa, &attr, argv, envp);
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&attr);
+    return r;
+}
+
+/// Runs a program and waits for it; returns its exit status, or -1.
+static inline int xts_run(const char *path, char *const argv[], char *const envp[]) {
+    pid_t pid;
+    int status;
+    posix_spawnattr_t attr;
+    sigset_t empty;
+    posix_spawnattr_init(&attr);
+    sigemptyset(&empty);
+    posix_spawnattr_setsigmask(&attr, &empty);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+    int r = posix_spawnp(&pid, path, NULL, &attr, argv, envp);
+    posix_spawnattr_destroy(&attr);
+    if (r != 0) return -1;
+    while (waitpid(pid, &status, 0) < 0) { if (errno != EINTR) return -1; }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+#endif

@@ -1,0 +1,203 @@
+import XTSCrypto
+import XTSFormat
+import XTSKeys
+import XTSSystem
+
+/// What content I/O needs of a backing file. The filesystem passes a real file
+/// descriptor; tests can pass memory.
+public protocol BackingFile {
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws(SystemError) -> Int
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: Int64) throws(SystemError)
+    func size() throws(SystemError) -> Int64
+    func truncate(_ size: Int64) throws(SystemError)
+}
+
+public struct FDBackingFile: BackingFile {
+    public let fd: Int32
+    public init(fd: Int32) { self.fd = fd }
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws(SystemError) -> Int {
+        try Sys.pread(fd, buffer.baseAddress!, buffer.count, offset)
+    }
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int64) throws(SystemError) {
+        try Sys.pwrite(fd, buffer.baseAddress!, buffer.count, offset)
+    }
+    public func size() throws(SystemError) -> Int64 { Int64(try Sys.fstat(fd).st_size) }
+    public func truncate(_ size: Int64) throws(SystemError) { try Sys.ftruncate(fd, size) }
+}
+
+public enum ContentError: Error, Sendable, CustomStringConvertible {
+    case io(SystemError)
+    case crypto(CryptoError)
+    /// The file header is damaged, or written under a key generation we do not hold.
+    case badHeader(String)
+
+    public var description: String {
+        switch self {
+        case .io(let e): return "\(e)"
+        case .crypto(let e): return "\(e)"
+        case .badHeader(let s): return "damaged file header: \(s)"
+        }
+    }
+}
+
+/// Reads and writes plaintext of one backing file. Not thread-safe: the caller holds the
+/// file's lock (shared for `read`, exclusive for the others), and keeps the `FileCrypto`
+/// these calls return for the next call.
+public struct ContentFile<File: BackingFile> {
+    public let file: File
+    /// The keys of a generation; nil if the volume does not hold it.
+    public let keys: @Sendable (UInt32) -> KeySet?
+    public let currentKeys: KeySet
+
+    public init(file: File, currentKeys: KeySet, keys: @escaping @Sendable (UInt32) -> KeySet?) {
+        self.file = file
+        self.currentKeys = currentKeys
+        self.keys = keys
+    }
+
+    public func plainSize() throws(ContentError) -> Int64 {
+        do { return Layout.plainSize(backingSize: try file.size()) } catch { throw .io(error) }
+    }
+
+    /// Loads the file's header; nil for an empty file.
+    public func loadCrypto() throws(ContentError) -> FileCrypto? {
+        let backing: Int64
+        do { backing = try file.size() } catch { throw .io(error) }
+        if backing == 0 { return nil }
+        if Layout.isDamagedSize(backingSize: backing) { throw .badHeader("backing file is \(backing) bytes, shorter than its header") }
+        var raw = [UInt8](repeating: 0, count: FileHeader.length)
+        let n: Int
+        do { n = try raw.withMutableBytes { (p) throws(SystemError) -> Int in try file.read(into: p, at: 0) } } catch { throw .io(error) }
+        guard n == FileHeader.length else { throw .badHeader("short read") }
+        let header: FileHeader
+        do { header = try FileHeader.decode(raw, macKey: currentKeys.metadataMACKey) } catch {
+            // The MAC key depends on the generation recorded inside; try that one.
+            if let gen = Optional(raw[4..<8].enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * $1.offset) }),
+               gen != currentKeys.generation, let k = keys(gen), let h = try? FileHeader.decode(raw, macKey: k.metadataMACKey) {
+                header = h
+            } else {
+                throw .badHeader("\(error)")
+            }
+        }
+        guard let k = keys(header.keyGeneration) else { throw .badHeader("written under key generation \(header.keyGeneration), which this volume no longer holds") }
+        do { return try FileCrypto(keys: k, header: header) } catch { throw .crypto(error) }
+    }
+
+    /// Reads up to `output.count` plaintext bytes at `offset`; returns how many (0 at or past EOF).
+    public func read(into output: UnsafeMutableRawBufferPointer, at offset: Int64, crypto: FileCrypto?) throws(ContentError) -> Int {
+        let size = try plainSize()
+        return try read(into: output, at: offset, size: size, crypto: crypto)
+    }
+
+    func read(into output: UnsafeMutableRawBufferPointer, at offset: Int64, size: Int64, crypto: FileCrypto?) throws(ContentError) -> Int {
+        let end = min(offset + Int64(output.count), size)
+        guard offset < end else { return 0 }
+        guard let crypto else { throw .badHeader("missing") }
+        let units = Layout.units(overlapping: offset..<end, size: size)
+        let lo = units.first!.start, hi = units.last!.end
+        let want = Int(end - offset)
+        if lo == offset && hi == end {
+            // Aligned: decrypt straight into the caller's buffer.
+            let dst = UnsafeMutableRawBufferPointer(rebasing: output[0..<want])
+            try fill(dst, at: lo, size: size)
+            do { try crypto.crypt(units: units, buffer: dst, base: lo, encrypt: false) } catch { throw .crypto(error) }
+            return want
+        }
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(hi - lo), alignment: 16)
+        defer { scratch.deallocate() }
+        try fill(scratch, at: lo, size: size)
+        do { try crypto.crypt(units: units, buffer: scratch, base: lo, encrypt: false) } catch { throw .crypto(error) }
+        output.baseAddress!.copyMemory(from: scratch.baseAddress! + Int(offset - lo), byteCount: want)
+        return want
+    }
+
+    /// Ciphertext of plaintext range [at, at+count) into `buffer`; bytes past the end of
+    /// the backing file read as zeros (a hole).
+    private func fill(_ buffer: UnsafeMutableRawBufferPointer, at: Int64, size: Int64) throws(ContentError) {
+        let n: Int
+        do { n = try file.read(into: buffer, at: Layout.headerLength + at) } catch { throw .io(error) }
+        if n < buffer.count { (buffer.baseAddress! + n).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - n) }
+    }
+
+    /// Writes `data` at `offset`, growing the file (with a hole) if needed. Returns the
+    /// file's crypto state after the write (new for a new or tiny file).
+    public func write(_ data: UnsafeRawBufferPointer, at offset: Int64, crypto: FileCrypto?) throws(ContentError) -> FileCrypto {
+        let old = try plainSize()
+        let new = max(old, offset + Int64(data.count))
+        return try rewrite(oldSize: old, newSize: new, crypto: crypto, written: offset..<offset + Int64(data.count), data: data)!
+    }
+
+    /// Sets the plaintext size, up (a hole) or down. Returns the crypto state after (nil when empty).
+    public func truncate(to newSize: Int64, crypto: FileCrypto?) throws(ContentError) -> FileCrypto? {
+        let old = try plainSize()
+        if newSize == old { return crypto }
+        if newSize == 0 {
+            do { try file.truncate(0) } catch { throw .io(error) }
+            return nil
+        }
+        return try rewrite(oldSize: old, newSize: newSize, crypto: crypto, written: nil, data: nil)
+    }
+
+    private func rewrite(oldSize old: Int64, newSize new: Int64, crypto: FileCrypto?, written: Range<Int64>?, data: UnsafeRawBufferPointer?) throws(ContentError) -> FileCrypto? {
+        if new == 0 { return crypto }
+        var target = crypto
+        var writeHeader = false
+        if old > 0 && crypto == nil { throw .badHeader("missing") }
+        if old == 0 || Layout.isTiny(new) {
+            // New file, or a tiny one: a fresh nonce each time, so a tiny file's pad is never reused.
+            do { target = try FileCrypto(keys: currentKeys, header: try FileHeader.random(keyGeneration: currentKeys.generation)) }
+            catch { throw .crypto(error) }
+            writeHeader = true
+        }
+        let ranges = Layout.rewriteRanges(oldSize: old, newSize: new, written: written)
+        for r in ranges {
+            let count = Int(r.upperBound - r.lowerBound)
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 16)
+            defer { buf.deallocate() }
+            // Old plaintext under the old layout, zeros past the old end.
+            let covered = written.map { $0.lowerBound <= r.lowerBound && $0.upperBound >= r.upperBound } ?? false
+            let have = (old > r.lowerBound && !covered) ? try read(into: buf, at: r.lowerBound, size: old, crypto: crypto) : 0
+            if have < count { (buf.baseAddress! + have).initializeMemory(as: UInt8.self, repeating: 0, count: count - have) }
+            if let w = written, let data {
+                let lo = max(w.lowerBound, r.lowerBound), hi = min(w.upperBound, r.upperBound)
+                if lo < hi {
+                    (buf.baseAddress! + Int(lo - r.lowerBound)).copyMemory(from: data.baseAddress! + Int(lo - w.lowerBound), byteCount: Int(hi - lo))
+                }
+            }
+            let units = Layout.units(overlapping: r, size: new)
+            do { try target!.crypt(units: units, buffer: buf, base: r.lowerBound, encrypt: true) } catch { throw .crypto(error) }
+            do {
+                if writeHeader && r.lowerBound == 0 {
+                    // Header and first unit in one write.
+                    let headerBytes = try encodeHeader(target!)
+                    let joint = UnsafeMutableRawBufferPointer.allocate(byteCount: headerBytes.count + count, alignment: 16)
+                    defer { joint.deallocate() }
+                    headerBytes.withUnsafeBytes { joint.copyMemory(from: $0) }
+                    (joint.baseAddress! + headerBytes.count).copyMemory(from: buf.baseAddress!, byteCount: count)
+                    try file.write(UnsafeRawBufferPointer(joint), at: 0)
+                    writeHeader = false
+                } else {
+                    if writeHeader {
+                        let headerBytes = try encodeHeader(target!)
+                        try headerBytes.withBytes { (p) throws(SystemError) in try file.write(p, at: 0) }
+                        writeHeader = false
+                    }
+                    try file.write(UnsafeRawBufferPointer(buf), at: Layout.headerLength + r.lowerBound)
+                }
+            } catch let e as SystemError { throw .io(e) } catch let e as CryptoError { throw .crypto(e) } catch { throw .badHeader("\(error)") }
+        }
+        if writeHeader {
+            do { try encodeHeader(target!).withBytes { (p) throws(SystemError) in try file.write(p, at: 0) } }
+            catch let e as SystemError { throw .io(e) } catch let e as CryptoError { throw .crypto(e) } catch { throw .badHeader("\(error)") }
+        }
+        let backing = Layout.backingSize(plainSize: new)
+        do {
+            if try file.size() != backing { try file.truncate(backing) }
+        } catch { throw .io(error) }
+        return target
+    }
+
+    private func encodeHeader(_ c: FileCrypto) throws(CryptoError) -> [UInt8] {
+        try c.header.encode(macKey: currentKeys.metadataMACKey)
+    }
+}

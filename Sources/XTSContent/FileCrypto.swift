@@ -1,0 +1,59 @@
+import XTSCrypto
+import XTSFormat
+import XTSKeys
+
+/// The keys of one file: derived from the volume's content key and the file's nonce,
+/// so every file has its own XTS key and (file, unit) pairs never repeat key and tweak.
+///
+/// `@unchecked Sendable`: immutable after init.
+public final class FileCrypto: @unchecked Sendable {
+    public let header: FileHeader
+    public let keys: KeySet
+    let xtsKey: SecretBytes
+
+    static let fileLabel: [UInt8] = Array("xtsfs v1 file key".utf8)
+    static let tinyLabel: [UInt8] = Array("xtsfs v1 tiny pad".utf8)
+
+    public init(keys: KeySet, header: FileHeader) throws(CryptoError) {
+        self.keys = keys
+        self.header = header
+        xtsKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.fileLabel + header.nonce, count: 64)
+    }
+
+    /// Encrypts (or decrypts) whole units in place in `buffer`, whose first byte is
+    /// plaintext offset `base`. Units whose ciphertext is all zeros are holes and decrypt
+    /// to zeros; a tiny unit is never treated as a hole (its pad could make zeros).
+    public func crypt(units: [Layout.Unit], buffer: UnsafeMutableRawBufferPointer, base: Int64, encrypt: Bool) throws(CryptoError) {
+        guard let first = units.first else { return }
+        if first.tiny {
+            let pad = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.tinyLabel + header.nonce, count: Int(first.length))
+            pad.withUnsafeBytes { p in
+                let off = Int(first.start - base)
+                for i in 0..<Int(first.length) { buffer[off + i] ^= p[i] }
+            }
+            return
+        }
+        let ctx = try XTSContext.forCurrentThread()
+        try xtsKey.withUnsafeBytes { (k) throws(CryptoError) in try ctx.setKey(k, encrypt: encrypt) }
+        for u in units {
+            let p = buffer.baseAddress! + Int(u.start - base)
+            let n = Int(u.length)
+            if !encrypt && FileCrypto.isZero(UnsafeRawPointer(p), n) { continue }
+            try ctx.crypt(unit: u.index, input: p, output: p, count: n)
+        }
+    }
+
+    static func isZero(_ p: UnsafeRawPointer, _ n: Int) -> Bool {
+        // Word-at-a-time scan; ciphertext almost always fails on the first word.
+        var i = 0
+        while i + 8 <= n {
+            if p.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
+            i += 8
+        }
+        while i < n {
+            if p.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
+            i += 1
+        }
+        return true
+    }
+}

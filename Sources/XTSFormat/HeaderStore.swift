@@ -1,0 +1,83 @@
+import XTSSystem
+
+/// The two copies of the volume header in CIPHERDIR. Each is replaced atomically
+/// (new file, fsync, rename, fsync directory), one after the other, so at every
+/// instant at least one copy is whole; the higher sequence number wins on load.
+public struct HeaderStore: Sendable {
+    public static let fileNames = ["xtsfs.header", "xtsfs.header2"]
+    public let directory: String
+
+    public init(directory: String) { self.directory = directory }
+
+    public func path(_ copy: Int) -> String { directory + "/" + HeaderStore.fileNames[copy] }
+
+    /// A copy that parsed, with the exact bytes it came from.
+    public struct Candidate: Sendable {
+        public var copy: Int
+        public var header: VolumeHeader
+    }
+
+    /// What loading found: valid copies newest first, and what was wrong with the others.
+    public struct Loaded: Sendable {
+        public var candidates: [Candidate]
+        public var damaged: [(copy: Int, error: String)]
+        public var newest: VolumeHeader { candidates[0].header }
+    }
+
+    public enum LoadError: Error, Sendable, CustomStringConvertible {
+        case notAVolume(String)
+        case unreadable(SystemError)
+        case invalid(FormatError, details: [String])
+
+        public var description: String {
+            switch self {
+            case .notAVolume(let dir): return "\(dir) is not an xtsfs volume (no \(HeaderStore.fileNames[0]))"
+            case .unreadable(let e): return "cannot read the volume header: \(e)"
+            case .invalid(let e, let details): return "the volume header is unusable: \(e)" + (details.count > 1 ? " (" + details.joined(separator: "; ") + ")" : "")
+            }
+        }
+    }
+
+    public func load() throws(LoadError) -> Loaded {
+        var candidates: [Candidate] = []
+        var damaged: [(Int, String)] = []
+        var errors: [FormatError] = []
+        var missing = 0
+        for copy in 0..<HeaderStore.fileNames.count {
+            let bytes: [UInt8]
+            do {
+                bytes = try Sys.readFile(path(copy), limit: VolumeHeader.maxLength + 1)
+            } catch {
+                if error.errno == ENOENT { missing += 1; damaged.append((copy, "missing")); continue }
+                throw .unreadable(error)
+            }
+            do {
+                candidates.append(Candidate(copy: copy, header: try VolumeHeader.decode(bytes)))
+            } catch {
+                errors.append(error)
+                damaged.append((copy, error.description))
+            }
+        }
+        if missing == HeaderStore.fileNames.count { throw .notAVolume(directory) }
+        if candidates.isEmpty {
+            // A version or feature error is the more useful thing to say: the copies are fine, this build is old.
+            let best = errors.first { if case .unsupportedVersion = $0 { return true }; if case .unsupportedFeatures = $0 { return true }; return false } ?? errors.first ?? .truncated("header")
+            throw .invalid(best, details: damaged.map { "\(HeaderStore.fileNames[$0.0]): \($0.1)" })
+        }
+        candidates.sort { $0.header.sequence > $1.header.sequence }
+        return Loaded(candidates: candidates, damaged: damaged)
+    }
+
+    /// Writes both copies of an already MAC'ed header.
+    public func write(_ header: VolumeHeader) throws(SystemError) {
+        let bytes: [UInt8]
+        do { bytes = try header.encode() } catch { throw SystemError(EINVAL, "encode header: \(error)") }
+        for copy in 0..<HeaderStore.fileNames.count {
+            try Sys.atomicWrite(bytes, to: path(copy), mode: 0o400)
+        }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

@@ -1,0 +1,288 @@
+import CFuse
+import XTSFS
+import XTSSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public enum FuseError: Error, CustomStringConvertible {
+    case session(String)
+    case mount(String)
+    public var description: String {
+        switch self {
+        case .session(let s): return "cannot start the FUSE session: \(s)"
+        case .mount(let s): return s
+        }
+    }
+}
+
+/// The FUSE binding: libfuse3's low-level (inode) API over `FileSystem`. Requests arrive
+/// on libfuse's worker threads; each callback finds the server through the request's
+/// userdata, calls the filesystem and replies. `FSError` becomes an errno here, in `fail`.
+///
+/// `@unchecked Sendable`: after `mount()` only `session` is read; the filesystem is thread-safe.
+public final class FuseServer: @unchecked Sendable {
+    public let fs: FileSystem
+    public let mountpoint: String
+    let options: [String]
+    let debug: Bool
+    let maxThreads: UInt32
+    private var session: OpaquePointer?
+    /// How long the kernel may cache names and attributes. Only this daemon changes the
+    /// backing directory while it is mounted, so a second is safe.
+    let timeout = 1.0
+
+    public init(fs: FileSystem, mountpoint: String, options: [String], debug: Bool = false, maxThreads: UInt32 = 16) {
+        self.fs = fs
+        self.mountpoint = mountpoint
+        self.options = options
+        self.debug = debug
+        self.maxThreads = maxThreads
+    }
+
+    /// Creates the session and mounts; the mount is visible when this returns.
+    public func mount() throws(FuseError) {
+        var argv = ["xtsfs"]
+        if !options.isEmpty { argv += ["-o", options.joined(separator: ",")] }
+        if debug { argv.append("-d") }
+        var cargs = argv.map { strdup($0) }
+        defer { cargs.forEach { free($0) } }
+        var ops = FuseServer.operations
+        let me = Unmanaged.passUnretained(self).toOpaque()
+        let se: OpaquePointer? = cargs.withUnsafeMutableBufferPointer { buf in
+            var args = xtsfs_fuse_args_init(Int32(buf.count), buf.baseAddress)
+            defer { fuse_opt_free_args(&args) }
+            return fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size, me)
+        }
+        guard let se else { throw .session("invalid options \(options.joined(separator: ","))") }
+        if fuse_session_mount(se, mountpoint) != 0 {
+            fuse_session_destroy(se)
+            throw .mount("cannot mount on \(mountpoint)")
+        }
+        session = se
+    }
+
+    /// Serves requests until the filesystem is unmounted; then tears the session down.
+    public func run() -> Int32 {
+        guard let se = session else { return -1 }
+        let r = xtsfs_session_loop_mt(se, maxThreads)
+        fuse_session_unmount(se)
+        fuse_session_destroy(se)
+        session = nil
+        return r
+    }
+
+    // MARK: - helpers shared by the callbacks
+
+    static func server(_ req: fuse_req_t?) -> FuseServer {
+        Unmanaged<FuseServer>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
+    }
+
+    static func caller(_ req: fuse_req_t?) -> Caller {
+        let ctx = fuse_req_ctx(req)!.pointee
+        return Caller(uid: ctx.uid, gid: ctx.gid)
+    }
+
+    static func fail(_ req: fuse_req_t?, _ error: FSError) {
+        if case .damaged(let why) = error { server(req).fs.logDamage(why) }
+        fuse_reply_err(req, error.errno)
+    }
+
+    static func name(_ p: UnsafePointer<CChar>?) -> [UInt8] {
+        guard let p else { return [] }
+        return Array(UnsafeRawBufferPointer(start: p, count: strlen(p)))
+    }
+
+    func replyEntry(_ req: fuse_req_t?, _ id: UInt64, _ st: stat) {
+        var e = fuse_entry_param()
+        e.ino = fuse_ino_t(id)
+        e.generation = 0
+        e.attr = st
+        e.attr_timeout = timeout
+        e.entry_timeout = timeout
+        fuse_reply_entry(req, &e)
+    }
+
+    func run<T>(_ req: fuse_req_t?, _ body: () throws(FSError) -> T, reply: (T) -> Void) {
+        do { reply(try body()) } catch { FuseServer.fail(req, error) }
+    }
+
+    // MARK: - the operations table
+
+    static let operations: fuse_lowlevel_ops = {
+        var ops = fuse_lowlevel_ops()
+        ops.`init` = { _, conn in
+            guard let conn else { return }
+            // Keep libfuse's defaults; make sure O_TRUNC arrives with open (we truncate the plaintext).
+            if conn.pointee.capable & UInt32(FUSE_CAP_ATOMIC_O_TRUNC) != 0 {
+                conn.pointee.want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC)
+            }
+        }
+        ops.lookup = { req, parent, name in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.lookup(parent: UInt64(parent), name: FuseServer.name(name)) }) { s.replyEntry(req, $0.0, $0.1) }
+        }
+        ops.forget = { req, ino, n in
+            server(req).fs.forget(UInt64(ino), count: n)
+            fuse_reply_none(req)
+        }
+        ops.forget_multi = { req, count, list in
+            let s = server(req)
+            for i in 0..<count { s.fs.forget(UInt64(list![i].ino), count: list![i].nlookup) }
+            fuse_reply_none(req)
+        }
+        ops.getattr = { req, ino, fi in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.getattr(UInt64(ino), handle: fi.map { $0.pointee.fh }) }) { st in
+                var st = st
+                fuse_reply_attr(req, &st, s.timeout)
+            }
+        }
+        ops.setattr = { req, ino, attr, toSet, fi in
+            let s = server(req)
+            guard let a = attr?.pointee else { fuse_reply_err(req, EINVAL); return }
+            var c = AttributeChanges()
+            if toSet & FUSE_SET_ATTR_MODE != 0 { c.mode = a.st_mode }
+            if toSet & FUSE_SET_ATTR_UID != 0 { c.uid = a.st_uid }
+            if toSet & FUSE_SET_ATTR_GID != 0 { c.gid = a.st_gid }
+            if toSet & FUSE_SET_ATTR_SIZE != 0 { c.size = Int64(a.st_size) }
+            let now = timespec(tv_sec: 0, tv_nsec: Int(Sys.utimeNow))
+            if toSet & FUSE_SET_ATTR_ATIME_NOW != 0 { c.atime = now } else if toSet & FUSE_SET_ATTR_ATIME != 0 { c.atime = a.st_atim }
+            if toSet & FUSE_SET_ATTR_MTIME_NOW != 0 { c.mtime = now } else if toSet & FUSE_SET_ATTR_MTIME != 0 { c.mtime = a.st_mtim }
+            s.run(req, { () throws(FSError) in try s.fs.setattr(UInt64(ino), handle: fi.map { $0.pointee.fh }, changes: c) }) { st in
+                var st = st
+                fuse_reply_attr(req, &st, s.timeout)
+            }
+        }
+        ops.readlink = { req, ino in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.readlink(UInt64(ino)) }) { target in
+                var t = target
+                t.append(0)
+                t.withUnsafeBufferPointer { p in
+                    p.withMemoryRebound(to: CChar.self) { _ = fuse_reply_readlink(req, $0.baseAddress) }
+                }
+            }
+        }
+        ops.mknod = { req, parent, name, mode, rdev in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.mknod(parent: UInt64(parent), name: FuseServer.name(name), mode: mode, rdev: rdev, caller: caller(req)) }) { s.replyEntry(req, $0.0, $0.1) }
+        }
+        ops.mkdir = { req, parent, name, mode in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.mkdir(parent: UInt64(parent), name: FuseServer.name(name), mode: mode, caller: caller(req)) }) { s.replyEntry(req, $0.0, $0.1) }
+        }
+        ops.unlink = { req, parent, name in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.unlink(parent: UInt64(parent), name: FuseServer.name(name)) }) { fuse_reply_err(req, 0) }
+        }
+        ops.rmdir = { req, parent, name in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.rmdir(parent: UInt64(parent), name: FuseServer.name(name)) }) { fuse_reply_err(req, 0) }
+        }
+        ops.symlink = { req, link, parent, name in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.symlink(target: FuseServer.name(link), parent: UInt64(parent), name: FuseServer.name(name), caller: caller(req)) }) { s.replyEntry(req, $0.0, $0.1) }
+        }
+        ops.rename = { req, parent, name, newParent, newName, flags in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in
+                try s.fs.rename(parent: UInt64(parent), name: FuseServer.name(name), newParent: UInt64(newParent), newName: FuseServer.name(newName), flags: flags)
+            }) { fuse_reply_err(req, 0) }
+        }
+        ops.open = { req, ino, fi in
+            let s = server(req)
+            guard let fi else { fuse_reply_err(req, EINVAL); return }
+            s.run(req, { () throws(FSError) in try s.fs.open(UInt64(ino), flags: fi.pointee.flags) }) { h in
+                fi.pointee.fh = h
+                if fuse_reply_open(req, fi) != 0 { s.fs.release(h) }
+            }
+        }
+        ops.create = { req, parent, name, mode, fi in
+            let s = server(req)
+            guard let fi else { fuse_reply_err(req, EINVAL); return }
+            s.run(req, { () throws(FSError) in
+                try s.fs.create(parent: UInt64(parent), name: FuseServer.name(name), mode: mode, flags: fi.pointee.flags, caller: caller(req))
+            }) { (id, st, h) in
+                fi.pointee.fh = h
+                var e = fuse_entry_param()
+                e.ino = fuse_ino_t(id)
+                e.attr = st
+                e.attr_timeout = s.timeout
+                e.entry_timeout = s.timeout
+                if fuse_reply_create(req, &e, fi) != 0 { s.fs.release(h) }
+            }
+        }
+        ops.read = { req, _, size, off, fi in
+            let s = server(req)
+            guard let fi else { fuse_reply_err(req, EBADF); return }
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 16)
+            defer { buf.deallocate() }
+            s.run(req, { () throws(FSError) in try s.fs.read(handle: fi.pointee.fh, offset: Int64(off), into: buf) }) { n in
+                fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), n)
+            }
+        }
+        ops.write = { req, _, data, size, off, fi in
+            let s = server(req)
+            guard let fi, let data else { fuse_reply_err(req, EBADF); return }
+            s.run(req, { () throws(FSError) in
+                try s.fs.write(handle: fi.pointee.fh, offset: Int64(off), data: UnsafeRawBufferPointer(start: data, count: size))
+            }) { fuse_reply_write(req, $0) }
+        }
+        ops.flush = { req, _, _ in fuse_reply_err(req, 0) }
+        ops.release = { req, _, fi in
+            if let fi { server(req).fs.release(fi.pointee.fh) }
+            fuse_reply_err(req, 0)
+        }
+        ops.fsync = { req, _, datasync, fi in
+            let s = server(req)
+            guard let fi else { fuse_reply_err(req, EBADF); return }
+            s.run(req, { () throws(FSError) in try s.fs.fsync(handle: fi.pointee.fh, dataOnly: datasync != 0) }) { fuse_reply_err(req, 0) }
+        }
+        ops.opendir = { req, ino, fi in
+            let s = server(req)
+            guard let fi else { fuse_reply_err(req, EINVAL); return }
+            s.run(req, { () throws(FSError) in try s.fs.opendir(UInt64(ino)) }) { h in
+                fi.pointee.fh = h
+                if fuse_reply_open(req, fi) != 0 { s.fs.releasedir(h) }
+            }
+        }
+        ops.readdir = { req, _, size, off, fi in
+            let s = server(req)
+            guard let fi else { fuse_reply_err(req, EBADF); return }
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 8)
+            defer { buf.deallocate() }
+            var used = 0
+            s.run(req, { () throws(FSError) in
+                try s.fs.readdir(handle: fi.pointee.fh, offset: Int(off)) { next, entry in
+                    var st = stat()
+                    st.st_ino = ino_t(entry.ino)
+                    st.st_mode = mode_t(entry.type) << 12
+                    var name = entry.name
+                    name.append(0)
+                    let need = name.withUnsafeBufferPointer { p in
+                        p.withMemoryRebound(to: CChar.self) { n in
+                            fuse_add_direntry(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self) + used, size - used, n.baseAddress, &st, off_t(next))
+                        }
+                    }
+                    if need > size - used { return false }
+                    used += need
+                    return true
+                }
+            }) { fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), used) }
+        }
+        ops.releasedir = { req, _, fi in
+            if let fi { server(req).fs.releasedir(fi.pointee.fh) }
+            fuse_reply_err(req, 0)
+        }
+        ops.fsyncdir = { req, _, _, _ in fuse_reply_err(req, 0) }
+        ops.statfs = { req, _ in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.statfs() }) { st in
+                var st = st
+                fuse_reply_statfs(req, &st)
+            }
+        }
+        return ops
+    }()
+}

@@ -1,0 +1,233 @@
+import CSysShim
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Thin wrappers over the system calls xtsfs uses: each retries EINTR and
+/// turns -1 into a thrown `SystemError`. Nothing above this layer calls libc
+/// file functions directly.
+public enum Sys {
+    /// utimensat's special nanosecond values (macros, not imported).
+    public static let utimeNow = (1 << 30) - 1
+    public static let utimeOmit = (1 << 30) - 2
+
+    @inline(__always)
+    public static func check<T: BinaryInteger>(_ op: @autoclosure () -> String, _ body: () -> T) throws(SystemError) -> T {
+        while true {
+            let r = body()
+            if r >= 0 { return r }
+            let e = Glibc.errno
+            if e == EINTR { continue }
+            throw SystemError(e, op())
+        }
+    }
+
+    public static func open(_ path: String, _ flags: Int32, _ mode: mode_t = 0) throws(SystemError) -> Int32 {
+        try check("open \(path)") { Glibc.open(path, flags | O_CLOEXEC, mode) }
+    }
+
+    public static func openat(_ dirfd: Int32, _ name: String, _ flags: Int32, _ mode: mode_t = 0) throws(SystemError) -> Int32 {
+        try check("openat \(name)") { Glibc.openat(dirfd, name, flags | O_CLOEXEC, mode) }
+    }
+
+    public static func close(_ fd: Int32) {
+        // close(2) must not be retried on EINTR on Linux: the descriptor is gone either way.
+        _ = Glibc.close(fd)
+    }
+
+    /// Reads up to `count` bytes at `offset`, looping over short reads; returns the number
+    /// read, which is smaller than `count` only at end of file.
+    public static func pread(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ count: Int, _ offset: Int64) throws(SystemError) -> Int {
+        var done = 0
+        while done < count {
+            let n = try check("pread") { Glibc.pread(fd, buffer + done, count - done, off_t(offset) + off_t(done)) }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    /// Writes all `count` bytes at `offset`.
+    public static func pwrite(_ fd: Int32, _ buffer: UnsafeRawPointer, _ count: Int, _ offset: Int64) throws(SystemError) {
+        var done = 0
+        while done < count {
+            let n = try check("pwrite") { Glibc.pwrite(fd, buffer + done, count - done, off_t(offset) + off_t(done)) }
+            done += n
+        }
+    }
+
+    public static func fstat(_ fd: Int32) throws(SystemError) -> stat {
+        var st = stat()
+        _ = try check("fstat") { Glibc.fstat(fd, &st) }
+        return st
+    }
+
+    public static func lstat(_ path: String) throws(SystemError) -> stat {
+        var st = stat()
+        _ = try check("lstat \(path)") { Glibc.lstat(path, &st) }
+        return st
+    }
+
+    public static func ftruncate(_ fd: Int32, _ length: Int64) throws(SystemError) {
+        _ = try check("ftruncate") { Glibc.ftruncate(fd, off_t(length)) }
+    }
+
+    public static func fsync(_ fd: Int32) throws(SystemError) {
+        _ = try check("fsync") { Glibc.fsync(fd) }
+    }
+
+    public static func fdatasync(_ fd: Int32) throws(SystemError) {
+        _ = try check("fdatasync") { Glibc.fdatasync(fd) }
+    }
+
+    public static func rename(_ from: String, _ to: String) throws(SystemError) {
+        _ = try check("rename \(from)") { Glibc.rename(from, to) }
+    }
+
+    /// rename(2) that refuses to replace an existing target (RENAME_NOREPLACE).
+    public static func renameNoReplace(_ from: String, _ to: String) throws(SystemError) {
+        _ = try check("rename \(from)") { xts_renameat2(from, to, UInt32(XTS_RENAME_NOREPLACE)) }
+    }
+
+    public static func unlink(_ path: String) throws(SystemError) {
+        _ = try check("unlink \(path)") { Glibc.unlink(path) }
+    }
+
+    public static func mkdir(_ path: String, _ mode: mode_t) throws(SystemError) {
+        _ = try check("mkdir \(path)") { Glibc.mkdir(path, mode) }
+    }
+
+    public static func rmdir(_ path: String) throws(SystemError) {
+        _ = try check("rmdir \(path)") { Glibc.rmdir(path) }
+    }
+
+    public static func symlink(_ target: String, _ path: String) throws(SystemError) {
+        _ = try check("symlink \(path)") { Glibc.symlink(target, path) }
+    }
+
+    public static func readlink(_ path: String) throws(SystemError) -> [UInt8] {
+        var size = 256
+        while true {
+            var buf = [UInt8](repeating: 0, count: size)
+            let n = try check("readlink \(path)") { buf.withUnsafeMutableBytes { Glibc.readlink(path, $0.baseAddress!.assumingMemoryBound(to: CChar.self), size) } }
+            if n < size { return Array(buf[0..<n]) }
+            size *= 4
+        }
+    }
+
+    public static func mknod(_ path: String, _ mode: mode_t, _ dev: dev_t) throws(SystemError) {
+        _ = try check("mknod \(path)") { Glibc.mknod(path, mode, dev) }
+    }
+
+    public static func chmod(_ path: String, _ mode: mode_t) throws(SystemError) {
+        _ = try check("chmod \(path)") { Glibc.chmod(path, mode) }
+    }
+
+    public static func lchown(_ path: String, _ uid: uid_t, _ gid: gid_t) throws(SystemError) {
+        _ = try check("lchown \(path)") { Glibc.lchown(path, uid, gid) }
+    }
+
+    /// Sets atime and mtime without following a final symlink; `UTIME_OMIT` leaves one alone.
+    public static func utimens(_ path: String, _ atime: timespec, _ mtime: timespec) throws(SystemError) {
+        var times = (atime, mtime)
+        _ = try check("utimensat \(path)") {
+            withUnsafePointer(to: &times) {
+                $0.withMemoryRebound(to: timespec.self, capacity: 2) { Glibc.utimensat(AT_FDCWD, path, $0, AT_SYMLINK_NOFOLLOW) }
+            }
+        }
+    }
+
+    public static func statvfs(_ path: String) throws(SystemError) -> Glibc.statvfs {
+        var s = Glibc.statvfs()
+        _ = try check("statvfs \(path)") { xts_statvfs(path, &s) }
+        return s
+    }
+
+    public static func fsyncDirectory(_ path: String) throws(SystemError) {
+        let fd = try open(path, O_RDONLY | O_DIRECTORY)
+        defer { close(fd) }
+        try fsync(fd)
+    }
+
+    /// Names in a directory, without "." and "..".
+    public static func listDirectory(_ path: String) throws(SystemError) -> [(name: String, type: UInt8, ino: UInt64)] {
+        guard let dir = opendir(path) else { throw SystemError(Glibc.errno, "opendir \(path)") }
+        defer { closedir(dir) }
+        var out: [(String, UInt8, UInt64)] = []
+        while true {
+            Glibc.errno = 0
+            guard let ent = readdir(dir) else {
+                if Glibc.errno != 0 { throw SystemError(Glibc.errno, "readdir \(path)") }
+                break
+            }
+            let name = withUnsafePointer(to: ent.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+            }
+            if name == "." || name == ".." { continue }
+            out.append((name, ent.pointee.d_type, UInt64(ent.pointee.d_ino)))
+        }
+        return out
+    }
+
+    /// Whole contents of a small file (headers, metadata), at most `limit` bytes. Reads to
+    /// end of file rather than trusting st_size, which /proc files report as 0.
+    public static func readFile(_ path: String, limit: Int = 1 << 20) throws(SystemError) -> [UInt8] {
+        let fd = try open(path, O_RDONLY)
+        defer { close(fd) }
+        let st = try fstat(fd)
+        var buf = [UInt8](repeating: 0, count: min(max(Int(st.st_size), 4096), limit))
+        var total = 0
+        while true {
+            let room = buf.count - total
+            let n = try buf.withMutableBytes { (p) throws(SystemError) -> Int in
+                try check("read \(path)") { Glibc.read(fd, p.baseAddress! + total, room) }
+            }
+            if n == 0 { break }
+            total += n
+            if total == buf.count {
+                if buf.count >= limit { break }
+                buf += [UInt8](repeating: 0, count: min(buf.count, limit - buf.count))
+            }
+        }
+        return Array(buf[0..<total])
+    }
+
+    /// Replaces `path` with `bytes` so that a crash at any point leaves either the old or the
+    /// new file: write a temporary file, fsync it, rename it over, fsync the directory.
+    public static func atomicWrite(_ bytes: [UInt8], to path: String, mode: mode_t = 0o600) throws(SystemError) {
+        let dir = parentDirectory(of: path)
+        let tmp = path + ".tmp"
+        let fd = try open(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode)
+        do throws(SystemError) {
+            try bytes.withBytes { (p) throws(SystemError) in
+                if p.count > 0 { try pwrite(fd, p.baseAddress!, p.count, 0) }
+            }
+            try fsync(fd)
+        } catch {
+            close(fd)
+            _ = Glibc.unlink(tmp)
+            throw error
+        }
+        close(fd)
+        try rename(tmp, path)
+        try fsyncDirectory(dir)
+    }
+
+    public static func parentDirectory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        if slash == path.startIndex { return "/" }
+        return String(path[..<slash])
+    }
+
+    public static func exists(_ path: String) -> Bool {
+        var st = stat()
+        return Glibc.lstat(path, &st) == 0
+    }
+}
+
+/// File-type tests: the S_IS* macros are not imported into Swift.
+public extension stat {
+    var isDirectory: Bool { (st_mode & S_IFMT) == S_IFDIR }
+    var isRegular: Bool { (st_mode & S_IFMT) == S_IFREG }
+    var isSymlink: Bool { (st_mode & S_IFMT) == S_IFLNK }
+}

@@ -1,0 +1,283 @@
+import CSysShim
+import XTSCrypto
+import XTSFS
+import XTSFuse
+import XTSKeys
+import XTSSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public struct MountRequest: Sendable {
+    public var cipherDir: String
+    public var mountpoint: String
+    /// User's `-o` options.
+    public var options: [String]
+    public var foreground: Bool
+    public var debug: Bool
+
+    public init(cipherDir: String, mountpoint: String, options: [String], foreground: Bool, debug: Bool = false) {
+        self.cipherDir = cipherDir
+        self.mountpoint = mountpoint
+        self.options = options
+        self.foreground = foreground
+        self.debug = debug
+    }
+
+    public var readOnly: Bool { options.contains("ro") }
+
+    /// The options handed to libfuse: the kernel checks permissions (default_permissions),
+    /// other users may enter when we run as root, plus the user's own.
+    var fuseOptions: [String] {
+        var o = ["default_permissions", "fsname=" + cipherDir.replacingAll(",", with: "\\,"), "subtype=xtsfs"]
+        if geteuid() == 0 && !options.contains("allow_other") { o.append("allow_other") }
+        o += options.filter { $0 != "nonempty" }
+        return o
+    }
+}
+
+/// Mounting: unlock in the foreground process (so a wrong passphrase is reported at once),
+/// then either serve here (`-f`) or start a daemon that gets the key through a pipe and
+/// tells us when the mount is ready.
+public enum Mounter {
+    /// The fds the daemon child finds its key on and reports readiness to.
+    static let keyFD: Int32 = 3
+    static let statusFD: Int32 = 4
+
+    public static func absolute(_ path: String) -> String {
+        guard let p = realpath(path, nil) else { return path }
+        defer { free(p) }
+        return String(cString: p)
+    }
+
+    /// Refuses a mountpoint that is missing, not a directory, already mounted, stale or
+    /// (without `-o nonempty`) not empty.
+    public static func checkMountpoint(_ mp: String, allowNonEmpty: Bool) throws(VolumeError) {
+        let st: stat
+        do { st = try Sys.lstat(mp) } catch {
+            if error.errno == ENOTCONN {
+                throw .mountFailed("\(mp): a stale mount (Transport endpoint is not connected); clear it with: fusermount3 -u -z \(mp)")
+            }
+            throw .mountFailed("mountpoint \(mp) does not exist")
+        }
+        guard st.isDirectory else { throw .mountFailed("mountpoint \(mp) is not a directory") }
+        if let parent = try? Sys.lstat(mp + "/.."), parent.st_dev != st.st_dev || (parent.st_ino == st.st_ino && mp != "/") {
+            throw .mountFailed("\(mp) is already a mount point (busy)")
+        }
+        if !allowNonEmpty, let entries = try? Sys.listDirectory(mp), !entries.isEmpty {
+            throw .mountFailed("mountpoint \(mp) is not empty (use -o nonempty to mount over it)")
+        }
+    }
+
+    /// The command's mount: returns the exit status once the mount is ready (or failed),
+    /// or when the foreground filesystem is unmounted.
+    public static func mount(_ request: MountRequest, provider: some KeyProvider, say: @escaping @Sendable (String) -> Void) throws(VolumeError) -> Int32 {
+        var req = request
+        req.cipherDir = absolute(req.cipherDir)
+        req.mountpoint = absolute(req.mountpoint)
+        try checkMountpoint(req.mountpoint, allowNonEmpty: req.options.contains("nonempty"))
+        let unlocked = try Volume.unlock(req.cipherDir, provider: provider, readOnly: req.readOnly)
+        for w in unlocked.warnings { say("warning: " + w) }
+        if req.foreground {
+            ProcessHardening.apply()
+            return serve(req, keys: unlocked.keys, log: { say($0) }) { result in
+                switch result {
+                case .success: say("mounted \(req.cipherDir) on \(req.mountpoint); serving in the foreground (unmount with: xtsfs unmount \(req.mountpoint))")
+                case .failure(let e): say("error: \(e)")
+                }
+            }
+        }
+        return try spawnDaemon(req, keys: unlocked.keys)
+    }
+
+    // MARK: - serving
+
+    nonisolated(unsafe) static var servedMountpoint: String = ""
+
+    /// Mounts and serves until unmounted. `ready` hears once whether the mount is up.
+    static func serve(_ req: MountRequest, keys: KeySet, log: @escaping @Sendable (String) -> Void, ready: (Result<Void, VolumeError>) -> Void) -> Int32 {
+        let fs: FileSystem
+        do { fs = try FileSystem(cipherDir: req.cipherDir, keys: keys, readOnly: req.readOnly, log: log) } catch {
+            ready(.failure(.corruptHeader("cannot open the root directory: \(error)")))
+            return ExitStatus.corruptHeader.rawValue
+        }
+        // Signals go to one thread that unmounts; libfuse's workers never see them.
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        let server = FuseServer(fs: fs, mountpoint: req.mountpoint, options: req.fuseOptions, debug: req.debug)
+        do { try server.mount() } catch {
+            ready(.failure(.mountFailed("\(error)")))
+            return ExitStatus.mountFailed.rawValue
+        }
+        servedMountpoint = req.mountpoint
+        var thread = pthread_t()
+        pthread_create(&thread, nil, { _ in
+            var set = sigset_t()
+            sigemptyset(&set)
+            for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
+            var sig: Int32 = 0
+            sigwait(&set, &sig)
+            _ = Mounter.lazyUnmount(Mounter.servedMountpoint)
+            return nil
+        }, nil)
+        ready(.success(()))
+        let r = server.run()
+        return r == 0 ? 0 : ExitStatus.failure.rawValue
+    }
+
+    // MARK: - the daemon
+
+    static func spawnDaemon(_ req: MountRequest, keys: KeySet) throws(VolumeError) -> Int32 {
+        var keyPipe: [Int32] = [0, 0], statusPipe: [Int32] = [0, 0]
+        guard xts_pipe_cloexec(&keyPipe) == 0, xts_pipe_cloexec(&statusPipe) == 0 else {
+            throw .failure("pipe: \(String(cString: strerror(errno)))")
+        }
+        let exe = (try? Sys.readlink("/proc/self/exe")).map { String(decoding: $0, as: UTF8.self) } ?? CommandLine.arguments[0]
+        var args = ["xtsfs", "mount", "--daemon-child", req.cipherDir, req.mountpoint]
+        if !req.options.isEmpty { args += ["-o", req.options.joined(separator: ",")] }
+        var cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
+        defer { cargs.forEach { free($0) } }
+        var pid: pid_t = 0
+        let r = xts_spawn_daemon(&pid, exe, &cargs, environ, keyPipe[0], statusPipe[1])
+        Sys.close(keyPipe[0]); Sys.close(statusPipe[1])
+        guard r == 0 else {
+            Sys.close(keyPipe[1]); Sys.close(statusPipe[0])
+            throw .mountFailed("cannot start the daemon: \(String(cString: strerror(r)))")
+        }
+        // Generation (4 bytes, little-endian) then the DEK, straight from locked memory.
+        var gen = keys.generation.littleEndian
+        var ok = Glibc.write(keyPipe[1], &gen, 4) == 4
+        ok = ok && keys.dek.withUnsafeBytes { Glibc.write(keyPipe[1], $0.baseAddress, $0.count) == $0.count }
+        Sys.close(keyPipe[1])
+        var reply = [UInt8]()
+        var byte: UInt8 = 0
+        while Glibc.read(statusPipe[0], &byte, 1) == 1 { reply.append(byte) }
+        Sys.close(statusPipe[0])
+        let text = String(decoding: reply, as: UTF8.self)
+        if ok && text.hasPrefix("OK") { return 0 }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        if let space = text.firstIndex(of: " "), text.hasPrefix("E"), let code = Int32(text.dropFirst().prefix(upTo: space)) {
+            throw VolumeError.fromStatus(code, String(text[text.index(after: space)...]))
+        }
+        throw .mountFailed("the mount daemon exited before the mount was ready")
+    }
+
+    /// Entry point of the daemon process (`xtsfs mount --daemon-child`).
+    public static func runDaemonChild(_ request: MountRequest) -> Int32 {
+        ProcessHardening.apply()
+        let dek = SecretBytes(count: KeySet.dekLength)
+        var gen: UInt32 = 0
+        let gotGen = Glibc.read(keyFD, &gen, 4) == 4
+        let gotKey = dek.withUnsafeMutableBytes { p in
+            var n = 0
+            while n < p.count {
+                let r = Glibc.read(keyFD, p.baseAddress! + n, p.count - n)
+                if r <= 0 { if r < 0 && errno == EINTR { continue }; return false }
+                n += r
+            }
+            return true
+        }
+        Sys.close(keyFD)
+        openlog("xtsfs", LOG_PID, LOG_DAEMON)
+        let log: @Sendable (String) -> Void = { msg in xts_syslog(LOG_WARNING, msg) }
+        func report(_ text: String) {
+            _ = text.withCString { Glibc.write(statusFD, $0, strlen($0)) }
+            Sys.close(statusFD)
+        }
+        guard gotGen, gotKey else { report("E\(ExitStatus.failure.rawValue) no key from the parent process"); return ExitStatus.failure.rawValue }
+        let keys: KeySet
+        do { keys = try Volume.keys(request.cipherDir, dek: dek, generation: UInt32(littleEndian: gen)) } catch {
+            report("E\(error.exitStatus.rawValue) \(error)")
+            return error.exitStatus.rawValue
+        }
+        return serve(request, keys: keys, log: log) { result in
+            switch result {
+            case .success:
+                report("OK")
+                // Detach from the terminal and from any pipe the caller reads to its end.
+                let null = Glibc.open("/dev/null", O_RDWR)
+                if null >= 0 { dup2(null, 1); dup2(null, 2); if null > 2 { Sys.close(null) } }
+            case .failure(let e):
+                report("E\(e.exitStatus.rawValue) \(e)")
+            }
+        }
+    }
+
+    // MARK: - unmounting
+
+    /// Detaches the mount even if busy (used on SIGTERM/SIGINT).
+    static func lazyUnmount(_ mp: String) -> Bool {
+        if geteuid() == 0 && umount2(mp, Int32(MNT_DETACH)) == 0 { return true }
+        return run(["fusermount3", "-u", "-z", mp]) == 0
+    }
+
+    static func run(_ argv: [String]) -> Int32 {
+        var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        defer { cargs.forEach { free($0) } }
+        return xts_run(argv[0], &cargs, environ)
+    }
+
+    public static func unmount(_ mountpoint: String) throws(VolumeError) {
+        let mp = absolute(mountpoint)
+        guard isMounted(mp) else { throw .failure("\(mp) is not mounted") }
+        if run(["fusermount3", "-u", mp]) == 0 { return }
+        if geteuid() == 0 && umount2(mp, 0) == 0 { return }
+        throw .failure("cannot unmount \(mp) (busy? close the files open in it)")
+    }
+
+    /// Whether `mp` is a FUSE mount point, from /proc/self/mountinfo.
+    public static func isMounted(_ mp: String) -> Bool {
+        guard let raw = try? Sys.readFile("/proc/self/mountinfo", limit: 16 << 20) else { return false }
+        for line in String(decoding: raw, as: UTF8.self).split(separator: "\n") {
+            let f = line.split(separator: " ")
+            guard f.count > 4 else { continue }
+            if unescapeMountinfo(String(f[4])) == mp, line.contains(" - fuse") { return true }
+        }
+        return false
+    }
+
+    static func unescapeMountinfo(_ s: String) -> String {
+        // mountinfo writes space, tab, newline and backslash as \ooo (three octal digits).
+        let b = Array(s.utf8)
+        var out = [UInt8]()
+        var i = 0
+        while i < b.count {
+            if b[i] == UInt8(ascii: "\\"), i + 3 < b.count,
+               let v = UInt8(String(decoding: b[i + 1...i + 3], as: UTF8.self), radix: 8) {
+                out.append(v)
+                i += 4
+            } else {
+                out.append(b[i])
+                i += 1
+            }
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+}
+
+extension VolumeError {
+    static func fromStatus(_ code: Int32, _ message: String) -> VolumeError {
+        switch ExitStatus(rawValue: code) {
+        case .notAVolume: .notAVolume(message)
+        case .corruptHeader: .corruptHeader(message)
+        case .wrongKey: .wrongKey(message)
+        case .unsupported: .unsupported(message)
+        case .refused: .refused(message)
+        case .badInput: .badInput(message)
+        case .failure: .failure(message)
+        default: .mountFailed(message)
+        }
+    }
+}
+
+extension String {
+    func replacingAll(_ a: Character, with b: String) -> String {
+        var out = ""
+        for c in self { if c == a { out += b } else { out.append(c) } }
+        return out
+    }
+}

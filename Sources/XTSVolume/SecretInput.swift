@@ -1,0 +1,72 @@
+import XTSCrypto
+import XTSSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Reads passphrases straight into locked memory: from the terminal with echo off, or
+/// from the first line of a file. Never from argv or the environment.
+public enum SecretInput {
+    public static let maxLength = 1024
+
+    /// Reads one line (without its newline) from `fd` into locked memory.
+    static func readLine(_ fd: Int32) throws(VolumeError) -> SecretBytes {
+        let buf = SecretBytes(count: maxLength)
+        var n = 0
+        var byte: UInt8 = 0
+        while true {
+            let r = Glibc.read(fd, &byte, 1)
+            if r < 0 { if errno == EINTR { continue }; throw .badInput("cannot read the passphrase: \(String(cString: strerror(errno)))") }
+            if r == 0 || byte == UInt8(ascii: "\n") { break }
+            guard n < maxLength else { byte = 0; throw .badInput("passphrase longer than \(maxLength) bytes") }
+            buf.withUnsafeMutableBytes { $0[n] = byte }
+            n += 1
+        }
+        byte = 0
+        if n > 0, buf.withUnsafeBytes({ $0[n - 1] }) == UInt8(ascii: "\r") { n -= 1 }
+        guard n > 0 else { throw .badInput("empty passphrase") }
+        return buf.slice(0..<n)
+    }
+
+    public static func fromFile(_ path: String) throws(VolumeError) -> SecretBytes {
+        let fd: Int32
+        do { fd = try Sys.open(path, O_RDONLY) } catch { throw .badInput("cannot read passphrase file: \(error)") }
+        defer { Sys.close(fd) }
+        return try readLine(fd)
+    }
+
+    /// Prompts on the controlling terminal with echo off.
+    public static func fromTerminal(prompt: String) throws(VolumeError) -> SecretBytes {
+        let fd = Glibc.open("/dev/tty", O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw .badInput("no terminal to ask for the passphrase: use --passfile FILE") }
+        defer { Sys.close(fd) }
+        var old = termios()
+        let isTTY = tcgetattr(fd, &old) == 0
+        if isTTY {
+            var quiet = old
+            quiet.c_lflag &= ~tcflag_t(ECHO)
+            _ = tcsetattr(fd, TCSAFLUSH, &quiet)
+        }
+        defer {
+            if isTTY { _ = tcsetattr(fd, TCSAFLUSH, &old) }
+            _ = Glibc.write(fd, "\n", 1)
+        }
+        _ = prompt.withCString { Glibc.write(fd, $0, strlen($0)) }
+        return try readLine(fd)
+    }
+
+    /// The passphrase for an existing volume.
+    public static func passphrase(passfile: String?) throws(VolumeError) -> SecretBytes {
+        if let passfile { return try fromFile(passfile) }
+        return try fromTerminal(prompt: "Passphrase: ")
+    }
+
+    /// A new passphrase: asked twice on a terminal.
+    public static func newPassphrase(passfile: String?) throws(VolumeError) -> SecretBytes {
+        if let passfile { return try fromFile(passfile) }
+        let first = try fromTerminal(prompt: "New passphrase: ")
+        let second = try fromTerminal(prompt: "Repeat passphrase: ")
+        guard first.constantTimeEquals(second) else { throw .badInput("the passphrases do not match") }
+        return first
+    }
+}

@@ -1,0 +1,74 @@
+import XTSFormat
+import XTSKeys
+
+/// What `xtsfs status` shows: header facts, never a secret.
+public struct StatusReport: Codable, Sendable {
+    public struct Slot: Codable, Sendable {
+        public var index: Int
+        public var provider: String
+        public var wrap: String
+        public var keyGeneration: Int
+        public var created: UInt64
+        public var lastUsed: UInt64?
+        public var parameters: [String: String]
+    }
+    public struct Copy: Codable, Sendable {
+        public var file: String
+        public var ok: Bool
+        public var sequence: UInt64?
+        public var problem: String?
+    }
+    public var cipherDir: String
+    public var formatVersion: Int
+    public var volumeID: String
+    public var created: UInt64
+    public var contentCipher: String
+    public var nameCipher: String
+    public var blockSize: Int
+    public var keyGeneration: Int
+    public var features: [String]
+    public var headerCopies: [Copy]
+    public var keyslots: [Slot]
+    public var rekey: String
+
+    public static func make(_ cipherDir: String) throws(VolumeError) -> StatusReport {
+        let loaded = try Volume.load(cipherDir)
+        let h = loaded.newest
+        var copies: [Copy] = []
+        for copy in 0..<HeaderStore.fileNames.count {
+            if let c = loaded.candidates.first(where: { $0.copy == copy }) {
+                copies.append(Copy(file: HeaderStore.fileNames[copy], ok: true, sequence: c.header.sequence, problem: nil))
+            } else {
+                let why = loaded.damaged.first { $0.copy == copy }?.error ?? "unknown"
+                copies.append(Copy(file: HeaderStore.fileNames[copy], ok: false, sequence: nil, problem: why))
+            }
+        }
+        var features: [String] = []
+        if h.features.contains(.blockAuthentication) { features.append("block-authentication") }
+        return StatusReport(
+            cipherDir: cipherDir, formatVersion: Int(h.version),
+            volumeID: h.volumeID.map { String($0, radix: 16).leftPad(2) }.joined(),
+            created: h.created, contentCipher: h.contentCipher.description, nameCipher: h.nameCipher.description,
+            blockSize: Int(h.blockSize), keyGeneration: Int(h.keyGeneration), features: features,
+            headerCopies: copies,
+            keyslots: h.keyslots.map(slotReport),
+            rekey: h.rekeyRecord.isEmpty ? "none" : "in progress")
+    }
+
+    static func slotReport(_ s: Keyslot) -> Slot {
+        var params: [String: String] = [:]
+        if s.provider == .passphrase, let p = try? PassphraseParameters.decode(s.parameters) {
+            params["kdf"] = "argon2id"
+            params["memoryKiB"] = "\(p.argon2.memoryKiB)"
+            params["iterations"] = "\(p.argon2.iterations)"
+            params["parallelism"] = "\(p.argon2.parallelism)"
+        }
+        return Slot(index: Int(s.index), provider: s.provider?.description ?? "unknown(\(s.providerRaw))",
+                    wrap: s.wrap?.description ?? "unknown(\(s.wrapRaw))", keyGeneration: Int(s.keyGeneration),
+                    created: s.created, lastUsed: s.lastUsed == 0 ? nil : s.lastUsed, parameters: params)
+    }
+}
+
+extension String {
+    func leftPad(_ n: Int) -> String { count >= n ? self : String(repeating: "0", count: n - count) + self }
+}

@@ -1,0 +1,47 @@
+import ArgumentParser
+import XTSCrypto
+import XTSKeys
+import XTSVolume
+
+struct Init: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create a volume in an empty (or new) directory, with a passphrase keyslot.")
+
+    @Argument(help: "The directory that will hold the encrypted files.")
+    var cipherDir: String
+
+    @OptionGroup var secret: PassfileOption
+
+    @Option(name: .customLong("pbkdf-memory"), help: ArgumentHelp("Argon2id memory cost in KiB.", valueName: "KIB"))
+    var memoryKiB: UInt32 = 1024 * 1024
+
+    @Option(name: .customLong("pbkdf-parallel"), help: ArgumentHelp("Argon2id lanes (threads).", valueName: "N"))
+    var parallelism: UInt32 = 4
+
+    @Option(name: .customLong("iter-time"), help: ArgumentHelp("Tune Argon2id iterations so that unlocking takes about MS milliseconds.", valueName: "MS"))
+    var iterTime: Int = 1000
+
+    @Option(name: .customLong("pbkdf-force-iterations"), help: ArgumentHelp("Use exactly N Argon2id iterations (no tuning).", valueName: "N"))
+    var forceIterations: UInt32?
+
+    func validate() throws {
+        guard (1...16).contains(parallelism) else { throw ValidationError("--pbkdf-parallel must be 1 to 16") }
+        guard memoryKiB >= 8 * parallelism, memoryKiB <= 4 * 1024 * 1024 else { throw ValidationError("--pbkdf-memory must be between 8×parallelism and 4194304 KiB") }
+        guard iterTime > 0 else { throw ValidationError("--iter-time must be positive") }
+        if let n = forceIterations, n == 0 { throw ValidationError("--pbkdf-force-iterations must be at least 1") }
+    }
+
+    func run() throws {
+        let passphrase = try SecretInput.newPassphrase(passfile: secret.passfile)
+        let costs: Argon2idParameters
+        if let n = forceIterations {
+            costs = Argon2idParameters(memoryKiB: memoryKiB, iterations: n, parallelism: parallelism)
+        } else {
+            do { costs = try Argon2id.calibrate(memoryKiB: memoryKiB, parallelism: parallelism, targetMilliseconds: iterTime) }
+            catch { throw VolumeError.failure("cannot tune Argon2id: \(error)") }
+        }
+        let header = try Volume.initialize(cipherDir: cipherDir, provider: PassphraseProvider(passphrase: passphrase, costs: costs))
+        say("Created an xtsfs volume in \(cipherDir): format version \(header.version), AES-256-XTS, keyslot 0 (passphrase, Argon2id m=\(costs.memoryKiB) KiB t=\(costs.iterations) p=\(costs.parallelism)).")
+        say("Mount it with: xtsfs mount \(cipherDir) MOUNTPOINT")
+    }
+}

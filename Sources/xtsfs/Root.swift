@@ -1,0 +1,57 @@
+import ArgumentParser
+import XTSVolume
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@main
+struct XTSFSCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "xtsfs",
+        abstract: "An encrypted directory: AES-XTS-256 file contents, encrypted names, keyslots.",
+        discussion: "Exit codes: 0 success, 1 other error, 2 usage, 10 not a volume, 11 corrupt header, 12 wrong key, 13 unsupported format, 14 mount failed, 15 refused, 16 bad passphrase input. See xtsfs(1).",
+        version: "0.1.0",
+        subcommands: [Init.self, Mount.self, Unmount.self, Status.self]
+    )
+
+    /// Our own exit codes; the argument parser's usage errors become 2.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let error as VolumeError {
+            printError(error.description)
+            Glibc.exit(error.exitStatus.rawValue)
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success {
+                exit(withError: error)
+            }
+            let message = fullMessage(for: error)
+            if code == .validationFailure {
+                printError(message)
+                Glibc.exit(ExitStatus.usage.rawValue)
+            }
+            if !message.isEmpty { printError(message) }
+            Glibc.exit(code.rawValue)
+        }
+    }
+}
+
+func printError(_ message: String) {
+    let line = message.hasPrefix("Error:") || message.hasPrefix("Usage:") ? message + "\n" : "xtsfs: " + message + "\n"
+    writeStderr(line)
+}
+
+func say(_ message: String) {
+    writeStderr(message + "\n")
+}
+
+struct PassfileOption: ParsableArguments {
+    @Option(name: .long, help: ArgumentHelp("Read the passphrase from the first line of FILE instead of the terminal.", valueName: "FILE"))
+    var passfile: String?
+}
+
+func writeStderr(_ text: String) {
+    _ = text.withCString { Glibc.write(2, $0, strlen($0)) }
+}

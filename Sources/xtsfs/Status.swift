@@ -1,0 +1,48 @@
+import ArgumentParser
+import Foundation
+import XTSVolume
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show a volume's header: format, cipher, keyslots, header copies. Never a secret; no key needed.")
+
+    @Argument(help: "The volume's directory.")
+    var cipherDir: String
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    func run() throws {
+        let r = try StatusReport.make(cipherDir)
+        if json {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try enc.encode(r), as: UTF8.self))
+            return
+        }
+        func date(_ t: UInt64) -> String {
+            let f = ISO8601DateFormatter()
+            return f.string(from: Date(timeIntervalSince1970: TimeInterval(t)))
+        }
+        print("Volume:          \(r.cipherDir)")
+        print("Format version:  \(r.formatVersion)")
+        print("Volume ID:       \(r.volumeID)")
+        print("Created:         \(date(r.created))")
+        print("Content cipher:  \(r.contentCipher)")
+        print("Name cipher:     \(r.nameCipher)")
+        print("Block size:      \(r.blockSize)")
+        print("Key generation:  \(r.keyGeneration)")
+        print("Features:        \(r.features.isEmpty ? "none" : r.features.joined(separator: ", "))")
+        print("Rekey:           \(r.rekey)")
+        print("Header copies:")
+        for c in r.headerCopies {
+            print("  \(c.file): " + (c.ok ? "ok, sequence \(c.sequence ?? 0)" : "DAMAGED (\(c.problem ?? "?"))"))
+        }
+        print("Keyslots:")
+        for s in r.keyslots {
+            let params = s.parameters.keys.sorted().map { "\($0)=\(s.parameters[$0]!)" }.joined(separator: " ")
+            print("  \(s.index): \(s.provider)  \(params)")
+            print("     wrap \(s.wrap), key generation \(s.keyGeneration), created \(date(s.created)), last used \(s.lastUsed.map(date) ?? "never")")
+        }
+    }
+}

@@ -1,0 +1,28 @@
+import XTSContent
+import XTSSystem
+
+/// A backing file in memory, for content tests without a mount or a disk.
+final class MemoryFile: BackingFile {
+    var bytes: [UInt8] = []
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws(SystemError) -> Int {
+        let o = Int(offset)
+        guard o < bytes.count else { return 0 }
+        let n = min(buffer.count, bytes.count - o)
+        bytes.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress! + o, byteCount: n) }
+        return n
+    }
+
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: Int64) throws(SystemError) {
+        let o = Int(offset)
+        if bytes.count < o + buffer.count { bytes += [UInt8](repeating: 0, count: o + buffer.count - bytes.count) }
+        for i in 0..<buffer.count { bytes[o + i] = buffer[i] }
+    }
+
+    func size() throws(SystemError) -> Int64 { Int64(bytes.count) }
+
+    func truncate(_ size: Int64) throws(SystemError) {
+        let n = Int(size)
+        if n < bytes.count { bytes.removeLast(bytes.count - n) } else { bytes += [UInt8](repeating: 0, count: n - bytes.count) }
+    }
+}
