@@ -40,6 +40,8 @@ static inline void xts_syslog(int priority, const char *message) {
     syslog(priority, "%s", message);
 }
 
+extern int posix_spawn_file_actions_addclosefrom_np(posix_spawn_file_actions_t *, int);
+
 /// posix_spawn attributes for the mount daemon: its own session, an empty signal mask
 /// and default handlers (a Swift parent may have signals blocked, and a child inherits that).
 static inline int xts_spawn_daemon(pid_t *pid, const char *path, char *const argv[], char *const envp[],
@@ -60,6 +62,9 @@ static inline int xts_spawn_daemon(pid_t *pid, const char *path, char *const arg
     posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_adddup2(&fa, key_fd, 3);
     posix_spawn_file_actions_adddup2(&fa, status_fd, 4);
+    // Nothing else of the caller's: an inherited pipe or socket would make whoever waits
+    // on it (a shell's $(...), a test harness) wait for the daemon's whole life.
+    posix_spawn_file_actions_addclosefrom_np(&fa, 5);
     r = posix_spawn(pid, path, &fa, &attr, argv, envp);
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&attr);

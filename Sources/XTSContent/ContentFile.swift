@@ -130,7 +130,11 @@ public struct ContentFile<File: BackingFile> {
     /// Sets the plaintext size, up (a hole) or down. Returns the crypto state after (nil when empty).
     public func truncate(to newSize: Int64, crypto: FileCrypto?) throws(ContentError) -> FileCrypto? {
         let old = try plainSize()
-        if newSize == old { return crypto }
+        if newSize == old {
+            // Still a truncate: the file's mtime and ctime change, as make's stamp files expect.
+            do { try file.truncate(Layout.backingSize(plainSize: old)) } catch { throw .io(error) }
+            return crypto
+        }
         if newSize == 0 {
             do { try file.truncate(0) } catch { throw .io(error) }
             return nil

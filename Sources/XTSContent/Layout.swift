@@ -97,8 +97,13 @@ public enum Layout {
             // Shrinking: the new last unit is shorter than the unit it was part of.
             if let r = lastUnitRange(size: new) { ranges.append(r) }
         } else if new > old, let lastOld = lastUnitRange(size: old) {
-            // Growing: the old last unit gains zeros (or joins a neighbour).
-            ranges.append(unitAligned(lastOld, size: new))
+            // Growing: the old last unit gains zeros or joins a neighbour, unless it keeps
+            // its extent (a full block followed by 16 or more new bytes): then its
+            // ciphertext is unchanged and appending costs no read-modify-write.
+            let after = unit(at: lastOld.lowerBound, size: new)
+            if isTiny(old) || after.start != lastOld.lowerBound || after.end != lastOld.upperBound {
+                ranges.append(unitAligned(lastOld, size: new))
+            }
         }
         if let w = written, !w.isEmpty {
             ranges.append(unitAligned(w, size: new))

@@ -16,6 +16,7 @@ public enum FSError: Error, Sendable, CustomStringConvertible {
     case readOnly
     case notSupported
     case badHandle
+    case fileTooLarge
     /// Damaged ciphertext or metadata that the format can detect.
     case damaged(String)
 
@@ -41,6 +42,7 @@ public enum FSError: Error, Sendable, CustomStringConvertible {
         case .readOnly: return EROFS
         case .notSupported: return EOPNOTSUPP
         case .badHandle: return EBADF
+        case .fileTooLarge: return EFBIG
         case .damaged: return EIO
         }
     }

@@ -53,9 +53,8 @@ final class OpenFile: @unchecked Sendable {
     let node: UInt64
     let key: InodeKey
     let state: FileState
-    let append: Bool
-    init(fd: Int32, node: UInt64, key: InodeKey, state: FileState, append: Bool) {
-        self.fd = fd; self.node = node; self.key = key; self.state = state; self.append = append
+    init(fd: Int32, node: UInt64, key: InodeKey, state: FileState) {
+        self.fd = fd; self.node = node; self.key = key; self.state = state
     }
 }
 
@@ -65,6 +64,8 @@ final class OpenFile: @unchecked Sendable {
 /// `@unchecked Sendable`: mutable state is in `Mutex`es, per-file state under its `RWLock`.
 public final class FileSystem: @unchecked Sendable {
     public static let rootID = NodeTable.rootID
+    /// Far below where offset arithmetic (header, unit rounding) could overflow Int64.
+    public static let maxFileSize: Int64 = 1 << 60
     public let cipherDir: String
     public let readOnly: Bool
     let keys: KeySet
@@ -182,7 +183,8 @@ public final class FileSystem: @unchecked Sendable {
     public func setattr(_ id: UInt64, handle: UInt64?, changes c: AttributeChanges) throws(FSError) -> stat {
         try checkWritable()
         let p = try? path(id)
-        let open = handle.flatMap { h in files.withLock { $0[h] } }
+        // No handle comes with fchmod/fchown/futimens; an unlinked file is reached through any open one.
+        let open = handle.flatMap { h in files.withLock { $0[h] } } ?? (p == nil ? files.withLock { $0.values.first { $0.node == id } } : nil)
         do {
             if let mode = c.mode {
                 if let open { _ = try Sys.check("fchmod") { fchmod(open.fd, mode & 0o7777) } }
@@ -195,6 +197,7 @@ public final class FileSystem: @unchecked Sendable {
             }
             if let size = c.size {
                 guard size >= 0 else { throw FSError.invalidArgument }
+                guard size <= FileSystem.maxFileSize else { throw FSError.fileTooLarge }
                 try truncate(id, path: p, open: open, size: size)
             }
             if c.atime != nil || c.mtime != nil {
@@ -212,9 +215,7 @@ public final class FileSystem: @unchecked Sendable {
 
     private func truncate(_ id: UInt64, path p: String?, open: OpenFile?, size: Int64) throws(FSError) {
         if let open {
-            try withExclusive(open.fd, open.state) { (content, state) throws(FSError) in
-                do throws(ContentError) { state.crypto = try content.truncate(to: size, crypto: state.crypto) } catch { throw FSError(error) }
-            }
+            try truncate(fd: open.fd, state: open.state, size: size)
             return
         }
         guard let p else { throw .notFound }
@@ -223,8 +224,17 @@ public final class FileSystem: @unchecked Sendable {
         defer { Sys.close(fd) }
         let (key, state) = try acquireState(fd)
         defer { releaseState(key) }
-        try withExclusive(fd, state) { (content, state) throws(FSError) in
-            do throws(ContentError) { state.crypto = try content.truncate(to: size, crypto: state.crypto) } catch { throw FSError(error) }
+        try truncate(fd: fd, state: state, size: size)
+    }
+
+    private func truncate(fd: Int32, state: FileState, size: Int64) throws(FSError) {
+        // Emptying a file needs no key: even a file with a damaged header can be overwritten.
+        try withExclusive(fd, state, loadKeys: size > 0) { (content, state) throws(FSError) in
+            do throws(ContentError) { state.crypto = try content.truncate(to: size, crypto: state.crypto) } catch {
+                state.loaded = false
+                throw FSError(error)
+            }
+            if size == 0 { state.loaded = true }
         }
     }
 
@@ -236,10 +246,10 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     /// Runs `body` under the file's exclusive lock with its keys loaded.
-    private func withExclusive<R>(_ fd: Int32, _ state: FileState, _ body: (ContentFile<FDBackingFile>, FileState) throws(FSError) -> R) throws(FSError) -> R {
+    private func withExclusive<R>(_ fd: Int32, _ state: FileState, loadKeys: Bool = true, _ body: (ContentFile<FDBackingFile>, FileState) throws(FSError) -> R) throws(FSError) -> R {
         let c = content(fd)
         return try state.lock.withWriteLock { () throws(FSError) -> R in
-            if !state.loaded {
+            if !state.loaded && loadKeys {
                 do throws(ContentError) { state.crypto = try c.loadCrypto() } catch { throw FSError(error) }
                 state.loaded = true
             }
@@ -272,7 +282,7 @@ public final class FileSystem: @unchecked Sendable {
     private func register(fd: Int32, node: UInt64, flags: Int32) throws(FSError) -> UInt64 {
         let (key, state) = try acquireState(fd)
         let h = nextHandle.wrappingAdd(1, ordering: .relaxed).oldValue
-        let f = OpenFile(fd: fd, node: node, key: key, state: state, append: flags & O_APPEND != 0)
+        let f = OpenFile(fd: fd, node: node, key: key, state: state)
         files.withLock { $0[h] = f }
         return h
     }
@@ -303,11 +313,7 @@ public final class FileSystem: @unchecked Sendable {
         if flags & O_TRUNC != 0 {
             // libfuse's atomic O_TRUNC: empty the plaintext (the header goes with it).
             let f = try openFile(h)
-            do throws(FSError) {
-                try withExclusive(f.fd, f.state) { (c, s) throws(FSError) in
-                    do throws(ContentError) { s.crypto = try c.truncate(to: 0, crypto: s.crypto) } catch { throw FSError(error) }
-                }
-            } catch { release(h); throw error }
+            do throws(FSError) { try truncate(fd: f.fd, state: f.state, size: 0) } catch { release(h); throw error }
         }
         return h
     }
@@ -327,7 +333,7 @@ public final class FileSystem: @unchecked Sendable {
         do { h = try register(fd: fd, node: 0, flags: flags) } catch { Sys.close(fd); throw error }
         let id = table.withLock { $0.add(parent: parent, name: name, backingName: b.entryName) }
         let f = try openFile(h)
-        files.withLock { $0[h] = OpenFile(fd: f.fd, node: id, key: f.key, state: f.state, append: f.append) }
+        files.withLock { $0[h] = OpenFile(fd: f.fd, node: id, key: f.key, state: f.state) }
         let st: stat
         do { st = try Sys.fstat(fd) } catch { throw .system(error) }
         return (id, translate(st, path: nil), h)
@@ -347,12 +353,16 @@ public final class FileSystem: @unchecked Sendable {
 
     public func write(handle: UInt64, offset: Int64, data: UnsafeRawBufferPointer) throws(FSError) -> Int {
         try checkWritable()
+        guard offset >= 0, offset <= FileSystem.maxFileSize - Int64(data.count) else { throw .fileTooLarge }
         let f = try openFile(handle)
+        // O_APPEND needs nothing here: without the writeback cache the kernel sends such
+        // writes at the current size, and page writeback (mmap) must keep its offset.
         return try withExclusive(f.fd, f.state) { (c, s) throws(FSError) -> Int in
-            do throws(ContentError) {
-                let at = f.append ? try c.plainSize() : offset
-                s.crypto = try c.write(data, at: at, crypto: s.crypto)
-            } catch { throw FSError(error) }
+            do throws(ContentError) { s.crypto = try c.write(data, at: offset, crypto: s.crypto) } catch {
+                // A partial write may have left a new header on disk: read it again next time.
+                s.loaded = false
+                throw FSError(error)
+            }
             return data.count
         }
     }
@@ -360,6 +370,10 @@ public final class FileSystem: @unchecked Sendable {
     public func fsync(handle: UInt64, dataOnly: Bool) throws(FSError) {
         let f = try openFile(handle)
         do { if dataOnly { try Sys.fdatasync(f.fd) } else { try Sys.fsync(f.fd) } } catch { throw .system(error) }
+    }
+
+    public func fsyncdir(_ id: UInt64) throws(FSError) {
+        do { try Sys.fsyncDirectory(try path(id)) } catch let e as FSError { throw e } catch let e as SystemError { throw .system(e) } catch { throw .damaged("\(error)") }
     }
 
     public func release(_ handle: UInt64) {
@@ -404,7 +418,8 @@ public final class FileSystem: @unchecked Sendable {
             // Owner-writable until its header is in, then the mode asked for.
             try Sys.mkdir(p, 0o700)
             do throws(SystemError) {
-                try Sys.atomicWrite(header, to: p + "/" + DirHeader.fileName, mode: 0o444)
+                // A new directory is invisible to readers until this returns: no rename needed.
+                try Sys.writeNewFile(header, to: p + "/" + DirHeader.fileName, mode: 0o444)
                 try Sys.chmod(p, mode & 0o7777)
             } catch {
                 _ = Glibc.unlink(p + "/" + DirHeader.fileName)
@@ -505,8 +520,11 @@ public final class FileSystem: @unchecked Sendable {
         let dirID = try directoryID(id)
         let raw: [(name: String, type: UInt8, ino: UInt64)]
         do { raw = try Sys.listDirectory(p) } catch { throw .system(error) }
-        var out = [DirectoryEntry(name: Array(".".utf8), type: UInt8(DT_DIR), ino: 0),
-                   DirectoryEntry(name: Array("..".utf8), type: UInt8(DT_DIR), ino: 0)]
+        // glibc's readdir hides entries with inode 0, so "." and ".." carry the backing ones.
+        let selfIno = (try? Sys.lstat(p)).map { UInt64($0.st_ino) } ?? 1
+        let parentIno = (try? Sys.lstat(p + "/..")).map { UInt64($0.st_ino) } ?? 1
+        var out = [DirectoryEntry(name: Array(".".utf8), type: UInt8(DT_DIR), ino: selfIno),
+                   DirectoryEntry(name: Array("..".utf8), type: UInt8(DT_DIR), ino: parentIno)]
         out.reserveCapacity(raw.count + 2)
         for e in raw {
             var encoded = e.name

@@ -195,6 +195,8 @@ public final class FuseServer: @unchecked Sendable {
             guard let fi else { fuse_reply_err(req, EINVAL); return }
             s.run(req, { () throws(FSError) in try s.fs.open(UInt64(ino), flags: fi.pointee.flags) }) { h in
                 fi.pointee.fh = h
+                // Only this daemon changes the files while mounted: cached pages stay valid.
+                fi.pointee.keep_cache = 1
                 if fuse_reply_open(req, fi) != 0 { s.fs.release(h) }
             }
         }
@@ -275,7 +277,10 @@ public final class FuseServer: @unchecked Sendable {
             if let fi { server(req).fs.releasedir(fi.pointee.fh) }
             fuse_reply_err(req, 0)
         }
-        ops.fsyncdir = { req, _, _, _ in fuse_reply_err(req, 0) }
+        ops.fsyncdir = { req, ino, _, _ in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.fsyncdir(UInt64(ino)) }) { fuse_reply_err(req, 0) }
+        }
         ops.statfs = { req, _ in
             let s = server(req)
             s.run(req, { () throws(FSError) in try s.fs.statfs() }) { st in

@@ -197,7 +197,9 @@ public enum Sys {
     public static func atomicWrite(_ bytes: [UInt8], to path: String, mode: mode_t = 0o600) throws(SystemError) {
         let dir = parentDirectory(of: path)
         let tmp = path + ".tmp"
-        let fd = try open(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode)
+        // A leftover from a crash may be read-only: start afresh.
+        _ = Glibc.unlink(tmp)
+        let fd = try open(tmp, O_WRONLY | O_CREAT | O_EXCL, mode)
         do throws(SystemError) {
             try bytes.withBytes { (p) throws(SystemError) in
                 if p.count > 0 { try pwrite(fd, p.baseAddress!, p.count, 0) }
@@ -211,6 +213,16 @@ public enum Sys {
         close(fd)
         try rename(tmp, path)
         try fsyncDirectory(dir)
+    }
+
+    /// Creates `path` (which must not exist) with `bytes`, fsynced.
+    public static func writeNewFile(_ bytes: [UInt8], to path: String, mode: mode_t) throws(SystemError) {
+        let fd = try open(path, O_WRONLY | O_CREAT | O_EXCL, mode)
+        defer { close(fd) }
+        try bytes.withBytes { (p) throws(SystemError) in
+            if p.count > 0 { try pwrite(fd, p.baseAddress!, p.count, 0) }
+        }
+        try fsync(fd)
     }
 
     public static func parentDirectory(of path: String) -> String {

@@ -168,6 +168,9 @@ public enum Mounter {
     /// Entry point of the daemon process (`xtsfs mount --daemon-child`).
     public static func runDaemonChild(_ request: MountRequest) -> Int32 {
         ProcessHardening.apply()
+        // Processes libfuse starts (fusermount3 for auto_unmount) must not hold our pipes open.
+        _ = fcntl(keyFD, F_SETFD, FD_CLOEXEC)
+        _ = fcntl(statusFD, F_SETFD, FD_CLOEXEC)
         let dek = SecretBytes(count: KeySet.dekLength)
         var gen: UInt32 = 0
         let gotGen = Glibc.read(keyFD, &gen, 4) == 4

@@ -1,6 +1,7 @@
 import ArgumentParser
 import XTSCrypto
 import XTSKeys
+import XTSSystem
 import XTSVolume
 
 struct Init: ParsableCommand {
@@ -28,17 +29,26 @@ struct Init: ParsableCommand {
         guard (1...16).contains(parallelism) else { throw ValidationError("--pbkdf-parallel must be 1 to 16") }
         guard memoryKiB >= 8 * parallelism, memoryKiB <= 4 * 1024 * 1024 else { throw ValidationError("--pbkdf-memory must be between 8×parallelism and 4194304 KiB") }
         guard iterTime > 0 else { throw ValidationError("--iter-time must be positive") }
-        if let n = forceIterations, n == 0 { throw ValidationError("--pbkdf-force-iterations must be at least 1") }
+        if let n = forceIterations, n == 0 || n > Init.maxIterations {
+            throw ValidationError("--pbkdf-force-iterations must be 1 to \(Init.maxIterations)")
+        }
     }
 
+    /// What an unlock accepts (PassphraseParameters.decode); more could never be opened.
+    static let maxIterations: UInt32 = 1_000_000
+
     func run() throws {
+        ProcessHardening.apply()
         let passphrase = try SecretInput.newPassphrase(passfile: secret.passfile)
         let costs: Argon2idParameters
         if let n = forceIterations {
             costs = Argon2idParameters(memoryKiB: memoryKiB, iterations: n, parallelism: parallelism)
         } else {
-            do { costs = try Argon2id.calibrate(memoryKiB: memoryKiB, parallelism: parallelism, targetMilliseconds: iterTime) }
-            catch { throw VolumeError.failure("cannot tune Argon2id: \(error)") }
+            do {
+                var tuned = try Argon2id.calibrate(memoryKiB: memoryKiB, parallelism: parallelism, targetMilliseconds: iterTime)
+                tuned.iterations = min(tuned.iterations, Init.maxIterations)
+                costs = tuned
+            } catch { throw VolumeError.failure("cannot tune Argon2id: \(error)") }
         }
         let header = try Volume.initialize(cipherDir: cipherDir, provider: PassphraseProvider(passphrase: passphrase, costs: costs))
         say("Created an xtsfs volume in \(cipherDir): format version \(header.version), AES-256-XTS, keyslot 0 (passphrase, Argon2id m=\(costs.memoryKiB) KiB t=\(costs.iterations) p=\(costs.parallelism)).")

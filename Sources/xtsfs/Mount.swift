@@ -1,5 +1,6 @@
 import ArgumentParser
 import XTSKeys
+import XTSSystem
 import XTSVolume
 
 struct Mount: ParsableCommand {
@@ -35,6 +36,7 @@ struct Mount: ParsableCommand {
             request.foreground = true
             throw ExitCode(Mounter.runDaemonChild(request))
         }
+        ProcessHardening.apply()
         let passphrase = try SecretInput.passphrase(passfile: secret.passfile)
         let status = try Mounter.mount(request, provider: PassphraseProvider(passphrase: passphrase), say: { say($0) })
         if status != 0 { throw ExitCode(status) }

@@ -1,0 +1,179 @@
+import Foundation
+import XCTest
+import XTSCrypto
+import XTSVolume
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The command line as a user meets it: exit codes and messages for good and bad input.
+final class CLITests: VolumeTestCase {
+    func testInitCreatesVolumeAndStatusDescribesIt() throws {
+        initVolume()
+        let names = try FileManager.default.contentsOfDirectory(atPath: cipher).sorted()
+        XCTAssertEqual(names, ["xtsfs.dir", "xtsfs.header", "xtsfs.header2"])
+        let r = Harness.run(["status", cipher])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("Format version:  1"), r.stdout)
+        XCTAssertTrue(r.stdout.contains("passphrase"), r.stdout)
+        XCTAssertTrue(r.stdout.contains("memoryKiB=8192"), r.stdout)
+        let j = Harness.run(["status", cipher, "--json"])
+        XCTAssertEqual(j.status, 0)
+        let obj = try JSONSerialization.jsonObject(with: Data(j.stdout.utf8)) as? [String: Any]
+        XCTAssertEqual(obj?["formatVersion"] as? Int, 1)
+        XCTAssertEqual((obj?["keyslots"] as? [[String: Any]])?.count, 1)
+        XCTAssertEqual(obj?["blockSize"] as? Int, 4096)
+        // Nothing secret: neither the passphrase nor anything but public header facts.
+        XCTAssertFalse(j.stdout.contains(Self.passphrase))
+    }
+
+    func testInitRefusesNonEmptyDirectoryAndExistingVolume() throws {
+        try FileManager.default.createDirectory(atPath: cipher, withIntermediateDirectories: true)
+        try "x".write(toFile: cipher + "/existing", atomically: true, encoding: .utf8)
+        var r = Harness.run(["init", cipher, "--passfile", passfile] + Self.cheapKDF)
+        XCTAssertEqual(r.status, ExitStatus.refused.rawValue, r.stderr)
+        XCTAssertTrue(r.stderr.contains("not empty"), r.stderr)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: cipher), ["existing"])
+        try FileManager.default.removeItem(atPath: cipher + "/existing")
+        initVolume()
+        r = Harness.run(["init", cipher, "--passfile", passfile] + Self.cheapKDF)
+        XCTAssertEqual(r.status, ExitStatus.refused.rawValue)
+        XCTAssertTrue(r.stderr.contains("already an xtsfs volume"), r.stderr)
+    }
+
+    func testWrongPassphraseHasItsOwnExitCodeAndChangesNothing() throws {
+        initVolume()
+        let before = backingFiles().map { $0.bytes }
+        let wrong = scratch + "/wrong"
+        try "not the passphrase\n".write(toFile: wrong, atomically: true, encoding: .utf8)
+        let r = Harness.run(["mount", cipher, mnt, "--passfile", wrong])
+        XCTAssertEqual(r.status, ExitStatus.wrongKey.rawValue, r.stderr)
+        XCTAssertTrue(r.stderr.contains("wrong passphrase"), r.stderr)
+        XCTAssertFalse(Harness.isMounted(mnt))
+        XCTAssertEqual(backingFiles().map { $0.bytes }, before, "a failed unlock must not touch the volume")
+    }
+
+    func testNotAVolume() throws {
+        try FileManager.default.createDirectory(atPath: cipher, withIntermediateDirectories: true)
+        var r = Harness.run(["mount", cipher, mnt, "--passfile", passfile])
+        XCTAssertEqual(r.status, ExitStatus.notAVolume.rawValue, r.stderr)
+        XCTAssertTrue(r.stderr.contains("not an xtsfs volume"), r.stderr)
+        r = Harness.run(["status", scratch + "/does-not-exist"])
+        XCTAssertEqual(r.status, ExitStatus.notAVolume.rawValue, r.stderr)
+    }
+
+    func testCorruptHeadersGiveClearErrorsNeverCrash() throws {
+        initVolume()
+        let primary = cipher + "/xtsfs.header", secondary = cipher + "/xtsfs.header2"
+        let good = try read(primary)
+        // Every kind of damage to both copies: a clear error with the corrupt-header code.
+        let damaged: [(String, [UInt8])] = [
+            ("bit flip", { var b = good; b[100] ^= 0x10; return b }()),
+            ("truncated", Array(good.prefix(good.count / 2))),
+            ("empty", []),
+            ("wrong magic", { var b = good; b[0] = UInt8(ascii: "Y"); return b }()),
+            ("garbage", pattern(good.count, seed: 9)),
+        ]
+        for (what, bytes) in damaged {
+            try write(primary, bytes)
+            try write(secondary, bytes)
+            let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile])
+            XCTAssertEqual(r.status, ExitStatus.corruptHeader.rawValue, "\(what): \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains("header"), "\(what): \(r.stderr)")
+            XCTAssertFalse(Harness.isMounted(mnt))
+            let s = Harness.run(["status", cipher])
+            XCTAssertEqual(s.status, ExitStatus.corruptHeader.rawValue, "\(what): \(s.stderr)")
+        }
+        // A future format version: "unsupported", not "corrupt".
+        var newer = good
+        newer[8] = 2
+        try write(primary, newer)
+        try write(secondary, newer)
+        let r = Harness.run(["status", cipher])
+        XCTAssertEqual(r.status, ExitStatus.unsupported.rawValue, r.stderr)
+        XCTAssertTrue(r.stderr.contains("version 2"), r.stderr)
+    }
+
+    func testOneDamagedCopyStillMountsSaysSoAndIsRepaired() throws {
+        initVolume()
+        let primary = cipher + "/xtsfs.header"
+        var bytes = try read(primary)
+        bytes[bytes.count - 1] ^= 0xff
+        try write(primary, bytes)
+        let s = Harness.run(["status", cipher])
+        XCTAssertEqual(s.status, 0)
+        XCTAssertTrue(s.stdout.contains("DAMAGED"), s.stdout)
+        let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stderr.contains("xtsfs.header is damaged"), r.stderr)
+        try write(mnt + "/file", Array("still works".utf8))
+        unmount()
+        XCTAssertFalse(Harness.run(["status", cipher]).stdout.contains("DAMAGED"), "the damaged copy should have been rewritten")
+    }
+
+    func testTamperedParametersDetectedByMAC() throws {
+        initVolume()
+        // Change a field and fix the checksum: only the MAC (keyed by the DEK) can tell.
+        for copy in ["xtsfs.header", "xtsfs.header2"] {
+            var b = try read(cipher + "/" + copy)
+            b[48] ^= 1 // the "created" timestamp
+            let body = Array(b[0..<(b.count - 32)])
+            b = body + SHA256.hash(body)
+            try write(cipher + "/" + copy, b)
+        }
+        XCTAssertEqual(Harness.run(["status", cipher]).status, 0, "structurally valid")
+        let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile])
+        XCTAssertEqual(r.status, ExitStatus.corruptHeader.rawValue, r.stderr)
+        XCTAssertTrue(r.stderr.contains("altered"), r.stderr)
+    }
+
+    func testMountpointMissingOrBusy() throws {
+        initVolume()
+        var r = Harness.run(["mount", cipher, scratch + "/nope", "--passfile", passfile])
+        XCTAssertEqual(r.status, ExitStatus.mountFailed.rawValue, r.stderr)
+        XCTAssertTrue(r.stderr.contains("does not exist"), r.stderr)
+        mount()
+        r = Harness.run(["mount", cipher, mnt, "--passfile", passfile])
+        XCTAssertEqual(r.status, ExitStatus.mountFailed.rawValue, r.stderr)
+        XCTAssertTrue(r.stderr.contains("already a mount point"), r.stderr)
+        unmount()
+        r = Harness.run(["unmount", mnt])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("not mounted"), r.stderr)
+    }
+
+    func testUsageErrorsExitTwo() {
+        XCTAssertEqual(Harness.run(["mount", cipher]).status, ExitStatus.usage.rawValue)
+        XCTAssertEqual(Harness.run(["frobnicate"]).status, ExitStatus.usage.rawValue)
+        XCTAssertEqual(Harness.run(["init", cipher, "--pbkdf-parallel", "0"]).status, ExitStatus.usage.rawValue)
+        XCTAssertEqual(Harness.run(["--help"]).status, 0)
+    }
+
+    func testPassphraseNeverFromEnvironmentOrArgvAndEmptyRefused() throws {
+        // No terminal and no --passfile: a clear input error, not a hang.
+        let r = Harness.run(["init", cipher] + Self.cheapKDF)
+        XCTAssertEqual(r.status, ExitStatus.badInput.rawValue, r.stderr)
+        let empty = scratch + "/empty"
+        try "\n".write(toFile: empty, atomically: true, encoding: .utf8)
+        let e = Harness.run(["init", cipher, "--passfile", empty] + Self.cheapKDF)
+        XCTAssertEqual(e.status, ExitStatus.badInput.rawValue, e.stderr)
+    }
+
+    func testDaemonHoldsNoSecretInArgvOrEnvironment() throws {
+        initVolume()
+        mount()
+        let pids = Harness.daemons(mnt)
+        XCTAssertEqual(pids.count, 1)
+        for pid in pids {
+            let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") ?? Data()
+            XCTAssertFalse(String(decoding: cmdline, as: UTF8.self).contains(Self.passphrase))
+            // Undumpable: /proc/PID/environ of a non-dumpable process is owned by root and the
+            // status shows it; core dumps are off.
+            let limits = (try? String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8)) ?? ""
+            let core = limits.split(separator: "\n").first { $0.hasPrefix("Max core file size") } ?? ""
+            XCTAssertTrue(core.contains(" 0 "), "core dumps must be off: \(core)")
+        }
+        unmount()
+    }
+}
+

@@ -1,0 +1,261 @@
+import Foundation
+import XCTest
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A real FUSE mount of a real volume, used through ordinary system calls.
+final class MountTests: VolumeTestCase {
+    override func setUpWithError() throws {
+        try super.setUpWithError()
+        initVolume()
+        mount()
+    }
+
+    func testEveryEdgeLengthRoundTripsAndSurvivesRemount() throws {
+        let sizes = [0, 1, 15, 16, 17, 4095, 4096, 4097, 4111, 4112, 8191, 8192, 8193, 131072 + 1, 3 * 1024 * 1024 + 7]
+        for n in sizes { try write(mnt + "/f\(n)", pattern(n, seed: UInt64(n))) }
+        for n in sizes {
+            XCTAssertEqual(try read(mnt + "/f\(n)"), pattern(n, seed: UInt64(n)), "size \(n)")
+            var st = stat()
+            XCTAssertEqual(stat(mnt + "/f\(n)", &st), 0)
+            XCTAssertEqual(Int(st.st_size), n)
+        }
+        unmount()
+        // Length-preserving but for the 32-byte header; nothing in clear.
+        let backing = backingFiles().filter { !$0.path.hasPrefix("xtsfs.") }
+        XCTAssertEqual(backing.map { $0.bytes.count }.sorted(), sizes.map { $0 == 0 ? 0 : $0 + 32 }.sorted())
+        mount()
+        for n in sizes { XCTAssertEqual(try read(mnt + "/f\(n)"), pattern(n, seed: UInt64(n)), "size \(n) after remount") }
+    }
+
+    func testBackingHoldsNoPlaintextNamesOrContent() throws {
+        let secretName = "quarterly-results-confidential"
+        let secretText = Array("The merger with Initech closes on Friday.".utf8)
+        try FileManager.default.createDirectory(atPath: mnt + "/" + secretName + "-dir", withIntermediateDirectories: false)
+        try write(mnt + "/" + secretName + "-dir/" + secretName + ".txt", secretText + secretText)
+        try FileManager.default.createSymbolicLink(atPath: mnt + "/link", withDestinationPath: secretName + "-target")
+        unmount()
+        for (path, bytes) in backingFiles() {
+            XCTAssertFalse(path.contains("quarterly"), "plaintext name in backing path \(path)")
+            XCTAssertFalse(bytes.contains(subsequence: Array("Initech".utf8)), "plaintext in \(path)")
+        }
+        let links = backingFiles().compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: cipher + "/" + $0.path) }
+        XCTAssertEqual(links.count, 1)
+        XCTAssertFalse(links[0].contains("quarterly"), "plaintext symlink target \(links[0])")
+        mount()
+        XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: mnt + "/link"), secretName + "-target")
+    }
+
+    func testRandomAccessWritesAndTruncates() throws {
+        let path = mnt + "/rw"
+        let fd = open(path, O_RDWR | O_CREAT, 0o644)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        defer { close(fd) }
+        var model = [UInt8]()
+        func pw(_ bytes: [UInt8], _ off: Int) {
+            XCTAssertEqual(bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(off)) }, bytes.count)
+            if model.count < off + bytes.count { model += [UInt8](repeating: 0, count: off + bytes.count - model.count) }
+            model.replaceSubrange(off..<off + bytes.count, with: bytes)
+        }
+        func tr(_ n: Int) {
+            XCTAssertEqual(ftruncate(fd, off_t(n)), 0)
+            if n < model.count { model.removeLast(model.count - n) } else { model += [UInt8](repeating: 0, count: n - model.count) }
+        }
+        pw(pattern(10, seed: 1), 0)
+        pw(pattern(5000, seed: 2), 4090)
+        pw(pattern(3, seed: 3), 100_000) // a hole in between
+        tr(4097)
+        tr(70_000)
+        pw(pattern(1, seed: 4), 4096)
+        tr(12)
+        pw(pattern(20, seed: 5), 8)
+        XCTAssertEqual(try read(path), model)
+        // Sparse: a 1 GiB hole costs no disk.
+        tr(1 << 30)
+        var st = stat()
+        XCTAssertEqual(fstat(fd, &st), 0)
+        XCTAssertEqual(Int(st.st_size), 1 << 30)
+        XCTAssertLessThan(Int(st.st_blocks) * 512, 1 << 20, "truncate up must leave a hole")
+        var buf = [UInt8](repeating: 1, count: 4096)
+        XCTAssertEqual(pread(fd, &buf, 4096, off_t(1 << 29)), 4096)
+        XCTAssertTrue(buf.allSatisfy { $0 == 0 })
+    }
+
+    func testOTruncAndAppend() throws {
+        let path = mnt + "/t"
+        try write(path, pattern(10000, seed: 1))
+        let fd = open(path, O_WRONLY | O_TRUNC)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        close(fd)
+        XCTAssertEqual(try read(path), [])
+        try write(path, Array("abc".utf8))
+        let a = open(path, O_WRONLY | O_APPEND)
+        let tail = Array("defghijklmnopqrstuvwxyz".utf8)
+        XCTAssertEqual(tail.withUnsafeBytes { Glibc.write(a, $0.baseAddress, $0.count) }, tail.count)
+        close(a)
+        XCTAssertEqual(String(decoding: try read(path), as: UTF8.self), "abcdefghijklmnopqrstuvwxyz")
+    }
+
+    func testNamespaceOperations() throws {
+        let fm = FileManager.default
+        try fm.createDirectory(atPath: mnt + "/a/b/c", withIntermediateDirectories: true)
+        try write(mnt + "/a/b/c/file", Array("deep".utf8))
+        // Rename a directory with content to another parent: children stay readable.
+        try fm.moveItem(atPath: mnt + "/a/b", toPath: mnt + "/b-moved")
+        XCTAssertEqual(try read(mnt + "/b-moved/c/file"), Array("deep".utf8))
+        // Rename over an existing file replaces it.
+        try write(mnt + "/x", Array("x".utf8))
+        try write(mnt + "/y", Array("y".utf8))
+        XCTAssertEqual(rename(mnt + "/x", mnt + "/y"), 0)
+        XCTAssertEqual(try read(mnt + "/y"), Array("x".utf8))
+        XCTAssertFalse(fm.fileExists(atPath: mnt + "/x"))
+        // Rename a directory over an empty directory; not over a non-empty one.
+        try fm.createDirectory(atPath: mnt + "/empty", withIntermediateDirectories: false)
+        XCTAssertEqual(rename(mnt + "/b-moved", mnt + "/empty"), 0)
+        XCTAssertEqual(try read(mnt + "/empty/c/file"), Array("deep".utf8))
+        try fm.createDirectory(atPath: mnt + "/other", withIntermediateDirectories: false)
+        XCTAssertEqual(rename(mnt + "/other", mnt + "/empty"), -1)
+        XCTAssertEqual(errno, ENOTEMPTY)
+        // rmdir: ENOTEMPTY, then works when empty.
+        XCTAssertEqual(rmdir(mnt + "/empty/c"), -1)
+        XCTAssertEqual(errno, ENOTEMPTY)
+        XCTAssertEqual(unlink(mnt + "/empty/c/file"), 0)
+        XCTAssertEqual(rmdir(mnt + "/empty/c"), 0)
+        // Errors have the right errno.
+        XCTAssertEqual(open(mnt + "/missing", O_RDONLY), -1)
+        XCTAssertEqual(errno, ENOENT)
+        XCTAssertEqual(mkdir(mnt + "/y", 0o755), -1)
+        XCTAssertEqual(errno, EEXIST)
+        XCTAssertEqual(unlink(mnt + "/missing"), -1)
+        XCTAssertEqual(errno, ENOENT)
+        let listing = try fm.contentsOfDirectory(atPath: mnt).sorted()
+        XCTAssertEqual(listing, ["a", "empty", "other", "y"])
+    }
+
+    func testLongAndOddNames() throws {
+        let names = [String(repeating: "n", count: 255), String(repeating: "é", count: 127), "with space", "-dash", ".hidden", "xtsfs.dir", "xtsfs.header", "a\u{1}b", String(repeating: "z", count: 161)]
+        for (i, n) in names.enumerated() { try write(mnt + "/" + n, pattern(i + 1, seed: UInt64(i))) }
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: mnt).sorted(), names.sorted())
+        for (i, n) in names.enumerated() { XCTAssertEqual(try read(mnt + "/" + n), pattern(i + 1, seed: UInt64(i)), n) }
+        // A 256-byte name is too long, as everywhere.
+        XCTAssertEqual(open(mnt + "/" + String(repeating: "n", count: 256), O_CREAT | O_WRONLY, 0o644), -1)
+        XCTAssertEqual(errno, ENAMETOOLONG)
+        // Long names survive rename and unlink (their side files too).
+        let long = mnt + "/" + String(repeating: "n", count: 255)
+        XCTAssertEqual(rename(long, long.replacingOccurrences(of: "nnnn", with: "mmmm")), 0)
+        XCTAssertEqual(unlink(long.replacingOccurrences(of: "nnnn", with: "mmmm")), 0)
+        unmount()
+        let leftovers = backingFiles().filter { $0.path.hasSuffix(".name") }
+        XCTAssertEqual(leftovers.count, 2, "side files: one per long name still present (\(leftovers.map(\.path)))")
+        mount()
+    }
+
+    func testMetadataOperations() throws {
+        let path = mnt + "/meta"
+        try write(path, pattern(100, seed: 1))
+        XCTAssertEqual(chmod(path, 0o600), 0)
+        XCTAssertEqual(chown(path, 1234, 5678), 0)
+        var times = [timespec(tv_sec: 1_000_000_000, tv_nsec: 5), timespec(tv_sec: 1_500_000_000, tv_nsec: 7)]
+        XCTAssertEqual(utimensat(AT_FDCWD, path, &times, 0), 0)
+        var st = stat()
+        XCTAssertEqual(stat(path, &st), 0)
+        XCTAssertEqual(st.st_mode & 0o7777, 0o600)
+        XCTAssertEqual(st.st_uid, 1234)
+        XCTAssertEqual(st.st_gid, 5678)
+        XCTAssertEqual(st.st_mtim.tv_sec, 1_500_000_000)
+        XCTAssertEqual(st.st_atim.tv_sec, 1_000_000_000)
+        XCTAssertEqual(mkfifo(mnt + "/fifo", 0o644), 0)
+        XCTAssertEqual(lstat(mnt + "/fifo", &st), 0)
+        XCTAssertEqual(st.st_mode & S_IFMT, S_IFIFO)
+        var vfs = statvfs()
+        XCTAssertEqual(statvfs(mnt, &vfs), 0)
+        XCTAssertEqual(vfs.f_namemax, 255)
+        XCTAssertGreaterThan(vfs.f_blocks, 0)
+        let fd = open(path, O_RDWR)
+        XCTAssertEqual(fsync(fd), 0)
+        XCTAssertEqual(fdatasync(fd), 0)
+        close(fd)
+    }
+
+    func testPermissionsEnforcedForOtherUsers() throws {
+        // default_permissions: the kernel checks modes; as root the daemon adds allow_other.
+        guard geteuid() == 0 else { throw XCTSkip("needs root to act as another user") }
+        XCTAssertEqual(chmod(scratch, 0o755), 0) // mkdtemp made it 0700: let the other user reach the mount
+        let path = mnt + "/private"
+        try write(path, Array("owner only".utf8))
+        XCTAssertEqual(chmod(path, 0o600), 0)
+        XCTAssertEqual(chmod(mnt, 0o755), 0)
+        let denied = Harness.shell("setpriv --reuid=65534 --regid=65534 --clear-groups cat '\(path)' >/dev/null 2>&1")
+        XCTAssertNotEqual(denied, 0, "another user read a 0600 file")
+        XCTAssertEqual(chmod(path, 0o644), 0)
+        let allowed = Harness.shell("setpriv --reuid=65534 --regid=65534 --clear-groups cat '\(path)' >/dev/null 2>&1")
+        XCTAssertEqual(allowed, 0, "another user could not read a 0644 file")
+        // Files another user creates are theirs.
+        XCTAssertEqual(chmod(mnt, 0o777), 0)
+        XCTAssertEqual(Harness.shell("setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'echo hi > \(mnt)/theirs'"), 0)
+        var st = stat()
+        XCTAssertEqual(stat(mnt + "/theirs", &st), 0)
+        XCTAssertEqual(st.st_uid, 65534)
+    }
+
+    func testConcurrentPartialWritersNeverLoseUpdates() throws {
+        // Eight threads each own a 100-byte slice of every 4 KiB block of one file and write it
+        // through their own descriptor, so every write is a read-modify-write of a shared block.
+        let path = mnt + "/shared"
+        let blocks = 16, writers = 8, rounds = 40
+        try write(path, [UInt8](repeating: 0, count: blocks * 4096))
+        DispatchQueue.concurrentPerform(iterations: writers) { w in
+            let fd = open(path, O_WRONLY)
+            defer { close(fd) }
+            for r in 0..<rounds {
+                let value = [UInt8](repeating: UInt8(w * 16 + r % 16), count: 100)
+                for b in 0..<blocks {
+                    _ = value.withUnsafeBytes { pwrite(fd, $0.baseAddress, 100, off_t(b * 4096 + w * 100 + 7)) }
+                }
+            }
+        }
+        let data = try read(path)
+        for b in 0..<blocks {
+            for w in 0..<writers {
+                let slice = data[(b * 4096 + w * 100 + 7)..<(b * 4096 + w * 100 + 107)]
+                XCTAssertTrue(slice.allSatisfy { $0 == UInt8(w * 16 + (rounds - 1) % 16) }, "block \(b) writer \(w): lost update")
+            }
+        }
+    }
+
+    func testReadOnlyMount() throws {
+        try write(mnt + "/keep", Array("kept".utf8))
+        unmount()
+        let headerBefore = try read(cipher + "/xtsfs.header")
+        mount(["-o", "ro"])
+        XCTAssertEqual(try read(mnt + "/keep"), Array("kept".utf8))
+        XCTAssertEqual(open(mnt + "/new", O_CREAT | O_WRONLY, 0o644), -1)
+        XCTAssertEqual(errno, EROFS)
+        XCTAssertEqual(try read(cipher + "/xtsfs.header"), headerBefore, "a read-only mount must not write the header")
+    }
+
+    func testDamagedCiphertextFileGivesEIONotGarbage() throws {
+        try write(mnt + "/victim", pattern(5000, seed: 3))
+        unmount()
+        let victim = backingFiles().first { $0.bytes.count == 5032 }!
+        var b = victim.bytes
+        b[5] ^= 0x80 // inside the per-file header
+        try write(cipher + "/" + victim.path, b)
+        mount()
+        let fd = open(mnt + "/victim", O_RDONLY)
+        var buf = [UInt8](repeating: 0, count: 100)
+        XCTAssertEqual(Glibc.read(fd, &buf, 100), -1)
+        XCTAssertEqual(errno, EIO)
+        close(fd)
+    }
+
+    func testUnmountWithSignal() throws {
+        let pids = Harness.daemons(mnt)
+        XCTAssertEqual(pids.count, 1)
+        kill(pids[0], SIGTERM)
+        let deadline = Date().addingTimeInterval(10)
+        while Harness.isMounted(mnt) && Date() < deadline { usleep(20_000) }
+        XCTAssertFalse(Harness.isMounted(mnt), "SIGTERM should unmount")
+    }
+}
