@@ -328,7 +328,7 @@ public final class FileSystem: @unchecked Sendable {
             removeLongNameFile(dir, b)
             throw error.errno == EEXIST ? .exists : .system(error)
         }
-        if chownToCaller { _ = fchown(fd, caller.uid, caller.gid) }
+        if chownToCaller { _ = fchown(fd, caller.uid, groupFor(caller, in: dir)) }
         let h: UInt64
         do { h = try register(fd: fd, node: 0, flags: flags) } catch { Sys.close(fd); throw error }
         let id = table.withLock { $0.add(parent: parent, name: name, backingName: b.entryName) }
@@ -384,6 +384,13 @@ public final class FileSystem: @unchecked Sendable {
 
     // MARK: - namespace
 
+    /// The group of a new entry: the caller's, except in a setgid directory, where the
+    /// backing filesystem has already given it the directory's group (gid_t.max: leave it).
+    private func groupFor(_ caller: Caller, in dir: String) -> gid_t {
+        if let st = try? Sys.lstat(dir), st.st_mode & S_ISGID != 0 { return gid_t.max }
+        return caller.gid
+    }
+
     private func newEntry(parent: UInt64, name: [UInt8], caller: Caller, make: (String) throws(SystemError) -> Void) throws(FSError) -> (UInt64, stat) {
         try checkWritable()
         let (dir, b) = try entry(parent, name)
@@ -393,7 +400,7 @@ public final class FileSystem: @unchecked Sendable {
             removeLongNameFile(dir, b)
             throw error.errno == EEXIST ? .exists : .system(error)
         }
-        if chownToCaller { _ = Glibc.lchown(p, caller.uid, caller.gid) }
+        if chownToCaller { _ = Glibc.lchown(p, caller.uid, groupFor(caller, in: dir)) }
         let st: stat
         do { st = try Sys.lstat(p) } catch { throw .system(error) }
         let id = table.withLock { $0.add(parent: parent, name: name, backingName: b.entryName) }
@@ -420,7 +427,9 @@ public final class FileSystem: @unchecked Sendable {
             do throws(SystemError) {
                 // A new directory is invisible to readers until this returns: no rename needed.
                 try Sys.writeNewFile(header, to: p + "/" + DirHeader.fileName, mode: 0o444)
-                try Sys.chmod(p, mode & 0o7777)
+                // Keep the setgid bit a setgid parent passes down.
+                let inherited = (try? Sys.lstat(p)).map { $0.st_mode & S_ISGID } ?? 0
+                try Sys.chmod(p, (mode & 0o7777) | inherited)
             } catch {
                 _ = Glibc.unlink(p + "/" + DirHeader.fileName)
                 _ = Glibc.rmdir(p)
@@ -463,9 +472,20 @@ public final class FileSystem: @unchecked Sendable {
         let hp = p + "/" + DirHeader.fileName
         let saved: [UInt8]
         do { saved = try Sys.readFile(hp) } catch { throw .system(error) }
-        do { try Sys.unlink(hp) } catch { throw .system(error) }
+        // POSIX lets rmdir remove a directory its owner cannot write into; removing our
+        // header inside it can need that write permission, so lend it for the moment.
+        var restoreMode: mode_t?
+        do { try Sys.unlink(hp) } catch {
+            guard error.errno == EACCES, let st = try? Sys.lstat(p), (try? Sys.chmod(p, (st.st_mode & 0o7777) | 0o700)) != nil else { throw .system(error) }
+            restoreMode = st.st_mode & 0o7777
+            do { try Sys.unlink(hp) } catch {
+                _ = try? Sys.chmod(p, restoreMode!)
+                throw .system(error)
+            }
+        }
         do { try body() } catch {
             _ = try? Sys.atomicWrite(saved, to: hp, mode: 0o444)
+            if let m = restoreMode { _ = try? Sys.chmod(p, m) }
             throw error.errno == EEXIST ? .notEmpty : .system(error)
         }
     }

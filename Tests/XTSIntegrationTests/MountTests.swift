@@ -199,6 +199,21 @@ final class MountTests: VolumeTestCase {
         XCTAssertEqual(st.st_uid, 65534)
     }
 
+    func testSetgidDirectoryPassesGroupDown() throws {
+        let d = mnt + "/shared"
+        XCTAssertEqual(mkdir(d, 0o775), 0)
+        XCTAssertEqual(chown(d, 0, 4242), 0)
+        XCTAssertEqual(chmod(d, 0o2775), 0)
+        try write(d + "/file", [1, 2, 3])
+        XCTAssertEqual(mkdir(d + "/sub", 0o755), 0)
+        var st = stat()
+        XCTAssertEqual(stat(d + "/file", &st), 0)
+        XCTAssertEqual(st.st_gid, 4242, "a file in a setgid directory takes the directory's group")
+        XCTAssertEqual(stat(d + "/sub", &st), 0)
+        XCTAssertEqual(st.st_gid, 4242)
+        XCTAssertNotEqual(st.st_mode & S_ISGID, 0, "a subdirectory keeps the setgid bit")
+    }
+
     func testConcurrentPartialWritersNeverLoseUpdates() throws {
         // Eight threads each own a 100-byte slice of every 4 KiB block of one file and write it
         // through their own descriptor, so every write is a read-modify-write of a shared block.
