@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import XTSSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -197,6 +198,84 @@ final class MountTests: VolumeTestCase {
         var st = stat()
         XCTAssertEqual(stat(mnt + "/theirs", &st), 0)
         XCTAssertEqual(st.st_uid, 65534)
+    }
+
+    func testOffsetsBeyondFourGiB() throws {
+        // Sparse, so cheap: data at 5 GiB and 9 GiB + 1 must come back, zeros in between.
+        let path = mnt + "/huge"
+        let fd = open(path, O_RDWR | O_CREAT, 0o644)
+        defer { close(fd) }
+        let a = pattern(10000, seed: 11), b = pattern(4097, seed: 12)
+        let offA = off_t(5) << 30, offB = (off_t(9) << 30) + 1
+        XCTAssertEqual(a.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, offA) }, a.count)
+        XCTAssertEqual(b.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, offB) }, b.count)
+        var st = stat()
+        XCTAssertEqual(fstat(fd, &st), 0)
+        XCTAssertEqual(st.st_size, offB + off_t(b.count))
+        var buf = [UInt8](repeating: 0, count: 10000)
+        XCTAssertEqual(pread(fd, &buf, 10000, offA), 10000)
+        XCTAssertEqual(buf, a)
+        XCTAssertEqual(pread(fd, &buf, 4097, offB), 4097)
+        XCTAssertEqual(Array(buf.prefix(4097)), b)
+        XCTAssertEqual(pread(fd, &buf, 100, off_t(7) << 30), 100)
+        XCTAssertTrue(buf.prefix(100).allSatisfy { $0 == 0 })
+        // Past the maximum size: EFBIG, not a crashed daemon.
+        XCTAssertEqual(ftruncate(fd, off_t.max - 10), -1)
+        XCTAssertEqual(errno, EFBIG)
+        XCTAssertEqual(pread(fd, &buf, 10, offA), 10, "the daemon is still serving")
+    }
+
+    func testOpenUnlinkedFileKeepsWorking() throws {
+        let path = mnt + "/ghost"
+        try write(path, pattern(5000, seed: 1))
+        let fd = open(path, O_RDWR)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        defer { close(fd) }
+        XCTAssertEqual(unlink(path), 0)
+        let more = pattern(3000, seed: 2)
+        XCTAssertEqual(more.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 4000) }, 3000)
+        XCTAssertEqual(fchmod(fd, 0o600), 0)
+        XCTAssertEqual(ftruncate(fd, 6000), 0)
+        var st = stat()
+        XCTAssertEqual(fstat(fd, &st), 0)
+        XCTAssertEqual(st.st_size, 6000)
+        XCTAssertEqual(st.st_mode & 0o777, 0o600)
+        var buf = [UInt8](repeating: 0, count: 6000)
+        XCTAssertEqual(pread(fd, &buf, 6000, 0), 6000)
+        XCTAssertEqual(buf, Array(pattern(5000, seed: 1).prefix(4000)) + Array(more.prefix(2000)))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: path))
+    }
+
+    func testRenameNoReplaceAndLargeDirectory() throws {
+        try write(mnt + "/one", [1])
+        try write(mnt + "/two", [2])
+        XCTAssertThrowsError(try Sys.renameNoReplace(mnt + "/one", mnt + "/two")) { XCTAssertEqual(($0 as? SystemError)?.errno, EEXIST) }
+        XCTAssertNoThrow(try Sys.renameNoReplace(mnt + "/one", mnt + "/three"))
+        XCTAssertEqual(try read(mnt + "/two"), [2])
+        // Enough entries that readdir takes several requests (offsets must resume correctly).
+        let dir = mnt + "/many"
+        XCTAssertEqual(mkdir(dir, 0o755), 0)
+        let names = (0..<1500).map { "entry-\($0)-" + String(repeating: "x", count: $0 % 120) }
+        for n in names { XCTAssertEqual(close(open(dir + "/" + n, O_CREAT | O_WRONLY, 0o644)), 0) }
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir).sorted(), names.sorted())
+        let ls = Harness.shell("test $(ls -a '\(dir)' | wc -l) -eq 1502")
+        XCTAssertEqual(ls, 0, "ls -a shows every entry plus . and ..")
+    }
+
+    func testSymlinkEdgeCases() throws {
+        let long = String(repeating: "t/", count: 1400) + "end" // 2803 bytes
+        XCTAssertEqual(symlink(long, mnt + "/longlink"), 0)
+        XCTAssertEqual(try Sys.readlink(mnt + "/longlink"), Array(long.utf8))
+        var st = stat()
+        XCTAssertEqual(lstat(mnt + "/longlink", &st), 0)
+        XCTAssertEqual(Int(st.st_size), long.utf8.count, "lstat size of a symlink is its target's length")
+        XCTAssertEqual(symlink(String(repeating: "y", count: 3500), mnt + "/toolong"), -1)
+        XCTAssertEqual(errno, ENAMETOOLONG)
+        try write(mnt + "/target", Array("via link".utf8))
+        XCTAssertEqual(symlink("target", mnt + "/rel"), 0)
+        XCTAssertEqual(try read(mnt + "/rel"), Array("via link".utf8))
+        XCTAssertEqual(rename(mnt + "/rel", mnt + "/rel2"), 0)
+        XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: mnt + "/rel2"), "target")
     }
 
     func testSetgidDirectoryPassesGroupDown() throws {
