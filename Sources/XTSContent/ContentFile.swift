@@ -103,8 +103,7 @@ public struct ContentFile<File: BackingFile> {
             do { try crypto.crypt(units: units, buffer: dst, base: lo, encrypt: false) } catch { throw .crypto(error) }
             return want
         }
-        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(hi - lo), alignment: 16)
-        defer { scratch.deallocate() }
+        let scratch = ThreadScratch.buffer(.content, count: Int(hi - lo))
         try fill(scratch, at: lo, size: size)
         do { try crypto.crypt(units: units, buffer: scratch, base: lo, encrypt: false) } catch { throw .crypto(error) }
         output.baseAddress!.copyMemory(from: scratch.baseAddress! + Int(offset - lo), byteCount: want)
@@ -156,8 +155,8 @@ public struct ContentFile<File: BackingFile> {
         let ranges = Layout.rewriteRanges(oldSize: old, newSize: new, written: written)
         for r in ranges {
             let count = Int(r.upperBound - r.lowerBound)
-            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 16)
-            defer { buf.deallocate() }
+            // The request slot: writes and truncates never run inside a FUSE read on this thread.
+            let buf = ThreadScratch.buffer(.request, count: count)
             // Old plaintext under the old layout, zeros past the old end.
             let covered = written.map { $0.lowerBound <= r.lowerBound && $0.upperBound >= r.upperBound } ?? false
             let have = (old > r.lowerBound && !covered) ? try read(into: buf, at: r.lowerBound, size: old, crypto: crypto) : 0
@@ -171,8 +170,8 @@ public struct ContentFile<File: BackingFile> {
             let units = Layout.units(overlapping: r, size: new)
             do { try target!.crypt(units: units, buffer: buf, base: r.lowerBound, encrypt: true) } catch { throw .crypto(error) }
             do {
-                if writeHeader && r.lowerBound == 0 {
-                    // Header and first unit in one write.
+                if writeHeader && r.lowerBound == 0 && count <= 64 * 1024 {
+                    // Header and first unit in one write (a tiny file's header and pad together).
                     let headerBytes = try encodeHeader(target!)
                     let joint = UnsafeMutableRawBufferPointer.allocate(byteCount: headerBytes.count + count, alignment: 16)
                     defer { joint.deallocate() }

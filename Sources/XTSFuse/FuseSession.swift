@@ -62,9 +62,36 @@ public final class FuseServer: @unchecked Sendable {
         session = se
     }
 
+    /// Sequential reads reach the daemon in read-ahead-sized requests; the kernel's default
+    /// of 128 KiB for a FUSE mount leaves the daemon idle between them. 1 MiB measured
+    /// 1.3 → 2.0 GB/s on cold 1 GiB reads here. Needs root (sysfs); best effort.
+    /// The kernel lowers the value to what the FUSE INIT reply allows when it processes that
+    /// reply, so this must run after INIT: `run` calls it from a thread that first waits for
+    /// a stat of the mount point, which the kernel answers only once INIT is done.
+    func tuneReadahead(kilobytes: Int = 1024) {
+        guard geteuid() == 0, let entry = MountEntry.fuse(at: mountpoint) else { return }
+        let path = "/sys/class/bdi/\(entry.device)/read_ahead_kb"
+        let fd = Glibc.open(path, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        defer { Glibc.close(fd) }
+        let text = "\(kilobytes)\n"
+        _ = text.withCString { Glibc.write(fd, $0, strlen($0)) }
+    }
+
     /// Serves requests until the filesystem is unmounted; then tears the session down.
     public func run() -> Int32 {
         guard let se = session else { return -1 }
+        var tuner = pthread_t()
+        let me = Unmanaged.passRetained(self).toOpaque()
+        if pthread_create(&tuner, nil, { arg in
+            let server = Unmanaged<FuseServer>.fromOpaque(arg!).takeRetainedValue()
+            if (try? Sys.lstat(server.mountpoint)) != nil { server.tuneReadahead() }
+            return nil
+        }, me) == 0 {
+            pthread_detach(tuner)
+        } else {
+            Unmanaged<FuseServer>.fromOpaque(me).release()
+        }
         let r = xtsfs_session_loop_mt(se, maxThreads)
         fuse_session_unmount(se)
         fuse_session_destroy(se)
@@ -218,8 +245,7 @@ public final class FuseServer: @unchecked Sendable {
         ops.read = { req, _, size, off, fi in
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EBADF); return }
-            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 16)
-            defer { buf.deallocate() }
+            let buf = ThreadScratch.buffer(.request, count: size)
             s.run(req, { () throws(FSError) in try s.fs.read(handle: fi.pointee.fh, offset: Int64(off), into: buf) }) { n in
                 fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), n)
             }

@@ -53,6 +53,8 @@ public enum Mounter {
     /// Refuses a mountpoint that is missing, not a directory, already mounted, stale or
     /// (without `-o nonempty`) not empty.
     public static func checkMountpoint(_ mp: String, allowNonEmpty: Bool) throws(VolumeError) {
+        // From the mount table first: a stat of a mount whose daemon hangs would hang too.
+        if MountEntry.fuse(at: mp) != nil { throw .mountFailed("\(mp) is already a mount point (busy)") }
         let st: stat
         do { st = try Sys.lstat(mp) } catch {
             if error.errno == ENOTCONN {
@@ -233,33 +235,8 @@ public enum Mounter {
 
     /// Whether `mp` is a FUSE mount point, from /proc/self/mountinfo.
     public static func isMounted(_ mp: String) -> Bool {
-        guard let raw = try? Sys.readFile("/proc/self/mountinfo", limit: 16 << 20) else { return false }
-        for line in String(decoding: raw, as: UTF8.self).split(separator: "\n") {
-            let f = line.split(separator: " ")
-            guard f.count > 4 else { continue }
-            if unescapeMountinfo(String(f[4])) == mp, line.contains(" - fuse") { return true }
-        }
-        return false
+        MountEntry.fuse(at: mp) != nil
     }
-
-    static func unescapeMountinfo(_ s: String) -> String {
-        // mountinfo writes space, tab, newline and backslash as \ooo (three octal digits).
-        let b = Array(s.utf8)
-        var out = [UInt8]()
-        var i = 0
-        while i < b.count {
-            if b[i] == UInt8(ascii: "\\"), i + 3 < b.count,
-               let v = UInt8(String(decoding: b[i + 1...i + 3], as: UTF8.self), radix: 8) {
-                out.append(v)
-                i += 4
-            } else {
-                out.append(b[i])
-                i += 1
-            }
-        }
-        return String(decoding: out, as: UTF8.self)
-    }
-
 }
 
 extension VolumeError {

@@ -278,6 +278,18 @@ final class MountTests: VolumeTestCase {
         XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: mnt + "/rel2"), "target")
     }
 
+    func testReadaheadRaisedForTheMount() throws {
+        guard geteuid() == 0, let entry = MountEntry.fuse(at: mnt) else { throw XCTSkip("needs root and the mount table") }
+        let path = "/sys/class/bdi/\(entry.device)/read_ahead_kb"
+        var value = ""
+        for _ in 0..<100 {
+            value = (try? String(contentsOfFile: path, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+            if value == "1024" { break }
+            usleep(20_000)
+        }
+        XCTAssertEqual(value, "1024", "the daemon sets 1 MiB read-ahead after FUSE INIT")
+    }
+
     func testSetgidDirectoryPassesGroupDown() throws {
         let d = mnt + "/shared"
         XCTAssertEqual(mkdir(d, 0o775), 0)
