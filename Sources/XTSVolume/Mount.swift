@@ -114,6 +114,9 @@ public enum Mounter {
             return ExitStatus.mountFailed.rawValue
         }
         servedMountpoint = req.mountpoint
+        if LockedBuffer.lockFailed {
+            log("warning: some key memory could not be locked (raise RLIMIT_MEMLOCK or run as root); keys may reach swap, never a core dump")
+        }
         var thread = pthread_t()
         pthread_create(&thread, nil, { _ in
             var set = sigset_t()
