@@ -1,3 +1,4 @@
+import XTSSystem
 import CArgon2
 
 /// Cost parameters of Argon2id, stored in the volume header so the same key can be

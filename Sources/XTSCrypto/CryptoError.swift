@@ -1,3 +1,4 @@
+import XTSSystem
 import CCrypto
 
 /// Every failure of the crypto layer. OpenSSL failures carry the operation and

@@ -1,3 +1,4 @@
+import XTSSystem
 import CCrypto
 
 public enum SHA256 {

@@ -1,3 +1,4 @@
+import XTSSystem
 import CCrypto
 
 /// HKDF-SHA256 (RFC 5869), extract-then-expand, through OpenSSL's EVP_KDF "HKDF".

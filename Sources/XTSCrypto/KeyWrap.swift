@@ -1,3 +1,4 @@
+import XTSSystem
 import CCrypto
 
 /// AES key wrap with padding (RFC 5649): wraps keys of any length from 1 byte,

@@ -1,3 +1,4 @@
+import XTSSystem
 import CCrypto
 
 /// Algorithms fetched once per process. An explicit fetch avoids the implicit

@@ -1,3 +1,4 @@
+import XTSSystem
 import CCrypto
 
 /// Cryptographically secure random bytes from OpenSSL's DRBG, which is seeded and

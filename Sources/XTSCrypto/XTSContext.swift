@@ -1,3 +1,4 @@
+import XTSSystem
 import CCrypto
 #if canImport(Glibc)
 import Glibc

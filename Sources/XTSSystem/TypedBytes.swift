@@ -10,4 +10,14 @@ public extension Array where Element == UInt8 {
         let result: Result<R, E> = withUnsafeMutableBytes { p in Result { () throws(E) -> R in try body(p) } }
         return try result.get()
     }
+
+    func withBuffer<R, E: Error>(_ body: (UnsafeBufferPointer<UInt8>) throws(E) -> R) throws(E) -> R {
+        let result: Result<R, E> = withUnsafeBufferPointer { buffer in Result { () throws(E) -> R in try body(buffer) } }
+        return try result.get()
+    }
+
+    mutating func withMutableBuffer<R, E: Error>(_ body: (UnsafeMutableBufferPointer<UInt8>) throws(E) -> R) throws(E) -> R {
+        let result: Result<R, E> = withUnsafeMutableBufferPointer { buffer in Result { () throws(E) -> R in try body(buffer) } }
+        return try result.get()
+    }
 }
