@@ -70,6 +70,9 @@ public final class FileSystem: @unchecked Sendable {
     public let readOnly: Bool
     let keys: KeySet
     let names: NameCodec
+    /// The keys of each DEK generation the volume holds (one until rekey exists); built once,
+    /// not per request.
+    let keysByGeneration: @Sendable (UInt32) -> KeySet?
     let chownToCaller: Bool
     let log: @Sendable (String) -> Void
 
@@ -83,6 +86,7 @@ public final class FileSystem: @unchecked Sendable {
         self.cipherDir = cipherDir
         self.keys = keys
         self.names = NameCodec(keys: keys)
+        self.keysByGeneration = { [keys] gen in gen == keys.generation ? keys : nil }
         self.readOnly = readOnly
         self.chownToCaller = geteuid() == 0
         self.log = log
@@ -241,8 +245,7 @@ public final class FileSystem: @unchecked Sendable {
     // MARK: - file state and content
 
     private func content(_ fd: Int32) -> ContentFile<FDBackingFile> {
-        let current = keys
-        return ContentFile(file: FDBackingFile(fd: fd), currentKeys: current) { gen in gen == current.generation ? current : nil }
+        ContentFile(file: FDBackingFile(fd: fd), currentKeys: keys, keys: keysByGeneration)
     }
 
     /// Runs `body` under the file's exclusive lock with its keys loaded.
