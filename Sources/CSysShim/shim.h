@@ -12,6 +12,7 @@ extern int pipe2(int pipefd[2], int flags);
 #include <sys/mount.h>
 #include <spawn.h>
 #include <signal.h>
+#include <pthread.h>
 #include <syslog.h>
 
 #ifndef POSIX_SPAWN_SETSID
@@ -31,6 +32,20 @@ static inline int xts_set_undumpable(void) {
 static inline int xts_statvfs(const char *path, struct statvfs *out) {
     return statvfs(path, out);
 }
+extern int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *attr, int pref);
+
+/// A reader-writer lock that lets a waiting writer in before new readers
+/// (PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP = 2): glibc's default prefers readers,
+/// and a stream of reads could starve a write forever.
+static inline int xts_rwlock_init_writer_first(pthread_rwlock_t *lock) {
+    pthread_rwlockattr_t attr;
+    pthread_rwlockattr_init(&attr);
+    pthread_rwlockattr_setkind_np(&attr, 2);
+    int r = pthread_rwlock_init(lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    return r;
+}
+
 static inline int xts_pipe_cloexec(int fds[2]) {
     return pipe2(fds, O_CLOEXEC);
 }

@@ -1,9 +1,11 @@
+import CSysShim
 #if canImport(Glibc)
 import Glibc
 #endif
 
 /// A pthread reader-writer lock: many readers of a file's blocks, or one writer doing
-/// read-modify-write, so concurrent writers never tear a block.
+/// read-modify-write, so concurrent writers never tear a block. Writers go first, so
+/// parallel readers cannot starve them.
 ///
 /// `@unchecked Sendable`: pthread_rwlock_t is made for sharing between threads; it lives
 /// in its own allocation so it never moves.
@@ -13,7 +15,7 @@ public final class RWLock: @unchecked Sendable {
     public init() {
         lock = .allocate(capacity: 1)
         lock.initialize(to: pthread_rwlock_t())
-        pthread_rwlock_init(lock, nil)
+        xts_rwlock_init_writer_first(lock)
     }
 
     deinit {
