@@ -87,16 +87,20 @@ static inline int xts_spawn_daemon(pid_t *pid, const char *path, char *const arg
 }
 
 /// Runs a program and waits for it; returns its exit status, or -1.
-static inline int xts_run(const char *path, char *const argv[], char *const envp[]) {
+static inline int xts_run(const char *path, char *const argv[], char *const envp[], int quiet) {
     pid_t pid;
     int status;
     posix_spawnattr_t attr;
+    posix_spawn_file_actions_t fa;
     sigset_t empty;
     posix_spawnattr_init(&attr);
+    posix_spawn_file_actions_init(&fa);
+    if (quiet) posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
     sigemptyset(&empty);
     posix_spawnattr_setsigmask(&attr, &empty);
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
-    int r = posix_spawnp(&pid, path, NULL, &attr, argv, envp);
+    int r = posix_spawnp(&pid, path, &fa, &attr, argv, envp);
+    posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&attr);
     if (r != 0) return -1;
     while (waitpid(pid, &status, 0) < 0) { if (errno != EINTR) return -1; }

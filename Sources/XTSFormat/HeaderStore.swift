@@ -25,13 +25,14 @@ public struct HeaderStore: Sendable {
     }
 
     public enum LoadError: Error, Sendable, CustomStringConvertible {
-        case notAVolume(String)
+        case notAVolume(String, exists: Bool)
         case unreadable(SystemError)
         case invalid(FormatError, details: [String])
 
         public var description: String {
             switch self {
-            case .notAVolume(let dir): return "\(dir) is not an xtsfs volume (no \(HeaderStore.fileNames[0]))"
+            case .notAVolume(let dir, let exists):
+                return exists ? "\(dir) is not an xtsfs volume (no \(HeaderStore.fileNames[0]))" : "\(dir) does not exist"
             case .unreadable(let e): return "cannot read the volume header: \(e)"
             case .invalid(let e, let details): return "the volume header is unusable: \(e)" + (details.count > 1 ? " (" + details.joined(separator: "; ") + ")" : "")
             }
@@ -58,7 +59,7 @@ public struct HeaderStore: Sendable {
                 damaged.append((copy, error.description))
             }
         }
-        if missing == HeaderStore.fileNames.count { throw .notAVolume(directory) }
+        if missing == HeaderStore.fileNames.count { throw .notAVolume(directory, exists: Sys.exists(directory)) }
         if candidates.isEmpty {
             // A version or feature error is the more useful thing to say: the copies are fine, this build is old.
             let best = errors.first { if case .unsupportedVersion = $0 { return true }; if case .unsupportedFeatures = $0 { return true }; return false } ?? errors.first ?? .truncated("header")

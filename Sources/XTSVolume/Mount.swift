@@ -73,11 +73,19 @@ public enum Mounter {
 
     /// The command's mount: returns the exit status once the mount is ready (or failed),
     /// or when the foreground filesystem is unmounted.
-    public static func mount(_ request: MountRequest, provider: some KeyProvider, say: @escaping @Sendable (String) -> Void) throws(VolumeError) -> Int32 {
+    /// What can be checked before asking for a key: the mount point, and that CIPHERDIR
+    /// holds a readable header. Returns the request with absolute paths.
+    public static func preflight(_ request: MountRequest) throws(VolumeError) -> MountRequest {
         var req = request
         req.cipherDir = absolute(req.cipherDir)
         req.mountpoint = absolute(req.mountpoint)
         try checkMountpoint(req.mountpoint, allowNonEmpty: req.options.contains("nonempty"))
+        _ = try Volume.load(req.cipherDir)
+        return req
+    }
+
+    public static func mount(_ request: MountRequest, provider: some KeyProvider, say: @escaping @Sendable (String) -> Void) throws(VolumeError) -> Int32 {
+        let req = try preflight(request)
         let unlocked = try Volume.unlock(req.cipherDir, provider: provider, readOnly: req.readOnly)
         for w in unlocked.warnings { say("warning: " + w) }
         if req.foreground {
@@ -124,6 +132,9 @@ public enum Mounter {
             for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
             var sig: Int32 = 0
             sigwait(&set, &sig)
+            // Seen in the foreground (-f); the daemon's stderr is /dev/null.
+            let note = "xtsfs: unmounting \(Mounter.servedMountpoint); the daemon exits once no file in it is in use\n"
+            _ = note.withCString { Glibc.write(2, $0, strlen($0)) }
             _ = Mounter.lazyUnmount(Mounter.servedMountpoint)
             return nil
         }, nil)
@@ -189,6 +200,8 @@ public enum Mounter {
             return true
         }
         Sys.close(keyFD)
+        // Paths are absolute by now; do not keep the caller's directory busy.
+        _ = chdir("/")
         openlog("xtsfs", LOG_PID, LOG_DAEMON)
         let log: @Sendable (String) -> Void = { msg in xts_syslog(LOG_WARNING, msg) }
         func report(_ text: String) {
@@ -222,16 +235,17 @@ public enum Mounter {
         return run(["fusermount3", "-u", "-z", mp]) == 0
     }
 
-    static func run(_ argv: [String]) -> Int32 {
+    /// Runs a helper program; `quiet` sends its stderr to /dev/null (we say what failed ourselves).
+    static func run(_ argv: [String], quiet: Bool = false) -> Int32 {
         var cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
         defer { cargs.forEach { free($0) } }
-        return xts_run(argv[0], &cargs, environ)
+        return xts_run(argv[0], &cargs, environ, quiet ? 1 : 0)
     }
 
     public static func unmount(_ mountpoint: String) throws(VolumeError) {
         let mp = absolute(mountpoint)
         guard isMounted(mp) else { throw .failure("\(mp) is not mounted") }
-        if run(["fusermount3", "-u", mp]) == 0 { return }
+        if run(["fusermount3", "-u", mp], quiet: true) == 0 { return }
         if geteuid() == 0 && umount2(mp, 0) == 0 { return }
         throw .failure("cannot unmount \(mp) (busy? close the files open in it)")
     }

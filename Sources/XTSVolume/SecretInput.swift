@@ -32,23 +32,50 @@ public enum SecretInput {
         let fd: Int32
         do { fd = try Sys.open(path, O_RDONLY) } catch { throw .badInput("cannot read passphrase file: \(error)") }
         defer { Sys.close(fd) }
-        return try readLine(fd)
+        do { return try readLine(fd) } catch { throw .badInput("\(error) in \(path)") }
     }
 
-    /// Prompts on the controlling terminal with echo off.
+    /// The terminal state to put back if a signal ends the process during a prompt.
+    /// Written before the handlers are installed and only read by them.
+    nonisolated(unsafe) static var promptFD: Int32 = -1
+    nonisolated(unsafe) static var savedTerminal = termios()
+    static let promptSignals = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGTSTP]
+
+    /// Prompts on the controlling terminal with echo off. Ctrl-C (or any other signal that
+    /// ends the process) during the prompt turns echo back on before the process dies.
     public static func fromTerminal(prompt: String) throws(VolumeError) -> SecretBytes {
         let fd = Glibc.open("/dev/tty", O_RDWR | O_CLOEXEC)
         guard fd >= 0 else { throw .badInput("no terminal to ask for the passphrase: use --passfile FILE") }
         defer { Sys.close(fd) }
         var old = termios()
         let isTTY = tcgetattr(fd, &old) == 0
+        var previous: [sigaction] = []
         if isTTY {
+            promptFD = fd
+            savedTerminal = old
+            for sig in promptSignals {
+                var action = sigaction()
+                action.__sigaction_handler.sa_handler = { sig in
+                    // Async-signal-safe only: restore the terminal, end the line, die of the signal.
+                    _ = tcsetattr(SecretInput.promptFD, TCSAFLUSH, &SecretInput.savedTerminal)
+                    _ = Glibc.write(SecretInput.promptFD, "\n", 1)
+                    signal(sig, SIG_DFL)
+                    raise(sig)
+                }
+                sigemptyset(&action.sa_mask)
+                var prior = sigaction()
+                sigaction(sig, &action, &prior)
+                previous.append(prior)
+            }
             var quiet = old
             quiet.c_lflag &= ~tcflag_t(ECHO)
             _ = tcsetattr(fd, TCSAFLUSH, &quiet)
         }
         defer {
-            if isTTY { _ = tcsetattr(fd, TCSAFLUSH, &old) }
+            if isTTY {
+                _ = tcsetattr(fd, TCSAFLUSH, &old)
+                for (sig, var prior) in zip(promptSignals, previous) { sigaction(sig, &prior, nil) }
+            }
             _ = Glibc.write(fd, "\n", 1)
         }
         _ = prompt.withCString { Glibc.write(fd, $0, strlen($0)) }

@@ -37,6 +37,8 @@ struct Mount: ParsableCommand {
             throw ExitCode(Mounter.runDaemonChild(request))
         }
         ProcessHardening.apply()
+        // Bad paths and a missing or damaged header are reported before any prompt.
+        request = try Mounter.preflight(request)
         let passphrase = try SecretInput.passphrase(passfile: secret.passfile)
         let status = try Mounter.mount(request, provider: PassphraseProvider(passphrase: passphrase), say: { say($0) })
         if status != 0 { throw ExitCode(status) }

@@ -16,7 +16,7 @@ struct Status: ParsableCommand {
         let r = try StatusReport.make(cipherDir)
         if json {
             let enc = JSONEncoder()
-            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
             print(String(decoding: try enc.encode(r), as: UTF8.self))
             return
         }

@@ -60,6 +60,7 @@ final class CLITests: VolumeTestCase {
         XCTAssertTrue(r.stderr.contains("not an xtsfs volume"), r.stderr)
         r = Harness.run(["status", scratch + "/does-not-exist"])
         XCTAssertEqual(r.status, ExitStatus.notAVolume.rawValue, r.stderr)
+        XCTAssertTrue(r.stderr.contains("does not exist"), r.stderr)
     }
 
     func testCorruptHeadersGiveClearErrorsNeverCrash() throws {
@@ -165,6 +166,8 @@ final class CLITests: VolumeTestCase {
         let pids = Harness.daemons(mnt)
         XCTAssertEqual(pids.count, 1)
         for pid in pids {
+            // The daemon leaves the caller's directory alone (it would keep a filesystem busy).
+            XCTAssertEqual(try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/cwd"), "/")
             let cmdline = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") ?? Data()
             XCTAssertFalse(String(decoding: cmdline, as: UTF8.self).contains(Self.passphrase))
             // Undumpable: /proc/PID/environ of a non-dumpable process is owned by root and the
