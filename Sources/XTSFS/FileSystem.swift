@@ -328,18 +328,28 @@ public final class FileSystem: @unchecked Sendable {
         let p = dir + "/" + b.entryName
         let fd: Int32
         do { fd = try Sys.open(p, O_CREAT | O_EXCL | FileSystem.backingFlags(flags), mode & 0o7777) } catch {
-            removeLongNameFile(dir, b)
+            if error.errno == EEXIST && flags & O_EXCL == 0 {
+                // The kernel thought the name was free, but it is taken: open(2) without
+                // O_EXCL opens the existing file.
+                let (id, _) = try lookup(parent: parent, name: name)
+                do {
+                    let h = try open(id, flags: flags & ~O_CREAT)
+                    return (id, try getattr(id, handle: h), h)
+                } catch { forget(id, count: 1); throw error }
+            }
+            // The side file of a long name that already exists belongs to that entry: keep it.
+            if error.errno != EEXIST { removeLongNameFile(dir, b) }
             throw error.errno == EEXIST ? .exists : .system(error)
         }
         if chownToCaller { _ = fchown(fd, caller.uid, groupFor(caller, in: dir)) }
-        let h: UInt64
-        do { h = try register(fd: fd, node: 0, flags: flags) } catch { Sys.close(fd); throw error }
-        let id = table.withLock { $0.add(parent: parent, name: name, backingName: b.entryName) }
-        let f = try openFile(h)
-        files.withLock { $0[h] = OpenFile(fd: f.fd, node: id, key: f.key, state: f.state) }
         let st: stat
-        do { st = try Sys.fstat(fd) } catch { throw .system(error) }
-        return (id, translate(st, path: nil), h)
+        do { st = try Sys.fstat(fd) } catch { Sys.close(fd); throw .system(error) }
+        let id = table.withLock { $0.add(parent: parent, name: name, backingName: b.entryName) }
+        do { return (id, translate(st, path: nil), try register(fd: fd, node: id, flags: flags)) } catch {
+            Sys.close(fd)
+            forget(id, count: 1)
+            throw error
+        }
     }
 
     public func read(handle: UInt64, offset: Int64, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
@@ -400,7 +410,8 @@ public final class FileSystem: @unchecked Sendable {
         try writeLongNameFile(dir, b)
         let p = dir + "/" + b.entryName
         do { try make(p) } catch {
-            removeLongNameFile(dir, b)
+            // The side file of a long name that already exists belongs to that entry: keep it.
+            if error.errno != EEXIST { removeLongNameFile(dir, b) }
             throw error.errno == EEXIST ? .exists : .system(error)
         }
         if chownToCaller { _ = Glibc.lchown(p, caller.uid, groupFor(caller, in: dir)) }

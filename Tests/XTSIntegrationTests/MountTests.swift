@@ -142,6 +142,16 @@ final class MountTests: VolumeTestCase {
         // A 256-byte name is too long, as everywhere.
         XCTAssertEqual(open(mnt + "/" + String(repeating: "n", count: 256), O_CREAT | O_WRONLY, 0o644), -1)
         XCTAssertEqual(errno, ENAMETOOLONG)
+        // Creating an existing long name fails without harming the existing entry.
+        let longDir = mnt + "/" + String(repeating: "d", count: 200)
+        XCTAssertEqual(mkdir(longDir, 0o755), 0)
+        XCTAssertEqual(mkdir(longDir, 0o755), -1)
+        XCTAssertEqual(errno, EEXIST)
+        XCTAssertEqual(open(mnt + "/" + names[0], O_CREAT | O_EXCL | O_WRONLY, 0o644), -1)
+        XCTAssertEqual(errno, EEXIST)
+        XCTAssertEqual(symlink("x", mnt + "/" + names[0]), -1)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: mnt).sorted(), (names + [String(repeating: "d", count: 200)]).sorted())
+        XCTAssertEqual(rmdir(longDir), 0)
         // Long names survive rename and unlink (their side files too).
         let long = mnt + "/" + String(repeating: "n", count: 255)
         XCTAssertEqual(rename(long, long.replacingOccurrences(of: "nnnn", with: "mmmm")), 0)
