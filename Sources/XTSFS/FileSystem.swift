@@ -313,11 +313,18 @@ public final class FileSystem: @unchecked Sendable {
         }
         let h: UInt64
         do { h = try register(fd: fd, node: id, flags: flags) } catch { Sys.close(fd); throw error }
-        if flags & O_TRUNC != 0 {
-            // libfuse's atomic O_TRUNC: empty the plaintext (the header goes with it).
-            let f = try openFile(h)
-            do throws(FSError) { try truncate(fd: f.fd, state: f.state, size: 0) } catch { release(h); throw error }
-        }
+        let f = try openFile(h)
+        do throws(FSError) {
+            if flags & O_TRUNC != 0 {
+                // libfuse's atomic O_TRUNC: empty the plaintext (the header goes with it).
+                try truncate(fd: f.fd, state: f.state, size: 0)
+            } else {
+                // Load the file's keys now, so a damaged header is an error at open. Later
+                // would be too late for a header cut short: the file then looks empty and
+                // the kernel never asks us to read it.
+                try withExclusive(f.fd, f.state) { (_, _) throws(FSError) in }
+            }
+        } catch { release(h); throw error }
         return h
     }
 

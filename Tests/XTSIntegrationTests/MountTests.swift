@@ -359,11 +359,65 @@ final class MountTests: VolumeTestCase {
         b[5] ^= 0x80 // inside the per-file header
         try write(cipher + "/" + victim.path, b)
         mount()
-        let fd = open(mnt + "/victim", O_RDONLY)
-        var buf = [UInt8](repeating: 0, count: 100)
-        XCTAssertEqual(Glibc.read(fd, &buf, 100), -1)
+        XCTAssertEqual(open(mnt + "/victim", O_RDONLY), -1, "a damaged file header must not open")
         XCTAssertEqual(errno, EIO)
+    }
+
+    func testTruncatedBackingFileAndForeignEntries() throws {
+        try write(mnt + "/short", pattern(100, seed: 1))
+        try write(mnt + "/fine", pattern(100, seed: 2))
+        unmount()
+        let short = backingFiles().first { $0.bytes.count == 132 }!
+        XCTAssertEqual(truncate(cipher + "/" + short.path, 20), 0) // shorter than its header
+        // Things that are not xtsfs entries: a stray file, a name that is not base64.
+        try write(cipher + "/not-an-encrypted-name.txt", Array("junk".utf8))
+        try write(cipher + "/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", Array("junk".utf8))
+        mount()
+        let listing = try FileManager.default.contentsOfDirectory(atPath: mnt).sorted()
+        XCTAssertTrue(listing.contains("fine"), "\(listing)")
+        XCTAssertFalse(listing.contains { $0.contains("junk") || $0.contains("not-an-encrypted") }, "\(listing)")
+        XCTAssertEqual(try read(mnt + "/fine"), pattern(100, seed: 2))
+        let names = listing.filter { $0 != "fine" }
+        XCTAssertEqual(names, ["short"], "only the damaged file besides the good one")
+        XCTAssertEqual(open(mnt + "/short", O_RDONLY), -1, "a header cut short is damage, not an empty file")
+        XCTAssertEqual(errno, EIO)
+        // Overwriting it works (emptying needs no key).
+        try write(mnt + "/short", pattern(50, seed: 3))
+        XCTAssertEqual(try read(mnt + "/short"), pattern(50, seed: 3))
+    }
+
+    func testFullDiskGivesENOSPCAndKeepsData() throws {
+        guard geteuid() == 0 else { throw XCTSkip("needs root to mount a small tmpfs") }
+        unmount()
+        // A fresh volume on a 2 MiB tmpfs.
+        let small = scratch + "/small"
+        try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: false)
+        XCTAssertEqual(Harness.shell("mount -t tmpfs -o size=2m tmpfs '\(small)'"), 0)
+        defer {
+            Harness.forceUnmount(mnt)
+            _ = Harness.shell("umount '\(small)'")
+        }
+        cipher = small + "/cipher"
+        initVolume()
+        mount()
+        let kept = pattern(300_000, seed: 7)
+        try write(mnt + "/kept", kept)
+        let fd = open(mnt + "/filler", O_WRONLY | O_CREAT, 0o644)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        let chunk = pattern(64 * 1024, seed: 8)
+        var lastErrno: Int32 = 0
+        for i in 0..<100 {
+            if chunk.withUnsafeBytes({ pwrite(fd, $0.baseAddress, $0.count, off_t(i * chunk.count)) }) < 0 { lastErrno = errno; break }
+        }
         close(fd)
+        XCTAssertEqual(lastErrno, ENOSPC, "writing past a full disk must fail with ENOSPC")
+        XCTAssertEqual(try read(mnt + "/kept"), kept, "data written before the disk filled is intact")
+        XCTAssertEqual(unlink(mnt + "/filler"), 0)
+        try write(mnt + "/after", pattern(1000, seed: 9))
+        XCTAssertEqual(try read(mnt + "/after"), pattern(1000, seed: 9))
+        unmount()
+        mount()
+        XCTAssertEqual(try read(mnt + "/kept"), kept)
     }
 
     func testUnmountWithSignal() throws {
