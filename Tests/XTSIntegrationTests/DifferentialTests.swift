@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import XCTest
 #if canImport(Glibc)
 import Glibc
@@ -33,6 +34,66 @@ final class DifferentialTests: VolumeTestCase {
     typealias Outcome = Int32
 
     func run(seed: UInt64, steps: Int) throws {
+        let (failure, succeeded) = exercise(seed: seed, steps: steps, sub: "")
+        if let failure { return XCTFail(failure) }
+        // The mix must really exercise the mount, not just collect ENOENTs.
+        XCTAssertGreaterThan(succeeded, steps / 5, "seed \(seed): only \(succeeded) of \(steps) operations succeeded")
+        XCTAssertGreaterThan(try snapshot(mnt).count, 2)
+        // And everything is still there after a remount.
+        let before = try snapshot(mnt)
+        unmount()
+        mount()
+        XCTAssertEqual(try snapshot(mnt), before, "seed \(seed): tree changed across remount")
+        XCTAssertEqual(try snapshot(plain), before)
+    }
+
+    /// Four workers, each with its own subdirectory and seed, run at once while a fifth
+    /// thread keeps listing and reading everything: outcomes and trees must still match.
+    func testConcurrentWorkers() throws {
+        let workers = 4
+        for i in 0..<workers {
+            XCTAssertEqual(mkdir(plain + "/t\(i)", 0o755), 0)
+            XCTAssertEqual(mkdir(mnt + "/t\(i)", 0o755), 0)
+        }
+        let failures = Mutex<[String]>([])
+        let done = Atomic<Int>(0)
+        let root = mnt, plainRoot = plain
+        DispatchQueue.concurrentPerform(iterations: workers + 1) { i in
+            if i == workers {
+                // The reader: errors other than "it just went away" are failures.
+                var rounds = 0
+                while done.load(ordering: .acquiring) < workers || rounds == 0 {
+                    rounds += 1
+                    let e = FileManager.default.enumerator(atPath: root)
+                    while let rel = e?.nextObject() as? String {
+                        let fd = open(root + "/" + rel, O_RDONLY | O_NONBLOCK)
+                        if fd < 0 {
+                            if ![ENOENT, EISDIR].contains(errno) { failures.withLock { $0.append("reader: open \(rel): errno \(errno)") } }
+                            continue
+                        }
+                        var buf = [UInt8](repeating: 0, count: 8192)
+                        if Glibc.read(fd, &buf, 8192) < 0 && errno != EISDIR { failures.withLock { $0.append("reader: read \(rel): errno \(errno)") } }
+                        close(fd)
+                    }
+                }
+                return
+            }
+            let (failure, _) = Self.exercise(seed: 100 + UInt64(i), steps: 300, plain: plainRoot + "/t\(i)", mnt: root + "/t\(i)")
+            if let failure { failures.withLock { $0.append(failure) } }
+            done.add(1, ordering: .releasing)
+        }
+        for f in failures.withLock({ $0 }) { XCTFail(f) }
+        XCTAssertEqual(try snapshot(mnt), try snapshot(plain))
+    }
+
+    /// Runs `steps` random operations under `sub` of both trees; returns the first
+    /// disagreement, and how many operations succeeded. Safe to run on several threads
+    /// with different `sub`s.
+    func exercise(seed: UInt64, steps: Int, sub: String) -> (String?, Int) {
+        Self.exercise(seed: seed, steps: steps, plain: plain + sub, mnt: mnt + sub)
+    }
+
+    static func exercise(seed: UInt64, steps: Int, plain: String, mnt: String) -> (String?, Int) {
         var rng = Rng(s: seed &* 0x9E3779B97F4A7C15 | 1)
         let names = ["a", "b", "c", "long-" + String(repeating: "x", count: 200), "d1", "d2"]
         // Paths are picked from a small set so operations collide: overwrite, rename over, rmdir non-empty.
@@ -98,31 +159,23 @@ final class DifferentialTests: VolumeTestCase {
             let got = action(mnt)
             if got == 0 || got & 0x4000_0000 != 0 { succeeded += 1 }
             if expected != got {
-                XCTFail("seed \(seed) step \(step): \(description): plain \(expected), xtsfs \(got)\nlast steps:\n" + log.suffix(8).joined(separator: "\n"))
-                return
+                return ("seed \(seed) step \(step): \(description): plain \(expected), xtsfs \(got)\nlast steps:\n" + log.suffix(8).joined(separator: "\n"), succeeded)
             }
             if step % 50 == 49 || step == steps - 1 {
-                let a = try snapshot(plain), b = try snapshot(mnt)
+                guard let a = try? snapshot(plain), let b = try? snapshot(mnt) else { return ("seed \(seed) step \(step): cannot list the trees", succeeded) }
                 if a != b {
                     let diff = Set(a.keys).symmetricDifference(b.keys).sorted() + a.keys.filter { b[$0] != nil && a[$0] != b[$0] }.sorted()
-                    XCTFail("seed \(seed) step \(step): trees differ at \(diff.prefix(5))\nlast steps:\n" + log.suffix(8).joined(separator: "\n"))
-                    return
+                    return ("seed \(seed) step \(step): trees differ at \(diff.prefix(5))\nlast steps:\n" + log.suffix(8).joined(separator: "\n"), succeeded)
                 }
             }
         }
-        // The mix must really exercise the mount, not just collect ENOENTs.
-        XCTAssertGreaterThan(succeeded, steps / 5, "seed \(seed): only \(succeeded) of \(steps) operations succeeded")
-        XCTAssertGreaterThan(try snapshot(mnt).count, 2)
-        // And everything is still there after a remount.
-        let before = try snapshot(mnt)
-        unmount()
-        mount()
-        XCTAssertEqual(try snapshot(mnt), before, "seed \(seed): tree changed across remount")
-        XCTAssertEqual(try snapshot(plain), before)
+        return (nil, succeeded)
     }
 
     /// Relative path → "d" for directories, or "size:bytes-hash" for files.
-    func snapshot(_ root: String) throws -> [String: String] {
+    func snapshot(_ root: String) throws -> [String: String] { try Self.snapshot(root) }
+
+    static func snapshot(_ root: String) throws -> [String: String] {
         var out: [String: String] = [:]
         func walk(_ rel: String) throws {
             for name in try FileManager.default.contentsOfDirectory(atPath: root + "/" + rel) {
@@ -133,9 +186,9 @@ final class DifferentialTests: VolumeTestCase {
                     out[r] = "d"
                     try walk(r)
                 } else {
-                    let bytes = try read(root + "/" + r)
-                    XCTAssertEqual(Int(st.st_size), bytes.count, "stat size of \(r)")
-                    out[r] = "\(bytes.count):\(bytes.reduce(UInt64(1469598103934665603)) { ($0 ^ UInt64($1)) &* 1099511628211 })"
+                    let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: root + "/" + r)))
+                    let sizeNote = Int(st.st_size) == bytes.count ? "" : " (stat says \(st.st_size))"
+                    out[r] = "\(bytes.count)\(sizeNote):\(bytes.reduce(UInt64(1469598103934665603)) { ($0 ^ UInt64($1)) &* 1099511628211 })"
                 }
             }
         }
