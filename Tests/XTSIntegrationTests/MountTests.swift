@@ -359,13 +359,15 @@ final class MountTests: VolumeTestCase {
         b[5] ^= 0x80 // inside the per-file header
         try write(cipher + "/" + victim.path, b)
         mount()
-        XCTAssertEqual(open(mnt + "/victim", O_RDONLY), -1, "a damaged file header must not open")
+        let fd = open(mnt + "/victim", O_RDONLY)
+        if fd >= 0 { close(fd) }
+        XCTAssertEqual(fd, -1, "a damaged file header must not open")
         XCTAssertEqual(errno, EIO)
     }
 
     func testTruncatedBackingFileAndForeignEntries() throws {
         try write(mnt + "/short", pattern(100, seed: 1))
-        try write(mnt + "/fine", pattern(100, seed: 2))
+        try write(mnt + "/fine", pattern(200, seed: 2))
         unmount()
         let short = backingFiles().first { $0.bytes.count == 132 }!
         XCTAssertEqual(truncate(cipher + "/" + short.path, 20), 0) // shorter than its header
@@ -376,10 +378,12 @@ final class MountTests: VolumeTestCase {
         let listing = try FileManager.default.contentsOfDirectory(atPath: mnt).sorted()
         XCTAssertTrue(listing.contains("fine"), "\(listing)")
         XCTAssertFalse(listing.contains { $0.contains("junk") || $0.contains("not-an-encrypted") }, "\(listing)")
-        XCTAssertEqual(try read(mnt + "/fine"), pattern(100, seed: 2))
+        XCTAssertEqual(try read(mnt + "/fine"), pattern(200, seed: 2))
         let names = listing.filter { $0 != "fine" }
         XCTAssertEqual(names, ["short"], "only the damaged file besides the good one")
-        XCTAssertEqual(open(mnt + "/short", O_RDONLY), -1, "a header cut short is damage, not an empty file")
+        let fd = open(mnt + "/short", O_RDONLY)
+        if fd >= 0 { close(fd) }
+        XCTAssertEqual(fd, -1, "a header cut short is damage, not an empty file")
         XCTAssertEqual(errno, EIO)
         // Overwriting it works (emptying needs no key).
         try write(mnt + "/short", pattern(50, seed: 3))
