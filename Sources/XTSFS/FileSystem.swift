@@ -307,9 +307,11 @@ public final class FileSystem: @unchecked Sendable {
         if writing { try checkWritable() }
         let p = try path(id)
         var fd: Int32
+        var writeOnly = false
         do { fd = try Sys.open(p, FileSystem.backingFlags(flags)) } catch {
             guard error.errno == EACCES, flags & O_ACCMODE == O_WRONLY else { throw .system(error) }
             do { fd = try Sys.open(p, O_WRONLY | O_NOFOLLOW) } catch { throw .system(error) }
+            writeOnly = true
         }
         let h: UInt64
         do { h = try register(fd: fd, node: id, flags: flags) } catch { Sys.close(fd); throw error }
@@ -318,10 +320,11 @@ public final class FileSystem: @unchecked Sendable {
             if flags & O_TRUNC != 0 {
                 // libfuse's atomic O_TRUNC: empty the plaintext (the header goes with it).
                 try truncate(fd: f.fd, state: f.state, size: 0)
-            } else {
+            } else if !writeOnly && !f.state.lock.withReadLock({ f.state.loaded }) {
                 // Load the file's keys now, so a damaged header is an error at open. Later
                 // would be too late for a header cut short: the file then looks empty and
-                // the kernel never asks us to read it.
+                // the kernel never asks us to read it. (A write-only backing descriptor
+                // cannot read the header; its first write loads the keys.)
                 try withExclusive(f.fd, f.state) { (_, _) throws(FSError) in }
             }
         } catch { release(h); throw error }
@@ -335,15 +338,8 @@ public final class FileSystem: @unchecked Sendable {
         let p = dir + "/" + b.entryName
         let fd: Int32
         do { fd = try Sys.open(p, O_CREAT | O_EXCL | FileSystem.backingFlags(flags), mode & 0o7777) } catch {
-            if error.errno == EEXIST && flags & O_EXCL == 0 {
-                // The kernel thought the name was free, but it is taken: open(2) without
-                // O_EXCL opens the existing file.
-                let (id, _) = try lookup(parent: parent, name: name)
-                do {
-                    let h = try open(id, flags: flags & ~O_CREAT)
-                    return (id, try getattr(id, handle: h), h)
-                } catch { forget(id, count: 1); throw error }
-            }
+            // A name taken since the kernel's lookup is EEXIST even without O_EXCL: opening
+            // the existing file here would skip the kernel's permission check on it.
             // The side file of a long name that already exists belongs to that entry: keep it.
             if error.errno != EEXIST { removeLongNameFile(dir, b) }
             throw error.errno == EEXIST ? .exists : .system(error)

@@ -46,6 +46,9 @@ public final class LockedBuffer: @unchecked Sendable {
     /// CAP_IPC_LOCK): then it may be swapped, though still never dumped.
     public static var lockFailed: Bool { SecretArena.lockFailed.load(ordering: .relaxed) }
 
+    /// Called once, on the first failure to lock (the daemon logs it). Set before serving.
+    nonisolated(unsafe) public static var lockFailureHandler: (@Sendable () -> Void)?
+
     static func lockedPages(_ size: Int) -> UnsafeMutableRawPointer {
         let page = Int(sysconf(Int32(_SC_PAGESIZE)))
         var p: UnsafeMutableRawPointer? = nil
@@ -53,7 +56,9 @@ public final class LockedBuffer: @unchecked Sendable {
             fatalError("out of memory allocating a key buffer")
         }
         memset(p, 0, size)
-        if mlock(p, size) != 0 { SecretArena.lockFailed.store(true, ordering: .relaxed) }
+        if mlock(p, size) != 0, !SecretArena.lockFailed.exchange(true, ordering: .relaxed) {
+            LockedBuffer.lockFailureHandler?()
+        }
         _ = madvise(p, size, MADV_DONTDUMP)
         return p
     }

@@ -54,7 +54,12 @@ public enum Mounter {
     /// (without `-o nonempty`) not empty.
     public static func checkMountpoint(_ mp: String, allowNonEmpty: Bool) throws(VolumeError) {
         // From the mount table first: a stat of a mount whose daemon hangs would hang too.
-        if MountEntry.fuse(at: mp) != nil { throw .mountFailed("\(mp) is already a mount point (busy)") }
+        if MountEntry.fuse(at: mp) != nil {
+            if case .failure(let e) = Result(catching: { () throws(SystemError) in try Sys.lstat(mp) }), e.errno == ENOTCONN {
+                throw .mountFailed("\(mp): a stale mount (Transport endpoint is not connected); clear it with: fusermount3 -u -z \(mp)")
+            }
+            throw .mountFailed("\(mp) is already a mount point (busy)")
+        }
         let st: stat
         do { st = try Sys.lstat(mp) } catch {
             if error.errno == ENOTCONN {
@@ -122,9 +127,9 @@ public enum Mounter {
             return ExitStatus.mountFailed.rawValue
         }
         servedMountpoint = req.mountpoint
-        if LockedBuffer.lockFailed {
-            log("warning: some key memory could not be locked (raise RLIMIT_MEMLOCK or run as root); keys may reach swap, never a core dump")
-        }
+        let lockWarning = "warning: some key memory could not be locked (raise RLIMIT_MEMLOCK or run as root); keys may reach swap, never a core dump"
+        if LockedBuffer.lockFailed { log(lockWarning) }
+        LockedBuffer.lockFailureHandler = { log(lockWarning) }
         var thread = pthread_t()
         pthread_create(&thread, nil, { _ in
             var set = sigset_t()

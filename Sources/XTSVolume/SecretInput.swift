@@ -39,7 +39,9 @@ public enum SecretInput {
     /// Written before the handlers are installed and only read by them.
     nonisolated(unsafe) static var promptFD: Int32 = -1
     nonisolated(unsafe) static var savedTerminal = termios()
-    static let promptSignals = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGTSTP]
+    /// Signals that end the process. Not SIGTSTP: a stopped prompt resumes, and must
+    /// resume with echo still off.
+    static let promptSignals = [SIGINT, SIGTERM, SIGHUP, SIGQUIT]
 
     /// Prompts on the controlling terminal with echo off. Ctrl-C (or any other signal that
     /// ends the process) during the prompt turns echo back on before the process dies.
@@ -64,8 +66,11 @@ public enum SecretInput {
                 }
                 sigemptyset(&action.sa_mask)
                 var prior = sigaction()
-                sigaction(sig, &action, &prior)
+                sigaction(sig, nil, &prior)
                 previous.append(prior)
+                // An ignored signal (nohup) stays ignored.
+                if unsafeBitCast(prior.__sigaction_handler.sa_handler, to: Int.self) == unsafeBitCast(SIG_IGN, to: Int.self) { continue }
+                sigaction(sig, &action, nil)
             }
             var quiet = old
             quiet.c_lflag &= ~tcflag_t(ECHO)
