@@ -72,10 +72,6 @@ public struct NameCodec: Sendable {
         backing.hasPrefix(longPrefix) && !backing.hasSuffix(longSuffix)
     }
 
-    public static func isLongNameSideFile(_ backing: String) -> Bool {
-        backing.hasPrefix(longPrefix) && backing.hasSuffix(longSuffix)
-    }
-
     /// Our own metadata files and encrypted names never look alike: only ours contain '.'.
     public static func isInternal(_ backing: String) -> Bool {
         backing.hasPrefix("xtsfs.")

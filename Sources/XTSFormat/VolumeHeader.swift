@@ -242,11 +242,4 @@ public struct VolumeHeader: Sendable, Equatable {
         h.mac = mac
         return h
     }
-
-    public func slot(_ index: UInt16) -> Keyslot? { keyslots.first { $0.index == index } }
-
-    public var nextFreeSlotIndex: UInt16? {
-        let used = Set(keyslots.map(\.index))
-        return (0..<UInt16(VolumeHeader.maxKeyslots)).first { !used.contains($0) }
-    }
 }
