@@ -3,7 +3,7 @@ import XTSFormat
 import XTSSystem
 
 /// Errors of filesystem operations, in domain terms. The FUSE layer turns them into an
-/// errno in exactly one place (`FSError.errno`).
+/// errno in exactly one place (XTSFuse's `FSError.errno`).
 public enum FSError: Error, Sendable, CustomStringConvertible {
     case system(SystemError)
     case notFound
@@ -24,26 +24,17 @@ public enum FSError: Error, Sendable, CustomStringConvertible {
         switch self {
         case .system(let e): return "\(e)"
         case .damaged(let s): return "damaged: \(s)"
-        default: return "\(self.errno)"
-        }
-    }
-
-    /// The errno a caller of the mounted filesystem sees.
-    public var errno: Int32 {
-        switch self {
-        case .system(let e): return e.errno
-        case .notFound: return ENOENT
-        case .exists: return EEXIST
-        case .notEmpty: return ENOTEMPTY
-        case .notDirectory: return ENOTDIR
-        case .isDirectory: return EISDIR
-        case .nameTooLong: return ENAMETOOLONG
-        case .invalidArgument: return EINVAL
-        case .readOnly: return EROFS
-        case .notSupported: return EOPNOTSUPP
-        case .badHandle: return EBADF
-        case .fileTooLarge: return EFBIG
-        case .damaged: return EIO
+        case .notFound: return "no such entry"
+        case .exists: return "entry exists"
+        case .notEmpty: return "directory not empty"
+        case .notDirectory: return "not a directory"
+        case .isDirectory: return "is a directory"
+        case .nameTooLong: return "name too long"
+        case .invalidArgument: return "invalid argument"
+        case .readOnly: return "read-only mount"
+        case .notSupported: return "not supported"
+        case .badHandle: return "unknown file handle"
+        case .fileTooLarge: return "file too large"
         }
     }
 
