@@ -37,7 +37,7 @@ public struct FileHeader: Sendable, Equatable {
 
     public func encode(macKey: SecretBytes) throws(CryptoError) -> [UInt8] {
         let b = body()
-        return b + Array(try HMACSHA256.mac(key: macKey, data: FileHeader.macLabel + b).prefix(FileHeader.macLength))
+        return b + (try truncatedMAC(FileHeader.macLabel, b, macKey, FileHeader.macLength))
     }
 
     public static func decode(_ bytes: [UInt8], macKey: SecretBytes) throws(FormatError) -> FileHeader {
@@ -52,7 +52,7 @@ public struct FileHeader: Sendable, Equatable {
         var h = FileHeader(keyGeneration: generation, nonce: nonce)
         h.flags = flags
         let expected: [UInt8]
-        do { expected = Array(try HMACSHA256.mac(key: macKey, data: macLabel + h.body()).prefix(macLength)) }
+        do { expected = try truncatedMAC(macLabel, h.body(), macKey, macLength) }
         catch { throw .invalid("file header MAC: \(error)") }
         guard constantTimeEqual(expected, mac) else { throw .checksumMismatch("file header") }
         guard flags == 0 else { throw .unsupportedFeatures(UInt64(flags)) }
@@ -97,7 +97,7 @@ public struct DirHeader: Sendable, Equatable {
 
     public func encode(macKey: SecretBytes) throws(CryptoError) -> [UInt8] {
         let b = body()
-        return b + Array(try HMACSHA256.mac(key: macKey, data: DirHeader.macLabel + b).prefix(DirHeader.macLength))
+        return b + (try truncatedMAC(DirHeader.macLabel, b, macKey, DirHeader.macLength))
     }
 
     public static func decode(_ bytes: [UInt8], macKey: SecretBytes) throws(FormatError) -> DirHeader {
@@ -113,10 +113,16 @@ public struct DirHeader: Sendable, Equatable {
         var h = DirHeader(keyGeneration: generation, directoryID: id)
         h.flags = flags
         let expected: [UInt8]
-        do { expected = Array(try HMACSHA256.mac(key: macKey, data: macLabel + h.body()).prefix(macLength)) }
+        do { expected = try truncatedMAC(macLabel, h.body(), macKey, macLength) }
         catch { throw .invalid("directory header MAC: \(error)") }
         guard constantTimeEqual(expected, mac) else { throw .checksumMismatch("directory header") }
         guard flags == 0 else { throw .unsupportedFeatures(UInt64(flags)) }
         return h
     }
+}
+
+/// HMAC-SHA256 of a label and a header body, cut to the header's MAC length: the check
+/// every per-file and per-directory header carries.
+func truncatedMAC(_ label: [UInt8], _ body: [UInt8], _ key: SecretBytes, _ length: Int) throws(CryptoError) -> [UInt8] {
+    Array(try HMACSHA256.mac(key: key, data: label + body).prefix(length))
 }
