@@ -28,12 +28,12 @@ public final class FuseServer: @unchecked Sendable {
     let debug: Bool
     let maxThreads: UInt32
     private var session: OpaquePointer?
-    /// How long the kernel may cache names and attributes. Only this daemon changes the
-    /// backing directory while it is mounted, so a second is safe.
-    let timeout = 1.0
+    /// How long the kernel may cache names and attributes (`-o cache_timeout=S`).
+    let timeout: Double
 
-    public init(fs: FileSystem, mountpoint: String, options: [String], debug: Bool = false, maxThreads: UInt32 = 16) {
+    public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, debug: Bool = false, maxThreads: UInt32 = 16) {
         self.fs = fs
+        self.timeout = cacheTimeout
         self.mountpoint = mountpoint
         self.options = options
         self.debug = debug

@@ -143,6 +143,24 @@ final class CLITests: VolumeTestCase {
         XCTAssertTrue(r.stderr.contains("not mounted"), r.stderr)
     }
 
+    func testCacheTimeoutOption() throws {
+        initVolume()
+        let bad = Harness.run(["mount", cipher, mnt, "--passfile", passfile, "-o", "cache_timeout=soon"])
+        XCTAssertEqual(bad.status, ExitStatus.usage.rawValue, bad.stderr)
+        XCTAssertTrue(bad.stderr.contains("cache_timeout"), bad.stderr)
+        // With no caching, a change made behind the mount's back shows at once.
+        mount(["-o", "cache_timeout=0"])
+        try write(mnt + "/seen", [1, 2, 3])
+        var st = stat()
+        XCTAssertEqual(stat(mnt + "/seen", &st), 0)
+        let backing = backingFiles().filter { !$0.path.hasPrefix("xtsfs.") }
+        XCTAssertEqual(backing.count, 1)
+        XCTAssertEqual(unlink(cipher + "/" + backing[0].path), 0)
+        XCTAssertEqual(stat(mnt + "/seen", &st), -1)
+        XCTAssertEqual(errno, ENOENT)
+        unmount()
+    }
+
     func testUsageErrorsExitTwo() {
         XCTAssertEqual(Harness.run(["mount", cipher]).status, ExitStatus.usage.rawValue)
         XCTAssertEqual(Harness.run(["frobnicate"]).status, ExitStatus.usage.rawValue)
