@@ -188,6 +188,9 @@ public enum Mounter {
             Sys.close(keyPipe[1]); Sys.close(statusPipe[0])
             throw .mountFailed("cannot start the daemon: \(String(cString: strerror(r)))")
         }
+        // A daemon that died before reading would kill us with SIGPIPE; get EPIPE instead
+        // and report the failure.
+        signal(SIGPIPE, SIG_IGN)
         // Generation (4 bytes, little-endian) then the DEK, straight from locked memory.
         var gen = keys.generation.littleEndian
         var ok = Glibc.write(keyPipe[1], &gen, 4) == 4
