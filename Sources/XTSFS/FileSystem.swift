@@ -282,7 +282,7 @@ public final class FileSystem: @unchecked Sendable {
         }
     }
 
-    private func register(fd: Int32, node: UInt64, flags: Int32) throws(FSError) -> UInt64 {
+    private func register(fd: Int32, node: UInt64) throws(FSError) -> UInt64 {
         let (key, state) = try acquireState(fd)
         let h = nextHandle.wrappingAdd(1, ordering: .relaxed).oldValue
         let f = OpenFile(fd: fd, node: node, key: key, state: state)
@@ -314,7 +314,7 @@ public final class FileSystem: @unchecked Sendable {
             writeOnly = true
         }
         let h: UInt64
-        do { h = try register(fd: fd, node: id, flags: flags) } catch { Sys.close(fd); throw error }
+        do { h = try register(fd: fd, node: id) } catch { Sys.close(fd); throw error }
         let f = try openFile(h)
         do throws(FSError) {
             if flags & O_TRUNC != 0 {
@@ -348,7 +348,7 @@ public final class FileSystem: @unchecked Sendable {
         let st: stat
         do { st = try Sys.fstat(fd) } catch { Sys.close(fd); throw .system(error) }
         let id = table.withLock { $0.add(parent: parent, name: name, backingName: b.entryName) }
-        do { return (id, translate(st, path: nil), try register(fd: fd, node: id, flags: flags)) } catch {
+        do { return (id, translate(st, path: nil), try register(fd: fd, node: id)) } catch {
             Sys.close(fd)
             forget(id, count: 1)
             throw error
@@ -358,12 +358,16 @@ public final class FileSystem: @unchecked Sendable {
     public func read(handle: UInt64, offset: Int64, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
         let f = try openFile(handle)
         let c = content(f.fd)
-        // Keys are loaded under the exclusive lock once; reads then share the lock.
-        if !f.state.lock.withReadLock({ f.state.loaded }) {
+        // One shared lock per read: open has normally loaded the keys. Only when it could
+        // not (a write-only backing descriptor, or after a failed write) are they loaded
+        // under the exclusive lock first.
+        while true {
+            let n = try f.state.lock.withReadLock { () throws(FSError) -> Int? in
+                guard f.state.loaded else { return nil }
+                do throws(ContentError) { return try c.read(into: buffer, at: offset, crypto: f.state.crypto) } catch { throw FSError(error) }
+            }
+            if let n { return n }
             try withExclusive(f.fd, f.state) { (_, _) throws(FSError) in }
-        }
-        return try f.state.lock.withReadLock { () throws(FSError) -> Int in
-            do throws(ContentError) { return try c.read(into: buffer, at: offset, crypto: f.state.crypto) } catch { throw FSError(error) }
         }
     }
 

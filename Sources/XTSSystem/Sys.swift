@@ -199,18 +199,10 @@ public enum Sys {
         let tmp = path + ".tmp"
         // A leftover from a crash may be read-only: start afresh.
         _ = Glibc.unlink(tmp)
-        let fd = try open(tmp, O_WRONLY | O_CREAT | O_EXCL, mode)
-        do throws(SystemError) {
-            try bytes.withBytes { (p) throws(SystemError) in
-                if p.count > 0 { try pwrite(fd, p.baseAddress!, p.count, 0) }
-            }
-            try fsync(fd)
-        } catch {
-            close(fd)
+        do { try writeNewFile(bytes, to: tmp, mode: mode) } catch {
             _ = Glibc.unlink(tmp)
             throw error
         }
-        close(fd)
         try rename(tmp, path)
         try fsyncDirectory(dir)
     }
