@@ -19,6 +19,47 @@ extern int pipe2(int pipefd[2], int flags);
 #define POSIX_SPAWN_SETSID 0x80 /* glibc >= 2.26; hidden without _GNU_SOURCE */
 #endif
 
+
+// Declared here rather than through <sys/xattr.h> and <linux/falloc.h>: those would
+// make this module, not Glibc, the owner of `struct stat` and friends in Swift.
+extern ssize_t getxattr(const char *path, const char *name, void *value, size_t size);
+extern int setxattr(const char *path, const char *name, const void *value, size_t size, int flags);
+extern ssize_t listxattr(const char *path, char *list, size_t size);
+extern int removexattr(const char *path, const char *name);
+
+#ifndef AT_EMPTY_PATH
+#define AT_EMPTY_PATH 0x1000
+#endif
+#ifndef O_PATH
+#define O_PATH 010000000
+#endif
+static const int XTS_O_PATH = O_PATH;
+static const int XTS_AT_EMPTY_PATH = AT_EMPTY_PATH;
+static const int XTS_FALLOC_KEEP_SIZE = 0x01;   /* FALLOC_FL_KEEP_SIZE */
+static const int XTS_FALLOC_PUNCH_HOLE = 0x02;  /* FALLOC_FL_PUNCH_HOLE */
+static const int XTS_FALLOC_ZERO_RANGE = 0x10;  /* FALLOC_FL_ZERO_RANGE */
+static const int XTS_XATTR_CREATE = 1;
+static const int XTS_XATTR_REPLACE = 2;
+
+/// renameat2(2) relative to directory descriptors (glibc 2.36 lacks a prototype here).
+static inline int xts_renameat2_at(int olddir, const char *from, int newdir, const char *to, unsigned int flags) {
+    return (int)syscall(SYS_renameat2, olddir, from, newdir, to, flags);
+}
+
+/// fchmodat2(2) (Linux 6.6): chmod through an O_PATH descriptor with AT_EMPTY_PATH,
+/// never following a symlink. -1/ENOSYS on older kernels.
+static inline int xts_fchmodat2(int dirfd, const char *name, mode_t mode, int flags) {
+#ifndef SYS_fchmodat2
+#define SYS_fchmodat2 452
+#endif
+    return (int)syscall(SYS_fchmodat2, dirfd, name, mode, flags);
+}
+
+extern int fallocate(int fd, int mode, off_t offset, off_t len);
+static inline int xts_fallocate(int fd, int mode, long long offset, long long len) {
+    return fallocate(fd, mode, (off_t)offset, (off_t)len);
+}
+
 #define XTS_RENAME_NOREPLACE 1
 #define XTS_RENAME_EXCHANGE 2
 

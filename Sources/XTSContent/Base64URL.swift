@@ -8,6 +8,9 @@ public enum Base64URL {
         return t
     }()
 
+    /// True for the 64 characters of the base64url alphabet.
+    public static func isAlphabet(_ c: UInt8) -> Bool { reverse[Int(c)] >= 0 }
+
     public static func encode(_ bytes: [UInt8]) -> String {
         var out = [UInt8]()
         out.reserveCapacity((bytes.count * 4 + 2) / 3)

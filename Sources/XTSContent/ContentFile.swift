@@ -1,7 +1,11 @@
 import XTSCrypto
 import XTSFormat
 import XTSKeys
+import CSysShim
 import XTSSystem
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// What content I/O needs of a backing file. The filesystem passes a real file
 /// descriptor; tests can pass memory.
@@ -10,6 +14,8 @@ public protocol BackingFile {
     func write(_ buffer: UnsafeRawBufferPointer, at offset: Int64) throws(SystemError)
     func size() throws(SystemError) -> Int64
     func truncate(_ size: Int64) throws(SystemError)
+    /// Makes `length` bytes at `offset` read as zeros, freeing the space where it can.
+    func punchHole(at offset: Int64, length: Int64) throws(SystemError)
 }
 
 public struct FDBackingFile: BackingFile {
@@ -23,6 +29,23 @@ public struct FDBackingFile: BackingFile {
     }
     public func size() throws(SystemError) -> Int64 { Int64(try Sys.fstat(fd).st_size) }
     public func truncate(_ size: Int64) throws(SystemError) { try Sys.ftruncate(fd, size) }
+    public func punchHole(at offset: Int64, length: Int64) throws(SystemError) {
+        do {
+            try Sys.fallocate(fd, mode: XTS_FALLOC_PUNCH_HOLE | XTS_FALLOC_KEEP_SIZE, offset: offset, length: length)
+        } catch where error.errno == EOPNOTSUPP {
+            // A backing filesystem without holes: zeros written read back the same.
+            let chunk = 1 << 20
+            let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 16)
+            defer { zeros.deallocate() }
+            zeros.initializeMemory(as: UInt8.self, repeating: 0)
+            var done: Int64 = 0
+            while done < length {
+                let n = Int(min(Int64(chunk), length - done))
+                try Sys.pwrite(fd, zeros.baseAddress!, n, offset + done)
+                done += Int64(n)
+            }
+        }
+    }
 }
 
 public enum ContentError: Error, Sendable, CustomStringConvertible {
@@ -55,8 +78,14 @@ public struct ContentFile<File: BackingFile> {
         self.keys = keys
     }
 
+    /// The plaintext size; a backing file larger than the format allows (a planted sparse
+    /// file, say) is damaged rather than a reason for arithmetic to overflow.
     public func plainSize() throws(ContentError) -> Int64 {
-        do { return Layout.plainSize(backingSize: try file.size()) } catch { throw .io(error) }
+        let backing: Int64
+        do { backing = try file.size() } catch { throw .io(error) }
+        let size = Layout.plainSize(backingSize: backing)
+        guard size <= Layout.maxPlainSize else { throw .badHeader("backing file of \(backing) bytes, beyond the largest file the format allows") }
+        return size
     }
 
     /// Loads the file's header; nil for an empty file.
@@ -64,6 +93,7 @@ public struct ContentFile<File: BackingFile> {
         let backing: Int64
         do { backing = try file.size() } catch { throw .io(error) }
         if backing == 0 { return nil }
+        _ = try plainSize()
         if Layout.isDamagedSize(backingSize: backing) { throw .badHeader("backing file is \(backing) bytes, shorter than its header") }
         var raw = [UInt8](repeating: 0, count: FileHeader.length)
         let n: Int
@@ -139,6 +169,34 @@ public struct ContentFile<File: BackingFile> {
             return nil
         }
         return try rewrite(oldSize: old, newSize: newSize, crypto: crypto, written: nil, data: nil)
+    }
+
+    /// Makes plaintext `range` (inside the file) read as zeros: whole units become holes in
+    /// the backing file, partly covered ones are rewritten. Returns the crypto state after.
+    public func zeroRange(_ range: Range<Int64>, crypto: FileCrypto?) throws(ContentError) -> FileCrypto? {
+        let size = try plainSize()
+        let lo = max(range.lowerBound, 0), hi = min(range.upperBound, size)
+        guard lo < hi else { return crypto }
+        var crypto = crypto
+        let units = Layout.units(overlapping: lo..<hi, size: size)
+        var whole: Range<Int64>?
+        func flushWhole() throws(ContentError) {
+            guard let w = whole else { return }
+            do { try file.punchHole(at: Layout.headerLength + w.lowerBound, length: w.upperBound - w.lowerBound) } catch { throw .io(error) }
+            whole = nil
+        }
+        for u in units {
+            if !u.tiny && u.start >= lo && u.end <= hi {
+                whole = whole.map { $0.lowerBound..<u.end } ?? u.start..<u.end
+                continue
+            }
+            try flushWhole()
+            let a = max(u.start, lo), b = min(u.end, hi)
+            let zeros = [UInt8](repeating: 0, count: Int(b - a))
+            crypto = try zeros.withBytes { (p) throws(ContentError) in try write(p, at: a, crypto: crypto) }
+        }
+        try flushWhole()
+        return crypto
     }
 
     private func rewrite(oldSize old: Int64, newSize new: Int64, crypto: FileCrypto?, written: Range<Int64>?, data: UnsafeRawBufferPointer?) throws(ContentError) -> FileCrypto? {

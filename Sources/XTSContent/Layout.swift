@@ -13,6 +13,9 @@ public enum Layout {
     public static let blockSize: Int64 = 4096
     /// Smallest input AES-XTS accepts.
     public static let minXTS: Int64 = 16
+    /// The largest plaintext the format serves: far below where offset arithmetic (header,
+    /// unit rounding) could overflow Int64. A backing file claiming more is damaged.
+    public static let maxPlainSize: Int64 = 1 << 60
 
     public static func plainSize(backingSize: Int64) -> Int64 {
         backingSize <= headerLength ? 0 : backingSize - headerLength

@@ -54,7 +54,13 @@ public struct NameCodec: Sendable {
         catch { throw .crypto(error) }
         let encoded = Base64URL.encode(sealed)
         if encoded.utf8.count <= NameCodec.maxBackingName { return .short(encoded) }
-        return .long(hashed: NameCodec.longPrefix + Base64URL.encode(SHA256.hash(Array(encoded.utf8))), full: encoded)
+        return .long(hashed: NameCodec.longEntryName(forEncoded: Array(encoded.utf8)), full: encoded)
+    }
+
+    /// The backing entry name of a long encrypted name: a hash of it. A side file is
+    /// trusted only when its content hashes to its entry's name.
+    public static func longEntryName(forEncoded encoded: [UInt8]) -> String {
+        longPrefix + Base64URL.encode(SHA256.hash(encoded))
     }
 
     /// Decrypts an encrypted name (the short form, or the content of a long-name side file).
@@ -69,12 +75,8 @@ public struct NameCodec: Sendable {
     }
 
     public static func isLongName(_ backing: String) -> Bool {
-        backing.hasPrefix(longPrefix) && !backing.hasSuffix(longSuffix)
-    }
-
-    /// Our own metadata files and encrypted names never look alike: only ours contain '.'.
-    public static func isInternal(_ backing: String) -> Bool {
-        backing.hasPrefix("xtsfs.")
+        if case .longName = BackingEntry.classify(backing) { return true }
+        return false
     }
 
     /// Symlink targets are encrypted with a random nonce (so equal targets do not show).

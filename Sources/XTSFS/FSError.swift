@@ -17,6 +17,15 @@ public enum FSError: Error, Sendable, CustomStringConvertible {
     case notSupported
     case badHandle
     case fileTooLarge
+    /// The backing object behind a known node was replaced by something else.
+    case stale
+    case notPermitted
+    /// No such extended attribute.
+    case noAttribute
+    /// An extended attribute value too large.
+    case tooBig
+    /// A buffer too small, or an extended attribute name too long.
+    case outOfRange
     /// Damaged ciphertext or metadata that the format can detect.
     case damaged(String)
 
@@ -35,6 +44,11 @@ public enum FSError: Error, Sendable, CustomStringConvertible {
         case .notSupported: return "not supported"
         case .badHandle: return "unknown file handle"
         case .fileTooLarge: return "file too large"
+        case .stale: return "replaced in CIPHERDIR since it was looked up"
+        case .notPermitted: return "operation not permitted"
+        case .noAttribute: return "no such attribute"
+        case .tooBig: return "attribute value too large"
+        case .outOfRange: return "out of range"
         }
     }
 

@@ -1,89 +1,152 @@
-/// The kernel's view of the tree: node IDs handed out by lookup, each tied to a
-/// (parent, plaintext name) and to the encrypted name of its backing entry.
-/// Backing inode numbers play no part in naming or crypto.
-struct Node {
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A backing object's identity: device and inode number. It gives the several names of one
+/// file (hard links) one node, and tells when something else was put under a name we know.
+/// It plays no part in naming or crypto: backing inode numbers are not stable across copies.
+struct Identity: Hashable, Sendable {
+    var dev: UInt64
+    var ino: UInt64
+    init(_ st: stat) { dev = UInt64(st.st_dev); ino = UInt64(st.st_ino) }
+}
+
+/// One name of a node: the plaintext name in directory node `parent`, and the backing entry
+/// (encrypted name) it is stored under.
+struct Link: Equatable, Sendable {
     var parent: UInt64
     var name: [UInt8]
-    var backingName: String
+    var entry: String
+}
+
+/// The kernel's view of the tree: a node per backing object, handed out by lookup and kept
+/// until the kernel forgets it.
+struct Node {
+    var identity: Identity
+    var isDirectory: Bool
+    /// The names it is known by, most recent first. A directory has one; a file with hard
+    /// links may have several; none once every name is gone (an open, unlinked file).
+    var links: [Link]
     var lookups: UInt64
     /// Directory ID of a directory node, read from its `xtsfs.dir` on first use.
     var directoryID: [UInt8]?
-    /// Unlinked or replaced: its path no longer names it.
-    var detached = false
-}
-
-struct ChildKey: Hashable {
-    var parent: UInt64
-    var name: [UInt8]
 }
 
 struct NodeTable {
     static let rootID: UInt64 = 1
+    /// Names remembered per node; more are looked up again when needed.
+    static let maxLinks = 8
     var nodes: [UInt64: Node] = [:]
-    var children: [ChildKey: UInt64] = [:]
+    var byIdentity: [Identity: UInt64] = [:]
     var nextID: UInt64 = 2
 
-    init() {
-        nodes[NodeTable.rootID] = Node(parent: 0, name: [], backingName: "", lookups: 1)
+    init(root: Identity) {
+        nodes[NodeTable.rootID] = Node(identity: root, isDirectory: true, links: [], lookups: 1)
+        byIdentity[root] = NodeTable.rootID
     }
 
-    /// The backing path of a node: the cipher directory and the encrypted names down to it.
-    func path(_ id: UInt64, root: String) -> String? {
-        var parts: [String] = []
-        var cur = id
-        while cur != NodeTable.rootID {
-            guard let n = nodes[cur], !n.detached else { return nil }
-            parts.append(n.backingName)
-            cur = n.parent
-        }
-        var p = root
-        for part in parts.reversed() { p += "/" + part }
-        return p
-    }
-
-    /// Registers a lookup of (parent, name): the same node again if known, else a new one.
-    mutating func add(parent: UInt64, name: [UInt8], backingName: String) -> UInt64 {
-        let key = ChildKey(parent: parent, name: name)
-        if let id = children[key], var n = nodes[id], !n.detached {
+    /// Registers a lookup (or creation) of `link` naming the object `identity`: the node
+    /// that already has that identity, or a new one.
+    mutating func add(_ link: Link, identity: Identity, isDirectory: Bool) -> UInt64 {
+        if let id = byIdentity[identity], var n = nodes[id], n.isDirectory == isDirectory {
             n.lookups += 1
-            n.backingName = backingName
+            n.links.removeAll { $0.parent == link.parent && $0.name == link.name }
+            n.links.insert(link, at: 0)
+            if n.links.count > NodeTable.maxLinks { n.links.removeLast() }
             nodes[id] = n
             return id
         }
+        // New, or an inode number reused for an object of another type.
         let id = nextID
         nextID += 1
-        nodes[id] = Node(parent: parent, name: name, backingName: backingName, lookups: 1)
-        children[key] = id
+        nodes[id] = Node(identity: identity, isDirectory: isDirectory, links: [link], lookups: 1)
+        byIdentity[identity] = id
         return id
     }
 
-    mutating func forget(_ id: UInt64, _ count: UInt64) {
-        guard id != NodeTable.rootID, var n = nodes[id] else { return }
+    /// Drops `count` lookups; returns true when the node is gone.
+    mutating func forget(_ id: UInt64, _ count: UInt64) -> Bool {
+        guard id != NodeTable.rootID, var n = nodes[id] else { return false }
         n.lookups = n.lookups > count ? n.lookups - count : 0
-        if n.lookups == 0 {
-            nodes[id] = nil
-            let key = ChildKey(parent: n.parent, name: n.name)
-            if children[key] == id { children[key] = nil }
-        } else {
+        if n.lookups > 0 {
             nodes[id] = n
+            return false
+        }
+        nodes[id] = nil
+        if byIdentity[n.identity] == id { byIdentity[n.identity] = nil }
+        return true
+    }
+
+    /// The name (parent, name) no longer names `identity`. When it was the object's last
+    /// name, the identity is released so that a new object reusing the inode number gets
+    /// a node of its own. Returns the node that lost the name.
+    @discardableResult
+    mutating func unlinked(parent: UInt64, name: [UInt8], identity: Identity?, lastName: Bool) -> UInt64? {
+        guard let identity, let id = byIdentity[identity], var n = nodes[id] else { return nil }
+        n.links.removeAll { $0.parent == parent && $0.name == name }
+        if lastName || n.isDirectory {
+            n.links = []
+            byIdentity[identity] = nil
+        }
+        nodes[id] = n
+        return id
+    }
+
+    /// `identity` was renamed from (parent, name) to `link`.
+    mutating func moved(from parent: UInt64, name: [UInt8], to link: Link, identity: Identity) {
+        guard let id = byIdentity[identity], var n = nodes[id] else { return }
+        n.links.removeAll { ($0.parent == parent && $0.name == name) || ($0.parent == link.parent && $0.name == link.name) }
+        n.links.insert(link, at: 0)
+        nodes[id] = n
+    }
+
+    /// Where a node can be reached: its most recent name.
+    func location(_ id: UInt64) -> (link: Link?, identity: Identity, isDirectory: Bool)? {
+        guard let n = nodes[id] else { return nil }
+        return (n.links.first, n.identity, n.isDirectory)
+    }
+
+    /// A name of `id` other than `failed` (which did not lead to it), forgetting `failed`.
+    mutating func dropLink(_ id: UInt64, _ failed: Link) {
+        nodes[id]?.links.removeAll { $0 == failed }
+    }
+}
+
+/// A directory descriptor (O_PATH) kept open for *at() calls. Closed when the last user
+/// lets go of it, so evicting it from the cache never pulls it from under a request.
+final class DirHandle: Sendable {
+    let fd: Int32
+    init(fd: Int32) { self.fd = fd }
+    deinit { Glibc.close(fd) }
+}
+
+/// Recently used directory handles, bounded: an evicted one is opened again, one name at
+/// a time from a cached ancestor, the next time it is needed.
+struct DirCache {
+    let capacity: Int
+    private var entries: [UInt64: (handle: DirHandle, stamp: UInt64)] = [:]
+    private var clock: UInt64 = 0
+
+    init(capacity: Int) { self.capacity = capacity }
+
+    var count: Int { entries.count }
+
+    mutating func get(_ id: UInt64) -> DirHandle? {
+        guard let e = entries[id] else { return nil }
+        clock += 1
+        entries[id] = (e.handle, clock)
+        return e.handle
+    }
+
+    mutating func put(_ id: UInt64, _ handle: DirHandle) {
+        clock += 1
+        entries[id] = (handle, clock)
+        if entries.count > capacity {
+            // Evict the older half at once, so eviction costs O(1) per insertion on average.
+            let cut = entries.values.map(\.stamp).sorted()[entries.count / 2]
+            entries = entries.filter { $0.value.stamp >= cut }
         }
     }
 
-    /// The entry is gone from the tree (unlink, rmdir, replaced by rename).
-    mutating func detach(parent: UInt64, name: [UInt8]) {
-        let key = ChildKey(parent: parent, name: name)
-        guard let id = children.removeValue(forKey: key) else { return }
-        nodes[id]?.detached = true
-    }
-
-    mutating func move(parent: UInt64, name: [UInt8], to newParent: UInt64, newName: [UInt8], backingName: String) {
-        detach(parent: newParent, name: newName)
-        let key = ChildKey(parent: parent, name: name)
-        guard let id = children.removeValue(forKey: key), var n = nodes[id] else { return }
-        n.parent = newParent
-        n.name = newName
-        n.backingName = backingName
-        nodes[id] = n
-        children[ChildKey(parent: newParent, name: newName)] = id
-    }
+    mutating func remove(_ id: UInt64) { entries[id] = nil }
 }

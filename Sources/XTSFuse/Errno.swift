@@ -20,6 +20,11 @@ extension FSError {
         case .badHandle: return EBADF
         case .fileTooLarge: return EFBIG
         case .damaged: return EIO
+        case .stale: return ESTALE
+        case .notPermitted: return EPERM
+        case .noAttribute: return ENODATA
+        case .tooBig: return E2BIG
+        case .outOfRange: return ERANGE
         }
     }
 }

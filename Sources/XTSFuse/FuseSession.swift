@@ -130,6 +130,17 @@ public final class FuseServer: @unchecked Sendable {
         fuse_reply_entry(req, &e)
     }
 
+    /// getxattr/listxattr: a size of 0 asks for the length only; a buffer too small is ERANGE.
+    static func replySized(_ req: fuse_req_t?, _ bytes: [UInt8], size: Int) {
+        if size == 0 {
+            fuse_reply_xattr(req, bytes.count)
+        } else if bytes.count > size {
+            fuse_reply_err(req, ERANGE)
+        } else {
+            _ = bytes.withUnsafeBytes { fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), bytes.count) }
+        }
+    }
+
     func run<T>(_ req: fuse_req_t?, _ body: () throws(FSError) -> T, reply: (T) -> Void) {
         do { reply(try body()) } catch { FuseServer.fail(req, error) }
     }
@@ -215,6 +226,39 @@ public final class FuseServer: @unchecked Sendable {
             let s = server(req)
             s.run(req, { () throws(FSError) in
                 try s.fs.rename(parent: UInt64(parent), name: FuseServer.name(name), newParent: UInt64(newParent), newName: FuseServer.name(newName), flags: flags)
+            }) { fuse_reply_err(req, 0) }
+        }
+        ops.link = { req, ino, newParent, newName in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.link(UInt64(ino), newParent: UInt64(newParent), newName: FuseServer.name(newName)) }) { s.replyEntry(req, $0.0, $0.1) }
+        }
+        ops.getxattr = { req, ino, name, size in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.getxattr(UInt64(ino), name: FuseServer.name(name)) }) { value in
+                FuseServer.replySized(req, value, size: size)
+            }
+        }
+        ops.listxattr = { req, ino, size in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.listxattr(UInt64(ino)) }) { names in
+                FuseServer.replySized(req, names.flatMap { $0 + [0] }, size: size)
+            }
+        }
+        ops.setxattr = { req, ino, name, value, size, flags in
+            let s = server(req)
+            let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
+            let flag: FileSystem.XattrFlag = flags & 1 != 0 ? .create : flags & 2 != 0 ? .replace : .any
+            s.run(req, { () throws(FSError) in try s.fs.setxattr(UInt64(ino), name: FuseServer.name(name), value: bytes, flag: flag) }) { fuse_reply_err(req, 0) }
+        }
+        ops.removexattr = { req, ino, name in
+            let s = server(req)
+            s.run(req, { () throws(FSError) in try s.fs.removexattr(UInt64(ino), name: FuseServer.name(name)) }) { fuse_reply_err(req, 0) }
+        }
+        ops.fallocate = { req, _, mode, offset, length, fi in
+            let s = server(req)
+            guard let fi else { fuse_reply_err(req, EBADF); return }
+            s.run(req, { () throws(FSError) in
+                try s.fs.fallocate(handle: fi.pointee.fh, mode: mode, offset: Int64(offset), length: Int64(length))
             }) { fuse_reply_err(req, 0) }
         }
         ops.open = { req, ino, fi in

@@ -25,4 +25,10 @@ final class MemoryFile: BackingFile {
         let n = Int(size)
         if n < bytes.count { bytes.removeLast(bytes.count - n) } else { bytes += [UInt8](repeating: 0, count: n - bytes.count) }
     }
+
+    /// Zeros in place; the size stays (as fallocate's KEEP_SIZE).
+    func punchHole(at offset: Int64, length: Int64) throws(SystemError) {
+        let lo = Int(offset), hi = min(Int(offset + length), bytes.count)
+        if lo < hi { for i in lo..<hi { bytes[i] = 0 } }
+    }
 }

@@ -1,0 +1,89 @@
+import XTSContent
+import XTSSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension FileSystem {
+    public func opendir(_ id: UInt64) throws(FSError) -> UInt64 {
+        let dir = try dirHandle(id)
+        let dirID = try directoryID(id)
+        let raw: [(name: String, type: UInt8, ino: UInt64)]
+        do { raw = try Sys.listDirectory(dir.fd) } catch { throw .system(error) }
+        // glibc's readdir hides entries with inode 0, so "." and ".." carry backing ones.
+        let (selfIno, parentIno) = table.withLock { t -> (UInt64, UInt64) in
+            let me = t.nodes[id]
+            let parent = me?.links.first.flatMap { t.nodes[$0.parent] }
+            return (me?.identity.ino ?? 1, parent?.identity.ino ?? me?.identity.ino ?? 1)
+        }
+        var out = [DirectoryEntry(name: Array(".".utf8), type: UInt8(DT_DIR), ino: selfIno),
+                   DirectoryEntry(name: Array("..".utf8), type: UInt8(DT_DIR), ino: parentIno)]
+        out.reserveCapacity(raw.count + 2)
+        for e in raw {
+            let encoded: String
+            switch BackingEntry.classify(e.name) {
+            case .encryptedName(let n):
+                encoded = n
+            case .longName(let entry):
+                guard let full = readLongName(dir, entry) else { continue }
+                encoded = full
+            case .foreign:
+                log("skipping a foreign entry in CIPHERDIR (directory node \(id)): \(e.name)")
+                continue
+            case .volumeHeader, .directoryHeader, .longNameRecord, .temporary:
+                continue
+            }
+            do {
+                out.append(DirectoryEntry(name: try names.decrypt(encoded, directoryID: dirID), type: e.type, ino: e.ino))
+            } catch {
+                log("skipping undecryptable entry \(e.name) in directory node \(id): \(error)")
+            }
+        }
+        let h = nextHandle.wrappingAdd(1, ordering: .relaxed).oldValue
+        dirs.withLock { $0[h] = out }
+        return h
+    }
+
+    /// The encrypted name a long-name entry stands for, from its side file, trusted only
+    /// when it hashes to the entry's name (a side file swapped with another's would
+    /// otherwise list one file twice and hide the other).
+    private func readLongName(_ dir: DirHandle, _ entry: String) -> String? {
+        let full: [UInt8]
+        do { full = try Sys.readSmallFile(dir.fd, entry + NameCodec.longSuffix, limit: 4096) } catch {
+            log("skipping long-name entry \(entry): its side file is unusable (\(error))")
+            return nil
+        }
+        guard NameCodec.longEntryName(forEncoded: full) == entry else {
+            log("skipping long-name entry \(entry): its side file belongs to another name")
+            return nil
+        }
+        return String(decoding: full, as: UTF8.self)
+    }
+
+    /// Entries from index `offset` on; the FUSE layer stops when its buffer is full.
+    public func readdir(handle: UInt64, offset: Int, _ body: (Int, DirectoryEntry) -> Bool) throws(FSError) {
+        guard let entries = dirs.withLock({ $0[handle] }) else { throw .badHandle }
+        var i = offset
+        while i < entries.count {
+            if !body(i + 1, entries[i]) { break }
+            i += 1
+        }
+    }
+
+    public func releasedir(_ handle: UInt64) {
+        _ = dirs.withLock { $0.removeValue(forKey: handle) }
+    }
+
+    public func fsyncdir(_ id: UInt64) throws(FSError) {
+        let dir = try dirHandle(id)
+        do { try Sys.fsyncDirectory(dir.fd) } catch { throw .system(error) }
+    }
+
+    public func statfs() throws(FSError) -> statvfs {
+        do {
+            var s = try Sys.fstatvfs(root.fd)
+            s.f_namemax = UInt(NameCodec.maxPlainName)
+            return s
+        } catch { throw .system(error) }
+    }
+}

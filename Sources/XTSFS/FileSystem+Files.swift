@@ -1,0 +1,230 @@
+import CSysShim
+import XTSContent
+import XTSSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Per backing file state shared by all its open handles (whatever name they were opened
+/// by): the lock that serialises read-modify-write and the file's keys.
+///
+/// `@unchecked Sendable`: `crypto` and `loaded` are touched only under `lock` (write side).
+final class FileState: @unchecked Sendable {
+    let lock = RWLock()
+    var crypto: FileCrypto?
+    var loaded = false
+    var references = 0
+}
+
+/// An open backing file.
+final class OpenFile: Sendable {
+    let fd: Int32
+    let node: UInt64
+    let identity: Identity
+    let state: FileState
+    init(fd: Int32, node: UInt64, identity: Identity, state: FileState) {
+        self.fd = fd; self.node = node; self.identity = identity; self.state = state
+    }
+}
+
+extension FileSystem {
+    func content(_ fd: Int32) -> ContentFile<FDBackingFile> {
+        ContentFile(file: FDBackingFile(fd: fd), currentKeys: keys, keys: keysByGeneration)
+    }
+
+    /// Runs `body` under the file's exclusive lock with its keys loaded.
+    func withExclusive<R>(_ fd: Int32, _ state: FileState, loadKeys: Bool = true, _ body: (ContentFile<FDBackingFile>, FileState) throws(FSError) -> R) throws(FSError) -> R {
+        let c = content(fd)
+        return try state.lock.withWriteLock { () throws(FSError) -> R in
+            if !state.loaded && loadKeys {
+                do throws(ContentError) { state.crypto = try c.loadCrypto() } catch { throw FSError(error) }
+                state.loaded = true
+            }
+            return try body(c, state)
+        }
+    }
+
+    func acquireState(_ st: stat) throws(FSError) -> (Identity, FileState) {
+        guard st.isRegular else { throw st.isDirectory ? FSError.isDirectory : FSError.invalidArgument }
+        let key = Identity(st)
+        let state = states.withLock { table in
+            let s = table[key] ?? FileState()
+            s.references += 1
+            table[key] = s
+            return s
+        }
+        return (key, state)
+    }
+
+    func releaseState(_ key: Identity) {
+        states.withLock { table in
+            guard let s = table[key] else { return }
+            s.references -= 1
+            if s.references == 0 { table[key] = nil }
+        }
+    }
+
+    private func register(fd: Int32, stat st: stat, node: UInt64) throws(FSError) -> UInt64 {
+        let (key, state) = try acquireState(st)
+        let h = nextHandle.wrappingAdd(1, ordering: .relaxed).oldValue
+        files.withLock { $0[h] = OpenFile(fd: fd, node: node, identity: key, state: state) }
+        return h
+    }
+
+    func openFile(_ h: UInt64) throws(FSError) -> OpenFile {
+        guard let f = files.withLock({ $0[h] }) else { throw .badHandle }
+        return f
+    }
+
+    /// Any open handle of node `id`: how an unlinked file is still reached.
+    func anyOpenFile(of id: UInt64) -> OpenFile? {
+        files.withLock { $0.values.first { $0.node == id } }
+    }
+
+    /// The backing file is opened read-write even for write-only opens: partial-block
+    /// writes must read the block they change.
+    private static func backingFlags(_ flags: Int32) -> Int32 {
+        let acc = flags & O_ACCMODE
+        return (acc == O_RDONLY ? O_RDONLY : O_RDWR) | (flags & (O_SYNC | O_DSYNC))
+    }
+
+    public func open(_ id: UInt64, flags: Int32) throws(FSError) -> UInt64 {
+        let writing = flags & O_ACCMODE != O_RDONLY || flags & O_TRUNC != 0
+        if writing { try checkWritable() }
+        // Pinned first, so that only a regular file is ever opened (never a FIFO or device
+        // put in its place), and the very inode that was checked.
+        let (fd, st, writeOnly) = try withPinned(id) { (pinned, st) throws(FSError) -> (Int32, stat, Bool) in
+            guard st.isRegular else { throw st.isDirectory ? FSError.isDirectory : FSError.invalidArgument }
+            do throws(SystemError) { return (try Sys.reopen(pinned, FileSystem.backingFlags(flags)), st, false) } catch {
+                guard error.errno == EACCES, flags & O_ACCMODE == O_WRONLY else { throw .system(error) }
+                do throws(SystemError) { return (try Sys.reopen(pinned, O_WRONLY), st, true) } catch { throw .system(error) }
+            }
+        }
+        let h: UInt64
+        do throws(FSError) { h = try register(fd: fd, stat: st, node: id) } catch { Sys.close(fd); throw error }
+        let f = try openFile(h)
+        do throws(FSError) {
+            if flags & O_TRUNC != 0 {
+                // libfuse's atomic O_TRUNC: empty the plaintext (the header goes with it).
+                try truncate(fd: f.fd, state: f.state, size: 0)
+            } else if !writeOnly && !f.state.lock.withReadLock({ f.state.loaded }) {
+                // Load the file's keys now, so a damaged header is an error at open. Later
+                // would be too late for a header cut short: the file then looks empty and
+                // the kernel never asks us to read it. (A write-only backing descriptor
+                // cannot read the header; its first write loads the keys.)
+                try withExclusive(f.fd, f.state) { (_, _) throws(FSError) in }
+            }
+        } catch { release(h); throw error }
+        return h
+    }
+
+    public func create(parent: UInt64, name: [UInt8], mode: mode_t, flags: Int32, caller: Caller) throws(FSError) -> (UInt64, stat, UInt64) {
+        try checkWritable()
+        let (dir, b) = try entry(parent, name)
+        try writeLongNameFile(dir, b)
+        let fd: Int32
+        do { fd = try Sys.openat(dir.fd, b.entryName, O_CREAT | O_EXCL | O_NOFOLLOW | FileSystem.backingFlags(flags), mode & 0o7777) } catch {
+            // A name taken since the kernel's lookup is EEXIST even without O_EXCL: opening
+            // the existing file here would skip the kernel's permission check on it.
+            // The side file of a long name that already exists belongs to that entry: keep it.
+            if error.errno != EEXIST { removeLongNameFile(dir, b) }
+            throw error.errno == EEXIST ? .exists : .system(error)
+        }
+        if chownToCaller { _ = Glibc.fchown(fd, caller.uid, groupFor(caller, in: dir)) }
+        let st: stat
+        do { st = try Sys.fstat(fd) } catch { Sys.close(fd); throw .system(error) }
+        let id = table.withLock { $0.add(Link(parent: parent, name: name, entry: b.entryName), identity: Identity(st), isDirectory: false) }
+        do { return (id, translate(st) { nil }, try register(fd: fd, stat: st, node: id)) } catch {
+            Sys.close(fd)
+            forget(id, count: 1)
+            throw error
+        }
+    }
+
+    public func read(handle: UInt64, offset: Int64, into buffer: UnsafeMutableRawBufferPointer) throws(FSError) -> Int {
+        let f = try openFile(handle)
+        let c = content(f.fd)
+        // One shared lock per read: open has normally loaded the keys. Only when it could
+        // not (a write-only backing descriptor, or after a failed write) are they loaded
+        // under the exclusive lock first.
+        while true {
+            let n = try f.state.lock.withReadLock { () throws(FSError) -> Int? in
+                guard f.state.loaded else { return nil }
+                do throws(ContentError) { return try c.read(into: buffer, at: offset, crypto: f.state.crypto) } catch { throw FSError(error) }
+            }
+            if let n { return n }
+            try withExclusive(f.fd, f.state) { (_, _) throws(FSError) in }
+        }
+    }
+
+    public func write(handle: UInt64, offset: Int64, data: UnsafeRawBufferPointer) throws(FSError) -> Int {
+        try checkWritable()
+        guard offset >= 0, offset <= FileSystem.maxFileSize - Int64(data.count) else { throw .fileTooLarge }
+        let f = try openFile(handle)
+        // O_APPEND needs nothing here: without the writeback cache the kernel sends such
+        // writes at the current size, and page writeback (mmap) must keep its offset.
+        return try withExclusive(f.fd, f.state) { (c, s) throws(FSError) -> Int in
+            do throws(ContentError) { s.crypto = try c.write(data, at: offset, crypto: s.crypto) } catch {
+                // A partial write may have left a new header on disk: read it again next time.
+                s.loaded = false
+                throw FSError(error)
+            }
+            return data.count
+        }
+    }
+
+    func truncate(fd: Int32, state: FileState, size: Int64) throws(FSError) {
+        // Emptying a file needs no key: even a file with a damaged header can be overwritten.
+        try withExclusive(fd, state, loadKeys: size > 0) { (content, state) throws(FSError) in
+            do throws(ContentError) { state.crypto = try content.truncate(to: size, crypto: state.crypto) } catch {
+                state.loaded = false
+                throw FSError(error)
+            }
+            if size == 0 { state.loaded = true }
+        }
+    }
+
+    /// fallocate(2) modes a length-preserving format can honour: 0 and KEEP_SIZE reserve
+    /// backing space (0 also grows the file), PUNCH_HOLE and ZERO_RANGE make a range read
+    /// as zeros, whole units becoming holes in the backing file. Others: EOPNOTSUPP.
+    public func fallocate(handle: UInt64, mode: Int32, offset: Int64, length: Int64) throws(FSError) {
+        try checkWritable()
+        let keep = XTS_FALLOC_KEEP_SIZE, punch = XTS_FALLOC_PUNCH_HOLE, zero = XTS_FALLOC_ZERO_RANGE
+        guard mode & ~(keep | punch | zero) == 0, !(mode & punch != 0 && mode & zero != 0) else { throw .notSupported }
+        // As the kernel: a hole punched must keep the size.
+        if mode & punch != 0 && mode & keep == 0 { throw .notSupported }
+        guard offset >= 0, length > 0 else { throw .invalidArgument }
+        guard offset <= FileSystem.maxFileSize - length else { throw .fileTooLarge }
+        let f = try openFile(handle)
+        let end = offset + length
+        try withExclusive(f.fd, f.state) { (c, s) throws(FSError) in
+            do throws(ContentError) {
+                let size = try c.plainSize()
+                if mode & (punch | zero) != 0 {
+                    s.crypto = try c.zeroRange(offset..<end, crypto: s.crypto)
+                } else {
+                    // Reserve the ciphertext's space; the blocks read as zeros, that is holes.
+                    do throws(SystemError) { try Sys.fallocate(f.fd, mode: keep, offset: Layout.headerLength + offset, length: length) }
+                    catch { throw ContentError.io(error) }
+                }
+                if mode & keep == 0 && end > size {
+                    s.crypto = try c.truncate(to: end, crypto: s.crypto)
+                }
+            } catch {
+                s.loaded = false
+                throw FSError(error)
+            }
+        }
+    }
+
+    public func fsync(handle: UInt64, dataOnly: Bool) throws(FSError) {
+        let f = try openFile(handle)
+        do { if dataOnly { try Sys.fdatasync(f.fd) } else { try Sys.fsync(f.fd) } } catch { throw .system(error) }
+    }
+
+    public func release(_ handle: UInt64) {
+        guard let f = files.withLock({ $0.removeValue(forKey: handle) }) else { return }
+        Sys.close(f.fd)
+        releaseState(f.identity)
+    }
+}

@@ -1,0 +1,247 @@
+import CSysShim
+import XTSContent
+import XTSFormat
+import XTSSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension FileSystem {
+    public func lookup(parent: UInt64, name: [UInt8]) throws(FSError) -> (UInt64, stat) {
+        let (dir, b) = try entry(parent, name)
+        let st: stat
+        do { st = try Sys.fstatat(dir.fd, b.entryName) } catch { throw error.errno == ENOENT ? .notFound : .system(error) }
+        let id = table.withLock { $0.add(Link(parent: parent, name: name, entry: b.entryName), identity: Identity(st), isDirectory: st.isDirectory) }
+        return (id, translate(st) { try? Sys.readlinkat(dir.fd, b.entryName) })
+    }
+
+    public func forget(_ id: UInt64, count: UInt64) {
+        if table.withLock({ $0.forget(id, count) }) {
+            dirCache.withLock { $0.remove(id) }
+        }
+    }
+
+    /// The group of a new entry: the caller's, except in a setgid directory, where the
+    /// backing filesystem has already given it the directory's group (gid_t.max: leave it).
+    func groupFor(_ caller: Caller, in dir: DirHandle) -> gid_t {
+        if let st = try? Sys.fstat(dir.fd), st.st_mode & S_ISGID != 0 { return gid_t.max }
+        return caller.gid
+    }
+
+    /// Creates an entry with `make(dirfd, entryName)`, then pins it to give it to the caller
+    /// and learn its identity.
+    private func newEntry(parent: UInt64, name: [UInt8], caller: Caller, directory: Bool = false, make: (Int32, String) throws(SystemError) -> Void) throws(FSError) -> (UInt64, stat) {
+        try checkWritable()
+        let (dir, b) = try entry(parent, name)
+        try writeLongNameFile(dir, b)
+        do { try make(dir.fd, b.entryName) } catch {
+            // The side file of a long name that already exists belongs to that entry: keep it.
+            if error.errno != EEXIST { removeLongNameFile(dir, b) }
+            throw error.errno == EEXIST ? .exists : .system(error)
+        }
+        let pinned: Int32
+        do { pinned = try Sys.openPath(dir.fd, b.entryName, directory: directory) } catch { throw .system(error) }
+        defer { Sys.close(pinned) }
+        if chownToCaller { try? Sys.fchown(pinned: pinned, caller.uid, groupFor(caller, in: dir)) }
+        let st: stat
+        do { st = try Sys.fstat(pinned) } catch { throw .system(error) }
+        let id = table.withLock { $0.add(Link(parent: parent, name: name, entry: b.entryName), identity: Identity(st), isDirectory: st.isDirectory) }
+        return (id, translate(st) { try? Sys.readlinkat(pinned, "") })
+    }
+
+    public func mknod(parent: UInt64, name: [UInt8], mode: mode_t, rdev: dev_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
+        try newEntry(parent: parent, name: name, caller: caller) { (dirfd, entry) throws(SystemError) in
+            if mode & S_IFMT == S_IFREG || mode & S_IFMT == 0 {
+                let fd = try Sys.openat(dirfd, entry, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW, mode & 0o7777)
+                Sys.close(fd)
+            } else {
+                try Sys.mknodat(dirfd, entry, mode, rdev)
+            }
+        }
+    }
+
+    public func mkdir(parent: UInt64, name: [UInt8], mode: mode_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
+        let header: [UInt8]
+        do { header = try DirHeader.random(keyGeneration: keys.generation).encode(macKey: keys.metadataMACKey) } catch { throw .damaged("\(error)") }
+        return try newEntry(parent: parent, name: name, caller: caller, directory: true) { (dirfd, entry) throws(SystemError) in
+            // Owner-writable until its header is in, then the mode asked for.
+            try Sys.mkdirat(dirfd, entry, 0o700)
+            var pinned: Int32 = -1
+            do throws(SystemError) {
+                pinned = try Sys.openPath(dirfd, entry, directory: true)
+                // A new directory is invisible to readers until this returns: no rename needed.
+                try Sys.writeNewFile(header, at: pinned, DirHeader.fileName, mode: 0o444)
+                // Keep the setgid bit a setgid parent passes down.
+                let inherited = try Sys.fstat(pinned).st_mode & S_ISGID
+                try Sys.fchmod(pinned: pinned, (mode & 0o7777) | inherited)
+                Sys.close(pinned)
+            } catch {
+                if pinned >= 0 {
+                    _ = Glibc.unlinkat(pinned, DirHeader.fileName, 0)
+                    Sys.close(pinned)
+                }
+                _ = Glibc.unlinkat(dirfd, entry, AT_REMOVEDIR)
+                throw error
+            }
+        }
+    }
+
+    public func symlink(target: [UInt8], parent: UInt64, name: [UInt8], caller: Caller) throws(FSError) -> (UInt64, stat) {
+        let encrypted: String
+        do { encrypted = try names.encryptTarget(target) } catch { throw FSError(error) }
+        return try newEntry(parent: parent, name: name, caller: caller) { (dirfd, entry) throws(SystemError) in
+            try Sys.symlinkat(encrypted, dirfd, entry)
+        }
+    }
+
+    public func readlink(_ id: UInt64) throws(FSError) -> [UInt8] {
+        let raw = try withPinned(id) { (fd, st) throws(FSError) -> [UInt8] in
+            guard st.isSymlink else { throw .invalidArgument }
+            do throws(SystemError) { return try Sys.readlinkat(fd, "") } catch { throw .system(error) }
+        }
+        do { return try names.decryptTarget(raw) } catch { throw FSError(error) }
+    }
+
+    /// A hard link: one more backing name for the same backing file. The file's key is in
+    /// its own header, so the link needs no crypto; both names are one node.
+    public func link(_ id: UInt64, newParent: UInt64, newName: [UInt8]) throws(FSError) -> (UInt64, stat) {
+        try checkWritable()
+        guard let loc = table.withLock({ $0.location(id) }) else { throw .notFound }
+        if loc.isDirectory { throw .notPermitted }
+        guard let link = loc.link else { throw .notFound }
+        let (ddir, db) = try entry(newParent, newName)
+        let sdir = try dirHandle(link.parent)
+        try writeLongNameFile(ddir, db)
+        do { try Sys.linkat(sdir.fd, link.entry, ddir.fd, db.entryName) } catch {
+            if error.errno != EEXIST { removeLongNameFile(ddir, db) }
+            throw error.errno == EEXIST ? .exists : error.errno == ENOENT ? .notFound : .system(error)
+        }
+        let st: stat
+        do { st = try Sys.fstatat(ddir.fd, db.entryName) } catch { throw .system(error) }
+        guard Identity(st) == loc.identity else {
+            // The source name led to something else by the time we linked it: undo.
+            _ = Glibc.unlinkat(ddir.fd, db.entryName, 0)
+            removeLongNameFile(ddir, db)
+            throw .stale
+        }
+        let node = table.withLock { $0.add(Link(parent: newParent, name: newName, entry: db.entryName), identity: loc.identity, isDirectory: false) }
+        return (node, translate(st) { try? Sys.readlinkat(ddir.fd, db.entryName) })
+    }
+
+    public func unlink(parent: UInt64, name: [UInt8]) throws(FSError) {
+        try checkWritable()
+        let (dir, b) = try entry(parent, name)
+        let st = try? Sys.fstatat(dir.fd, b.entryName)
+        if let st, st.isDirectory { throw .isDirectory }
+        do { try Sys.unlinkat(dir.fd, b.entryName) } catch { throw error.errno == ENOENT ? .notFound : .system(error) }
+        removeLongNameFile(dir, b)
+        table.withLock { _ = $0.unlinked(parent: parent, name: name, identity: st.map(Identity.init), lastName: (st?.st_nlink ?? 1) <= 1) }
+    }
+
+    /// Removes an empty backing directory's header and runs `body`; puts the header back if
+    /// `body` fails. `pinned` is the directory (O_PATH).
+    private func withoutDirHeader(_ pinned: Int32, _ body: () throws(SystemError) -> Void) throws(FSError) {
+        let entries: [(name: String, type: UInt8, ino: UInt64)]
+        do { entries = try Sys.listDirectory(pinned) } catch { throw .system(error) }
+        guard entries.allSatisfy({ BackingEntry.classify($0.name) == .directoryHeader }) else { throw .notEmpty }
+        if entries.isEmpty {
+            do { try body() } catch { throw error.errno == EEXIST ? .notEmpty : .system(error) }
+            return
+        }
+        // The header is ours to put back; a damaged one goes back as it was.
+        let saved = try? Sys.readSmallFile(pinned, DirHeader.fileName, limit: 4096)
+        // POSIX lets rmdir remove a directory its owner cannot write into; removing our
+        // header inside it can need that write permission, so lend it for the moment.
+        var restoreMode: mode_t?
+        do { try Sys.unlinkat(pinned, DirHeader.fileName) } catch {
+            guard error.errno == EACCES, let st = try? Sys.fstat(pinned),
+                  (try? Sys.fchmod(pinned: pinned, (st.st_mode & 0o7777) | 0o700)) != nil else { throw .system(error) }
+            restoreMode = st.st_mode & 0o7777
+            do { try Sys.unlinkat(pinned, DirHeader.fileName) } catch {
+                _ = try? Sys.fchmod(pinned: pinned, restoreMode!)
+                throw .system(error)
+            }
+        }
+        do { try body() } catch {
+            if let saved { _ = try? Sys.atomicWrite(saved, at: pinned, DirHeader.fileName, mode: 0o444) }
+            if let m = restoreMode { _ = try? Sys.fchmod(pinned: pinned, m) }
+            throw error.errno == EEXIST ? .notEmpty : .system(error)
+        }
+    }
+
+    public func rmdir(parent: UInt64, name: [UInt8]) throws(FSError) {
+        try checkWritable()
+        let (dir, b) = try entry(parent, name)
+        let pinned: Int32
+        do { pinned = try Sys.openPath(dir.fd, b.entryName, directory: true) } catch {
+            throw error.errno == ENOENT ? .notFound : (error.errno == ENOTDIR || error.errno == ELOOP) ? .notDirectory : .system(error)
+        }
+        defer { Sys.close(pinned) }
+        let st: stat
+        do { st = try Sys.fstat(pinned) } catch { throw .system(error) }
+        try withoutDirHeader(pinned) { () throws(SystemError) in try Sys.unlinkat(dir.fd, b.entryName, directory: true) }
+        removeLongNameFile(dir, b)
+        if let gone = table.withLock({ $0.unlinked(parent: parent, name: name, identity: Identity(st), lastName: true) }) {
+            dirCache.withLock { $0.remove(gone) }
+        }
+    }
+
+    public func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32) throws(FSError) {
+        try checkWritable()
+        let exchange = UInt32(XTS_RENAME_EXCHANGE), noReplace = UInt32(XTS_RENAME_NOREPLACE)
+        guard flags & ~(exchange | noReplace) == 0, flags & (exchange | noReplace) != (exchange | noReplace) else { throw .invalidArgument }
+        let (sdir, sb) = try entry(parent, name)
+        let (ddir, db) = try entry(newParent, newName)
+        if parent == newParent && sb == db { return }
+        let sst: stat
+        do { sst = try Sys.fstatat(sdir.fd, sb.entryName) } catch { throw error.errno == ENOENT ? .notFound : .system(error) }
+        let dst = try? Sys.fstatat(ddir.fd, db.entryName)
+        let source = Link(parent: parent, name: name, entry: sb.entryName)
+        let target = Link(parent: newParent, name: newName, entry: db.entryName)
+
+        if flags & exchange != 0 {
+            // Both names stay where they are (and so do long names' side files); the
+            // objects behind them swap. A directory carries its ID inside it.
+            guard let dst else { throw .notFound }
+            do { try Sys.renameat(sdir.fd, sb.entryName, ddir.fd, db.entryName, flags: exchange) } catch { throw .system(error) }
+            table.withLock {
+                $0.moved(from: parent, name: name, to: target, identity: Identity(sst))
+                $0.moved(from: newParent, name: newName, to: source, identity: Identity(dst))
+            }
+            return
+        }
+        if dst != nil && flags & noReplace != 0 { throw .exists }
+        if let dst, Identity(dst) == Identity(sst) {
+            // Two names of one file: rename(2) does nothing then.
+            return
+        }
+        try writeLongNameFile(ddir, db)
+        let doRename = { () throws(SystemError) in
+            try Sys.renameat(sdir.fd, sb.entryName, ddir.fd, db.entryName, flags: flags & noReplace)
+        }
+        do throws(FSError) {
+            if sst.isDirectory, let d = dst, d.isDirectory {
+                let pinned: Int32
+                do { pinned = try Sys.openPath(ddir.fd, db.entryName, directory: true) } catch { throw FSError.system(error) }
+                defer { Sys.close(pinned) }
+                try withoutDirHeader(pinned, doRename)
+            } else {
+                do { try doRename() } catch { throw FSError.system(error) }
+            }
+        } catch {
+            if dst == nil { removeLongNameFile(ddir, db) }
+            if case .system(let e) = error, e.errno == ENOENT { throw FSError.notFound }
+            throw error
+        }
+        removeLongNameFile(sdir, sb)
+        let replaced = table.withLock { t -> UInt64? in
+            var gone: UInt64?
+            if let dst {
+                gone = t.unlinked(parent: newParent, name: newName, identity: Identity(dst), lastName: dst.isDirectory || dst.st_nlink <= 1)
+            }
+            t.moved(from: parent, name: name, to: target, identity: Identity(sst))
+            return dst?.isDirectory == true ? gone : nil
+        }
+        if let replaced { dirCache.withLock { $0.remove(replaced) } }
+    }
+}

@@ -1,0 +1,93 @@
+import CSysShim
+import XTSContent
+import XTSSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Extended attributes. `user.*` are stored encrypted in the backing object's own `user.`
+/// attributes (EOPNOTSUPP where the backing filesystem has none). Other namespaces are
+/// answered as ext4 without SELinux or ACLs would, without a backing call: `ls -l` asks
+/// for two of them on every entry.
+extension FileSystem {
+    public enum XattrFlag: Sendable { case any, create, replace }
+
+    var xattrs: XattrCodec { XattrCodec(keys: keys) }
+
+    /// The backing name of a plaintext attribute name; nil for names outside `user.`.
+    private func backingXattrName(_ name: [UInt8]) throws(FSError) -> String? {
+        do { return try xattrs.encryptName(name) } catch {
+            // The kernel says ERANGE for a name too long for the filesystem.
+            if case .tooLong = error { throw .outOfRange }
+            throw FSError(error)
+        }
+    }
+
+    /// The value of `name`.
+    public func getxattr(_ id: UInt64, name: [UInt8]) throws(FSError) -> [UInt8] {
+        guard let backing = try backingXattrName(name) else { throw .noAttribute }
+        let stored = try withXattrTarget(id) { (fd) throws(SystemError) -> [UInt8] in
+            while true {
+                let need = try Sys.getxattr(pinned: fd, backing, into: UnsafeMutableRawBufferPointer(start: nil, count: 0))
+                var buf = [UInt8](repeating: 0, count: need)
+                do throws(SystemError) {
+                    let n = try buf.withMutableBytes { (p) throws(SystemError) -> Int in try Sys.getxattr(pinned: fd, backing, into: p) }
+                    return Array(buf.prefix(n))
+                } catch where error.errno == ERANGE {
+                    continue  // grew since we asked
+                }
+            }
+        }
+        do { return try xattrs.decryptValue(stored, backingName: backing) } catch {
+            throw .damaged("extended attribute value of node \(id): \(error)")
+        }
+    }
+
+    public func setxattr(_ id: UInt64, name: [UInt8], value: [UInt8], flag: XattrFlag) throws(FSError) {
+        try checkWritable()
+        guard let backing = try backingXattrName(name) else {
+            // No security labels, ACLs or trusted attributes are kept (ext4 without them).
+            throw .notSupported
+        }
+        guard value.count <= XattrCodec.maxValue else { throw .tooBig }
+        let stored: [UInt8]
+        do { stored = try xattrs.encryptValue(value, backingName: backing) } catch { throw .damaged("\(error)") }
+        let flags = flag == .create ? XTS_XATTR_CREATE : flag == .replace ? XTS_XATTR_REPLACE : 0
+        try withXattrTarget(id) { (fd) throws(SystemError) in try Sys.setxattr(pinned: fd, backing, stored, flags: flags) }
+    }
+
+    public func listxattr(_ id: UInt64) throws(FSError) -> [[UInt8]] {
+        let all = try withXattrTarget(id) { (fd) throws(SystemError) -> [String] in
+            do throws(SystemError) { return try Sys.listxattr(pinned: fd) } catch where error.errno == EOPNOTSUPP { return [] }
+        }
+        // Attributes that are not ours (or do not decrypt) are not listed.
+        return all.compactMap { xattrs.decryptName($0) }
+    }
+
+    public func removexattr(_ id: UInt64, name: [UInt8]) throws(FSError) {
+        try checkWritable()
+        guard let backing = try backingXattrName(name) else { throw .noAttribute }
+        try withXattrTarget(id) { (fd) throws(SystemError) in try Sys.removexattr(pinned: fd, backing) }
+    }
+
+    /// Runs `body` on the node's pinned object, or on an open handle of an unlinked one.
+    private func withXattrTarget<R>(_ id: UInt64, _ body: (Int32) throws(SystemError) -> R) throws(FSError) -> R {
+        func run(_ fd: Int32) throws(FSError) -> R {
+            do { return try body(fd) } catch {
+                switch error.errno {
+                case ENODATA: throw .noAttribute
+                case ENOTSUP: throw .notSupported
+                case E2BIG: throw .tooBig
+                case ERANGE: throw .outOfRange
+                default: throw .system(error)
+                }
+            }
+        }
+        do {
+            return try withPinned(id) { (fd, _) throws(FSError) in try run(fd) }
+        } catch {
+            guard case .notFound = error, let f = anyOpenFile(of: id) else { throw error }
+            return try run(f.fd)
+        }
+    }
+}
