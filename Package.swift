@@ -31,7 +31,7 @@ let package = Package(
         ]),
         .testTarget(name: "XTSCryptoTests", dependencies: ["XTSCrypto", "XTSSystem"], resources: [.copy("Vectors")]),
         .testTarget(name: "XTSFormatTests", dependencies: ["XTSFormat", "XTSKeys", "XTSCrypto", "XTSSystem", "XTSVolume"], resources: [.copy("Golden")]),
-        .testTarget(name: "XTSFSTests", dependencies: ["XTSFS", "XTSKeys", "XTSFormat", "XTSCrypto", "XTSSystem"]),
+        .testTarget(name: "XTSFSTests", dependencies: ["XTSFS", "CSysShim", "XTSContent", "XTSKeys", "XTSFormat", "XTSCrypto", "XTSSystem"]),
         .testTarget(name: "XTSContentTests", dependencies: ["XTSContent", "XTSCrypto", "XTSFormat", "XTSKeys", "XTSSystem"]),
         .testTarget(name: "XTSIntegrationTests", dependencies: ["XTSVolume", "XTSCrypto", "XTSSystem", "xtsfs"], resources: [.copy("Fixtures")]),
     ],

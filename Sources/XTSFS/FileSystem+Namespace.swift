@@ -99,7 +99,8 @@ extension FileSystem {
             guard st.isSymlink else { throw .invalidArgument }
             do throws(SystemError) { return try Sys.readlinkat(fd, "") } catch { throw .system(error) }
         }
-        do { return try names.decryptTarget(raw) } catch { throw FSError(error) }
+        // A target that does not decrypt is damage (or something planted), whatever the reason.
+        do { return try names.decryptTarget(raw) } catch { throw .damaged("symlink target of node \(id): \(error)") }
     }
 
     /// A hard link: one more backing name for the same backing file. The file's key is in

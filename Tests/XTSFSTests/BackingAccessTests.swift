@@ -1,0 +1,374 @@
+import CSysShim
+import Foundation
+import XCTest
+import XTSContent
+import XTSCrypto
+import XTSFormat
+import XTSKeys
+import XTSSystem
+@testable import XTSFS
+
+/// The filesystem layer over a hostile backing directory, and the operations that came
+/// with one node per backing inode: hard links, xattrs, fallocate, RENAME_EXCHANGE.
+final class BackingAccessTests: XCTestCase {
+    var scratch = ""
+    var dir = ""
+    var canary = ""
+    var fs: FileSystem!
+    var logged: LogBox!
+    let me = Caller(uid: geteuid(), gid: getegid())
+
+    final class LogBox: @unchecked Sendable {
+        private let lock = NSLock()
+        private var lines: [String] = []
+        func add(_ s: String) { lock.lock(); lines.append(s); lock.unlock() }
+        var all: [String] { lock.lock(); defer { lock.unlock() }; return lines }
+    }
+
+    override func setUpWithError() throws {
+        var template = Array("/tmp/xtsfs-fs-XXXXXX".utf8CString)
+        scratch = String(cString: mkdtemp(&template)!)
+        dir = scratch + "/cipher"
+        canary = scratch + "/canary"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: canary + "/sub", withIntermediateDirectories: true)
+        try Data("outside".utf8).write(to: URL(fileURLWithPath: canary + "/file"))
+        chmod(canary + "/file", 0o600)
+        let keys = try KeySet.generate(generation: 1, volumeID: try Random.bytes(16))
+        try Sys.atomicWrite(try DirHeader.random(keyGeneration: 1).encode(macKey: keys.metadataMACKey), to: dir + "/" + DirHeader.fileName)
+        let box = LogBox()
+        logged = box
+        fs = try FileSystem(cipherDir: dir, keys: keys, readOnly: false, log: { box.add($0) })
+    }
+
+    override func tearDown() {
+        fs = nil
+        try? FileManager.default.removeItem(atPath: scratch)
+    }
+
+    func name(_ s: String) -> [UInt8] { Array(s.utf8) }
+
+    func write(_ h: UInt64, _ bytes: [UInt8], at off: Int64 = 0) throws {
+        let n = try bytes.withUnsafeBytes { try fs.write(handle: h, offset: off, data: $0) }
+        XCTAssertEqual(n, bytes.count)
+    }
+
+    func read(_ h: UInt64, _ count: Int, at off: Int64 = 0) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        let n = try out.withUnsafeMutableBytes { try fs.read(handle: h, offset: off, into: $0) }
+        return Array(out.prefix(n))
+    }
+
+    func makeFile(_ parent: UInt64, _ n: String, _ content: String) throws -> UInt64 {
+        let (id, _, h) = try fs.create(parent: parent, name: name(n), mode: 0o644, flags: O_RDWR, caller: me)
+        try write(h, name(content))
+        fs.release(h)
+        return id
+    }
+
+    /// The backing entries that appeared while `body` ran, in `path`.
+    func newEntries(in path: String, _ body: () throws -> Void) throws -> [String] {
+        let before = Set(try FileManager.default.contentsOfDirectory(atPath: path))
+        try body()
+        return try FileManager.default.contentsOfDirectory(atPath: path).filter { !before.contains($0) }.sorted()
+    }
+
+    func assertCanaryIntact(file: StaticString = #filePath, line: UInt = #line) {
+        var st = stat()
+        XCTAssertEqual(lstat(canary + "/file", &st), 0, file: file, line: line)
+        XCTAssertEqual(st.st_mode & 0o7777, 0o600, "mode of a file outside CIPHERDIR changed", file: file, line: line)
+        XCTAssertEqual(FileManager.default.contents(atPath: canary + "/file"), Data("outside".utf8), file: file, line: line)
+        XCTAssertEqual(try? FileManager.default.contentsOfDirectory(atPath: canary + "/sub"), [], file: file, line: line)
+    }
+
+    func expect(_ errors: [String], file: StaticString = #filePath, line: UInt = #line, _ body: () throws -> Void) {
+        XCTAssertThrowsError(try body(), file: file, line: line) { e in
+            guard let fe = e as? FSError else { return XCTFail("\(e)", file: file, line: line) }
+            let label = "\(fe)"
+            XCTAssertTrue(errors.contains { label.hasPrefix($0) || label.contains($0) }, "unexpected \(fe)", file: file, line: line)
+        }
+    }
+
+    // MARK: - hostile CIPHERDIR
+
+    func testFileSwappedForSymlinkIsNeverFollowed() throws {
+        var id: UInt64 = 0
+        let entries = try newEntries(in: dir) { id = try makeFile(FileSystem.rootID, "victim", "inside") }
+        XCTAssertEqual(entries.count, 1)
+        let backing = dir + "/" + entries[0]
+        XCTAssertEqual(rename(backing, scratch + "/saved"), 0)
+        XCTAssertEqual(Glibc.symlink(canary + "/file", backing), 0)
+        var c = AttributeChanges()
+        c.mode = 0o666
+        expect(["replaced"]) { _ = try fs.setattr(id, handle: nil, changes: c) }
+        c = AttributeChanges(); c.size = 0
+        expect(["replaced"]) { _ = try fs.setattr(id, handle: nil, changes: c) }
+        c = AttributeChanges(); c.uid = 65534
+        expect(["replaced"]) { _ = try fs.setattr(id, handle: nil, changes: c) }
+        expect(["replaced"]) { _ = try fs.open(id, flags: O_RDWR) }
+        expect(["replaced"]) { try fs.setxattr(id, name: name("user.x"), value: [1], flag: .any) }
+        assertCanaryIntact()
+    }
+
+    func testDirectorySwappedForSymlinkIsNeverEntered() throws {
+        var sub: UInt64 = 0
+        let entries = try newEntries(in: dir) { sub = try fs.mkdir(parent: FileSystem.rootID, name: name("sub"), mode: 0o755, caller: me).0 }
+        _ = try makeFile(sub, "inner", "x")
+        let (deep, _) = try fs.mkdir(parent: sub, name: name("deeper"), mode: 0o755, caller: me)
+        // A fresh filesystem over the same directory: nothing cached.
+        fs = try FileSystem(cipherDir: dir, keys: fs.keys, readOnly: false, log: { _ in })
+        let (sub2, _) = try fs.lookup(parent: FileSystem.rootID, name: name("sub"))
+        _ = deep
+        let backing = dir + "/" + entries[0]
+        XCTAssertEqual(rename(backing, scratch + "/saveddir"), 0)
+        XCTAssertEqual(Glibc.symlink(canary + "/sub", backing), 0)
+        expect(["replaced", "not a directory", "no such entry"]) { _ = try fs.create(parent: sub2, name: name("planted"), mode: 0o644, flags: O_RDWR, caller: me) }
+        expect(["replaced", "not a directory", "no such entry"]) { _ = try fs.mkdir(parent: sub2, name: name("planted"), mode: 0o755, caller: me) }
+        expect(["replaced", "not a directory", "no such entry"]) { _ = try fs.opendir(sub2) }
+        // Looked up afresh, the name is a symlink that leads nowhere we would follow.
+        let (again, st) = try fs.lookup(parent: FileSystem.rootID, name: name("sub"))
+        XCTAssertTrue(st.isSymlink)
+        expect(["damaged"]) { _ = try fs.readlink(again) }
+        assertCanaryIntact()
+    }
+
+    func testFIFOsAndOversizedInternalFilesAreDamageNotHangs() throws {
+        let (sub, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("sub"), mode: 0o755, caller: me)
+        let backingSub = try FileManager.default.contentsOfDirectory(atPath: dir).first { !$0.hasPrefix("xtsfs.") }!
+        let header = dir + "/" + backingSub + "/" + DirHeader.fileName
+        XCTAssertEqual(unlink(header), 0)
+        XCTAssertEqual(mkfifo(header, 0o644), 0)
+        fs = try FileSystem(cipherDir: dir, keys: fs.keys, readOnly: false, log: { _ in })
+        let (again, _) = try fs.lookup(parent: FileSystem.rootID, name: name("sub"))
+        _ = sub
+        expect(["damaged"]) { _ = try fs.opendir(again) }
+        expect(["damaged"]) { _ = try fs.lookup(parent: again, name: name("x")) }
+        // A symlink in its place is damage too, and an oversized one.
+        XCTAssertEqual(unlink(header), 0)
+        XCTAssertEqual(Glibc.symlink(canary + "/file", header), 0)
+        expect(["damaged"]) { _ = try fs.opendir(again) }
+        XCTAssertEqual(unlink(header), 0)
+        XCTAssertTrue(FileManager.default.createFile(atPath: header, contents: Data(count: 1 << 20)))
+        expect(["damaged"]) { _ = try fs.opendir(again) }
+        assertCanaryIntact()
+    }
+
+    func testHugeSparseBackingFileIsDamage() throws {
+        // ext4 stops at 16 TiB; tmpfs takes sizes near 2^63, where offset arithmetic would overflow.
+        var template = Array("/dev/shm/xtsfs-fs-XXXXXX".utf8CString)
+        guard let p = mkdtemp(&template) else { throw XCTSkip("no tmpfs at /dev/shm") }
+        let shm = String(cString: p)
+        defer { try? FileManager.default.removeItem(atPath: shm) }
+        try Sys.atomicWrite(try DirHeader.random(keyGeneration: 1).encode(macKey: fs.keys.metadataMACKey), to: shm + "/" + DirHeader.fileName)
+        fs = try FileSystem(cipherDir: shm, keys: fs.keys, readOnly: false, log: { _ in })
+        var id: UInt64 = 0
+        let entries = try newEntries(in: shm) { id = try makeFile(FileSystem.rootID, "big", "some content") }
+        XCTAssertEqual(truncate(shm + "/" + entries[0], 0x7fff_ffff_ffff_f000), 0)
+        // Its attributes are still there to see; opening it is EIO, not an overflow trap.
+        XCTAssertGreaterThan(try fs.getattr(id, handle: nil).st_size, 1 << 62)
+        expect(["damaged"]) { _ = try fs.open(id, flags: O_RDONLY) }
+        expect(["damaged"]) { _ = try fs.open(id, flags: O_RDWR) }
+        var c = AttributeChanges()
+        c.size = 10
+        expect(["damaged"]) { _ = try fs.setattr(id, handle: nil, changes: c) }
+    }
+
+    func testSwappedLongNameSideFilesAreNotTrusted() throws {
+        let long1 = String(repeating: "a", count: 220), long2 = String(repeating: "b", count: 220)
+        _ = try makeFile(FileSystem.rootID, long1, "one")
+        _ = try makeFile(FileSystem.rootID, long2, "two")
+        _ = try makeFile(FileSystem.rootID, "short", "three")
+        let records = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(NameCodec.longSuffix) }
+        XCTAssertEqual(records.count, 2)
+        let p1 = dir + "/" + records[0], p2 = dir + "/" + records[1]
+        let c1 = try Data(contentsOf: URL(fileURLWithPath: p1)), c2 = try Data(contentsOf: URL(fileURLWithPath: p2))
+        chmod(p1, 0o644); chmod(p2, 0o644)
+        try c2.write(to: URL(fileURLWithPath: p1))
+        try c1.write(to: URL(fileURLWithPath: p2))
+        let h = try fs.opendir(FileSystem.rootID)
+        var seen: [String] = []
+        try fs.readdir(handle: h, offset: 0) { _, e in seen.append(String(decoding: e.name, as: UTF8.self)); return true }
+        fs.releasedir(h)
+        XCTAssertEqual(seen.sorted(), [".", "..", "short"], "entries whose side file belongs to another name are skipped")
+        XCTAssertEqual(logged.all.filter { $0.contains("belongs to another name") }.count, 2)
+    }
+
+    func testClassifierNamesEveryKindOfBackingEntry() {
+        XCTAssertEqual(BackingEntry.classify("xtsfs.header"), .volumeHeader(copy: 0))
+        XCTAssertEqual(BackingEntry.classify("xtsfs.header2"), .volumeHeader(copy: 1))
+        XCTAssertEqual(BackingEntry.classify("xtsfs.dir"), .directoryHeader)
+        XCTAssertEqual(BackingEntry.classify("xtsfs.dir.tmp"), .temporary(of: "xtsfs.dir"))
+        let hash = String(repeating: "A", count: 43)
+        XCTAssertEqual(BackingEntry.classify("xtsfs.long." + hash), .longName("xtsfs.long." + hash))
+        XCTAssertEqual(BackingEntry.classify("xtsfs.long." + hash + ".name"), .longNameRecord(entry: "xtsfs.long." + hash))
+        XCTAssertEqual(BackingEntry.classify("xtsfs.long." + hash + ".name.tmp"), .temporary(of: "xtsfs.long." + hash + ".name"))
+        XCTAssertEqual(BackingEntry.classify("xtsfs.long.short"), .foreign)
+        XCTAssertEqual(BackingEntry.classify(String(repeating: "Q", count: 43)), .encryptedName(String(repeating: "Q", count: 43)))
+        XCTAssertEqual(BackingEntry.classify(".DS_Store"), .foreign)
+        XCTAssertEqual(BackingEntry.classify("notes (conflicted copy).txt"), .foreign)
+        XCTAssertEqual(BackingEntry.classify("xtsfs.unknown"), .foreign)
+    }
+
+    // MARK: - hard links
+
+    func testHardLinksAreOneNode() throws {
+        let a = try makeFile(FileSystem.rootID, "a", "shared")
+        let (sub, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("sub"), mode: 0o755, caller: me)
+        let (b, st) = try fs.link(a, newParent: sub, newName: name("b"))
+        XCTAssertEqual(b, a, "two names of one file are one node")
+        XCTAssertEqual(st.st_nlink, 2)
+        XCTAssertEqual(try fs.lookup(parent: sub, name: name("b")).0, a)
+        expect(["exists"]) { _ = try fs.link(a, newParent: sub, newName: name("b")) }
+        expect(["not permitted"]) { _ = try fs.link(sub, newParent: FileSystem.rootID, newName: name("dirlink")) }
+        // Written through one name, read through the other.
+        let h = try fs.open(a, flags: O_RDWR)
+        try write(h, name("SHARED"))
+        try fs.unlink(parent: FileSystem.rootID, name: name("a"))
+        XCTAssertEqual(try fs.getattr(a, handle: nil).st_nlink, 1, "reached through its other name")
+        let h2 = try fs.open(a, flags: O_RDONLY)
+        XCTAssertEqual(try read(h2, 100), name("SHARED"))
+        fs.release(h2)
+        try fs.unlink(parent: sub, name: name("b"))
+        // Every name gone: the open handle still serves it.
+        XCTAssertEqual(try read(h, 100), name("SHARED"))
+        XCTAssertEqual(try fs.getattr(a, handle: nil).st_nlink, 0)
+        fs.release(h)
+    }
+
+    func testRenameOverAnotherNameOfTheSameFileDoesNothing() throws {
+        let a = try makeFile(FileSystem.rootID, "a", "x")
+        _ = try fs.link(a, newParent: FileSystem.rootID, newName: name("b"))
+        try fs.rename(parent: FileSystem.rootID, name: name("a"), newParent: FileSystem.rootID, newName: name("b"), flags: 0)
+        XCTAssertEqual(try fs.lookup(parent: FileSystem.rootID, name: name("a")).0, a)
+        XCTAssertEqual(try fs.lookup(parent: FileSystem.rootID, name: name("b")).1.st_nlink, 2)
+    }
+
+    // MARK: - rename exchange
+
+    func testRenameExchangeSwapsObjects() throws {
+        let f = try makeFile(FileSystem.rootID, "f", "file")
+        let (d, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("d"), mode: 0o755, caller: me)
+        _ = try makeFile(d, "inside", "in")
+        try fs.rename(parent: FileSystem.rootID, name: name("f"), newParent: FileSystem.rootID, newName: name("d"), flags: UInt32(XTS_RENAME_EXCHANGE))
+        let (nowD, st) = try fs.lookup(parent: FileSystem.rootID, name: name("d"))
+        XCTAssertEqual(nowD, f)
+        XCTAssertTrue(st.isRegular)
+        let (nowF, st2) = try fs.lookup(parent: FileSystem.rootID, name: name("f"))
+        XCTAssertEqual(nowF, d)
+        XCTAssertTrue(st2.isDirectory)
+        // The directory kept its ID: its entry still decrypts under the new name.
+        XCTAssertEqual(try fs.lookup(parent: nowF, name: name("inside")).1.st_size, 2)
+        expect(["no such entry"]) {
+            try fs.rename(parent: FileSystem.rootID, name: name("f"), newParent: FileSystem.rootID, newName: name("missing"), flags: UInt32(XTS_RENAME_EXCHANGE))
+        }
+    }
+
+    // MARK: - extended attributes
+
+    func testXattrsRoundTripEncrypted() throws {
+        let id = try makeFile(FileSystem.rootID, "f", "x")
+        try fs.setxattr(id, name: name("user.colour"), value: name("midnight blue"), flag: .any)
+        try fs.setxattr(id, name: name("user.empty"), value: [], flag: .any)
+        XCTAssertEqual(try fs.getxattr(id, name: name("user.colour")), name("midnight blue"))
+        XCTAssertEqual(try fs.getxattr(id, name: name("user.empty")), [])
+        XCTAssertEqual(Set(try fs.listxattr(id).map { String(decoding: $0, as: UTF8.self) }), ["user.colour", "user.empty"])
+        expect(["no such attribute"]) { _ = try fs.getxattr(id, name: name("user.missing")) }
+        expect(["no such attribute"]) { _ = try fs.getxattr(id, name: name("security.selinux")) }
+        expect(["not supported"]) { try fs.setxattr(id, name: name("security.selinux"), value: [1], flag: .any) }
+        expect(["exists", "File exists"]) { try fs.setxattr(id, name: name("user.colour"), value: [1], flag: .create) }
+        expect(["no such attribute"]) { try fs.setxattr(id, name: name("user.new"), value: [1], flag: .replace) }
+        expect(["out of range"]) { try fs.setxattr(id, name: Array("user.".utf8) + Array(repeating: 0x61, count: 161), value: [1], flag: .any) }
+        expect(["too large"]) { try fs.setxattr(id, name: name("user.big"), value: [UInt8](repeating: 1, count: 70000), flag: .any) }
+        try fs.removexattr(id, name: name("user.colour"))
+        expect(["no such attribute"]) { _ = try fs.getxattr(id, name: name("user.colour")) }
+        // The backing side holds neither the name nor the value in clear.
+        let backing = try FileManager.default.contentsOfDirectory(atPath: dir).first { !$0.hasPrefix("xtsfs.") }!
+        let raw = try listBackingXattrs(dir + "/" + backing)
+        XCTAssertEqual(raw.count, 1)
+        XCTAssertFalse(raw.joined().contains("empty"))
+    }
+
+    func listBackingXattrs(_ path: String) throws -> [String] {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = CSysShim.listxattr(path, &buf, buf.count)
+        XCTAssertGreaterThanOrEqual(n, 0)
+        return buf[0..<max(n, 0)].split(separator: 0).map { String(decoding: $0.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
+    }
+
+    func testXattrValueMovedToAnotherNameIsDamage() throws {
+        let id = try makeFile(FileSystem.rootID, "f", "x")
+        try fs.setxattr(id, name: name("user.a"), value: name("secret a"), flag: .any)
+        try fs.setxattr(id, name: name("user.b"), value: name("secret b"), flag: .any)
+        let backing = dir + "/" + (try FileManager.default.contentsOfDirectory(atPath: dir).first { !$0.hasPrefix("xtsfs.") }!)
+        let names = try listBackingXattrs(backing)
+        var a = [UInt8](repeating: 0, count: 256)
+        let n = CSysShim.getxattr(backing, names[0], &a, a.count)
+        XCTAssertGreaterThan(n, 0)
+        XCTAssertEqual(CSysShim.setxattr(backing, names[1], a, n, 0), 0)
+        let results = [try? fs.getxattr(id, name: name("user.a")), try? fs.getxattr(id, name: name("user.b"))]
+        XCTAssertEqual(results.compactMap { $0 }.count, 1, "the moved value no longer opens")
+    }
+
+    // MARK: - fallocate
+
+    func testFallocateModes() throws {
+        let (id, _, h) = try fs.create(parent: FileSystem.rootID, name: name("f"), mode: 0o644, flags: O_RDWR, caller: me)
+        defer { fs.release(h) }
+        var data = [UInt8](repeating: 0, count: 20000)
+        for i in data.indices { data[i] = UInt8(truncatingIfNeeded: i * 7 + 1) }
+        try write(h, data)
+        // Punch a hole across unit boundaries: partial units rewritten, whole ones freed.
+        try fs.fallocate(handle: h, mode: XTS_FALLOC_PUNCH_HOLE | XTS_FALLOC_KEEP_SIZE, offset: 1000, length: 10000)
+        var expected = data
+        for i in 1000..<11000 { expected[i] = 0 }
+        XCTAssertEqual(try read(h, 30000), expected)
+        XCTAssertEqual(try fs.getattr(id, handle: h).st_size, 20000)
+        // ZERO_RANGE past the end grows the file.
+        try fs.fallocate(handle: h, mode: XTS_FALLOC_ZERO_RANGE, offset: 19000, length: 2000)
+        for i in 19000..<20000 { expected[i] = 0 }
+        expected += [UInt8](repeating: 0, count: 1000)
+        XCTAssertEqual(try read(h, 30000), expected)
+        // Mode 0 grows; KEEP_SIZE does not.
+        try fs.fallocate(handle: h, mode: XTS_FALLOC_KEEP_SIZE, offset: 0, length: 100_000)
+        XCTAssertEqual(try fs.getattr(id, handle: h).st_size, 21000)
+        try fs.fallocate(handle: h, mode: 0, offset: 0, length: 50000)
+        XCTAssertEqual(try fs.getattr(id, handle: h).st_size, 50000)
+        expected += [UInt8](repeating: 0, count: 29000)
+        XCTAssertEqual(try read(h, 60000), expected)
+        expect(["not supported"]) { try fs.fallocate(handle: h, mode: XTS_FALLOC_PUNCH_HOLE, offset: 0, length: 10) }
+        expect(["not supported"]) { try fs.fallocate(handle: h, mode: 0x08, offset: 0, length: 4096) }
+    }
+
+    func testPunchHoleInTinyAndMergedTailFiles() throws {
+        for size in [7, 4100, 8195] {
+            let (_, _, h) = try fs.create(parent: FileSystem.rootID, name: name("t\(size)"), mode: 0o644, flags: O_RDWR, caller: me)
+            let data = [UInt8](repeating: 0xAB, count: size)
+            try write(h, data)
+            try fs.fallocate(handle: h, mode: XTS_FALLOC_PUNCH_HOLE | XTS_FALLOC_KEEP_SIZE, offset: 2, length: Int64(size))
+            XCTAssertEqual(try read(h, size + 10), [0xAB, 0xAB] + [UInt8](repeating: 0, count: size - 2), "size \(size)")
+            fs.release(h)
+        }
+    }
+
+    // MARK: - paths
+
+    func testDeepTreeBeyondPathMax() throws {
+        var parent = FileSystem.rootID
+        for i in 0..<25 {
+            parent = try fs.mkdir(parent: parent, name: name(String(repeating: Character(UnicodeScalar(UInt8(97 + i % 26))), count: 200)), mode: 0o755, caller: me).0
+        }
+        let leaf = try makeFile(parent, "leaf", "deep content")
+        // A new filesystem over the same directory reaches it again one name at a time,
+        // with a directory cache far smaller than the depth.
+        fs = try FileSystem(cipherDir: dir, keys: fs.keys, readOnly: false, dirCacheCapacity: 4, log: { _ in })
+        parent = FileSystem.rootID
+        for i in 0..<25 {
+            parent = try fs.lookup(parent: parent, name: name(String(repeating: Character(UnicodeScalar(UInt8(97 + i % 26))), count: 200))).0
+        }
+        let (found, _) = try fs.lookup(parent: parent, name: name("leaf"))
+        _ = leaf
+        let h = try fs.open(found, flags: O_RDONLY)
+        XCTAssertEqual(try read(h, 100), name("deep content"))
+        fs.release(h)
+    }
+}
