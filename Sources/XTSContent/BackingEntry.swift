@@ -15,6 +15,8 @@ public enum BackingEntry: Equatable, Sendable {
     case longName(String)
     /// `xtsfs.long.HASH.name`: the side file holding the encrypted name of `longName`.
     case longNameRecord(entry: String)
+    /// `xtsfs.links`: long symlink targets, by hash (meaningful in the root directory only).
+    case linkStore
     /// `NAME.tmp` of one of our files: left by an interrupted atomic replacement.
     case temporary(of: String)
     /// Anything else: not ours (a sync tool's conflict copy, `.DS_Store`, ...).
@@ -26,6 +28,7 @@ public enum BackingEntry: Equatable, Sendable {
     public static func classify(_ name: String) -> BackingEntry {
         if name.hasPrefix(internalPrefix) {
             if name == DirHeader.fileName { return .directoryHeader }
+            if name == NameCodec.linkStore { return .linkStore }
             if let copy = HeaderStore.fileNames.firstIndex(of: name) { return .volumeHeader(copy: copy) }
             if name.hasSuffix(temporarySuffix) {
                 let base = String(name.dropLast(temporarySuffix.count))

@@ -35,7 +35,15 @@ public struct NameCodec: Sendable {
     public static let maxBackingName = 255
     public static let longPrefix = "xtsfs.long."
     public static let longSuffix = ".name"
-    public static let maxSymlinkTarget = 3000
+    /// PATH_MAX - 1, as on Linux filesystems.
+    public static let maxSymlinkTarget = 4095
+    /// Longest backing symlink target; a longer encoded target is kept in the link store.
+    public static let maxBackingTarget = 4095
+    /// The backing target of a symlink whose encoded target is in the link store:
+    /// `xtsfs.link.` + base64url(SHA-256(encoded target)). Never base64url itself.
+    public static let storedTargetPrefix = "xtsfs.link."
+    /// The directory in CIPHERDIR that holds long encoded symlink targets, by hash.
+    public static let linkStore = "xtsfs.links"
     static let nameLabel: [UInt8] = Array("xtsfs v1 name".utf8)
     static let linkLabel: [UInt8] = Array("xtsfs v1 symlink".utf8)
 
@@ -61,6 +69,11 @@ public struct NameCodec: Sendable {
     /// trusted only when its content hashes to its entry's name.
     public static func longEntryName(forEncoded encoded: [UInt8]) -> String {
         longPrefix + Base64URL.encode(SHA256.hash(encoded))
+    }
+
+    /// The link-store file name of a long encoded symlink target: its hash.
+    public static func storedTargetName(forEncoded encoded: [UInt8]) -> String {
+        Base64URL.encode(SHA256.hash(encoded))
     }
 
     /// Decrypts an encrypted name (the short form, or the content of a long-name side file).

@@ -89,8 +89,14 @@ extension FileSystem {
     public func symlink(target: [UInt8], parent: UInt64, name: [UInt8], caller: Caller) throws(FSError) -> (UInt64, stat) {
         let encrypted: String
         do { encrypted = try names.encryptTarget(target) } catch { throw FSError(error) }
-        return try newEntry(parent: parent, name: name, caller: caller) { (dirfd, entry) throws(SystemError) in
-            try Sys.symlinkat(encrypted, dirfd, entry)
+        let stored = try backingTarget(encrypted)
+        do {
+            return try newEntry(parent: parent, name: name, caller: caller) { (dirfd, entry) throws(SystemError) in
+                try Sys.symlinkat(stored, dirfd, entry)
+            }
+        } catch {
+            if stored != encrypted { dropStoredTarget(Array(stored.utf8)) }
+            throw error
         }
     }
 
@@ -100,7 +106,7 @@ extension FileSystem {
             do throws(SystemError) { return try Sys.readlinkat(fd, "") } catch { throw .system(error) }
         }
         // A target that does not decrypt is damage (or something planted), whatever the reason.
-        do { return try names.decryptTarget(raw) } catch { throw .damaged("symlink target of node \(id): \(error)") }
+        return try decryptedTarget(raw)
     }
 
     /// A hard link: one more backing name for the same backing file. The file's key is in
@@ -134,8 +140,10 @@ extension FileSystem {
         let (dir, b) = try entry(parent, name)
         let st = try? Sys.fstatat(dir.fd, b.entryName)
         if let st, st.isDirectory { throw .isDirectory }
+        let storedTarget = st.flatMap { $0.isSymlink && $0.st_nlink <= 1 ? try? Sys.readlinkat(dir.fd, b.entryName) : nil }
         do { try Sys.unlinkat(dir.fd, b.entryName) } catch { throw error.errno == ENOENT ? .notFound : .system(error) }
         removeLongNameFile(dir, b)
+        dropStoredTarget(storedTarget)
         table.withLock { _ = $0.unlinked(parent: parent, name: name, identity: st.map(Identity.init), lastName: (st?.st_nlink ?? 1) <= 1) }
     }
 
@@ -217,6 +225,7 @@ extension FileSystem {
             return
         }
         try writeLongNameFile(ddir, db)
+        let replacedTarget = dst.flatMap { $0.isSymlink && $0.st_nlink <= 1 ? try? Sys.readlinkat(ddir.fd, db.entryName) : nil }
         let doRename = { () throws(SystemError) in
             try Sys.renameat(sdir.fd, sb.entryName, ddir.fd, db.entryName, flags: flags & noReplace)
         }
@@ -235,6 +244,7 @@ extension FileSystem {
             throw error
         }
         removeLongNameFile(sdir, sb)
+        dropStoredTarget(replacedTarget)
         let replaced = table.withLock { t -> UInt64? in
             var gone: UInt64?
             if let dst {

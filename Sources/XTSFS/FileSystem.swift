@@ -68,6 +68,7 @@ public final class FileSystem: @unchecked Sendable {
     let states = Mutex<[Identity: FileState]>([:])
     let dirs = Mutex<[UInt64: [DirectoryEntry]]>([:])
     let nextHandle = Atomic<UInt64>(1)
+    let linkStoreHandle = Mutex<DirHandle?>(nil)
 
     public init(cipherDir: String, keys: KeySet, readOnly: Bool, dirCacheCapacity: Int = 1024, log: @escaping @Sendable (String) -> Void) throws(FSError) {
         self.cipherDir = cipherDir
@@ -200,7 +201,7 @@ public final class FileSystem: @unchecked Sendable {
         var out = st
         if st.isRegular {
             out.st_size = off_t(Layout.plainSize(backingSize: Int64(st.st_size)))
-        } else if st.isSymlink, let raw = target(), let plain = try? names.decryptTarget(raw) {
+        } else if st.isSymlink, let raw = target(), let plain = try? decryptedTarget(raw) {
             out.st_size = off_t(plain.count)
         }
         return out

@@ -58,7 +58,10 @@ final class NameCodecTests: XCTestCase {
         let e1 = try codec.encryptTarget(t), e2 = try codec.encryptTarget(t)
         XCTAssertNotEqual(e1, e2, "random nonce: equal targets must not show")
         XCTAssertEqual(try codec.decryptTarget(Array(e1.utf8)), t)
-        XCTAssertLessThan(try codec.encryptTarget(Array(repeating: 0x61, count: NameCodec.maxSymlinkTarget)).utf8.count, 4096)
+        // Up to 3039 bytes the encoded target fits a backing symlink; longer ones go to the link store.
+        XCTAssertLessThanOrEqual(try codec.encryptTarget(Array(repeating: 0x61, count: 3039)).utf8.count, NameCodec.maxBackingTarget)
+        XCTAssertGreaterThan(try codec.encryptTarget(Array(repeating: 0x61, count: 3040)).utf8.count, NameCodec.maxBackingTarget)
+        XCTAssertEqual(try codec.decryptTarget(Array(try codec.encryptTarget(Array(repeating: 0x61, count: NameCodec.maxSymlinkTarget)).utf8)).count, 4095)
         XCTAssertThrowsError(try codec.encryptTarget(Array(repeating: 0x61, count: NameCodec.maxSymlinkTarget + 1)))
     }
 

@@ -350,6 +350,48 @@ final class BackingAccessTests: XCTestCase {
         }
     }
 
+    // MARK: - symlinks
+
+    func testLongSymlinkTargetsUseTheLinkStore() throws {
+        let short = [UInt8](repeating: 0x73, count: 3039), long = (0..<4095).map { UInt8(0x61 + $0 % 26) }
+        let (s, _) = try fs.symlink(target: short, parent: FileSystem.rootID, name: name("short"), caller: me)
+        let (l, st) = try fs.symlink(target: long, parent: FileSystem.rootID, name: name("long"), caller: me)
+        XCTAssertEqual(st.st_size, 4095)
+        XCTAssertEqual(try fs.readlink(s), short)
+        XCTAssertEqual(try fs.readlink(l), long)
+        let store = dir + "/" + NameCodec.linkStore
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: store).count, 1, "only the long target is stored")
+        // A hard link elsewhere keeps the stored target; the last name removes it.
+        let (sub, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("sub"), mode: 0o755, caller: me)
+        _ = try fs.link(l, newParent: sub, newName: name("again"))
+        try fs.unlink(parent: FileSystem.rootID, name: name("long"))
+        XCTAssertEqual(try fs.readlink(l), long)
+        XCTAssertEqual(try fs.getattr(l, handle: nil).st_size, 4095)
+        try fs.unlink(parent: sub, name: name("again"))
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: store).count, 0)
+        // Replacing a long symlink by rename removes its stored target too.
+        _ = try fs.symlink(target: long, parent: FileSystem.rootID, name: name("l2"), caller: me)
+        try fs.rename(parent: FileSystem.rootID, name: name("short"), newParent: FileSystem.rootID, newName: name("l2"), flags: 0)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: store).count, 0)
+        expect(["name too long"]) { _ = try fs.symlink(target: long + [0x61], parent: FileSystem.rootID, name: name("x"), caller: me) }
+    }
+
+    func testTamperedStoredTargetIsDamage() throws {
+        let long = [UInt8](repeating: 0x62, count: 3500)
+        let (l, _) = try fs.symlink(target: long, parent: FileSystem.rootID, name: name("long"), caller: me)
+        let store = dir + "/" + NameCodec.linkStore
+        let file = store + "/" + (try FileManager.default.contentsOfDirectory(atPath: store)[0])
+        chmod(file, 0o644)
+        var bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: file)))
+        bytes[100] = bytes[100] == 0x41 ? 0x42 : 0x41
+        try Data(bytes).write(to: URL(fileURLWithPath: file))
+        expect(["damaged"]) { _ = try fs.readlink(l) }
+        unlink(file)
+        XCTAssertEqual(Glibc.symlink(canary + "/file", file), 0)
+        expect(["damaged"]) { _ = try fs.readlink(l) }
+        assertCanaryIntact()
+    }
+
     // MARK: - paths
 
     func testDeepTreeBeyondPathMax() throws {
