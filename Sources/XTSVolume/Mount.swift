@@ -107,7 +107,7 @@ public enum Mounter {
 
     public static func mount(_ request: MountRequest, provider: some KeyProvider, say: @escaping @Sendable (String) -> Void) throws(VolumeError) -> Int32 {
         let req = try preflight(request)
-        let unlocked = try Volume.unlock(req.cipherDir, provider: provider, readOnly: req.readOnly)
+        let unlocked = try Volume.unlock(req.cipherDir, provider: provider)
         for w in unlocked.warnings { say("warning: " + w) }
         if req.foreground {
             ProcessHardening.apply()
