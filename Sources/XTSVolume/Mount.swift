@@ -91,8 +91,42 @@ public enum Mounter {
         }
     }
 
-    /// The command's mount: returns the exit status once the mount is ready (or failed),
-    /// or when the foreground filesystem is unmounted.
+    /// Refuses a mount point that is CIPHERDIR, lies inside it, or lies above it. The daemon
+    /// would serve its own mount: every access to the backing files goes through the
+    /// kernel back to the daemon, which waits for itself (a deadlock), or the mount hides
+    /// CIPHERDIR. Compared by components of the real paths (so `/a/bc` is not inside
+    /// `/a/b`), without touching the filesystem.
+    public static func checkOverlap(cipherDir: String, mountpoint mp: String) throws(VolumeError) {
+        let c = cipherDir.split(separator: "/"), m = mp.split(separator: "/")
+        if c == m { throw overlap(cipherDir, mp, "it is CIPHERDIR itself") }
+        if m.starts(with: c) { throw overlap(cipherDir, mp, "it is inside CIPHERDIR") }
+        if c.starts(with: m) { throw overlap(cipherDir, mp, "it is above CIPHERDIR (a parent directory of it)") }
+    }
+
+    static func overlap(_ cipherDir: String, _ mp: String, _ why: String) -> VolumeError {
+        .mountFailed("cannot mount on \(mp): \(why); choose a mount point outside CIPHERDIR \(cipherDir)")
+    }
+
+    /// The same by the identity (device and inode) of every ancestor, which also sees one
+    /// directory reached through two paths (a bind mount). Stats the mount point: call it
+    /// after `checkMountpoint` has ruled out a stale mount there.
+    static func checkOverlapByIdentity(cipherDir: String, mountpoint mp: String) throws(VolumeError) {
+        let c = cipherDir.split(separator: "/"), m = mp.split(separator: "/")
+        func identity(_ p: String) -> [UInt64]? {
+            guard let st = try? Sys.lstat(p) else { return nil }
+            return [UInt64(st.st_dev), UInt64(st.st_ino)]
+        }
+        func ancestors(_ parts: [Substring]) -> [[UInt64]] {
+            (0...parts.count).compactMap { n in identity("/" + parts.prefix(n).joined(separator: "/")) }
+        }
+        if let cid = identity(cipherDir), ancestors(m).contains(cid) {
+            throw overlap(cipherDir, mp, "it is inside CIPHERDIR (reached through another path, such as a bind mount)")
+        }
+        if let mid = identity(mp), ancestors(c).contains(mid) {
+            throw overlap(cipherDir, mp, "it is above CIPHERDIR (reached through another path, such as a bind mount)")
+        }
+    }
+
     /// What can be checked before asking for a key: the mount point, and that CIPHERDIR
     /// holds a readable header. Returns the request with absolute paths.
     public static func preflight(_ request: MountRequest) throws(VolumeError) -> MountRequest {
@@ -100,10 +134,15 @@ public enum Mounter {
         req.cipherDir = absolute(req.cipherDir)
         req.mountpoint = absolute(req.mountpoint)
         _ = try req.cacheTimeout()
+        try checkOverlap(cipherDir: req.cipherDir, mountpoint: req.mountpoint)
         try checkMountpoint(req.mountpoint, allowNonEmpty: req.options.contains("nonempty"))
+        try checkOverlapByIdentity(cipherDir: req.cipherDir, mountpoint: req.mountpoint)
         _ = try Volume.load(req.cipherDir)
         return req
     }
+
+    /// The command's mount: returns the exit status once the mount is ready (or failed),
+    /// or when the foreground filesystem is unmounted.
 
     public static func mount(_ request: MountRequest, provider: some KeyProvider, say: @escaping @Sendable (String) -> Void) throws(VolumeError) -> Int32 {
         let req = try preflight(request)

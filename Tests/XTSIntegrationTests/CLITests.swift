@@ -147,6 +147,43 @@ final class CLITests: VolumeTestCase {
         XCTAssertTrue(r.stderr.contains("not mounted"), r.stderr)
     }
 
+    func testMountPointOnInsideOrAboveCipherDirRefused() throws {
+        initVolume()
+        try FileManager.default.createDirectory(atPath: cipher + "/sub", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: scratch + "/cipher2", withIntermediateDirectories: true)
+        let before = backingFiles().map { $0.bytes }
+        let cases: [(String, [String], String)] = [
+            (cipher, [], "CIPHERDIR itself"),
+            (cipher + "/", ["-o", "nonempty"], "CIPHERDIR itself"),
+            (cipher + "/sub", [], "inside CIPHERDIR"),
+            (cipher + "/../cipher/sub", [], "inside CIPHERDIR"),
+            (scratch, [], "above CIPHERDIR"),
+            (scratch, ["-o", "nonempty"], "above CIPHERDIR"),
+            ("/", ["-o", "nonempty"], "above CIPHERDIR"),
+        ]
+        for (mp, extra, why) in cases {
+            let r = Harness.run(["mount", cipher, mp, "--passfile", passfile] + extra)
+            XCTAssertEqual(r.status, ExitStatus.mountFailed.rawValue, "\(mp): \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains(why), "\(mp): \(r.stderr)")
+            XCTAssertFalse(Harness.isMounted(Mounter.absolute(mp)), mp)
+        }
+        // A sibling whose name starts with CIPHERDIR's is not inside it.
+        let sibling = Harness.run(["mount", cipher, scratch + "/cipher2", "--passfile", passfile])
+        XCTAssertEqual(sibling.status, 0, sibling.stderr)
+        Harness.forceUnmount(scratch + "/cipher2")
+        // The same directory reached through a bind mount.
+        let bind = scratch + "/bind"
+        try FileManager.default.createDirectory(atPath: bind, withIntermediateDirectories: true)
+        if Harness.shell("mount --bind '\(cipher)' '\(bind)' 2>/dev/null") == 0 {
+            defer { Harness.shell("umount '\(bind)'") }
+            let r = Harness.run(["mount", cipher, bind + "/sub", "--passfile", passfile])
+            XCTAssertEqual(r.status, ExitStatus.mountFailed.rawValue, r.stderr)
+            XCTAssertTrue(r.stderr.contains("inside CIPHERDIR"), r.stderr)
+            XCTAssertFalse(Harness.isMounted(bind + "/sub"))
+        }
+        XCTAssertEqual(backingFiles().map { $0.bytes }, before)
+    }
+
     func testCacheTimeoutOption() throws {
         initVolume()
         let bad = Harness.run(["mount", cipher, mnt, "--passfile", passfile, "-o", "cache_timeout=soon"])
