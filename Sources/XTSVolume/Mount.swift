@@ -1,4 +1,5 @@
 import CSysShim
+import Synchronization
 import XTSCrypto
 import XTSFS
 import XTSFuse
@@ -164,8 +165,12 @@ public enum Mounter {
 
     nonisolated(unsafe) static var servedMountpoint: String = ""
 
-    /// Mounts and serves until unmounted. `ready` hears once whether the mount is up.
-    static func serve(_ req: MountRequest, keys: KeySet, log: @escaping @Sendable (String) -> Void, ready: (Result<Void, VolumeError>) -> Void) -> Int32 {
+    /// Mounts and serves until unmounted. `ready` hears once whether the mount is up: only
+    /// after the kernel's FUSE INIT has been answered and accepted, which is when libfuse
+    /// rejects what it cannot do (`-o max_read=N` without a matching `max_read` in init())
+    /// and ends the session; mount(2) alone succeeding proves nothing.
+    static func serve(_ req: MountRequest, keys: KeySet, log: @escaping @Sendable (String) -> Void,
+                      ready: @escaping @Sendable (Result<Void, VolumeError>) -> Void) -> Int32 {
         let fs: FileSystem
         do { fs = try FileSystem(cipherDir: req.cipherDir, keys: keys, readOnly: req.readOnly, log: log) } catch {
             ready(.failure(.corruptHeader("cannot open the root directory: \(error)")))
@@ -203,9 +208,73 @@ public enum Mounter {
             _ = Mounter.lazyUnmount(Mounter.servedMountpoint)
             return nil
         }, nil)
-        ready(.success(()))
+        let readiness = Readiness(mountpoint: req.mountpoint, device: MountEntry.fuse(at: req.mountpoint)?.device, ready: ready)
+        readiness.startWaiting()
         let r = server.run()
+        readiness.report(.failure(.mountFailed("FUSE ended the session before the mount was ready: the kernel's INIT request failed (a mount option libfuse cannot honour? see the libfuse message above)")))
+        if readiness.outcome != true { return ExitStatus.mountFailed.rawValue }
         return r == 0 ? 0 : ExitStatus.failure.rawValue
+    }
+
+    /// Tells `ready` once, from whichever side knows first: a thread whose stat of the mount
+    /// point returns once the kernel has had INIT answered (a stat of a FUSE mount waits
+    /// for that), or the session ending before it (INIT refused).
+    final class Readiness: Sendable {
+        let mountpoint: String
+        /// "major:minor" of our mount, to tell it from the directory under it once unmounted.
+        let device: String?
+        let ready: @Sendable (Result<Void, VolumeError>) -> Void
+        /// nil until told; then whether the mount came up.
+        let told = Mutex<Bool?>(nil)
+        var outcome: Bool? { told.withLock { $0 } }
+
+        init(mountpoint: String, device: String?, ready: @escaping @Sendable (Result<Void, VolumeError>) -> Void) {
+            self.mountpoint = mountpoint
+            self.device = device
+            self.ready = ready
+        }
+
+        /// True if this call was the one that told.
+        @discardableResult
+        func report(_ result: Result<Void, VolumeError>) -> Bool {
+            let first = told.withLock { t in
+                guard t == nil else { return false }
+                if case .success = result { t = true } else { t = false }
+                return true
+            }
+            if first { ready(result) }
+            return first
+        }
+
+        func startWaiting() {
+            var thread = pthread_t()
+            let me = Unmanaged.passRetained(self).toOpaque()
+            let r = pthread_create(&thread, nil, { arg in
+                let me = Unmanaged<Readiness>.fromOpaque(arg!).takeRetainedValue()
+                me.wait()
+                return nil
+            }, me)
+            if r == 0 { pthread_detach(thread) } else {
+                Unmanaged<Readiness>.fromOpaque(me).release()
+                report(.success(()))
+            }
+        }
+
+        func wait() {
+            let st: stat
+            do { st = try Sys.lstat(mountpoint) } catch {
+                report(.failure(.mountFailed("the FUSE mount on \(mountpoint) did not start: \(String(cString: strerror(error.errno))) (a mount option libfuse cannot honour? see the libfuse message above)")))
+                return
+            }
+            let dev = UInt64(st.st_dev)
+            let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~0xfff)
+            let minor = (dev & 0xff) | ((dev >> 12) & ~0xff)
+            if let device, device != "\(major):\(minor)" {
+                report(.failure(.mountFailed("the FUSE mount on \(mountpoint) went away before it was ready")))
+                return
+            }
+            report(.success(()))
+        }
     }
 
     // MARK: - the daemon
@@ -272,7 +341,7 @@ public enum Mounter {
         _ = chdir("/")
         openlog("xtsfs", LOG_PID, LOG_DAEMON)
         let log: @Sendable (String) -> Void = { msg in xts_syslog(LOG_WARNING, msg) }
-        func report(_ text: String) {
+        @Sendable func report(_ text: String) {
             _ = text.withCString { Glibc.write(statusFD, $0, strlen($0)) }
             Sys.close(statusFD)
         }

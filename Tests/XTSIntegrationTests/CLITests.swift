@@ -184,6 +184,29 @@ final class CLITests: VolumeTestCase {
         XCTAssertEqual(backingFiles().map { $0.bytes }, before)
     }
 
+    /// libfuse accepts `-o max_read=N` at mount(2) and refuses it only when the kernel's INIT
+    /// arrives (our init() sets no matching max_read): the mount must then fail, not report
+    /// success over a mount that is already gone.
+    func testMountOptionRefusedAtInitIsAMountFailure() throws {
+        initVolume()
+        for extra in [["-o", "max_read=4096"], ["-o", "max_read=4096", "-f"], ["-o", "no_such_option"]] {
+            let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile] + extra)
+            XCTAssertEqual(r.status, ExitStatus.mountFailed.rawValue, "\(extra): \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains("xtsfs:") || r.stderr.contains("error:"), "\(extra): \(r.stderr)")
+            XCTAssertFalse(Harness.isMounted(mnt), "\(extra)")
+            let deadline = Date().addingTimeInterval(5)
+            while !Harness.daemons(mnt).isEmpty && Date() < deadline { usleep(20_000) }
+            XCTAssertTrue(Harness.daemons(mnt).isEmpty, "\(extra): daemon left running")
+        }
+        XCTAssertTrue(Harness.run(["mount", cipher, mnt, "--passfile", passfile, "-o", "max_read=4096"]).stderr.contains("did not start"))
+        // Success means a served mount, at once.
+        mount()
+        var st = stat()
+        XCTAssertEqual(stat(mnt, &st), 0)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: mnt), [])
+        unmount()
+    }
+
     func testCacheTimeoutOption() throws {
         initVolume()
         let bad = Harness.run(["mount", cipher, mnt, "--passfile", passfile, "-o", "cache_timeout=soon"])
