@@ -149,6 +149,9 @@ public enum Mounter {
         let req = try preflight(request)
         let unlocked = try Volume.unlock(req.cipherDir, provider: provider)
         for w in unlocked.warnings { say("warning: " + w) }
+        if geteuid() == 0, let why = DaemonPrivileges.othersCanChange(req.cipherDir) {
+            say("warning: other users can change CIPHERDIR \(req.cipherDir) (\(why)); this root mount serves what they put there to every user of it")
+        }
         if req.foreground {
             ProcessHardening.apply()
             return serve(req, keys: unlocked.keys, log: { say($0) }) { result in
@@ -192,6 +195,12 @@ public enum Mounter {
             return ExitStatus.mountFailed.rawValue
         }
         servedMountpoint = req.mountpoint
+        // The mount is made: give up what serving does not need before any serving thread
+        // exists (they inherit it). Unmounting is left to a helper started first.
+        if !UnmountHelper.start(cipherDir: req.cipherDir, mountpoint: req.mountpoint) {
+            log("warning: cannot start the unmount helper; SIGTERM may not be able to unmount")
+        }
+        if let w = DaemonPrivileges.restrict(to: DaemonPrivileges.serving) { log(w) }
         let lockWarning = "warning: some key memory could not be locked (raise RLIMIT_MEMLOCK or run as root); keys may reach swap, never a core dump"
         if LockedBuffer.lockFailed { log(lockWarning) }
         LockedBuffer.lockFailureHandler = { log(lockWarning) }
@@ -205,12 +214,16 @@ public enum Mounter {
             // Seen in the foreground (-f); the daemon's stderr is /dev/null.
             let note = "xtsfs: unmounting \(Mounter.servedMountpoint); the daemon exits once no file in it is in use\n"
             _ = note.withCString { Glibc.write(2, $0, strlen($0)) }
-            _ = Mounter.lazyUnmount(Mounter.servedMountpoint)
+            if !UnmountHelper.request() { _ = Mounter.lazyUnmount(Mounter.servedMountpoint) }
             return nil
         }, nil)
         let readiness = Readiness(mountpoint: req.mountpoint, device: MountEntry.fuse(at: req.mountpoint)?.device, ready: ready)
         readiness.startWaiting()
         let r = server.run()
+        // libfuse unmounts when the session ends by itself (INIT refused), but no longer may.
+        if let ours = readiness.device, MountEntry.fuse(at: req.mountpoint)?.device == ours, !UnmountHelper.unmountAndWait() {
+            _ = lazyUnmount(req.mountpoint)
+        }
         readiness.report(.failure(.mountFailed("FUSE ended the session before the mount was ready: the kernel's INIT request failed (a mount option libfuse cannot honour? see the libfuse message above)")))
         if readiness.outcome != true { return ExitStatus.mountFailed.rawValue }
         return r == 0 ? 0 : ExitStatus.failure.rawValue
@@ -264,6 +277,10 @@ public enum Mounter {
             let st: stat
             do { st = try Sys.lstat(mountpoint) } catch {
                 report(.failure(.mountFailed("the FUSE mount on \(mountpoint) did not start: \(String(cString: strerror(error.errno))) (a mount option libfuse cannot honour? see the libfuse message above)")))
+                // libfuse's reason is out; its teardown will add "failed to unmount: Operation
+                // not permitted" (the daemon gave that right to the helper, which unmounts).
+                let null = Glibc.open("/dev/null", O_WRONLY)
+                if null >= 0 { dup2(null, 2); Sys.close(null) }
                 return
             }
             let dev = UInt64(st.st_dev)
@@ -279,12 +296,16 @@ public enum Mounter {
 
     // MARK: - the daemon
 
+    static func selfExecutable() -> String {
+        (try? Sys.readlink("/proc/self/exe")).map { String(decoding: $0, as: UTF8.self) } ?? CommandLine.arguments[0]
+    }
+
     static func spawnDaemon(_ req: MountRequest, keys: KeySet) throws(VolumeError) -> Int32 {
         var keyPipe: [Int32] = [0, 0], statusPipe: [Int32] = [0, 0]
         guard xts_pipe_cloexec(&keyPipe) == 0, xts_pipe_cloexec(&statusPipe) == 0 else {
             throw .failure("pipe: \(String(cString: strerror(errno)))")
         }
-        let exe = (try? Sys.readlink("/proc/self/exe")).map { String(decoding: $0, as: UTF8.self) } ?? CommandLine.arguments[0]
+        let exe = selfExecutable()
         var args = ["xtsfs", "mount", "--daemon-child", req.cipherDir, req.mountpoint]
         if !req.options.isEmpty { args += ["-o", req.options.joined(separator: ",")] }
         var cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
