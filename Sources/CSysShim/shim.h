@@ -147,4 +147,59 @@ static inline int xts_run(const char *path, char *const argv[], char *const envp
     while (waitpid(pid, &status, 0) < 0) { if (errno != EINTR) return -1; }
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
+// ---- header-safety branch: privileges of the mount daemon (capabilities, no_new_privs,
+// the unmount helper). Kept in one block so that parallel work on this file merges. ----
+#include <stdint.h>
+#include <linux/capability.h>
+
+static inline int xts_set_no_new_privs(void) {
+    return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+}
+
+/// The calling thread's permitted capabilities (bits 0-63), or -1 with errno.
+static inline int xts_cap_permitted(uint64_t *permitted) {
+    struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct data[2];
+    if (syscall(SYS_capget, &hdr, data) != 0) return -1;
+    *permitted = ((uint64_t)data[1].permitted << 32) | data[0].permitted;
+    return 0;
+}
+
+/// Keeps only `keep` (intersected with what the thread has) as permitted and effective
+/// capabilities, and clears the inheritable set (which clears the ambient set too).
+/// Per thread: call it before creating the threads that must inherit it.
+static inline int xts_cap_limit(uint64_t keep) {
+    uint64_t have;
+    if (xts_cap_permitted(&have) != 0) return -1;
+    uint64_t set = have & keep;
+    struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct data[2];
+    data[0].permitted = data[0].effective = (uint32_t)set;
+    data[1].permitted = data[1].effective = (uint32_t)(set >> 32);
+    data[0].inheritable = data[1].inheritable = 0;
+    return (int)syscall(SYS_capset, &hdr, data);
+}
+
+/// Starts the unmount helper: `read_fd` becomes its standard input, /dev/null its output
+/// and error (it must not hold the caller's pipes open), nothing else is inherited.
+static inline int xts_spawn_helper(pid_t *pid, const char *path, char *const argv[], char *const envp[], int read_fd) {
+    posix_spawnattr_t attr;
+    posix_spawn_file_actions_t fa;
+    sigset_t empty;
+    int r;
+    posix_spawnattr_init(&attr);
+    posix_spawn_file_actions_init(&fa);
+    sigemptyset(&empty);
+    posix_spawnattr_setsigmask(&attr, &empty);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+    posix_spawn_file_actions_adddup2(&fa, read_fd, 0);
+    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addclosefrom_np(&fa, 3);
+    r = posix_spawn(pid, path, &fa, &attr, argv, envp);
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&attr);
+    return r;
+}
+// ---- end of the header-safety block ----
 #endif

@@ -69,12 +69,35 @@ public struct HeaderStore: Sendable {
         return Loaded(candidates: candidates, damaged: damaged)
     }
 
-    /// Writes both copies of an already MAC'ed header.
-    public func write(_ header: VolumeHeader) throws(SystemError) {
+    public enum WriteError: Error, Sendable, CustomStringConvertible {
+        /// A copy on disk is a valid header of another volume: never overwritten.
+        case foreignCopy(file: String, volumeID: [UInt8])
+        case system(SystemError)
+
+        public var description: String {
+            switch self {
+            case .foreignCopy(let file, let id):
+                return "\(file) holds the header of another volume (ID \(id.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined())); refusing to overwrite it"
+            case .system(let e): return "\(e)"
+            }
+        }
+    }
+
+    /// Writes both copies of an already MAC'ed header. Refuses, before writing anything,
+    /// when a copy on disk parses as a header of another volume ID: whatever put it there,
+    /// replacing it could destroy the only header of that volume, and which of the two is
+    /// the right one here is for a human (or a command that unlocked both) to decide.
+    /// A missing or damaged copy is overwritten: that is the repair.
+    public func write(_ header: VolumeHeader) throws(WriteError) {
         let bytes: [UInt8]
-        do { bytes = try header.encode() } catch { throw SystemError(EINVAL, "encode header: \(error)") }
+        do { bytes = try header.encode() } catch { throw .system(SystemError(EINVAL, "encode header: \(error)")) }
         for copy in 0..<HeaderStore.fileNames.count {
-            try Sys.atomicWrite(bytes, to: path(copy), mode: 0o400)
+            guard let existing = try? Sys.readFile(path(copy), limit: VolumeHeader.maxLength + 1),
+                  let other = try? VolumeHeader.decode(existing) else { continue }
+            if other.volumeID != header.volumeID { throw .foreignCopy(file: path(copy), volumeID: other.volumeID) }
+        }
+        for copy in 0..<HeaderStore.fileNames.count {
+            do { try Sys.atomicWrite(bytes, to: path(copy), mode: 0o400) } catch { throw .system(error) }
         }
     }
 }

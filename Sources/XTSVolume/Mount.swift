@@ -1,4 +1,5 @@
 import CSysShim
+import Synchronization
 import XTSCrypto
 import XTSFS
 import XTSFuse
@@ -91,8 +92,42 @@ public enum Mounter {
         }
     }
 
-    /// The command's mount: returns the exit status once the mount is ready (or failed),
-    /// or when the foreground filesystem is unmounted.
+    /// Refuses a mount point that is CIPHERDIR, lies inside it, or lies above it. The daemon
+    /// would serve its own mount: every access to the backing files goes through the
+    /// kernel back to the daemon, which waits for itself (a deadlock), or the mount hides
+    /// CIPHERDIR. Compared by components of the real paths (so `/a/bc` is not inside
+    /// `/a/b`), without touching the filesystem.
+    public static func checkOverlap(cipherDir: String, mountpoint mp: String) throws(VolumeError) {
+        let c = cipherDir.split(separator: "/"), m = mp.split(separator: "/")
+        if c == m { throw overlap(cipherDir, mp, "it is CIPHERDIR itself") }
+        if m.starts(with: c) { throw overlap(cipherDir, mp, "it is inside CIPHERDIR") }
+        if c.starts(with: m) { throw overlap(cipherDir, mp, "it is above CIPHERDIR (a parent directory of it)") }
+    }
+
+    static func overlap(_ cipherDir: String, _ mp: String, _ why: String) -> VolumeError {
+        .mountFailed("cannot mount on \(mp): \(why); choose a mount point outside CIPHERDIR \(cipherDir)")
+    }
+
+    /// The same by the identity (device and inode) of every ancestor, which also sees one
+    /// directory reached through two paths (a bind mount). Stats the mount point: call it
+    /// after `checkMountpoint` has ruled out a stale mount there.
+    static func checkOverlapByIdentity(cipherDir: String, mountpoint mp: String) throws(VolumeError) {
+        let c = cipherDir.split(separator: "/"), m = mp.split(separator: "/")
+        func identity(_ p: String) -> [UInt64]? {
+            guard let st = try? Sys.lstat(p) else { return nil }
+            return [UInt64(st.st_dev), UInt64(st.st_ino)]
+        }
+        func ancestors(_ parts: [Substring]) -> [[UInt64]] {
+            (0...parts.count).compactMap { n in identity("/" + parts.prefix(n).joined(separator: "/")) }
+        }
+        if let cid = identity(cipherDir), ancestors(m).contains(cid) {
+            throw overlap(cipherDir, mp, "it is inside CIPHERDIR (reached through another path, such as a bind mount)")
+        }
+        if let mid = identity(mp), ancestors(c).contains(mid) {
+            throw overlap(cipherDir, mp, "it is above CIPHERDIR (reached through another path, such as a bind mount)")
+        }
+    }
+
     /// What can be checked before asking for a key: the mount point, and that CIPHERDIR
     /// holds a readable header. Returns the request with absolute paths.
     public static func preflight(_ request: MountRequest) throws(VolumeError) -> MountRequest {
@@ -100,15 +135,23 @@ public enum Mounter {
         req.cipherDir = absolute(req.cipherDir)
         req.mountpoint = absolute(req.mountpoint)
         _ = try req.cacheTimeout()
+        try checkOverlap(cipherDir: req.cipherDir, mountpoint: req.mountpoint)
         try checkMountpoint(req.mountpoint, allowNonEmpty: req.options.contains("nonempty"))
+        try checkOverlapByIdentity(cipherDir: req.cipherDir, mountpoint: req.mountpoint)
         _ = try Volume.load(req.cipherDir)
         return req
     }
 
+    /// The command's mount: returns the exit status once the mount is ready (or failed),
+    /// or when the foreground filesystem is unmounted.
+
     public static func mount(_ request: MountRequest, provider: some KeyProvider, say: @escaping @Sendable (String) -> Void) throws(VolumeError) -> Int32 {
         let req = try preflight(request)
-        let unlocked = try Volume.unlock(req.cipherDir, provider: provider, readOnly: req.readOnly)
+        let unlocked = try Volume.unlock(req.cipherDir, provider: provider)
         for w in unlocked.warnings { say("warning: " + w) }
+        if geteuid() == 0, let why = DaemonPrivileges.othersCanChange(req.cipherDir) {
+            say("warning: other users can change CIPHERDIR \(req.cipherDir) (\(why)); this root mount serves what they put there to every user of it")
+        }
         if req.foreground {
             ProcessHardening.apply()
             return serve(req, keys: unlocked.keys, log: { say($0) }) { result in
@@ -125,8 +168,12 @@ public enum Mounter {
 
     nonisolated(unsafe) static var servedMountpoint: String = ""
 
-    /// Mounts and serves until unmounted. `ready` hears once whether the mount is up.
-    static func serve(_ req: MountRequest, keys: KeySet, log: @escaping @Sendable (String) -> Void, ready: (Result<Void, VolumeError>) -> Void) -> Int32 {
+    /// Mounts and serves until unmounted. `ready` hears once whether the mount is up: only
+    /// after the kernel's FUSE INIT has been answered and accepted, which is when libfuse
+    /// rejects what it cannot do (`-o max_read=N` without a matching `max_read` in init())
+    /// and ends the session; mount(2) alone succeeding proves nothing.
+    static func serve(_ req: MountRequest, keys: KeySet, log: @escaping @Sendable (String) -> Void,
+                      ready: @escaping @Sendable (Result<Void, VolumeError>) -> Void) -> Int32 {
         let fs: FileSystem
         do { fs = try FileSystem(cipherDir: req.cipherDir, keys: keys, readOnly: req.readOnly, log: log) } catch {
             ready(.failure(.corruptHeader("cannot open the root directory: \(error)")))
@@ -148,6 +195,12 @@ public enum Mounter {
             return ExitStatus.mountFailed.rawValue
         }
         servedMountpoint = req.mountpoint
+        // The mount is made: give up what serving does not need before any serving thread
+        // exists (they inherit it). Unmounting is left to a helper started first.
+        if !UnmountHelper.start(cipherDir: req.cipherDir, mountpoint: req.mountpoint) {
+            log("warning: cannot start the unmount helper; SIGTERM may not be able to unmount")
+        }
+        if let w = DaemonPrivileges.restrict(to: DaemonPrivileges.serving) { log(w) }
         let lockWarning = "warning: some key memory could not be locked (raise RLIMIT_MEMLOCK or run as root); keys may reach swap, never a core dump"
         if LockedBuffer.lockFailed { log(lockWarning) }
         LockedBuffer.lockFailureHandler = { log(lockWarning) }
@@ -161,22 +214,98 @@ public enum Mounter {
             // Seen in the foreground (-f); the daemon's stderr is /dev/null.
             let note = "xtsfs: unmounting \(Mounter.servedMountpoint); the daemon exits once no file in it is in use\n"
             _ = note.withCString { Glibc.write(2, $0, strlen($0)) }
-            _ = Mounter.lazyUnmount(Mounter.servedMountpoint)
+            if !UnmountHelper.request() { _ = Mounter.lazyUnmount(Mounter.servedMountpoint) }
             return nil
         }, nil)
-        ready(.success(()))
+        let readiness = Readiness(mountpoint: req.mountpoint, device: MountEntry.fuse(at: req.mountpoint)?.device, ready: ready)
+        readiness.startWaiting()
         let r = server.run()
+        // libfuse unmounts when the session ends by itself (INIT refused), but no longer may.
+        if let ours = readiness.device, MountEntry.fuse(at: req.mountpoint)?.device == ours, !UnmountHelper.unmountAndWait() {
+            _ = lazyUnmount(req.mountpoint)
+        }
+        readiness.report(.failure(.mountFailed("FUSE ended the session before the mount was ready: the kernel's INIT request failed (a mount option libfuse cannot honour? see the libfuse message above)")))
+        if readiness.outcome != true { return ExitStatus.mountFailed.rawValue }
         return r == 0 ? 0 : ExitStatus.failure.rawValue
     }
 
+    /// Tells `ready` once, from whichever side knows first: a thread whose stat of the mount
+    /// point returns once the kernel has had INIT answered (a stat of a FUSE mount waits
+    /// for that), or the session ending before it (INIT refused).
+    final class Readiness: Sendable {
+        let mountpoint: String
+        /// "major:minor" of our mount, to tell it from the directory under it once unmounted.
+        let device: String?
+        let ready: @Sendable (Result<Void, VolumeError>) -> Void
+        /// nil until told; then whether the mount came up.
+        let told = Mutex<Bool?>(nil)
+        var outcome: Bool? { told.withLock { $0 } }
+
+        init(mountpoint: String, device: String?, ready: @escaping @Sendable (Result<Void, VolumeError>) -> Void) {
+            self.mountpoint = mountpoint
+            self.device = device
+            self.ready = ready
+        }
+
+        /// True if this call was the one that told.
+        @discardableResult
+        func report(_ result: Result<Void, VolumeError>) -> Bool {
+            let first = told.withLock { t in
+                guard t == nil else { return false }
+                if case .success = result { t = true } else { t = false }
+                return true
+            }
+            if first { ready(result) }
+            return first
+        }
+
+        func startWaiting() {
+            var thread = pthread_t()
+            let me = Unmanaged.passRetained(self).toOpaque()
+            let r = pthread_create(&thread, nil, { arg in
+                let me = Unmanaged<Readiness>.fromOpaque(arg!).takeRetainedValue()
+                me.wait()
+                return nil
+            }, me)
+            if r == 0 { pthread_detach(thread) } else {
+                Unmanaged<Readiness>.fromOpaque(me).release()
+                report(.success(()))
+            }
+        }
+
+        func wait() {
+            let st: stat
+            do { st = try Sys.lstat(mountpoint) } catch {
+                report(.failure(.mountFailed("the FUSE mount on \(mountpoint) did not start: \(String(cString: strerror(error.errno))) (a mount option libfuse cannot honour? see the libfuse message above)")))
+                // libfuse's reason is out; its teardown will add "failed to unmount: Operation
+                // not permitted" (the daemon gave that right to the helper, which unmounts).
+                let null = Glibc.open("/dev/null", O_WRONLY)
+                if null >= 0 { dup2(null, 2); Sys.close(null) }
+                return
+            }
+            let dev = UInt64(st.st_dev)
+            let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & ~0xfff)
+            let minor = (dev & 0xff) | ((dev >> 12) & ~0xff)
+            if let device, device != "\(major):\(minor)" {
+                report(.failure(.mountFailed("the FUSE mount on \(mountpoint) went away before it was ready")))
+                return
+            }
+            report(.success(()))
+        }
+    }
+
     // MARK: - the daemon
+
+    static func selfExecutable() -> String {
+        (try? Sys.readlink("/proc/self/exe")).map { String(decoding: $0, as: UTF8.self) } ?? CommandLine.arguments[0]
+    }
 
     static func spawnDaemon(_ req: MountRequest, keys: KeySet) throws(VolumeError) -> Int32 {
         var keyPipe: [Int32] = [0, 0], statusPipe: [Int32] = [0, 0]
         guard xts_pipe_cloexec(&keyPipe) == 0, xts_pipe_cloexec(&statusPipe) == 0 else {
             throw .failure("pipe: \(String(cString: strerror(errno)))")
         }
-        let exe = (try? Sys.readlink("/proc/self/exe")).map { String(decoding: $0, as: UTF8.self) } ?? CommandLine.arguments[0]
+        let exe = selfExecutable()
         var args = ["xtsfs", "mount", "--daemon-child", req.cipherDir, req.mountpoint]
         if !req.options.isEmpty { args += ["-o", req.options.joined(separator: ",")] }
         var cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
@@ -233,7 +362,7 @@ public enum Mounter {
         _ = chdir("/")
         openlog("xtsfs", LOG_PID, LOG_DAEMON)
         let log: @Sendable (String) -> Void = { msg in xts_syslog(LOG_WARNING, msg) }
-        func report(_ text: String) {
+        @Sendable func report(_ text: String) {
             _ = text.withCString { Glibc.write(statusFD, $0, strlen($0)) }
             Sys.close(statusFD)
         }

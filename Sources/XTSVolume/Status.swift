@@ -16,6 +16,8 @@ public struct StatusReport: Codable, Sendable {
         public var file: String
         public var ok: Bool
         public var sequence: UInt64?
+        /// The copy's own volume ID (hex); the two differ only if a copy came from elsewhere.
+        public var volumeID: String?
         public var problem: String?
     }
     public var cipherDir: String
@@ -30,6 +32,8 @@ public struct StatusReport: Codable, Sendable {
     public var headerCopies: [Copy]
     public var keyslots: [Slot]
     public var rekey: String
+    /// What needs a look: header copies that disagree.
+    public var warnings: [String]
 
     public static func make(_ cipherDir: String) throws(VolumeError) -> StatusReport {
         let loaded = try Volume.load(cipherDir)
@@ -37,23 +41,34 @@ public struct StatusReport: Codable, Sendable {
         var copies: [Copy] = []
         for copy in 0..<HeaderStore.fileNames.count {
             if let c = loaded.candidates.first(where: { $0.copy == copy }) {
-                copies.append(Copy(file: HeaderStore.fileNames[copy], ok: true, sequence: c.header.sequence, problem: nil))
+                copies.append(Copy(file: HeaderStore.fileNames[copy], ok: true, sequence: c.header.sequence, volumeID: hex(c.header.volumeID), problem: nil))
             } else {
                 let why = loaded.damaged.first { $0.copy == copy }?.error ?? "unknown"
-                copies.append(Copy(file: HeaderStore.fileNames[copy], ok: false, sequence: nil, problem: why))
+                copies.append(Copy(file: HeaderStore.fileNames[copy], ok: false, sequence: nil, volumeID: nil, problem: why))
             }
+        }
+        var warnings: [String] = []
+        let valid = copies.filter(\.ok)
+        if Set(valid.compactMap(\.volumeID)).count > 1 {
+            warnings.append("the header copies belong to different volumes (" + valid.map { "\($0.file): \($0.volumeID ?? "?")" }.joined(separator: ", ") +
+                            "): one was copied in from elsewhere; shown is the newest, mount uses the copy that opens and verifies")
+        } else if Set(valid.compactMap(\.sequence)).count > 1 {
+            warnings.append("the header copies disagree (" + valid.map { "\($0.file): sequence \($0.sequence ?? 0)" }.joined(separator: ", ") +
+                            "): an interrupted update, or a copy put back from elsewhere; shown is the newest")
         }
         var features: [String] = []
         if h.features.contains(.blockAuthentication) { features.append("block-authentication") }
         return StatusReport(
             cipherDir: cipherDir, formatVersion: Int(h.version),
-            volumeID: h.volumeID.map { String($0, radix: 16).leftPad(2) }.joined(),
+            volumeID: hex(h.volumeID),
             created: h.created, contentCipher: h.contentCipher.description, nameCipher: h.nameCipher.description,
             blockSize: Int(h.blockSize), keyGeneration: Int(h.keyGeneration), features: features,
             headerCopies: copies,
             keyslots: h.keyslots.map(slotReport),
-            rekey: h.rekeyRecord.isEmpty ? "none" : "in progress")
+            rekey: h.rekeyRecord.isEmpty ? "none" : "in progress", warnings: warnings)
     }
+
+    static func hex(_ bytes: [UInt8]) -> String { bytes.map { String($0, radix: 16).leftPad(2) }.joined() }
 
     static func slotReport(_ s: Keyslot) -> Slot {
         var params: [String: String] = [:]

@@ -58,66 +58,101 @@ public enum Volume {
         }
     }
 
-    /// An unlocked volume: its keys, the header that opened, and what the user should hear.
+    /// An unlocked volume: its keys, the header copy that opened, and what the user should hear.
     public struct Unlocked: Sendable {
         public var keys: KeySet
         public var header: VolumeHeader
+        /// Which header file opened (index into `HeaderStore.fileNames`).
+        public var copy: Int
         public var slot: UInt16
         public var warnings: [String]
     }
 
-    /// Opens a keyslot with `provider`, checks the header MAC, and unless `readOnly`
-    /// records the slot's use and repairs a damaged or stale header copy.
-    public static func unlock(_ cipherDir: String, provider: some KeyProvider, readOnly: Bool) throws(VolumeError) -> Unlocked {
+    /// Opens the volume and writes nothing: a mount must never be able to damage a header
+    /// copy, whatever state the copies are in. Each copy that parses is tried, newest first,
+    /// through the whole unlock (keyslot, header MAC, root directory header under the
+    /// copy's keys); the first copy that passes everything is used. A newer copy that
+    /// fails anywhere (another volume's header copied in with the same passphrase,
+    /// tampering, a damaged slot) only costs a warning while an older copy still works.
+    ///
+    /// When no copy passes: wrong key if no copy opened and at least one said definitely
+    /// "wrong key" (a slot that parsed rejected it, or there is no slot of the provider);
+    /// corrupt header otherwise.
+    public static func unlock(_ cipherDir: String, provider: some KeyProvider) throws(VolumeError) -> Unlocked {
         let loaded = try load(cipherDir)
         var warnings: [String] = []
         for (copy, why) in loaded.damaged {
             warnings.append("header copy \(HeaderStore.fileNames[copy]) is damaged (\(why)); using the other copy")
         }
-        var tampered = false
-        for (i, candidate) in loaded.candidates.enumerated() {
+        var failures: [String] = []
+        var wrongKey: [(copy: String, why: String)] = []
+        var opened = false
+        // Slots that already refused the key: the usual second copy is identical, and the
+        // KDF need not run twice to hear "wrong passphrase" again.
+        var refused: [[Keyslot]] = []
+        for candidate in loaded.candidates {
+            let name = HeaderStore.fileNames[candidate.copy]
+            let mine = candidate.header.keyslots.filter { $0.provider == provider.type }
+            if refused.contains(mine) { continue }
             let keys: KeySet, slot: Keyslot
             do { (keys, slot) = try Keyring.unlock(candidate.header, with: provider) } catch {
                 switch error {
-                case .wrongKey(let p): if i == 0 { throw .wrongKey("wrong \(p): no keyslot opened") } else { continue }
-                case .noSlot(let p): throw .wrongKey("the volume has no \(p) keyslot")
-                case .format(let f): throw .corruptHeader("keyslot: \(f)")
-                default: throw .failure("\(error)")
+                case .wrongKey(let p): wrongKey.append((name, "wrong \(p): no keyslot opened")); refused.append(mine)
+                case .noSlot(let p): wrongKey.append((name, "the volume has no \(p) keyslot"))
+                case .format(let f): failures.append("\(name): keyslot: \(f)")
+                default: failures.append("\(name): \(error)")
                 }
-            }
-            do { try Keyring.verify(candidate.header, keys: keys) } catch {
-                tampered = true
-                warnings.append("header copy \(HeaderStore.fileNames[candidate.copy]) fails its MAC check (altered outside xtsfs)")
                 continue
             }
-            var header = candidate.header
-            let stale = loaded.candidates.count != HeaderStore.fileNames.count || tampered ||
-                loaded.candidates.contains { $0.header.sequence != header.sequence }
-            if !readOnly {
-                header.sequence += 1
-                if let i = header.keyslots.firstIndex(where: { $0.index == slot.index }) { header.keyslots[i].lastUsed = now() }
-                do {
-                    header = try Keyring.seal(header, keys: keys)
-                    try HeaderStore(directory: cipherDir).write(header)
-                    if stale { warnings.append("both header copies rewritten") }
-                } catch {
-                    warnings.append("cannot update the header: \(error)")
-                }
+            opened = true
+            do { try Keyring.verify(candidate.header, keys: keys) } catch {
+                failures.append("\(name) was altered: its MAC does not verify under the unlocked key")
+                continue
             }
-            return Unlocked(keys: keys, header: header, slot: slot.index, warnings: warnings)
+            do { try checkRootDirectory(cipherDir, keys: keys) } catch {
+                failures.append("\(name) opened, but \(error) under its key (a header copied from another volume, or a damaged \(DirHeader.fileName))")
+                continue
+            }
+            for f in failures { warnings.append("header copy not used: \(f)") }
+            for w in wrongKey {
+                warnings.append("header copy not used: \(w.copy): \(w.why) (a copy of another volume?)")
+            }
+            // Copies after this one were not tried; one of another volume still needs a look.
+            for other in loaded.candidates.drop(while: { $0.copy != candidate.copy }).dropFirst()
+            where other.header.volumeID != candidate.header.volumeID {
+                warnings.append("header copy \(HeaderStore.fileNames[other.copy]) belongs to another volume; left as it is (see xtsfs status)")
+            }
+            return Unlocked(keys: keys, header: candidate.header, copy: candidate.copy, slot: slot.index, warnings: warnings)
         }
-        throw .corruptHeader(tampered ? "the volume header was altered: its MAC does not verify under the unlocked key" : "no usable header copy")
+        if !opened && !wrongKey.isEmpty {
+            throw .wrongKey(wrongKey[0].why + (failures.isEmpty ? "" : " (also: " + failures.joined(separator: "; ") + ")"))
+        }
+        throw .corruptHeader("no usable header copy: " + (failures + wrongKey.map { "\($0.copy): \($0.why)" }).joined(separator: "; "))
     }
 
-    /// Rebuilds the keys of a volume from a DEK handed over by the parent process,
-    /// checking it against the header (digest and MAC).
+    /// The root `xtsfs.dir` is MAC'ed with a key derived from the DEK and the volume ID: a
+    /// header copy whose keys do not verify it cannot serve this volume.
+    static func checkRootDirectory(_ cipherDir: String, keys: KeySet) throws(VolumeError) {
+        let bytes: [UInt8]
+        do { bytes = try Sys.readFile(cipherDir + "/" + DirHeader.fileName, limit: 4096) } catch {
+            throw .corruptHeader("cannot read the root directory header: \(error)")
+        }
+        do { _ = try DirHeader.decode(bytes, macKey: keys.metadataMACKey) } catch {
+            throw .corruptHeader("the root directory header does not verify")
+        }
+    }
+
+    /// Rebuilds the keys of a volume from a DEK handed over by the parent process, checking
+    /// it against a header copy (digest and MAC) and the root directory header. Each copy
+    /// is tried, as in `unlock`: the subkeys depend on the copy's volume ID.
     public static func keys(_ cipherDir: String, dek: SecretBytes, generation: UInt32) throws(VolumeError) -> KeySet {
         let loaded = try load(cipherDir)
-        let keys: KeySet
-        do { keys = try KeySet(dek: dek, generation: generation, volumeID: loaded.newest.volumeID) } catch { throw .failure("\(error)") }
-        guard loaded.candidates.contains(where: { c in (try? Keyring.verify(c.header, keys: keys)) != nil }) else {
-            throw .wrongKey("the key does not match this volume's header")
+        for c in loaded.candidates {
+            guard let keys = try? KeySet(dek: dek, generation: generation, volumeID: c.header.volumeID),
+                  (try? Keyring.verify(c.header, keys: keys)) != nil,
+                  (try? checkRootDirectory(cipherDir, keys: keys)) != nil else { continue }
+            return keys
         }
-        return keys
+        throw .wrongKey("the key does not match this volume's header")
     }
 }

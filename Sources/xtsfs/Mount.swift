@@ -28,10 +28,16 @@ struct Mount: ParsableCommand {
     @Flag(name: .customLong("daemon-child"), help: .hidden)
     var daemonChild = false
 
+    @Flag(name: .customLong("unmount-helper"), help: .hidden)
+    var unmountHelper = false
+
     var mountOptions: [String] { options.flatMap { $0.split(separator: ",").map(String.init) }.filter { !$0.isEmpty } }
 
     func run() throws {
         var request = MountRequest(cipherDir: cipherDir, mountpoint: mountpoint, options: mountOptions, foreground: foreground || debug, debug: debug)
+        if unmountHelper {
+            throw ExitCode(UnmountHelper.run(mountpoint: mountpoint))
+        }
         if daemonChild {
             request.foreground = true
             throw ExitCode(Mounter.runDaemonChild(request))

@@ -38,6 +38,7 @@ struct Status: ParsableCommand {
         for c in r.headerCopies {
             print("  \(c.file): " + (c.ok ? "ok, sequence \(c.sequence ?? 0)" : "DAMAGED (\(c.problem ?? "?"))"))
         }
+        for w in r.warnings { print("Warning:         \(w)") }
         print("Keyslots:")
         for s in r.keyslots {
             let params = s.parameters.keys.sorted().map { "\($0)=\(s.parameters[$0]!)" }.joined(separator: " ")

@@ -135,4 +135,36 @@ final class HeaderTests: XCTestCase {
         try Sys.atomicWrite(bad, to: store.path(1))
         XCTAssertThrowsError(try store.load()) { guard case .invalid = $0 as? HeaderStore.LoadError else { return XCTFail("\($0)") } }
     }
+
+    func testHeaderStoreNeverOverwritesAnotherVolumesCopy() throws {
+        var template = Array("/tmp/xtsfs-format-XXXXXX".utf8CString)
+        let dir = String(cString: mkdtemp(&template)!)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = HeaderStore(directory: dir)
+        var h = Self.fixedHeader()
+        try store.write(h)
+        // Same volume, newer: replaces both copies.
+        h.sequence += 1
+        try store.write(h)
+        XCTAssertEqual(try store.load().candidates.map(\.header.sequence), [h.sequence, h.sequence])
+        // A damaged copy is repaired.
+        try Sys.atomicWrite([1, 2, 3], to: store.path(1))
+        try store.write(h)
+        XCTAssertEqual(try store.load().candidates.count, 2)
+        // Another volume's valid header in one copy: nothing at all is written.
+        var foreign = h
+        foreign.volumeID = Array(repeating: 0xcd, count: 16)
+        foreign.sequence = 99
+        let foreignBytes = try foreign.encode()
+        try Sys.atomicWrite(foreignBytes, to: store.path(1))
+        let before = try Sys.readFile(store.path(0), limit: 1 << 16)
+        h.sequence += 1
+        XCTAssertThrowsError(try store.write(h)) { error in
+            guard case .foreignCopy(let file, let id) = error as? HeaderStore.WriteError else { return XCTFail("\(error)") }
+            XCTAssertEqual(file, store.path(1))
+            XCTAssertEqual(id, foreign.volumeID)
+        }
+        XCTAssertEqual(try Sys.readFile(store.path(0), limit: 1 << 16), before)
+        XCTAssertEqual(try Sys.readFile(store.path(1), limit: 1 << 16), foreignBytes)
+    }
 }

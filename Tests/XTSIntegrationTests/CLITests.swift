@@ -95,12 +95,13 @@ final class CLITests: VolumeTestCase {
         XCTAssertTrue(r.stderr.contains("version 2"), r.stderr)
     }
 
-    func testOneDamagedCopyStillMountsSaysSoAndIsRepaired() throws {
+    func testOneDamagedCopyStillMountsSaysSoAndIsLeftAlone() throws {
         initVolume()
-        let primary = cipher + "/xtsfs.header"
+        let primary = cipher + "/xtsfs.header", secondary = cipher + "/xtsfs.header2"
         var bytes = try read(primary)
         bytes[bytes.count - 1] ^= 0xff
         try write(primary, bytes)
+        let good = try read(secondary)
         let s = Harness.run(["status", cipher])
         XCTAssertEqual(s.status, 0)
         XCTAssertTrue(s.stdout.contains("DAMAGED"), s.stdout)
@@ -109,7 +110,10 @@ final class CLITests: VolumeTestCase {
         XCTAssertTrue(r.stderr.contains("xtsfs.header is damaged"), r.stderr)
         try write(mnt + "/file", Array("still works".utf8))
         unmount()
-        XCTAssertFalse(Harness.run(["status", cipher]).stdout.contains("DAMAGED"), "the damaged copy should have been rewritten")
+        // A mount writes no header: the damage stays visible, the good copy untouched.
+        XCTAssertEqual(try read(primary), bytes)
+        XCTAssertEqual(try read(secondary), good)
+        XCTAssertTrue(Harness.run(["status", cipher]).stdout.contains("DAMAGED"))
     }
 
     func testTamperedParametersDetectedByMAC() throws {
@@ -141,6 +145,66 @@ final class CLITests: VolumeTestCase {
         r = Harness.run(["unmount", mnt])
         XCTAssertNotEqual(r.status, 0)
         XCTAssertTrue(r.stderr.contains("not mounted"), r.stderr)
+    }
+
+    func testMountPointOnInsideOrAboveCipherDirRefused() throws {
+        initVolume()
+        try FileManager.default.createDirectory(atPath: cipher + "/sub", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: scratch + "/cipher2", withIntermediateDirectories: true)
+        let before = backingFiles().map { $0.bytes }
+        let cases: [(String, [String], String)] = [
+            (cipher, [], "CIPHERDIR itself"),
+            (cipher + "/", ["-o", "nonempty"], "CIPHERDIR itself"),
+            (cipher + "/sub", [], "inside CIPHERDIR"),
+            (cipher + "/../cipher/sub", [], "inside CIPHERDIR"),
+            (scratch, [], "above CIPHERDIR"),
+            (scratch, ["-o", "nonempty"], "above CIPHERDIR"),
+            ("/", ["-o", "nonempty"], "above CIPHERDIR"),
+        ]
+        for (mp, extra, why) in cases {
+            let r = Harness.run(["mount", cipher, mp, "--passfile", passfile] + extra)
+            XCTAssertEqual(r.status, ExitStatus.mountFailed.rawValue, "\(mp): \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains(why), "\(mp): \(r.stderr)")
+            XCTAssertFalse(Harness.isMounted(Mounter.absolute(mp)), mp)
+        }
+        // A sibling whose name starts with CIPHERDIR's is not inside it.
+        let sibling = Harness.run(["mount", cipher, scratch + "/cipher2", "--passfile", passfile])
+        XCTAssertEqual(sibling.status, 0, sibling.stderr)
+        Harness.forceUnmount(scratch + "/cipher2")
+        // The same directory reached through a bind mount.
+        let bind = scratch + "/bind"
+        try FileManager.default.createDirectory(atPath: bind, withIntermediateDirectories: true)
+        if Harness.shell("mount --bind '\(cipher)' '\(bind)' 2>/dev/null") == 0 {
+            defer { Harness.shell("umount '\(bind)'") }
+            let r = Harness.run(["mount", cipher, bind + "/sub", "--passfile", passfile])
+            XCTAssertEqual(r.status, ExitStatus.mountFailed.rawValue, r.stderr)
+            XCTAssertTrue(r.stderr.contains("inside CIPHERDIR"), r.stderr)
+            XCTAssertFalse(Harness.isMounted(bind + "/sub"))
+        }
+        XCTAssertEqual(backingFiles().map { $0.bytes }, before)
+    }
+
+    /// libfuse accepts `-o max_read=N` at mount(2) and refuses it only when the kernel's INIT
+    /// arrives (our init() sets no matching max_read): the mount must then fail, not report
+    /// success over a mount that is already gone.
+    func testMountOptionRefusedAtInitIsAMountFailure() throws {
+        initVolume()
+        for extra in [["-o", "max_read=4096"], ["-o", "max_read=4096", "-f"], ["-o", "no_such_option"]] {
+            let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile] + extra)
+            XCTAssertEqual(r.status, ExitStatus.mountFailed.rawValue, "\(extra): \(r.stderr)")
+            XCTAssertTrue(r.stderr.contains("xtsfs:") || r.stderr.contains("error:"), "\(extra): \(r.stderr)")
+            XCTAssertFalse(Harness.isMounted(mnt), "\(extra)")
+            let deadline = Date().addingTimeInterval(5)
+            while !Harness.daemons(mnt).isEmpty && Date() < deadline { usleep(20_000) }
+            XCTAssertTrue(Harness.daemons(mnt).isEmpty, "\(extra): daemon left running")
+        }
+        XCTAssertTrue(Harness.run(["mount", cipher, mnt, "--passfile", passfile, "-o", "max_read=4096"]).stderr.contains("did not start"))
+        // Success means a served mount, at once.
+        mount()
+        var st = stat()
+        XCTAssertEqual(stat(mnt, &st), 0)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: mnt), [])
+        unmount()
     }
 
     func testCacheTimeoutOption() throws {
