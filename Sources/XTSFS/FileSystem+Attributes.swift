@@ -10,7 +10,8 @@ extension FileSystem {
             do { return translate(try Sys.fstat(f.fd)) { nil } } catch { throw .system(error) }
         }
         do {
-            return try withPinned(id) { (fd, st) throws(FSError) in translate(st) { try? Sys.readlinkat(fd, "") } }
+            let (st, dir, entry) = try statNode(id)
+            return translate(st) { try? Sys.readlinkat(dir.fd, entry) }
         } catch {
             // Every name gone while open: answer from an open handle of the node.
             if case .notFound = error, let f = anyOpenFile(of: id) {

@@ -163,6 +163,31 @@ public final class FileSystem: @unchecked Sendable {
         throw .notFound
     }
 
+    /// Attributes of node `id`'s backing object, checked against its identity; with the
+    /// directory and entry it was found at (for reading a symlink's target). One fstatat:
+    /// getattr is frequent and only reads, so it needs no pinned descriptor.
+    func statNode(_ id: UInt64) throws(FSError) -> (stat, DirHandle, String) {
+        if id == FileSystem.rootID {
+            do { return (try Sys.fstat(root.fd), root, ".") } catch { throw .system(error) }
+        }
+        for _ in 0..<NodeTable.maxLinks {
+            guard let loc = table.withLock({ $0.location(id) }) else { throw .notFound }
+            guard let link = loc.link else { throw .notFound }
+            let dir = try dirHandle(link.parent)
+            let st: stat
+            do { st = try Sys.fstatat(dir.fd, link.entry) } catch {
+                if error.errno == ENOENT {
+                    table.withLock { $0.dropLink(id, link) }
+                    continue
+                }
+                throw .system(error)
+            }
+            guard Identity(st) == loc.identity else { throw .stale }
+            return (st, dir, link.entry)
+        }
+        throw .notFound
+    }
+
     func directoryID(_ id: UInt64) throws(FSError) -> [UInt8] {
         if let cached = table.withLock({ $0.nodes[id]?.directoryID }) { return cached }
         let dir = try dirHandle(id)
