@@ -33,7 +33,7 @@ let package = Package(
         .testTarget(name: "XTSFormatTests", dependencies: ["XTSFormat", "XTSKeys", "XTSCrypto", "XTSSystem", "XTSVolume"], resources: [.copy("Golden")]),
         .testTarget(name: "XTSFSTests", dependencies: ["XTSFS", "CSysShim", "XTSContent", "XTSKeys", "XTSFormat", "XTSCrypto", "XTSSystem"]),
         .testTarget(name: "XTSContentTests", dependencies: ["XTSContent", "XTSCrypto", "XTSFormat", "XTSKeys", "XTSSystem"]),
-        .testTarget(name: "XTSIntegrationTests", dependencies: ["XTSVolume", "XTSFormat", "XTSKeys", "XTSCrypto", "XTSSystem", "xtsfs"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "XTSIntegrationTests", dependencies: ["CSysShim", "XTSVolume", "XTSFormat", "XTSKeys", "XTSCrypto", "XTSSystem", "xtsfs"], resources: [.copy("Fixtures")]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -31,8 +31,13 @@ public final class FuseServer: @unchecked Sendable {
     /// How long the kernel may cache names and attributes (`-o cache_timeout=S`).
     let timeout: Double
 
-    public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, debug: Bool = false, maxThreads: UInt32 = 16) {
+    /// Extended attributes served; without them every xattr request is ENOSYS, which makes
+    /// the kernel stop sending any (`-o noxattr`).
+    let xattrs: Bool
+
+    public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, xattrs: Bool = true, debug: Bool = false, maxThreads: UInt32 = 16) {
         self.fs = fs
+        self.xattrs = xattrs
         self.timeout = cacheTimeout
         self.mountpoint = mountpoint
         self.options = options
@@ -234,24 +239,28 @@ public final class FuseServer: @unchecked Sendable {
         }
         ops.getxattr = { req, ino, name, size in
             let s = server(req)
+            guard s.xattrs else { fuse_reply_err(req, ENOSYS); return }
             s.run(req, { () throws(FSError) in try s.fs.getxattr(UInt64(ino), name: FuseServer.name(name)) }) { value in
                 FuseServer.replySized(req, value, size: size)
             }
         }
         ops.listxattr = { req, ino, size in
             let s = server(req)
+            guard s.xattrs else { fuse_reply_err(req, ENOSYS); return }
             s.run(req, { () throws(FSError) in try s.fs.listxattr(UInt64(ino)) }) { names in
                 FuseServer.replySized(req, names.flatMap { $0 + [0] }, size: size)
             }
         }
         ops.setxattr = { req, ino, name, value, size, flags in
             let s = server(req)
+            guard s.xattrs else { fuse_reply_err(req, ENOSYS); return }
             let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
             let flag: FileSystem.XattrFlag = flags & 1 != 0 ? .create : flags & 2 != 0 ? .replace : .any
             s.run(req, { () throws(FSError) in try s.fs.setxattr(UInt64(ino), name: FuseServer.name(name), value: bytes, flag: flag) }) { fuse_reply_err(req, 0) }
         }
         ops.removexattr = { req, ino, name in
             let s = server(req)
+            guard s.xattrs else { fuse_reply_err(req, ENOSYS); return }
             s.run(req, { () throws(FSError) in try s.fs.removexattr(UInt64(ino), name: FuseServer.name(name)) }) { fuse_reply_err(req, 0) }
         }
         ops.fallocate = { req, _, mode, offset, length, fi in

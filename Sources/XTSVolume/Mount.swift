@@ -33,6 +33,11 @@ public struct MountRequest: Sendable {
     /// also writes CIPHERDIR, such as a sync client.
     public static let defaultCacheTimeout = 10.0
     static let cacheTimeoutKey = "cache_timeout="
+    /// `-o noxattr`: no extended attributes at all. The kernel then stops asking for them,
+    /// which spares a round trip per write (security.capability) and two per entry of
+    /// `ls -l` (security.selinux, system.posix_acl_access).
+    static let noXattrKey = "noxattr"
+    public var xattrs: Bool { !options.contains(MountRequest.noXattrKey) }
 
     public func cacheTimeout() throws(VolumeError) -> Double {
         guard let opt = options.last(where: { $0.hasPrefix(MountRequest.cacheTimeoutKey) }) else { return MountRequest.defaultCacheTimeout }
@@ -47,7 +52,7 @@ public struct MountRequest: Sendable {
     var fuseOptions: [String] {
         var o = ["default_permissions", "fsname=" + cipherDir.replacingAll(",", with: "\\,"), "subtype=xtsfs"]
         if geteuid() == 0 && !options.contains("allow_other") { o.append("allow_other") }
-        o += options.filter { $0 != "nonempty" && !$0.hasPrefix(MountRequest.cacheTimeoutKey) }
+        o += options.filter { $0 != "nonempty" && $0 != MountRequest.noXattrKey && !$0.hasPrefix(MountRequest.cacheTimeoutKey) }
         return o
     }
 }
@@ -189,7 +194,7 @@ public enum Mounter {
             ready(.failure(error))
             return error.exitStatus.rawValue
         }
-        let server = FuseServer(fs: fs, mountpoint: req.mountpoint, options: req.fuseOptions, cacheTimeout: timeout, debug: req.debug)
+        let server = FuseServer(fs: fs, mountpoint: req.mountpoint, options: req.fuseOptions, cacheTimeout: timeout, xattrs: req.xattrs, debug: req.debug)
         do { try server.mount() } catch {
             ready(.failure(.mountFailed("\(error)")))
             return ExitStatus.mountFailed.rawValue

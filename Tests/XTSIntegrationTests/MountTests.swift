@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import CSysShim
 import XTSSystem
 #if canImport(Glibc)
 import Glibc
@@ -295,6 +296,18 @@ final class MountTests: VolumeTestCase {
         XCTAssertEqual(try read(mnt + "/rel"), Array("via link".utf8))
         XCTAssertEqual(rename(mnt + "/rel", mnt + "/rel2"), 0)
         XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: mnt + "/rel2"), "target")
+    }
+
+    func testNoXattrMountRefusesAttributes() throws {
+        XCTAssertEqual(CSysShim.setxattr(mnt, "user.test", "v", 1, 0), 0, "attributes by default")
+        unmount()
+        mount(["-o", "noxattr"])
+        errno = 0
+        XCTAssertEqual(CSysShim.setxattr(mnt, "user.test", "v", 1, 0), -1)
+        XCTAssertEqual(errno, EOPNOTSUPP)
+        var buf = [CChar](repeating: 0, count: 16)
+        XCTAssertEqual(CSysShim.getxattr(mnt, "user.test", &buf, buf.count), -1)
+        XCTAssertEqual(errno, EOPNOTSUPP)
     }
 
     func testReadaheadRaisedForTheMount() throws {
