@@ -44,13 +44,18 @@ public struct HeaderStore: Sendable {
         var damaged: [(Int, String)] = []
         var errors: [FormatError] = []
         var missing = 0
+        var unreadable: SystemError?
         for copy in 0..<HeaderStore.fileNames.count {
             let bytes: [UInt8]
             do {
                 bytes = try Sys.readFile(path(copy), limit: VolumeHeader.maxLength + 1)
             } catch {
                 if error.errno == ENOENT { missing += 1; damaged.append((copy, "missing")); continue }
-                throw .unreadable(error)
+                // Not a regular file (a FIFO, symlink or directory put there), or unreadable:
+                // that copy is unusable, the other may still serve.
+                unreadable = unreadable ?? error
+                damaged.append((copy, "\(error)"))
+                continue
             }
             do {
                 candidates.append(Candidate(copy: copy, header: try VolumeHeader.decode(bytes)))
@@ -60,6 +65,7 @@ public struct HeaderStore: Sendable {
             }
         }
         if missing == HeaderStore.fileNames.count { throw .notAVolume(directory, exists: Sys.exists(directory)) }
+        if candidates.isEmpty, errors.isEmpty, let unreadable { throw .unreadable(unreadable) }
         if candidates.isEmpty {
             // A version or feature error is the more useful thing to say: the copies are fine, this build is old.
             let best = errors.first { if case .unsupportedVersion = $0 { return true }; if case .unsupportedFeatures = $0 { return true }; return false } ?? errors.first ?? .truncated("header")

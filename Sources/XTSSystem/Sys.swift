@@ -151,30 +151,18 @@ public enum Sys {
 
     /// Names in a directory, without "." and "..".
     public static func listDirectory(_ path: String) throws(SystemError) -> [(name: String, type: UInt8, ino: UInt64)] {
-        guard let dir = opendir(path) else { throw SystemError(Glibc.errno, "opendir \(path)") }
-        defer { closedir(dir) }
-        var out: [(String, UInt8, UInt64)] = []
-        while true {
-            Glibc.errno = 0
-            guard let ent = readdir(dir) else {
-                if Glibc.errno != 0 { throw SystemError(Glibc.errno, "readdir \(path)") }
-                break
-            }
-            let name = withUnsafePointer(to: ent.pointee.d_name) {
-                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
-            }
-            if name == "." || name == ".." { continue }
-            out.append((name, ent.pointee.d_type, UInt64(ent.pointee.d_ino)))
-        }
-        return out
+        let fd = try open(path, XTS_O_PATH | O_DIRECTORY)
+        defer { close(fd) }
+        return try listDirectory(fd)
     }
 
     /// Whole contents of a small file (headers, metadata), at most `limit` bytes. Reads to
     /// end of file rather than trusting st_size, which /proc files report as 0.
+    /// Only a regular file is read, and never through a final symlink: a FIFO or device put
+    /// in place of a header cannot block or trick the reader.
     public static func readFile(_ path: String, limit: Int = 1 << 20) throws(SystemError) -> [UInt8] {
-        let fd = try open(path, O_RDONLY)
+        let (fd, st) = try openRegular(AT_FDCWD, path, O_RDONLY)
         defer { close(fd) }
-        let st = try fstat(fd)
         var buf = [UInt8](repeating: 0, count: min(max(Int(st.st_size), 4096), limit))
         var total = 0
         while true {

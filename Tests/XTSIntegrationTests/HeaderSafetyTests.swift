@@ -38,6 +38,31 @@ final class HeaderSafetyTests: VolumeTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: cipher + "/xtsfs.header.tmp"))
     }
 
+    /// A FIFO, a symlink to a file outside CIPHERDIR, or a directory in place of one copy:
+    /// nothing hangs, nothing outside is read, and the other copy serves.
+    func testPlantedHeaderCopyOfAnotherTypeIsDamageNotAHang() throws {
+        initVolume()
+        let outside = scratch + "/outside"
+        try write(outside, try read(cipher + "/xtsfs.header"))
+        for plant in ["fifo", "symlink", "directory"] {
+            let copy = cipher + "/xtsfs.header2"
+            XCTAssertEqual(unlink(copy), 0)
+            switch plant {
+            case "fifo": XCTAssertEqual(mkfifo(copy, 0o644), 0)
+            case "symlink": XCTAssertEqual(symlink(outside, copy), 0)
+            default: XCTAssertEqual(mkdir(copy, 0o755), 0)
+            }
+            let status = Harness.run(["status", cipher])
+            XCTAssertEqual(status.status, 0, "\(plant): \(status.stderr)")
+            XCTAssertTrue(status.stdout.contains("xtsfs.header2: DAMAGED"), "\(plant): \(status.stdout)")
+            mount()
+            XCTAssertTrue(Harness.isMounted(mnt))
+            unmount()
+            if plant == "directory" { XCTAssertEqual(rmdir(copy), 0) } else { XCTAssertEqual(unlink(copy), 0) }
+            XCTAssertEqual(link(cipher + "/xtsfs.header", copy), 0)
+        }
+    }
+
     /// Volume B's header, re-sealed with B's key and a sequence number above A's, copied
     /// over A's second copy: it opens with the (shared) passphrase and its MAC verifies,
     /// but it cannot open A's root directory. The mount must use A's own copy and leave
