@@ -18,6 +18,7 @@ extension FileSystem {
     public func forget(_ id: UInt64, count: UInt64) {
         if table.withLock({ $0.forget(id, count) }) {
             dirCache.withLock { $0.remove(id) }
+            _ = removedDirs.withLock { $0.removeValue(forKey: id) }
         }
     }
 
@@ -191,7 +192,7 @@ extension FileSystem {
         try withoutDirHeader(pinned) { () throws(SystemError) in try Sys.unlinkat(dir.fd, b.entryName, directory: true) }
         removeLongNameFile(dir, b)
         if let gone = table.withLock({ $0.unlinked(parent: parent, name: name, identity: Identity(st), lastName: true) }) {
-            dirCache.withLock { $0.remove(gone) }
+            retireDirectory(gone, pinned: pinned)
         }
     }
 
@@ -229,12 +230,12 @@ extension FileSystem {
         let doRename = { () throws(SystemError) in
             try Sys.renameat(sdir.fd, sb.entryName, ddir.fd, db.entryName, flags: flags & noReplace)
         }
+        var replacedDir: Int32 = -1
+        defer { if replacedDir >= 0 { Sys.close(replacedDir) } }
         do throws(FSError) {
             if sst.isDirectory, let d = dst, d.isDirectory {
-                let pinned: Int32
-                do { pinned = try Sys.openPath(ddir.fd, db.entryName, directory: true) } catch { throw FSError.system(error) }
-                defer { Sys.close(pinned) }
-                try withoutDirHeader(pinned, doRename)
+                do { replacedDir = try Sys.openPath(ddir.fd, db.entryName, directory: true) } catch { throw FSError.system(error) }
+                try withoutDirHeader(replacedDir, doRename)
             } else {
                 do { try doRename() } catch { throw FSError.system(error) }
             }
@@ -253,6 +254,6 @@ extension FileSystem {
             t.moved(from: parent, name: name, to: target, identity: Identity(sst))
             return dst?.isDirectory == true ? gone : nil
         }
-        if let replaced { dirCache.withLock { $0.remove(replaced) } }
+        if let replaced, replacedDir >= 0 { retireDirectory(replaced, pinned: replacedDir) }
     }
 }

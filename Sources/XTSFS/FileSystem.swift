@@ -69,6 +69,10 @@ public final class FileSystem: @unchecked Sendable {
     let dirs = Mutex<[UInt64: [DirectoryEntry]]>([:])
     let nextHandle = Atomic<UInt64>(1)
     let linkStoreHandle = Mutex<DirHandle?>(nil)
+    /// Directories removed (rmdir, or replaced by rename) while the kernel still knows
+    /// them, reached through their handle until forgotten: fstat of an open descriptor of
+    /// a removed directory still answers, as on ext4.
+    let removedDirs = Mutex<[UInt64: DirHandle]>([:])
 
     public init(cipherDir: String, keys: KeySet, readOnly: Bool, dirCacheCapacity: Int = 1024, log: @escaping @Sendable (String) -> Void) throws(FSError) {
         self.cipherDir = cipherDir
@@ -140,7 +144,12 @@ public final class FileSystem: @unchecked Sendable {
         }
         for _ in 0..<NodeTable.maxLinks {
             guard let loc = table.withLock({ $0.location(id) }) else { throw .notFound }
-            guard let link = loc.link else { throw .notFound }
+            guard let link = loc.link else {
+                guard let removed = removedDirs.withLock({ $0[id] }) else { throw .notFound }
+                let st: stat
+                do { st = try Sys.fstat(removed.fd) } catch { throw .system(error) }
+                return try body(removed.fd, st)
+            }
             let dir = try dirHandle(link.parent)
             let fd: Int32
             do { fd = try Sys.openPath(dir.fd, link.entry, directory: loc.isDirectory) } catch {
@@ -172,7 +181,10 @@ public final class FileSystem: @unchecked Sendable {
         }
         for _ in 0..<NodeTable.maxLinks {
             guard let loc = table.withLock({ $0.location(id) }) else { throw .notFound }
-            guard let link = loc.link else { throw .notFound }
+            guard let link = loc.link else {
+                guard let removed = removedDirs.withLock({ $0[id] }) else { throw .notFound }
+                do { return (try Sys.fstat(removed.fd), removed, ".") } catch { throw .system(error) }
+            }
             let dir = try dirHandle(link.parent)
             let st: stat
             do { st = try Sys.fstatat(dir.fd, link.entry) } catch {
@@ -201,6 +213,17 @@ public final class FileSystem: @unchecked Sendable {
         }
         table.withLock { $0.nodes[id]?.directoryID = header.directoryID }
         return header.directoryID
+    }
+
+    /// Keeps a removed directory reachable (a duplicate of `pinned`) while node `id` lives.
+    func retireDirectory(_ id: UInt64, pinned: Int32) {
+        dirCache.withLock { $0.remove(id) }
+        let fd = fcntl(pinned, F_DUPFD_CLOEXEC, 0)
+        guard fd >= 0, table.withLock({ $0.nodes[id] != nil }) else {
+            if fd >= 0 { Sys.close(fd) }
+            return
+        }
+        removedDirs.withLock { $0[id] = DirHandle(fd: fd) }
     }
 
     /// The backing directory and entry for `name` in directory `parent`.

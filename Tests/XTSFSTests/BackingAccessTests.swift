@@ -235,6 +235,27 @@ final class BackingAccessTests: XCTestCase {
         fs.release(h)
     }
 
+    func testRemovedDirectoryStillAnswersWhileKnown() throws {
+        let (d, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("d"), mode: 0o755, caller: me)
+        let (e, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("e"), mode: 0o755, caller: me)
+        try fs.rmdir(parent: FileSystem.rootID, name: name("d"))
+        // As through an open descriptor on ext4: attributes (no links left), xattrs, chmod.
+        XCTAssertEqual(try fs.getattr(d, handle: nil).st_nlink, 0)
+        try fs.setxattr(d, name: name("user.k"), value: [1], flag: .any)
+        XCTAssertEqual(try fs.getxattr(d, name: name("user.k")), [1])
+        var c = AttributeChanges()
+        c.mode = 0o700
+        XCTAssertEqual(try fs.setattr(d, handle: nil, changes: c).st_mode & 0o777, 0o700)
+        // A directory replaced by rename is the same.
+        let (f, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("f"), mode: 0o755, caller: me)
+        try fs.rename(parent: FileSystem.rootID, name: name("f"), newParent: FileSystem.rootID, newName: name("e"), flags: 0)
+        XCTAssertEqual(try fs.getattr(e, handle: nil).st_nlink, 0)
+        XCTAssertEqual(try fs.lookup(parent: FileSystem.rootID, name: name("e")).0, f)
+        // Forgotten, it is gone.
+        fs.forget(d, count: 1)
+        expect(["no such entry"]) { _ = try fs.getattr(d, handle: nil) }
+    }
+
     func testRenameOverAnotherNameOfTheSameFileDoesNothing() throws {
         let a = try makeFile(FileSystem.rootID, "a", "x")
         _ = try fs.link(a, newParent: FileSystem.rootID, newName: name("b"))
