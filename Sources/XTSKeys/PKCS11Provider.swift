@@ -59,6 +59,12 @@ public final class PKCS11Provider: KeyProvider {
 
     deinit { xts_p11_close(&ctx) }
 
+    /// Checks what can be checked before asking for a PIN.
+    public static func check(uri: String) throws(KeyError) {
+        guard uri.hasPrefix("pkcs11:") else { throw error(Int32(XTS_P11_BAD_URI), 0, uri: uri, module: nil, token: "") }
+        if uri.lowercased().contains("pin-value=") { throw error(Int32(XTS_P11_PIN_IN_URI), 0, uri: uri, module: nil, token: "") }
+    }
+
     static func error(_ r: Int32, _ rv: UInt, uri: String, module: String?, token: String) -> KeyError {
         let ckr = "CKR 0x" + String(rv, radix: 16)
         switch Int(r) {
@@ -86,16 +92,17 @@ public final class PKCS11Provider: KeyProvider {
         guard w.count == 12 + KeySet.dekLength + 16 else { throw .format(.invalid("pkcs11 wrapped key length \(w.count)")) }
         var iv = Array(w[0..<12]), aad = volumeID
         let body = Array(w[12...])
-        let dek = SecretBytes(count: KeySet.dekLength)
+        // Some tokens (SoftHSM2) want room for the whole input, tag included.
+        let plain = SecretBytes(count: body.count)
         var rv: UInt = 0
-        let r = dek.withUnsafeMutableBytes { out in
+        let r = plain.withUnsafeMutableBytes { out in
             var len = UInt(out.count)
             let r = xts_p11_gcm(&ctx, 0, &iv, &aad, UInt(aad.count), body, UInt(body.count), out.baseAddress!.assumingMemoryBound(to: UInt8.self), &len, &rv)
             return r == Int32(XTS_P11_OK) && len != UInt(KeySet.dekLength) ? Int32(XTS_P11_WRONG_KEY) : r
         }
         if r == Int32(XTS_P11_WRONG_KEY) { throw .wrongKey(provider: "pkcs11 key") }
         guard r == Int32(XTS_P11_OK) else { throw PKCS11Provider.error(r, rv, uri: uri, module: nil, token: tokenLabel) }
-        return dek
+        return plain.slice(0..<KeySet.dekLength)
     }
 
     public func wrapDEK(_ dek: SecretBytes, volumeID: [UInt8]) throws(KeyError) -> WrappedKey {

@@ -122,6 +122,10 @@ public enum SecretInput {
     /// A PIN: the first line of `file`, or asked on the terminal.
     public static func pin(file: String?, token: String) throws(VolumeError) -> SecretBytes {
         if let file { return try fromFile(file) }
-        return try fromTerminal(prompt: "PIN for PKCS#11 \(token): ")
+        guard Sys.exists("/dev/tty"), Glibc.access("/dev/tty", R_OK | W_OK) == 0 else { throw .badInput("no terminal to ask for the PIN: use --pin-file FILE") }
+        do { return try fromTerminal(prompt: "PIN for PKCS#11 \(token): ") } catch {
+            if case .badInput(let m) = error, m.hasPrefix("no terminal") { throw .badInput("no terminal to ask for the PIN: use --pin-file FILE") }
+            throw error
+        }
     }
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import XTSCrypto
+import XTSFormat
 import XTSKeys
 import XTSSystem
 import XTSVolume
@@ -51,6 +52,7 @@ struct ProviderChoice {
                 return (try CommandProvider(command: extpass, timeout: extpassTimeout, costs: costs), nil)
             }
             if let pkcs11 {
+                try PKCS11Provider.check(uri: pkcs11)
                 let pin = try SecretInput.pin(file: pinFile, token: pkcs11)
                 return (try PKCS11Provider(uri: pkcs11, module: pkcs11Module, pin: pin, generate: generate), nil)
             }
@@ -104,9 +106,17 @@ struct KeyOptions: ParsableArguments {
 
     func validate() throws { try choice.check(prefix: "") }
 
-    /// The provider that unlocks (existing slots carry their own costs).
-    func provider() throws -> any KeyProvider {
-        try choice.provider(newSlot: false, costs: PassphraseProvider.defaultCosts).provider
+    /// The provider that unlocks (existing slots carry their own costs). A provider that
+    /// fails before any slot is tried (wrong PIN, token missing, command failed) is a
+    /// failed unlock too: it goes to the audit log of a volume.
+    func provider(auditing cipherDir: String, operation: String) throws -> any KeyProvider {
+        do { return try choice.provider(newSlot: false, costs: PassphraseProvider.defaultCosts).provider } catch let e as VolumeError {
+            if let header = try? Volume.load(cipherDir).newest {
+                audit(cipherDir).record(.init(operation: operation, volumeID: header.volumeID, slot: slot,
+                                              provider: choice.providerName, ok: false, detail: e.description))
+            }
+            throw e
+        }
     }
 
     func audit(_ cipherDir: String) -> AuditLog { AuditLog(cipherDir: cipherDir, override: auditLog) }
@@ -184,6 +194,15 @@ struct KDFOptions: ParsableArguments {
 }
 
 extension ProviderChoice {
+    /// The provider's name as the audit log and `keys list` say it.
+    var providerName: String {
+        if keyfile != nil { return ProviderType.keyfile.description }
+        if extpass != nil { return ProviderType.command.description }
+        if pkcs11 != nil { return ProviderType.pkcs11.description }
+        if recoveryFile != nil || recoveryPrompt || newRecoveryKey { return ProviderType.recoveryKey.description }
+        return ProviderType.passphrase.description
+    }
+
     /// Whether the new slot's KEK comes from Argon2id (passphrase or command).
     var usesKDF: Bool { keyfile == nil && pkcs11 == nil && !newRecoveryKey && recoveryFile == nil && !recoveryPrompt }
 }

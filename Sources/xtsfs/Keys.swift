@@ -58,7 +58,7 @@ struct Keys: ParsableCommand {
             let audit = key.audit(cipherDir)
             // Everything that can fail on bad input is checked before the expensive unlock.
             _ = try Volume.load(cipherDir)
-            let opener = try key.provider()
+            let opener = try key.provider(auditing: cipherDir, operation: "unlock for keys add")
             let costs = try kdf.costs(needed: new.choice.usesKDF)
             let (newProvider, recovery) = try new.choice.provider(newSlot: true, costs: costs)
             let index = try KeySlots.add(cipherDir: cipherDir, provider: opener, slot: key.slot, newProvider: newProvider,
@@ -87,7 +87,7 @@ struct Keys: ParsableCommand {
         func run() throws {
             ProcessHardening.apply()
             _ = try Volume.load(cipherDir)
-            try KeySlots.remove(cipherDir: cipherDir, index: index, provider: try key.provider(), slot: key.slot,
+            try KeySlots.remove(cipherDir: cipherDir, index: index, provider: try key.provider(auditing: cipherDir, operation: "unlock for keys remove"), slot: key.slot,
                                 force: force, audit: key.audit(cipherDir))
             say("Removed keyslot \(index). Copies of the old header (backups) still open with it until the volume key is rekeyed.")
         }

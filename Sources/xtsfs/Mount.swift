@@ -45,7 +45,7 @@ struct Mount: ParsableCommand {
         ProcessHardening.apply()
         // Bad paths and a missing or damaged header are reported before any prompt.
         request = try Mounter.preflight(request)
-        let provider = try key.provider()
+        let provider = try key.provider(auditing: request.cipherDir, operation: "mount")
         let status = try Mounter.mount(request, provider: provider, slot: key.slot, audit: key.audit(request.cipherDir), say: { say($0) })
         if status != 0 { throw ExitCode(status) }
     }
