@@ -17,7 +17,8 @@ struct XTSFSCommand: ParsableCommand {
     /// Our own exit codes; the argument parser's usage errors become 2.
     static func main() {
         do {
-            var command = try parseAsRoot()
+            var command = try parseAsRoot(MountHelperArguments.rewrite(Array(CommandLine.arguments.dropFirst()),
+                                                                       subcommands: configuration.subcommands.map { $0._commandName }))
             try command.run()
         } catch let error as VolumeError {
             printError(error.description)
