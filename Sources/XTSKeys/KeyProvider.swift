@@ -87,7 +87,8 @@ public enum SlotDescription {
         case .keyfile?: return ["kdf": "hkdf-sha256"]
         case .recoveryKey?: return ["kdf": "hkdf-sha256"]
         case .pkcs11?: return PKCS11Parameters.describe(slot.parameters)
-        case .kmip?, nil: return [:]
+        case .kmip?: return KMIPParameters.describe(slot.parameters)
+        case nil: return [:]
         }
     }
 }

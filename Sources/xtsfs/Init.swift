@@ -13,7 +13,7 @@ struct Init: ParsableCommand {
 
     @OptionGroup var key: KeyOptions
 
-    @Flag(name: .customLong("generate"), help: "With --pkcs11: create the AES-256 key in the token (non-extractable).")
+    @Flag(name: .customLong("generate"), help: "With --pkcs11: create the AES-256 key in the token (non-extractable); with --kmip: create and activate it on the server.")
     var generate = false
 
     @Flag(name: .customLong("recovery-key"), help: "Also make a recovery key slot; the key is printed once.")
@@ -25,7 +25,9 @@ struct Init: ParsableCommand {
         if key.slot != nil { throw ValidationError("--slot is for existing volumes") }
         if key.auditLog != nil { throw ValidationError("--audit-log is for existing volumes (init writes no audit line)") }
         if key.recovery || key.recoveryFile != nil { throw ValidationError("init makes a recovery key with --recovery-key") }
-        if generate && key.pkcs11 == nil { throw ValidationError("--generate goes with --pkcs11") }
+        var choice = key.choice
+        choice.generate = generate
+        try choice.check(prefix: "")
     }
 
     func run() throws {
@@ -42,6 +44,7 @@ struct Init: ParsableCommand {
             recovery = printable
         }
         let header = try Volume.initialize(cipherDir: cipherDir, provider: provider, more: more)
+        if let k = provider as? KMIPProvider, generate { say("Created key \(k.keyID) on the KMIP server \(k.connection.server); unlock with --kmip-key-id \(k.keyID).") }
         let what: String
         if choice.usesKDF {
             what = "\(provider.type), Argon2id m=\(costs.memoryKiB) KiB t=\(costs.iterations) p=\(costs.parallelism)"

@@ -19,6 +19,11 @@ struct ProviderChoice {
     var pinFile: String?
     var recoveryFile: String?
     var recoveryPrompt = false
+    var kmip: String?
+    var kmipKeyID: String?
+    var kmipCert: String?
+    var kmipKey: String?
+    var kmipCA: String?
     /// For a new slot: a fresh recovery key, printed once.
     var newRecoveryKey = false
     /// For a new PKCS#11 slot: create the key in the token.
@@ -30,13 +35,20 @@ struct ProviderChoice {
         if keyfile != nil { n.append("keyfile") }
         if extpass != nil { n.append("extpass") }
         if pkcs11 != nil { n.append("pkcs11") }
+        if kmip != nil { n.append("kmip") }
         if recoveryFile != nil || recoveryPrompt || newRecoveryKey { n.append("recovery key") }
         return n
     }
 
     func check(prefix: String) throws {
         if named.count > 1 { throw ValidationError("give one key: \(named.map { "--\(prefix)\($0 == "recovery key" ? "recovery…" : $0)" }.joined(separator: ", ")) are exclusive") }
-        if generate && pkcs11 == nil { throw ValidationError("--generate goes with --\(prefix)pkcs11") }
+        if generate && pkcs11 == nil && kmip == nil { throw ValidationError("--generate goes with --\(prefix)pkcs11 or --\(prefix)kmip") }
+        if kmip != nil {
+            guard kmipCert != nil, kmipKey != nil, kmipCA != nil else { throw ValidationError("--\(prefix)kmip needs --\(prefix)kmip-cert, --\(prefix)kmip-key and --\(prefix)kmip-ca") }
+            if kmipKeyID != nil && generate { throw ValidationError("--generate creates a new KMIP key: drop --\(prefix)kmip-key-id") }
+        } else if kmipKeyID != nil || kmipCert != nil || kmipKey != nil || kmipCA != nil {
+            throw ValidationError("--\(prefix)kmip-key-id, -cert, -key and -ca go with --\(prefix)kmip")
+        }
         if (pkcs11Module != nil || pinFile != nil) && pkcs11 == nil { throw ValidationError("--\(prefix)pkcs11-module and --\(prefix)pin-file go with --\(prefix)pkcs11") }
         guard extpassTimeout > 0 && extpassTimeout <= 3600 else { throw ValidationError("--extpass-timeout must be 1 to 3600 seconds") }
     }
@@ -55,6 +67,11 @@ struct ProviderChoice {
                 try PKCS11Provider.check(uri: pkcs11)
                 let pin = try SecretInput.pin(file: pinFile, token: pkcs11)
                 return (try PKCS11Provider(uri: pkcs11, module: pkcs11Module, pin: pin, generate: generate), nil)
+            }
+            if let kmip {
+                guard generate || kmipKeyID != nil else { throw VolumeError.usage("--kmip needs --kmip-key-id ID (or, for a new slot, --generate to create a key on the server)") }
+                let c = try KMIPProvider.Connection(server: kmip, certificate: kmipCert ?? "", key: kmipKey ?? "", ca: kmipCA ?? "")
+                return (try KMIPProvider(connection: c, keyID: generate ? nil : kmipKeyID), nil)
             }
             if newRecoveryKey {
                 let (p, printable) = try RecoveryKeyProvider.generate()
@@ -94,6 +111,16 @@ struct KeyOptions: ParsableArguments {
     var recoveryFile: String?
     @Flag(name: .long, help: "Unlock with a recovery key typed at the terminal.")
     var recovery = false
+    @Option(name: .long, help: ArgumentHelp("Unlock with a key on a KMIP server (mutual TLS).", valueName: "HOST:PORT"))
+    var kmip: String?
+    @Option(name: .customLong("kmip-key-id"), help: ArgumentHelp("The key's unique identifier on the KMIP server.", valueName: "ID"))
+    var kmipKeyID: String?
+    @Option(name: .customLong("kmip-cert"), help: ArgumentHelp("Client certificate (PEM) for the KMIP server.", valueName: "FILE"))
+    var kmipCert: String?
+    @Option(name: .customLong("kmip-key"), help: ArgumentHelp("Client private key (PEM) for the KMIP server.", valueName: "FILE"))
+    var kmipKey: String?
+    @Option(name: .customLong("kmip-ca"), help: ArgumentHelp("CA certificate (PEM) that signed the KMIP server's certificate.", valueName: "FILE"))
+    var kmipCA: String?
     @Option(name: .long, help: ArgumentHelp("Try only keyslot N.", valueName: "N"))
     var slot: UInt16?
     @Option(name: .customLong("audit-log"), help: ArgumentHelp("Append the audit log to FILE instead of CIPHERDIR/xtsfs.audit/.", valueName: "FILE"))
@@ -101,7 +128,8 @@ struct KeyOptions: ParsableArguments {
 
     var choice: ProviderChoice {
         ProviderChoice(passfile: passfile, keyfile: keyfile, extpass: extpass, extpassTimeout: extpassTimeout, pkcs11: pkcs11,
-                       pkcs11Module: pkcs11Module, pinFile: pinFile, recoveryFile: recoveryFile, recoveryPrompt: recovery)
+                       pkcs11Module: pkcs11Module, pinFile: pinFile, recoveryFile: recoveryFile, recoveryPrompt: recovery,
+                       kmip: kmip, kmipKeyID: kmipKeyID, kmipCert: kmipCert, kmipKey: kmipKey, kmipCA: kmipCA)
     }
 
     func validate() throws { try choice.check(prefix: "") }
@@ -136,14 +164,25 @@ struct NewKeyOptions: ParsableArguments {
     var pkcs11Module: String?
     @Option(name: .customLong("new-pin-file"), help: ArgumentHelp("The PIN for --new-pkcs11.", valueName: "FILE"))
     var pinFile: String?
-    @Flag(name: .customLong("generate"), help: "With --new-pkcs11: create the AES-256 key in the token (non-extractable).")
+    @Option(name: .customLong("new-kmip"), help: ArgumentHelp("Add a slot whose key is on a KMIP server.", valueName: "HOST:PORT"))
+    var kmip: String?
+    @Option(name: .customLong("new-kmip-key-id"), help: ArgumentHelp("The key's ID on the server (or --generate).", valueName: "ID"))
+    var kmipKeyID: String?
+    @Option(name: .customLong("new-kmip-cert"), help: ArgumentHelp("Client certificate for --new-kmip.", valueName: "FILE"))
+    var kmipCert: String?
+    @Option(name: .customLong("new-kmip-key"), help: ArgumentHelp("Client private key for --new-kmip.", valueName: "FILE"))
+    var kmipKey: String?
+    @Option(name: .customLong("new-kmip-ca"), help: ArgumentHelp("CA certificate for --new-kmip.", valueName: "FILE"))
+    var kmipCA: String?
+    @Flag(name: .customLong("generate"), help: "With --new-pkcs11: create the AES-256 key in the token (non-extractable); with --new-kmip: create and activate it on the server.")
     var generate = false
     @Flag(name: .customLong("new-recovery-key"), help: "Add a recovery key slot; the key is printed once.")
     var recoveryKey = false
 
     var choice: ProviderChoice {
         ProviderChoice(passfile: passfile, keyfile: keyfile, extpass: extpass, pkcs11: pkcs11, pkcs11Module: pkcs11Module,
-                       pinFile: pinFile, newRecoveryKey: recoveryKey, generate: generate)
+                       pinFile: pinFile, kmip: kmip, kmipKeyID: kmipKeyID, kmipCert: kmipCert, kmipKey: kmipKey, kmipCA: kmipCA,
+                       newRecoveryKey: recoveryKey, generate: generate)
     }
 
     func validate() throws { try choice.check(prefix: "new-") }
@@ -199,12 +238,13 @@ extension ProviderChoice {
         if keyfile != nil { return ProviderType.keyfile.description }
         if extpass != nil { return ProviderType.command.description }
         if pkcs11 != nil { return ProviderType.pkcs11.description }
+        if kmip != nil { return ProviderType.kmip.description }
         if recoveryFile != nil || recoveryPrompt || newRecoveryKey { return ProviderType.recoveryKey.description }
         return ProviderType.passphrase.description
     }
 
     /// Whether the new slot's KEK comes from Argon2id (passphrase or command).
-    var usesKDF: Bool { keyfile == nil && pkcs11 == nil && !newRecoveryKey && recoveryFile == nil && !recoveryPrompt }
+    var usesKDF: Bool { keyfile == nil && pkcs11 == nil && kmip == nil && !newRecoveryKey && recoveryFile == nil && !recoveryPrompt }
 }
 
 /// Prints a new recovery key once, on standard output, straight from locked memory.

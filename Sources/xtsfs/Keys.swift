@@ -64,6 +64,7 @@ struct Keys: ParsableCommand {
             let index = try KeySlots.add(cipherDir: cipherDir, provider: opener, slot: key.slot, newProvider: newProvider,
                                          index: newSlot, audit: audit)
             say("Added keyslot \(index) (\(newProvider.type)).")
+            if let k = newProvider as? KMIPProvider, new.generate { say("Created key \(k.keyID) on the KMIP server \(k.connection.server); unlock with --kmip-key-id \(k.keyID).") }
             if let recovery { printRecoveryKey(recovery, slot: index) }
         }
     }

@@ -7,6 +7,7 @@ enum MountHelperArguments {
         "passfile": "--passfile", "keyfile": "--keyfile", "extpass": "--extpass",
         "extpass-timeout": "--extpass-timeout", "pkcs11": "--pkcs11", "pkcs11-module": "--pkcs11-module",
         "pin-file": "--pin-file", "recovery-file": "--recovery-file", "slot": "--slot", "audit-log": "--audit-log",
+        "kmip": "--kmip", "kmip-key-id": "--kmip-key-id", "kmip-cert": "--kmip-cert", "kmip-key": "--kmip-key", "kmip-ca": "--kmip-ca",
     ]
     /// Options that mean something to mount(8) or /etc/fstab only.
     static let fstabOnly: Set<String> = ["defaults", "auto", "noauto", "user", "users", "nouser", "owner", "_netdev", "nofail", "rw"]
