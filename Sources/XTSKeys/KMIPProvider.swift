@@ -122,6 +122,11 @@ public enum KMIPParameters {
 /// IV [16] | ciphertext [80]. (PyKMIP's AES-GCM path is broken; CBC works everywhere.)
 /// A wrong key fails the padding check or the DEK digest; a revoked or destroyed key
 /// is refused by the server with its own message.
+///
+/// Known limit: the DEK crosses this client inside TTLV byte arrays (the Encrypt request,
+/// the Decrypt answer), ordinary heap memory that is wiped where we hold it but not
+/// locked, and copied by the encoder; the PKCS#11 and local providers never let it out
+/// of `SecretBytes`.
 public final class KMIPProvider: KeyProvider {
     public struct Connection: Sendable {
         public var host: String

@@ -17,6 +17,13 @@ public protocol KeyProvider {
     func unwrapDEK(from slot: Keyslot, volumeID: [UInt8]) throws(KeyError) -> SecretBytes
     /// Wraps `dek` for a new slot of this provider.
     func wrapDEK(_ dek: SecretBytes, volumeID: [UInt8]) throws(KeyError) -> WrappedKey
+    /// Lets go of whatever the provider holds open (a token session, logged in), once the
+    /// DEK is unwrapped: a mount serving in the foreground must not keep a token open.
+    func release()
+}
+
+extension KeyProvider {
+    public func release() {}
 }
 
 /// What a provider stores in a new slot.

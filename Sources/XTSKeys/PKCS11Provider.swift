@@ -59,6 +59,9 @@ public final class PKCS11Provider: KeyProvider {
 
     deinit { xts_p11_close(&ctx) }
 
+    /// Logs out and finalises the module now; the provider cannot be used afterwards.
+    public func release() { xts_p11_close(&ctx) }
+
     /// Checks what can be checked before asking for a PIN.
     public static func check(uri: String) throws(KeyError) {
         guard uri.hasPrefix("pkcs11:") else { throw error(Int32(XTS_P11_BAD_URI), 0, uri: uri, module: nil, token: "") }
@@ -94,6 +97,7 @@ public final class PKCS11Provider: KeyProvider {
         let body = Array(w[12...])
         // Some tokens (SoftHSM2) want room for the whole input, tag included.
         let plain = SecretBytes(count: body.count)
+        guard ctx.module != nil else { throw .unavailable("the PKCS#11 session was already closed") }
         var rv: UInt = 0
         let r = plain.withUnsafeMutableBytes { out in
             var len = UInt(out.count)
@@ -106,6 +110,7 @@ public final class PKCS11Provider: KeyProvider {
     }
 
     public func wrapDEK(_ dek: SecretBytes, volumeID: [UInt8]) throws(KeyError) -> WrappedKey {
+        guard ctx.module != nil else { throw .unavailable("the PKCS#11 session was already closed") }
         var iv: [UInt8]
         do { iv = try Random.bytes(12) } catch { throw .crypto(error) }
         var aad = volumeID

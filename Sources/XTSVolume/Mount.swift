@@ -149,6 +149,7 @@ public enum Mounter {
                              say: @escaping @Sendable (String) -> Void) throws(VolumeError) -> Int32 {
         let req = try preflight(request)
         let unlocked = try Volume.unlock(req.cipherDir, provider: provider, slot: slot, audit: audit, operation: "mount")
+        provider.release()
         for w in unlocked.warnings { say("warning: " + w) }
         if geteuid() == 0, let why = DaemonPrivileges.othersCanChange(req.cipherDir) {
             say("warning: other users can change CIPHERDIR \(req.cipherDir) (\(why)); this root mount serves what they put there to every user of it")
