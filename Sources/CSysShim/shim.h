@@ -202,4 +202,27 @@ static inline int xts_spawn_helper(pid_t *pid, const char *path, char *const arg
     return r;
 }
 // ---- end of the header-safety block ----
+// ---- key providers ----
+/// Starts `/bin/sh -c command` for the command key provider: `out_fd` becomes its standard
+/// output, its standard input is /dev/null, standard error is inherited (so the program can
+/// talk to the user), nothing else above 2 is inherited, signals are unblocked.
+static inline int xts_spawn_capture(pid_t *pid, char *const argv[], char *const envp[], int out_fd) {
+    posix_spawnattr_t attr;
+    posix_spawn_file_actions_t fa;
+    sigset_t empty;
+    int r;
+    posix_spawnattr_init(&attr);
+    posix_spawn_file_actions_init(&fa);
+    sigemptyset(&empty);
+    posix_spawnattr_setsigmask(&attr, &empty);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_adddup2(&fa, out_fd, 1);
+    posix_spawn_file_actions_addclosefrom_np(&fa, 3);
+    r = posix_spawn(pid, "/bin/sh", &fa, &attr, argv, envp);
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&attr);
+    return r;
+}
+// ---- end of the key providers block ----
 #endif

@@ -17,6 +17,9 @@ public enum BackingEntry: Equatable, Sendable {
     case longNameRecord(entry: String)
     /// `xtsfs.links`: long symlink targets, by hash (meaningful in the root directory only).
     case linkStore
+    /// `xtsfs.audit`: the audit log of key operations, one JSON-lines file per host
+    /// (meaningful in the root directory only).
+    case auditLog
     /// `NAME.tmp` of one of our files: left by an interrupted atomic replacement.
     case temporary(of: String)
     /// Anything else: not ours (a sync tool's conflict copy, `.DS_Store`, ...).
@@ -24,11 +27,14 @@ public enum BackingEntry: Equatable, Sendable {
 
     static let internalPrefix = "xtsfs."
     static let temporarySuffix = ".tmp"
+    /// The audit log directory (XTSVolume's `AuditLog` writes it).
+    public static let auditLogName = "xtsfs.audit"
 
     public static func classify(_ name: String) -> BackingEntry {
         if name.hasPrefix(internalPrefix) {
             if name == DirHeader.fileName { return .directoryHeader }
             if name == NameCodec.linkStore { return .linkStore }
+            if name == auditLogName { return .auditLog }
             if let copy = HeaderStore.fileNames.firstIndex(of: name) { return .volumeHeader(copy: copy) }
             if name.hasSuffix(temporarySuffix) {
                 let base = String(name.dropLast(temporarySuffix.count))

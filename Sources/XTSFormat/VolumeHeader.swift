@@ -30,6 +30,7 @@ public enum ProviderType: UInt16, Sendable, CaseIterable, CustomStringConvertibl
     case command = 3
     case pkcs11 = 4
     case kmip = 5
+    case recoveryKey = 6
     public var description: String {
         switch self {
         case .passphrase: "passphrase"
@@ -37,6 +38,7 @@ public enum ProviderType: UInt16, Sendable, CaseIterable, CustomStringConvertibl
         case .command: "command"
         case .pkcs11: "pkcs11"
         case .kmip: "kmip"
+        case .recoveryKey: "recovery-key"
         }
     }
 }
@@ -44,7 +46,18 @@ public enum ProviderType: UInt16, Sendable, CaseIterable, CustomStringConvertibl
 public enum WrapAlgorithm: UInt16, Sendable, CustomStringConvertible {
     /// RFC 5649 AES key wrap with padding, AES-256 KEK.
     case aes256KWP = 1
-    public var description: String { "aes256-kwp (RFC 5649)" }
+    /// AES-256-GCM inside a PKCS#11 token (the key never leaves it): IV [12] | ciphertext | tag [16],
+    /// the volume ID as additional data.
+    case tokenAES256GCM = 2
+    /// AES-256-CBC by a KMIP server (the key never leaves it): IV [16] | ciphertext (PKCS#7 padded).
+    case serverAES256CBC = 3
+    public var description: String {
+        switch self {
+        case .aes256KWP: "aes256-kwp (RFC 5649)"
+        case .tokenAES256GCM: "aes256-gcm in the token"
+        case .serverAES256CBC: "aes256-cbc on the key server"
+        }
+    }
 }
 
 /// One keyslot: the DEK of one key generation, wrapped by one KEK.

@@ -1,81 +1,101 @@
 import XTSCrypto
 import XTSFormat
 
-/// A source of key-encryption keys. One implementation per provider type; each keyslot
-/// names its provider and carries that provider's parameters.
+/// A source of the key that protects one keyslot. One implementation per provider type,
+/// one file each. The interface fits hardware: a token or a key server never hands out
+/// its key, it wraps and unwraps for us; a passphrase or key file does the same with a
+/// KEK derived locally (`LocalKEKProvider`).
 public protocol KeyProvider {
     var type: ProviderType { get }
-    /// The KEK for an existing slot of this provider's type.
-    func unwrapKey(for slot: Keyslot) throws(KeyError) -> SecretBytes
-    /// A new KEK and the parameters to store in the new slot.
-    func newKey() throws(KeyError) -> (kek: SecretBytes, parameters: [UInt8])
+    /// Whether this provider may own `slot`, decided without any secret work (type, and
+    /// for a token or server the key it names). Keeps one provider's expensive KDF from
+    /// running for another's slot.
+    func canOpen(_ slot: Keyslot) -> Bool
+    /// The DEK in `slot`. Throws `.wrongKey` only when this key definitely does not open
+    /// the slot; `.unavailable` when the provider itself failed (token missing, server
+    /// down, command failed); `.format` when the slot's parameters are invalid.
+    func unwrapDEK(from slot: Keyslot, volumeID: [UInt8]) throws(KeyError) -> SecretBytes
+    /// Wraps `dek` for a new slot of this provider.
+    func wrapDEK(_ dek: SecretBytes, volumeID: [UInt8]) throws(KeyError) -> WrappedKey
+    /// Lets go of whatever the provider holds open (a token session, logged in), once the
+    /// DEK is unwrapped: a mount serving in the foreground must not keep a token open.
+    func release()
 }
 
-/// Argon2id parameters of a passphrase slot: salt [32] | memory KiB u32 | iterations u32 | parallelism u32.
-public struct PassphraseParameters: Sendable, Equatable {
-    public static let saltLength = 32
-    public var salt: [UInt8]
-    public var argon2: Argon2idParameters
+extension KeyProvider {
+    public func release() {}
+}
 
-    public init(salt: [UInt8], argon2: Argon2idParameters) {
-        self.salt = salt
-        self.argon2 = argon2
-    }
+/// What a provider stores in a new slot.
+public struct WrappedKey: Sendable {
+    public var parameters: [UInt8]
+    public var wrap: WrapAlgorithm
+    public var wrappedKey: [UInt8]
 
-    public func encode() -> [UInt8] {
-        var w = ByteWriter(capacity: 44)
-        w.raw(salt); w.u32(argon2.memoryKiB); w.u32(argon2.iterations); w.u32(argon2.parallelism)
-        return w.bytes
-    }
-
-    public static func decode(_ bytes: [UInt8]) throws(FormatError) -> PassphraseParameters {
-        var r = ByteReader(bytes)
-        let salt = try r.raw(saltLength, "passphrase salt")
-        let m = try r.u32("argon2 memory")
-        let t = try r.u32("argon2 iterations")
-        let p = try r.u32("argon2 parallelism")
-        guard r.remaining == 0 else { throw .invalid("passphrase parameters length") }
-        // Bounds that keep a damaged or hostile header from asking for absurd work.
-        guard (1...16).contains(p), m >= 8 * p, m <= 4 * 1024 * 1024, (1...1_000_000).contains(t) else {
-            throw .invalid("Argon2id parameters (m=\(m) t=\(t) p=\(p))")
-        }
-        return PassphraseParameters(salt: salt, argon2: Argon2idParameters(memoryKiB: m, iterations: t, parallelism: p))
+    public init(parameters: [UInt8], wrap: WrapAlgorithm, wrappedKey: [UInt8]) {
+        self.parameters = parameters
+        self.wrap = wrap
+        self.wrappedKey = wrappedKey
     }
 }
 
-/// Passphrase → Argon2id → 32-byte KEK.
-public struct PassphraseProvider: KeyProvider {
-    public var type: ProviderType { .passphrase }
-    public let passphrase: SecretBytes
-    /// Costs for new slots (`newKey`); existing slots use their stored ones.
-    public let costs: Argon2idParameters
+/// A provider whose KEK is derived here from a secret it holds (passphrase, key file,
+/// command output, recovery key); the DEK is wrapped with RFC 5649 under that KEK.
+public protocol LocalKEKProvider: KeyProvider {
+    /// The KEK for existing slot parameters. Must validate the parameters (and refuse
+    /// absurd costs) before doing any work.
+    func kek(parameters: [UInt8]) throws(KeyError) -> SecretBytes
+    /// Fresh parameters for a new slot (a new salt, the configured costs).
+    func newParameters() throws(KeyError) -> [UInt8]
+}
 
-    public init(passphrase: SecretBytes, costs: Argon2idParameters = PassphraseProvider.defaultCosts) {
-        self.passphrase = passphrase
-        self.costs = costs
-    }
+extension LocalKEKProvider {
+    public func canOpen(_ slot: Keyslot) -> Bool { slot.provider == type && slot.wrap == .aes256KWP }
 
-    /// 1 GiB, 4 lanes; iterations are calibrated at init time for about one second.
-    public static let defaultCosts = Argon2idParameters(memoryKiB: 1024 * 1024, iterations: 4, parallelism: 4)
-
-    public func unwrapKey(for slot: Keyslot) throws(KeyError) -> SecretBytes {
-        let params: PassphraseParameters
-        do { params = try PassphraseParameters.decode(slot.parameters) } catch { throw .format(error) }
-        return try derive(params)
-    }
-
-    public func newKey() throws(KeyError) -> (kek: SecretBytes, parameters: [UInt8]) {
-        let salt: [UInt8]
-        do { salt = try Random.bytes(PassphraseParameters.saltLength) } catch { throw .crypto(error) }
-        let params = PassphraseParameters(salt: salt, argon2: costs)
-        return (try derive(params), params.encode())
-    }
-
-    private func derive(_ params: PassphraseParameters) throws(KeyError) -> SecretBytes {
-        do {
-            return try Argon2id.derive(password: passphrase, salt: params.salt, parameters: params.argon2, count: 32)
-        } catch {
+    public func unwrapDEK(from slot: Keyslot, volumeID: [UInt8]) throws(KeyError) -> SecretBytes {
+        let kek = try kek(parameters: slot.parameters)
+        do { return try KeyWrap.unwrap(slot.wrappedKey, kek: kek) } catch {
+            if error == .authenticationFailed { throw .wrongKey(provider: type.description) }
             throw .crypto(error)
+        }
+    }
+
+    public func wrapDEK(_ dek: SecretBytes, volumeID: [UInt8]) throws(KeyError) -> WrappedKey {
+        let params = try newParameters()
+        let kek = try kek(parameters: params)
+        do { return WrappedKey(parameters: params, wrap: .aes256KWP, wrappedKey: try KeyWrap.wrap(dek, kek: kek)) }
+        catch { throw .crypto(error) }
+    }
+}
+
+/// A 32-byte salt, the only parameter of the high-entropy local providers.
+enum SaltParameters {
+    static let length = 32
+
+    static func decode(_ bytes: [UInt8], _ what: String) throws(KeyError) -> [UInt8] {
+        guard bytes.count == length else { throw .format(.invalid("\(what) parameters: \(bytes.count) bytes, expected \(length)")) }
+        return bytes
+    }
+
+    static func random() throws(KeyError) -> [UInt8] {
+        do { return try Random.bytes(length) } catch { throw .crypto(error) }
+    }
+}
+
+/// What `status` and `keys list` show of a slot, supplied by each provider type (as
+/// LUKS2 gives each keyslot handler its own dump): provider knowledge stays here.
+public enum SlotDescription {
+    public static func describe(_ slot: Keyslot) -> [String: String] {
+        switch slot.provider {
+        case .passphrase?, .command?:
+            guard let p = try? PassphraseParameters.decode(slot.parameters) else { return ["parameters": "invalid"] }
+            return ["kdf": "argon2id", "memoryKiB": "\(p.argon2.memoryKiB)", "iterations": "\(p.argon2.iterations)",
+                    "parallelism": "\(p.argon2.parallelism)"]
+        case .keyfile?: return ["kdf": "hkdf-sha256"]
+        case .recoveryKey?: return ["kdf": "hkdf-sha256"]
+        case .pkcs11?: return PKCS11Parameters.describe(slot.parameters)
+        case .kmip?: return KMIPParameters.describe(slot.parameters)
+        case nil: return [:]
         }
     }
 }

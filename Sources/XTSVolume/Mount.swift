@@ -150,9 +150,11 @@ public enum Mounter {
     /// The command's mount: returns the exit status once the mount is ready (or failed),
     /// or when the foreground filesystem is unmounted.
 
-    public static func mount(_ request: MountRequest, provider: some KeyProvider, say: @escaping @Sendable (String) -> Void) throws(VolumeError) -> Int32 {
+    public static func mount(_ request: MountRequest, provider: any KeyProvider, slot: UInt16? = nil, audit: AuditLog? = nil,
+                             say: @escaping @Sendable (String) -> Void) throws(VolumeError) -> Int32 {
         let req = try preflight(request)
-        let unlocked = try Volume.unlock(req.cipherDir, provider: provider)
+        let unlocked = try Volume.unlock(req.cipherDir, provider: provider, slot: slot, audit: audit, operation: "mount")
+        provider.release()
         for w in unlocked.warnings { say("warning: " + w) }
         if geteuid() == 0, let why = DaemonPrivileges.othersCanChange(req.cipherDir) {
             say("warning: other users can change CIPHERDIR \(req.cipherDir) (\(why)); this root mount serves what they put there to every user of it")
@@ -428,6 +430,7 @@ extension VolumeError {
         case .unsupported: .unsupported(message)
         case .refused: .refused(message)
         case .badInput: .badInput(message)
+        case .providerFailed: .providerFailed(message)
         case .failure: .failure(message)
         default: .mountFailed(message)
         }

@@ -101,4 +101,31 @@ public enum SecretInput {
         guard first.constantTimeEquals(second) else { throw .badInput("the passphrases do not match") }
         return first
     }
+
+    /// A whole file (a key file) into locked memory: at most `limit` bytes.
+    public static func wholeFile(_ path: String, limit: Int, what: String) throws(VolumeError) -> SecretBytes {
+        let fd: Int32
+        do { fd = try Sys.open(path, O_RDONLY | O_NONBLOCK) } catch { throw .providerFailed("cannot read \(what) \(path): \(error)") }
+        defer { Sys.close(fd) }
+        let buf = SecretBytes(count: limit + 1)
+        var n = 0
+        while n <= limit {
+            let r = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + n, $0.count - n) }
+            if r < 0 { if errno == EINTR { continue }; throw .providerFailed("cannot read \(what) \(path): \(String(cString: strerror(errno)))") }
+            if r == 0 { break }
+            n += r
+        }
+        guard n <= limit else { throw .badInput("\(what) \(path) is larger than \(limit) bytes") }
+        return buf.slice(0..<n)
+    }
+
+    /// A PIN: the first line of `file`, or asked on the terminal.
+    public static func pin(file: String?, token: String) throws(VolumeError) -> SecretBytes {
+        if let file { return try fromFile(file) }
+        guard Sys.exists("/dev/tty"), Glibc.access("/dev/tty", R_OK | W_OK) == 0 else { throw .badInput("no terminal to ask for the PIN: use --pin-file FILE") }
+        do { return try fromTerminal(prompt: "PIN for PKCS#11 \(token): ") } catch {
+            if case .badInput(let m) = error, m.hasPrefix("no terminal") { throw .badInput("no terminal to ask for the PIN: use --pin-file FILE") }
+            throw error
+        }
+    }
 }

@@ -70,17 +70,11 @@ public struct StatusReport: Codable, Sendable {
 
     static func hex(_ bytes: [UInt8]) -> String { bytes.map { String($0, radix: 16).leftPad(2) }.joined() }
 
-    static func slotReport(_ s: Keyslot) -> Slot {
-        var params: [String: String] = [:]
-        if s.provider == .passphrase, let p = try? PassphraseParameters.decode(s.parameters) {
-            params["kdf"] = "argon2id"
-            params["memoryKiB"] = "\(p.argon2.memoryKiB)"
-            params["iterations"] = "\(p.argon2.iterations)"
-            params["parallelism"] = "\(p.argon2.parallelism)"
-        }
-        return Slot(index: Int(s.index), provider: s.provider?.description ?? "unknown(\(s.providerRaw))",
-                    wrap: s.wrap?.description ?? "unknown(\(s.wrapRaw))", keyGeneration: Int(s.keyGeneration),
-                    created: s.created, lastUsed: s.lastUsed == 0 ? nil : s.lastUsed, parameters: params)
+    /// Each provider describes its own slots (`SlotDescription`): no provider knowledge here.
+    public static func slotReport(_ s: Keyslot) -> Slot {
+        Slot(index: Int(s.index), provider: s.provider?.description ?? "unknown(\(s.providerRaw))",
+             wrap: s.wrap?.description ?? "unknown(\(s.wrapRaw))", keyGeneration: Int(s.keyGeneration),
+             created: s.created, lastUsed: s.lastUsed == 0 ? nil : s.lastUsed, parameters: SlotDescription.describe(s))
     }
 }
 

@@ -11,9 +11,11 @@ public enum Volume {
     static func now() -> UInt64 { UInt64(time(nil)) }
 
     /// Creates a volume in `cipherDir` (made if missing, refused if not empty): a random DEK,
-    /// the root directory header, and both header copies with one keyslot.
+    /// the root directory header, and both header copies with one keyslot per provider
+    /// (slot 0 for `provider`, then 1, 2, ... for `more`, such as a recovery key).
     @discardableResult
-    public static func initialize(cipherDir: String, provider: some KeyProvider) throws(VolumeError) -> VolumeHeader {
+    /// Writes no audit line: a fresh volume is exactly its three files.
+    public static func initialize(cipherDir: String, provider: any KeyProvider, more: [any KeyProvider] = []) throws(VolumeError) -> VolumeHeader {
         if Sys.exists(cipherDir) {
             let entries: [(name: String, type: UInt8, ino: UInt64)]
             do { entries = try Sys.listDirectory(cipherDir) } catch { throw .refused("cannot use \(cipherDir): \(error)") }
@@ -27,8 +29,11 @@ public enum Volume {
         do {
             let volumeID = try Random.bytes(16)
             let keys = try KeySet.generate(generation: 1, volumeID: volumeID)
-            let slot = try Keyring.makeSlot(index: 0, keys: keys, provider: provider, now: now())
-            var header = VolumeHeader(sequence: 1, volumeID: volumeID, created: now(), keyGeneration: 1, keyslots: [slot])
+            var slots: [Keyslot] = []
+            for (i, p) in ([provider] + more).enumerated() {
+                slots.append(try Keyring.makeSlot(index: UInt16(i), keys: keys, volumeID: volumeID, provider: p, now: now()))
+            }
+            var header = VolumeHeader(sequence: 1, volumeID: volumeID, created: now(), keyGeneration: 1, keyslots: slots)
             header = try Keyring.seal(header, keys: keys)
             let dir = try DirHeader.random(keyGeneration: 1).encode(macKey: keys.metadataMACKey)
             // The root directory header first: a volume header marks a complete volume.
@@ -36,7 +41,7 @@ public enum Volume {
             try HeaderStore(directory: cipherDir).write(header)
             return header
         } catch let e as KeyError {
-            throw .failure("cannot create the keyslot: \(e)")
+            throw VolumeError(e, context: "cannot create the keyslot")
         } catch {
             throw .failure("cannot create the volume: \(error)")
         }
@@ -78,7 +83,30 @@ public enum Volume {
     /// When no copy passes: wrong key if no copy opened and at least one said definitely
     /// "wrong key" (a slot that parsed rejected it, or there is no slot of the provider);
     /// corrupt header otherwise.
-    public static func unlock(_ cipherDir: String, provider: some KeyProvider) throws(VolumeError) -> Unlocked {
+    /// The same, recording the outcome in the audit log as `operation`.
+    public static func unlock(_ cipherDir: String, provider: any KeyProvider, slot wanted: UInt16? = nil,
+                              audit: AuditLog?, operation: String) throws(VolumeError) -> Unlocked {
+        do {
+            let u = try unlock(cipherDir, provider: provider, slot: wanted)
+            if let w = audit?.record(.init(operation: operation, volumeID: u.header.volumeID, slot: u.slot, provider: provider.type.description, ok: true)) {
+                var u2 = u
+                u2.warnings.append(w)
+                return u2
+            }
+            return u
+        } catch {
+            // Only for a volume: a directory that is not one gets no log.
+            switch error {
+            case .notAVolume, .usage: break
+            default:
+                audit?.record(.init(operation: operation, volumeID: (try? load(cipherDir))?.newest.volumeID, slot: wanted,
+                                    provider: provider.type.description, ok: false, detail: error.description))
+            }
+            throw error
+        }
+    }
+
+    public static func unlock(_ cipherDir: String, provider: any KeyProvider, slot wanted: UInt16? = nil) throws(VolumeError) -> Unlocked {
         let loaded = try load(cipherDir)
         var warnings: [String] = []
         for (copy, why) in loaded.damaged {
@@ -92,14 +120,17 @@ public enum Volume {
         var refused: [[Keyslot]] = []
         for candidate in loaded.candidates {
             let name = HeaderStore.fileNames[candidate.copy]
-            let mine = candidate.header.keyslots.filter { $0.provider == provider.type }
+            let mine = candidate.header.keyslots.filter { provider.canOpen($0) && (wanted == nil || $0.index == wanted) }
             if refused.contains(mine) { continue }
             let keys: KeySet, slot: Keyslot
-            do { (keys, slot) = try Keyring.unlock(candidate.header, with: provider) } catch {
+            do { (keys, slot) = try Keyring.unlock(candidate.header, with: provider, slot: wanted) } catch {
                 switch error {
                 case .wrongKey(let p): wrongKey.append((name, "wrong \(p): no keyslot opened")); refused.append(mine)
+                case .refused(let why): wrongKey.append((name, why)); refused.append(mine)
                 case .noSlot(let p): wrongKey.append((name, "the volume has no \(p) keyslot"))
                 case .format(let f): failures.append("\(name): keyslot: \(f)")
+                // The provider itself failed: no other copy can do better.
+                case .unavailable, .input: throw VolumeError(error, context: nil)
                 default: failures.append("\(name): \(error)")
                 }
                 continue
@@ -154,5 +185,19 @@ public enum Volume {
             return keys
         }
         throw .wrongKey("the key does not match this volume's header")
+    }
+}
+
+extension VolumeError {
+    /// What a key provider's failure means to the user and to the exit status.
+    public init(_ e: KeyError, context: String?) {
+        let text = (context.map { $0 + ": " } ?? "") + e.description
+        switch e {
+        case .wrongKey, .refused, .noSlot: self = .wrongKey(text)
+        case .unavailable: self = .providerFailed(text)
+        case .input: self = .badInput(text)
+        case .format, .headerTampered: self = .corruptHeader(text)
+        case .crypto: self = .failure(text)
+        }
     }
 }

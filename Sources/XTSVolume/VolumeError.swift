@@ -10,6 +10,9 @@ public enum ExitStatus: Int32, Sendable, CaseIterable {
     case mountFailed = 14
     case refused = 15
     case badInput = 16
+    /// The key provider failed: token missing, key server unreachable, key revoked,
+    /// key command failed or timed out, key file unreadable.
+    case providerFailed = 17
 }
 
 /// What a volume operation tells the user when it fails: a message and an exit status.
@@ -21,13 +24,14 @@ public enum VolumeError: Error, Sendable, CustomStringConvertible {
     case mountFailed(String)
     case refused(String)
     case badInput(String)
+    case providerFailed(String)
     case usage(String)
     case failure(String)
 
     public var description: String {
         switch self {
         case .notAVolume(let s), .corruptHeader(let s), .wrongKey(let s), .unsupported(let s),
-             .mountFailed(let s), .refused(let s), .badInput(let s), .usage(let s), .failure(let s):
+             .mountFailed(let s), .refused(let s), .badInput(let s), .providerFailed(let s), .usage(let s), .failure(let s):
             return s
         }
     }
@@ -41,6 +45,7 @@ public enum VolumeError: Error, Sendable, CustomStringConvertible {
         case .mountFailed: .mountFailed
         case .refused: .refused
         case .badInput: .badInput
+        case .providerFailed: .providerFailed
         case .usage: .usage
         case .failure: .failure
         }

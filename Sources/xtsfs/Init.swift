@@ -6,52 +6,53 @@ import XTSVolume
 
 struct Init: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Create a volume in an empty (or new) directory, with a passphrase keyslot.")
+        abstract: "Create a volume in an empty (or new) directory, with one keyslot (a passphrase unless another key is named).")
 
     @Argument(help: "The directory that will hold the encrypted files.")
     var cipherDir: String
 
-    @OptionGroup var secret: PassfileOption
+    @OptionGroup var key: KeyOptions
 
-    @Option(name: .customLong("pbkdf-memory"), help: ArgumentHelp("Argon2id memory cost in KiB.", valueName: "KIB"))
-    var memoryKiB: UInt32 = 1024 * 1024
+    @Flag(name: .customLong("generate"), help: "With --pkcs11: create the AES-256 key in the token (non-extractable); with --kmip: create and activate it on the server.")
+    var generate = false
 
-    @Option(name: .customLong("pbkdf-parallel"), help: ArgumentHelp("Argon2id lanes (threads).", valueName: "N"))
-    var parallelism: UInt32 = 4
+    @Flag(name: .customLong("recovery-key"), help: "Also make a recovery key slot; the key is printed once.")
+    var recoveryKey = false
 
-    @Option(name: .customLong("iter-time"), help: ArgumentHelp("Tune Argon2id iterations so that unlocking takes about MS milliseconds.", valueName: "MS"))
-    var iterTime: Int = 1000
-
-    @Option(name: .customLong("pbkdf-force-iterations"), help: ArgumentHelp("Use exactly N Argon2id iterations (no tuning).", valueName: "N"))
-    var forceIterations: UInt32?
+    @OptionGroup var kdf: KDFOptions
 
     func validate() throws {
-        guard (1...16).contains(parallelism) else { throw ValidationError("--pbkdf-parallel must be 1 to 16") }
-        guard memoryKiB >= 8 * parallelism, memoryKiB <= 4 * 1024 * 1024 else { throw ValidationError("--pbkdf-memory must be between 8×parallelism and 4194304 KiB") }
-        guard iterTime > 0 else { throw ValidationError("--iter-time must be positive") }
-        if let n = forceIterations, n == 0 || n > Init.maxIterations {
-            throw ValidationError("--pbkdf-force-iterations must be 1 to \(Init.maxIterations)")
-        }
+        if key.slot != nil { throw ValidationError("--slot is for existing volumes") }
+        if key.auditLog != nil { throw ValidationError("--audit-log is for existing volumes (init writes no audit line)") }
+        if key.recovery || key.recoveryFile != nil { throw ValidationError("init makes a recovery key with --recovery-key") }
+        var choice = key.choice
+        choice.generate = generate
+        try choice.check(prefix: "")
     }
-
-    /// What an unlock accepts (PassphraseParameters.decode); more could never be opened.
-    static let maxIterations: UInt32 = 1_000_000
 
     func run() throws {
         ProcessHardening.apply()
-        let passphrase = try SecretInput.newPassphrase(passfile: secret.passfile)
-        let costs: Argon2idParameters
-        if let n = forceIterations {
-            costs = Argon2idParameters(memoryKiB: memoryKiB, iterations: n, parallelism: parallelism)
-        } else {
-            do {
-                var tuned = try Argon2id.calibrate(memoryKiB: memoryKiB, parallelism: parallelism, targetMilliseconds: iterTime)
-                tuned.iterations = min(tuned.iterations, Init.maxIterations)
-                costs = tuned
-            } catch { throw VolumeError.failure("cannot tune Argon2id: \(error)") }
+        var choice = key.choice
+        choice.generate = generate
+        let costs = try kdf.costs(needed: choice.usesKDF)
+        let (provider, _) = try choice.provider(newSlot: true, costs: costs)
+        var more: [any KeyProvider] = []
+        var recovery: SecretBytes?
+        if recoveryKey {
+            let (p, printable) = try RecoveryKeyProvider.generate()
+            more.append(p)
+            recovery = printable
         }
-        let header = try Volume.initialize(cipherDir: cipherDir, provider: PassphraseProvider(passphrase: passphrase, costs: costs))
-        say("Created an xtsfs volume in \(cipherDir): format version \(header.version), AES-256-XTS, keyslot 0 (passphrase, Argon2id m=\(costs.memoryKiB) KiB t=\(costs.iterations) p=\(costs.parallelism)).")
+        let header = try Volume.initialize(cipherDir: cipherDir, provider: provider, more: more)
+        if let k = provider as? KMIPProvider, generate { say("Created key \(k.keyID) on the KMIP server \(k.connection.server); unlock with --kmip-key-id \(k.keyID).") }
+        let what: String
+        if choice.usesKDF {
+            what = "\(provider.type), Argon2id m=\(costs.memoryKiB) KiB t=\(costs.iterations) p=\(costs.parallelism)"
+        } else {
+            what = "\(provider.type)"
+        }
+        say("Created an xtsfs volume in \(cipherDir): format version \(header.version), AES-256-XTS, keyslot 0 (\(what)).")
+        if let recovery { printRecoveryKey(recovery, slot: 1) }
         say("Mount it with: xtsfs mount \(cipherDir) MOUNTPOINT")
     }
 }

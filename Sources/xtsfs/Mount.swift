@@ -14,7 +14,7 @@ struct Mount: ParsableCommand {
     @Argument(help: "An empty directory to mount the plaintext on.")
     var mountpoint: String
 
-    @OptionGroup var secret: PassfileOption
+    @OptionGroup var key: KeyOptions
 
     @Flag(name: [.customShort("f"), .long], help: "Stay in the foreground until unmounted.")
     var foreground = false
@@ -45,8 +45,8 @@ struct Mount: ParsableCommand {
         ProcessHardening.apply()
         // Bad paths and a missing or damaged header are reported before any prompt.
         request = try Mounter.preflight(request)
-        let passphrase = try SecretInput.passphrase(passfile: secret.passfile)
-        let status = try Mounter.mount(request, provider: PassphraseProvider(passphrase: passphrase), say: { say($0) })
+        let provider = try key.provider(auditing: request.cipherDir, operation: "mount")
+        let status = try Mounter.mount(request, provider: provider, slot: key.slot, audit: key.audit(request.cipherDir), say: { say($0) })
         if status != 0 { throw ExitCode(status) }
     }
 }

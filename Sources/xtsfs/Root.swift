@@ -9,15 +9,16 @@ struct XTSFSCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "xtsfs",
         abstract: "An encrypted directory: AES-XTS-256 file contents, encrypted names, keyslots.",
-        discussion: "Exit codes: 0 success, 1 other error, 2 usage, 10 not a volume, 11 corrupt header, 12 wrong key, 13 unsupported format, 14 mount failed, 15 refused, 16 bad passphrase input. See xtsfs(1).",
+        discussion: "Exit codes: 0 success, 1 other error, 2 usage, 10 not a volume, 11 corrupt header, 12 wrong key, 13 unsupported format, 14 mount failed, 15 refused, 16 bad input, 17 key provider failed. See xtsfs(1).",
         version: "0.1.0",
-        subcommands: [Init.self, Mount.self, Unmount.self, Status.self]
+        subcommands: [Init.self, Mount.self, Unmount.self, Status.self, Keys.self, Audit.self]
     )
 
     /// Our own exit codes; the argument parser's usage errors become 2.
     static func main() {
         do {
-            var command = try parseAsRoot()
+            var command = try parseAsRoot(MountHelperArguments.rewrite(Array(CommandLine.arguments.dropFirst()),
+                                                                       subcommands: configuration.subcommands.map { $0._commandName }))
             try command.run()
         } catch let error as VolumeError {
             printError(error.description)
@@ -45,11 +46,6 @@ func printError(_ message: String) {
 
 func say(_ message: String) {
     writeStderr(message + "\n")
-}
-
-struct PassfileOption: ParsableArguments {
-    @Option(name: .long, help: ArgumentHelp("Read the passphrase from the first line of FILE instead of the terminal.", valueName: "FILE"))
-    var passfile: String?
 }
 
 func writeStderr(_ text: String) {
