@@ -245,7 +245,7 @@ public final class KMIPProvider: KeyProvider {
         let rc = xts_tls_connect(&t, c.host, c.port, c.ca, c.certificate, c.key, c.timeoutMilliseconds, &err, err.count)
         defer { xts_tls_close(&t) }
         guard rc == Int32(XTS_TLS_OK) else {
-            let msg = String(cString: err)
+            let msg = String(decoding: err.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
             if rc == Int32(XTS_TLS_SETUP) { throw .input(msg) }
             throw .unavailable(msg + (rc == Int32(XTS_TLS_TIMEOUT) ? " (no answer within \(c.timeoutMilliseconds / 1000) s)" : ""))
         }
