@@ -131,6 +131,8 @@ func runWithTimeout(_ args: [String], seconds: Int = 10) -> (status: Int32, outp
     if p.isRunning { kill(p.processIdentifier, SIGKILL); return (137, "timeout itself did not return") }
     p.waitUntilExit()
     let text = (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? ""
+    // timeout signals the whole process group, itself included: killed by a signal = hung.
+    if p.terminationReason == .uncaughtSignal { return (137, text + "[killed by signal \(p.terminationStatus)]") }
     return (p.terminationStatus, text)
 }
 
