@@ -34,6 +34,10 @@ func errnoName(_ e: Int32) -> String {
     return names[e] ?? String(cString: strerror(e))
 }
 
+/// How long a call through the mount may take before it counts as hung. A test that
+/// expects waits it can explain (a FIFO's open) lowers it and puts it back.
+nonisolated(unsafe) var callDeadline: Double = 10
+
 /// Filled by the worker thread; read after `done` is signalled.
 private final class DeadlineBox<T: Sendable>: @unchecked Sendable {
     var value: T?
@@ -43,7 +47,7 @@ private final class DeadlineBox<T: Sendable>: @unchecked Sendable {
 /// Runs `body` on a thread of its own and waits at most `seconds`. On a timeout the thread
 /// is abandoned: it is stuck in a FUSE request, which ends with an error when the
 /// teardown unmounts and, at the latest, kills the daemon.
-func withDeadline<T: Sendable>(_ seconds: Double = 10, _ body: @escaping @Sendable () -> T) -> T? {
+func withDeadline<T: Sendable>(_ seconds: Double = callDeadline, _ body: @escaping @Sendable () -> T) -> T? {
     let box = DeadlineBox<T>()
     let t = Thread {
         box.value = body()
@@ -55,7 +59,7 @@ func withDeadline<T: Sendable>(_ seconds: Double = 10, _ body: @escaping @Sendab
 }
 
 /// One system call under a deadline; `body` returns the call's result (negative = failed).
-func sys(_ seconds: Double = 10, _ body: @escaping @Sendable () -> Int) -> Outcome {
+func sys(_ seconds: Double = callDeadline, _ body: @escaping @Sendable () -> Int) -> Outcome {
     withDeadline(seconds) { () -> Outcome in
         Glibc.errno = 0
         let r = body()
@@ -63,12 +67,12 @@ func sys(_ seconds: Double = 10, _ body: @escaping @Sendable () -> Int) -> Outco
     } ?? .hung
 }
 
-func sys32(_ seconds: Double = 10, _ body: @escaping @Sendable () -> Int32) -> Outcome {
+func sys32(_ seconds: Double = callDeadline, _ body: @escaping @Sendable () -> Int32) -> Outcome {
     sys(seconds) { Int(body()) }
 }
 
 /// Reads a whole file (at most `limit` bytes) under a deadline.
-func readWithDeadline(_ path: String, limit: Int = 1 << 20, seconds: Double = 10) -> (Outcome, [UInt8]) {
+func readWithDeadline(_ path: String, limit: Int = 1 << 20, seconds: Double = callDeadline) -> (Outcome, [UInt8]) {
     withDeadline(seconds) { () -> (Outcome, [UInt8]) in
         let fd = open(path, O_RDONLY)
         if fd < 0 { return (.failed(Glibc.errno), []) }
@@ -86,7 +90,7 @@ func readWithDeadline(_ path: String, limit: Int = 1 << 20, seconds: Double = 10
 }
 
 /// Lists a directory (names, with their d_ino) under a deadline; "." and ".." left out.
-func listWithDeadline(_ path: String, seconds: Double = 10) -> (Outcome, [(name: String, ino: UInt64)]) {
+func listWithDeadline(_ path: String, seconds: Double = callDeadline) -> (Outcome, [(name: String, ino: UInt64)]) {
     withDeadline(seconds) { () -> (Outcome, [String], [UInt64]) in
         guard let d = opendir(path) else { return (.failed(Glibc.errno), [], []) }
         defer { closedir(d) }
