@@ -693,6 +693,219 @@ final class HostileCipherDirTests: VolumeTestCase {
         assertContained("side file duplicated")
     }
 
+    // MARK: - internal files of odd types and sizes
+
+    /// `xtsfs.dir` and a long name's side file as a directory, or as a sparse file of
+    /// 2^40 bytes: internal files are read only if they are regular files of a bounded
+    /// size, so each is damage (EIO or a skipped entry), quickly.
+    func testInternalFilesAsDirectoriesOrHugeSparseFiles() throws {
+        let long = String(repeating: "L", count: 200)
+        for (i, kind) in ["directory", "huge"].enumerated() {
+            let d = try create("d\(i)", directory: true)
+            try create("d\(i)/f", content: pattern(10, seed: 40))
+            let l = try create("d\(i)/" + long, content: pattern(20, seed: 41))
+            unmount()
+            for item in [d + "/xtsfs.dir", l + ".name"] {
+                _ = moveAside(item)
+                if kind == "directory" { XCTAssertEqual(mkdir(item, 0o755), 0) }
+                else {
+                    let fd = open(item, O_CREAT | O_WRONLY, 0o444)
+                    XCTAssertEqual(ftruncate(fd, off_t(1) << 40), 0)
+                    close(fd)
+                }
+            }
+            mount()
+            let start = Date()
+            let (o, names) = listWithDeadline(mnt + "/d\(i)")
+            if o.succeeded { XCTAssertTrue(names.isEmpty, "\(kind): a directory without a usable header lists \(names.map { String($0.name.prefix(10)) })") }
+            else { assertRefused(o, "\(kind) xtsfs.dir: ls") }
+            assertReadRefused(mnt + "/d\(i)/f", original: pattern(10, seed: 40), "\(kind) xtsfs.dir: cat")
+            XCTAssertLessThan(Date().timeIntervalSince(start), 5, "\(kind): internal files must be bounded reads")
+            assertContained("\(kind) internal files")
+        }
+        // And a side file of the right type but huge, in a healthy directory.
+        let l = try create(long, content: pattern(30, seed: 42))
+        let side = l + ".name"
+        _ = moveAside(side)
+        let fd = open(side, O_CREAT | O_WRONLY, 0o444)
+        XCTAssertEqual(ftruncate(fd, off_t(1) << 40), 0)
+        close(fd)
+        let (o, names) = listWithDeadline(mnt)
+        XCTAssertTrue(o.succeeded, "\(o)")
+        XCTAssertFalse(names.map(\.name).contains(long), "listed through a 1 TiB side file")
+        XCTAssertTrue(names.map(\.name).contains("good"))
+        assertContained("huge side file")
+    }
+
+    // MARK: - the link store of long symlink targets
+
+    static let longTarget = String(repeating: "t/", count: 1700) + "end" // 3403 bytes: stored in xtsfs.links
+
+    /// Creates a symlink with a target long enough for the link store; returns the store file.
+    func storedLink(_ name: String, target: String = HostileCipherDirTests.longTarget, file: StaticString = #filePath, line: UInt = #line) -> String? {
+        let store = cipher + "/xtsfs.links"
+        let before = backingListing(store)
+        XCTAssertEqual(symlink(target, mnt + "/" + name), 0, "symlink with a \(target.utf8.count)-byte target: errno \(errno)", file: file, line: line)
+        let new = backingListing(store).subtracting(before).filter { !$0.hasSuffix(".tmp") }
+        guard new.count == 1, let n = new.first else {
+            XCTFail("expected one new file in xtsfs.links, found \(new)", file: file, line: line)
+            return nil
+        }
+        return store + "/" + n
+    }
+
+    func readlinkWithDeadline(_ path: String) -> (Outcome, String) {
+        withDeadline { () -> (Outcome, String) in
+            var buf = [CChar](repeating: 0, count: 8192)
+            let n = readlink(path, &buf, buf.count)
+            if n < 0 { return (.failed(Glibc.errno), "") }
+            return (.ok(n), String(decoding: buf.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self))
+        } ?? (.hung, "")
+    }
+
+    func testLinkStoreFileReplaced() throws {
+        let other = String(repeating: "o/", count: 1700) + "other"
+        guard let s1 = storedLink("l1"), let s2 = storedLink("l2"), let s3 = storedLink("l3"), let s4 = storedLink("l4"),
+              let s5 = storedLink("l5", target: other) else { return }
+        XCTAssertEqual(readlinkWithDeadline(mnt + "/l1").1, Self.longTarget)
+        // l1: symlink to the canary; l2: FIFO; l3: directory; l4: l5's store file (right type, wrong hash).
+        _ = plantSymlink(at: s1, to: canaryFile)
+        _ = moveAside(s2); XCTAssertEqual(mkfifo(s2, 0o444), 0)
+        _ = moveAside(s3); XCTAssertEqual(mkdir(s3, 0o755), 0)
+        _ = moveAside(s4); try FileManager.default.copyItem(atPath: s5, toPath: s4)
+        for (name, what) in [("l1", "store file → symlink"), ("l2", "store file → FIFO"), ("l3", "store file → directory"), ("l4", "store file of another target")] {
+            let (o, target) = readlinkWithDeadline(mnt + "/" + name)
+            XCTAssertNotEqual(target, other, "\(what): readlink gave another link's target")
+            XCTAssertFalse(target.contains("canary"), "\(what): readlink gave the canary")
+            if o.succeeded { XCTAssertEqual(target, Self.longTarget, "\(what): readlink succeeded with something else") }
+            else { assertRefused(o, "\(what): readlink", allowed: [EIO]) }
+            checkCanaryAfter(what)
+        }
+        XCTAssertEqual(readlinkWithDeadline(mnt + "/l5").1, other, "an intact stored target still reads")
+        // Removing the last name removes its store file: never through the planted symlink.
+        let m = mnt
+        XCTAssertEqual(sys32 { unlink(m + "/l1") }, .ok(0))
+        assertContained("link store files replaced")
+    }
+
+    /// xtsfs.links itself replaced by a symlink to a directory outside CIPHERDIR that holds
+    /// copies of the store files: reading, creating and removing stored targets must not
+    /// touch that directory.
+    func testLinkStoreDirectoryReplacedBySymlink() throws {
+        guard let s1 = storedLink("l1"), storedLink("l2") != nil else { return }
+        let bait = canary + "/links"
+        try FileManager.default.copyItem(atPath: cipher + "/xtsfs.links", toPath: bait)
+        freezeCanary()
+        XCTAssertNotNil(s1)
+        for beforeMount in [false, true] {
+            if beforeMount { unmount() }
+            if beforeMount == false { _ = plantSymlink(at: cipher + "/xtsfs.links", to: bait) }
+            if beforeMount { mount() }
+            let (o, target) = readlinkWithDeadline(mnt + "/l1")
+            if o.succeeded { XCTAssertEqual(target, Self.longTarget) } else { assertRefused(o, "readlink through a symlinked store", allowed: [EIO]) }
+            checkCanaryAfter("readlink with xtsfs.links a symlink (before mount: \(beforeMount))")
+            let m = mnt
+            let created = sys32 { symlink(String(repeating: "n/", count: 1800), m + "/new\(beforeMount)") }
+            assertRefused(created, "new stored target with xtsfs.links a symlink", allowed: [EIO, ENOENT, ELOOP, ESTALE, ENOTDIR])
+            checkCanaryAfter("symlink with xtsfs.links a symlink (before mount: \(beforeMount))")
+            assertRefused(sys32 { unlink(m + "/l2") }, "unlink of a stored link", allowed: [EIO, ENOENT, ELOOP, ESTALE, ENOTDIR])
+            checkCanaryAfter("unlink with xtsfs.links a symlink (before mount: \(beforeMount))")
+        }
+        assertContained("xtsfs.links → symlink")
+    }
+
+    // MARK: - extended attributes planted in the backing
+
+    func testBackingXattrsMovedOrForged() throws {
+        let b = try create("f", content: [1])
+        let m = mnt
+        XCTAssertEqual(Xattr.set(m + "/f", "user.a", Array("value of a".utf8)), 0, "errno \(errno)")
+        XCTAssertEqual(Xattr.set(m + "/f", "user.b", Array("value of b".utf8)), 0, "errno \(errno)")
+        unmount()
+        guard case .success(let names) = Xattr.list(b, follow: false), names.count == 2 else { return XCTFail("two backing xattrs expected") }
+        let va = try Xattr.get(b, names[0], follow: false).get(), vb = try Xattr.get(b, names[1], follow: false).get()
+        // Swap the two values between the two (encrypted) names; add a foreign attribute and one with a garbage value.
+        XCTAssertEqual(Xattr.set(b, names[0], vb), 0)
+        XCTAssertEqual(Xattr.set(b, names[1], va), 0)
+        XCTAssertEqual(Xattr.set(b, "user.plaintext-planted", Array("planted".utf8)), 0)
+        mount()
+        for n in ["user.a", "user.b"] {
+            let r = Xattr.get(m + "/f", n)
+            XCTAssertEqual(r, .failure(Errno(EIO)), "\(n): a value moved to another attribute name must not open")
+        }
+        let listed = Xattr.list(m + "/f")
+        if case .success(let l) = listed {
+            XCTAssertFalse(l.contains { $0.contains("planted") }, "a backing attribute that does not decrypt is listed: \(l)")
+        } else { XCTFail("listxattr: \(listed)") }
+        XCTAssertEqual(Xattr.get(m + "/f", "user.plaintext-planted"), .failure(Errno(ENODATA)))
+        // Garbage and huge garbage under a valid encrypted name.
+        unmount()
+        XCTAssertEqual(Xattr.set(b, names[0], [1, 2, 3]), 0)
+        XCTAssertEqual(Xattr.set(b, names[1], pattern(3000, seed: 43)), 0)
+        mount()
+        for n in ["user.a", "user.b"] {
+            XCTAssertEqual(Xattr.get(m + "/f", n), .failure(Errno(EIO)), "\(n): a garbage value")
+        }
+        XCTAssertEqual(Xattr.set(m + "/f", "user.a", Array("rewritten".utf8)), 0, "a damaged attribute can be overwritten")
+        XCTAssertEqual(Xattr.get(m + "/f", "user.a"), .success(Array("rewritten".utf8)))
+        assertContained("xattrs moved or forged")
+    }
+
+    // MARK: - a directory swap racing with the daemon
+
+    /// As the file race, for a directory: a thread swaps a backing directory with a symlink
+    /// into the canary (which holds copies of its entries) while this thread creates,
+    /// lists, renames and removes inside it through the mount.
+    func testDirectorySymlinkSwapRacesWithOperations() throws {
+        let d = try create("racy", directory: true)
+        let v = try create("racy/victim", content: pattern(100, seed: 44))
+        let t = canary + "/bait"
+        XCTAssertEqual(mkdir(t, 0o755), 0)
+        try FileManager.default.copyItem(atPath: v, toPath: t + "/" + (v as NSString).lastPathComponent)
+        try FileManager.default.copyItem(atPath: d + "/xtsfs.dir", toPath: t + "/xtsfs.dir")
+        freezeCanary()
+        let aside = scratch + "/racy-aside"
+        let stop = DeadlineStop()
+        let swapper = Thread {
+            let end = Date().addingTimeInterval(2)
+            var swaps = 0
+            while Date() < end {
+                guard rename(d, aside) == 0 else { break }
+                _ = symlink(t, d)
+                usleep(200)
+                _ = unlink(d)
+                _ = rename(aside, d)
+                usleep(200)
+                swaps += 1
+            }
+            stop.finish(swaps: swaps)
+        }
+        swapper.start()
+        let p = mnt + "/racy"
+        let ops = withDeadline(60) { () -> Int in
+            var i = 0
+            while !stop.finished {
+                i += 1
+                let fd = open(p + "/new\(i % 5)", O_CREAT | O_WRONLY, 0o644)
+                if fd >= 0 { _ = Glibc.write(fd, "x", 1); close(fd) }
+                _ = mkdir(p + "/dir\(i % 3)", 0o755)
+                _ = rmdir(p + "/dir\((i + 1) % 3)")
+                _ = rename(p + "/new\(i % 5)", p + "/moved\(i % 5)")
+                _ = unlink(p + "/moved\((i + 2) % 5)")
+                _ = unlink(p + "/victim")
+                _ = chmod(p, i % 2 == 0 ? 0o777 : 0o755)
+                if let dir = opendir(p) { while readdir(dir) != nil {}; closedir(dir) }
+            }
+            return i
+        }
+        XCTAssertNotNil(ops, "operations during the directory swap race hung")
+        XCTAssertTrue(stop.wait(seconds: 10), "the swapper did not finish")
+        var st = stat()
+        if lstat(d, &st) == 0 && st.st_mode & S_IFMT == S_IFLNK { _ = unlink(d) }
+        if access(aside, F_OK) == 0 { _ = rename(aside, d) }
+        assertContained("directory swap race (\(stop.swaps) swaps, \(ops ?? -1) rounds)")
+    }
+
     // MARK: - sizes, devices, FIFOs, wrong types
 
     func testBackingFileSparseNearTwoToTheSixtyThree() throws {
