@@ -737,6 +737,42 @@ final class HostileCipherDirTests: VolumeTestCase {
         assertContained("huge side file")
     }
 
+    // MARK: - planted temporary files
+
+    /// The side file of a long name is written as `<side>.tmp` and renamed. Its name is
+    /// predictable once the long name has existed, so `<side>.tmp` may be waiting as a
+    /// symlink to the canary, a FIFO or a directory when the same name is created again.
+    func testPlantedTemporarySideFile() throws {
+        for (i, kind) in ["symlink", "fifo", "directory"].enumerated() {
+            let name = String(repeating: Character(UnicodeScalar(UInt8(65 + i))), count: 200)
+            let l = try create(name, content: [1])
+            XCTAssertEqual(unlink(mnt + "/" + name), 0)
+            let tmp = l + ".name.tmp"
+            switch kind {
+            case "symlink": XCTAssertEqual(symlink(canaryFile, tmp), 0)
+            case "fifo": XCTAssertEqual(mkfifo(tmp, 0o644), 0)
+            default: XCTAssertEqual(mkdir(tmp, 0o755), 0); try write(tmp + "/inside", [1])
+            }
+            let p = mnt + "/" + name
+            let content = pattern(500, seed: UInt64(50 + i))
+            let o = sys {
+                let fd = open(p, O_CREAT | O_WRONLY | O_EXCL, 0o644)
+                if fd < 0 { return -1 }
+                defer { close(fd) }
+                return content.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+            }
+            XCTAssertNotEqual(o, .hung, "\(kind) .tmp: creating the long name hung")
+            if o.succeeded {
+                XCTAssertEqual(readWithDeadline(p).1, content, "\(kind) .tmp: the new file reads back")
+                XCTAssertTrue(listWithDeadline(mnt).1.map(\.name).contains(name), "\(kind) .tmp: listed")
+            } else {
+                assertRefused(o, "\(kind) .tmp: create", allowed: [EIO, EEXIST, EISDIR, ENOTEMPTY])
+            }
+            checkCanaryAfter("\(kind) planted as the side file's .tmp")
+        }
+        assertContained("planted .tmp files")
+    }
+
     // MARK: - the link store of long symlink targets
 
     static let longTarget = String(repeating: "t/", count: 1700) + "end" // 3403 bytes: stored in xtsfs.links
