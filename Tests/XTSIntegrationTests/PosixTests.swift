@@ -834,4 +834,88 @@ final class PosixTests: VolumeTestCase {
         XCTAssertLessThan(diff, 64 << 20)
         XCTAssertEqual(m.f_namemax, 255)
     }
+
+    // MARK: - combinations
+
+    func testHardLinksShareXattrsAndMappings() throws {
+        for root in [plain, mnt] {
+            try write(root + "/a", pattern(8192, seed: 60))
+            XCTAssertEqual(link(root + "/a", root + "/b"), 0, "\(root): errno \(errno)")
+            XCTAssertEqual(Xattr.set(root + "/a", "user.shared", Array("one inode".utf8)), 0, "\(root): errno \(errno)")
+            XCTAssertEqual(Xattr.get(root + "/b", "user.shared"), .success(Array("one inode".utf8)), "\(root): an xattr set through one name shows through the other")
+            // A shared mapping through one name, read(2) through the other.
+            let fa = open(root + "/a", O_RDWR), fb = open(root + "/b", O_RDONLY)
+            defer { close(fa); close(fb) }
+            guard let m = mmap(nil, 8192, PROT_READ | PROT_WRITE, MAP_SHARED, fa, 0), m != MAP_FAILED else { return XCTFail("mmap errno \(errno)") }
+            m.storeBytes(of: 0x77, toByteOffset: 5000, as: UInt8.self)
+            XCTAssertEqual(msync(m, 8192, MS_SYNC), 0)
+            XCTAssertEqual(preadAll(fb, 1, 5000), [0x77], "\(root): a write through a mapping of a shows through b")
+            munmap(m, 8192)
+        }
+    }
+
+    func testRenameExchangeOfDirectoriesInDifferentParents() throws {
+        for root in [plain, mnt] {
+            for d in ["p1", "p2", "p1/x", "p2/y"] { XCTAssertEqual(mkdir(root + "/" + d, 0o755), 0) }
+            try write(root + "/p1/x/fx", Array("in x".utf8))
+            try write(root + "/p2/y/fy", Array("in y".utf8))
+            XCTAssertEqual(RenameAt2.call(root + "/p1/x", root + "/p2/y", flags: RenameAt2.exchange), 0, "\(root): errno \(errno) \(errnoName(errno))")
+            XCTAssertEqual(try read(root + "/p1/x/fy"), Array("in y".utf8), root)
+            XCTAssertEqual(try read(root + "/p2/y/fx"), Array("in x".utf8), root)
+            // ".." follows: each directory's parent is where it now is.
+            XCTAssertEqual(st(root + "/p1/x/..").st_ino, st(root + "/p1").st_ino, "\(root): .. of the directory moved into p1")
+            XCTAssertEqual(st(root + "/p2/y/..").st_ino, st(root + "/p2").st_ino, "\(root): .. of the directory moved into p2")
+            try write(root + "/p1/x/new", [1])
+            XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: root + "/p1/x").sorted(), ["fy", "new"], root)
+        }
+        unmount()
+        mount()
+        XCTAssertEqual(try read(mnt + "/p1/x/fy"), Array("in y".utf8))
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: mnt + "/p2/y").sorted(), ["fx"])
+    }
+
+    /// Root's chown of a setuid/setgid file clears the bits on Linux (since 2.2.13).
+    func testChownClearsSetuidAsOnThePlainDirectory() throws {
+        for mode: mode_t in [0o4755, 0o2755, 0o6755, 0o2745] {
+            var modes = [mode_t]()
+            for root in [plain, mnt] {
+                let f = root + "/c\(mode)"
+                try write(f, [1])
+                XCTAssertEqual(chmod(f, mode), 0)
+                XCTAssertEqual(chown(f, 1234, 5678), 0, "\(root): errno \(errno)")
+                modes.append(st(f).st_mode & 0o7777)
+            }
+            XCTAssertEqual(modes[1], modes[0], "chown of a \(String(mode, radix: 8)) file: mount \(String(modes[1], radix: 8)), plain \(String(modes[0], radix: 8))")
+        }
+    }
+
+    /// A symlink whose target lives in the link store, with hard links: the target stays
+    /// while any name does, and the store is empty once the last name is gone.
+    func testStoredSymlinkTargetsWithHardLinksAndRename() throws {
+        let target = String(repeating: "x/", count: 1900) + "end" // 3803 bytes: in the link store
+        XCTAssertEqual(symlink(target, mnt + "/l"), 0, "errno \(errno) \(errnoName(errno))")
+        XCTAssertEqual(mkdir(mnt + "/d", 0o755), 0)
+        XCTAssertEqual(link(mnt + "/l", mnt + "/d/l2"), 0, "a hard link to a symlink: errno \(errno)")
+        XCTAssertEqual(st(mnt + "/l", follow: false).st_nlink, 2)
+        XCTAssertEqual(unlink(mnt + "/l"), 0)
+        func targetOf(_ p: String) -> String {
+            var buf = [CChar](repeating: 0, count: 8192)
+            let n = readlink(p, &buf, buf.count)
+            return n < 0 ? "errno \(errno)" : String(decoding: buf.prefix(n).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        }
+        XCTAssertEqual(targetOf(mnt + "/d/l2"), target, "the other name keeps the target")
+        unmount()
+        mount()
+        XCTAssertEqual(targetOf(mnt + "/d/l2"), target, "after remount")
+        // Renaming another symlink over the last name removes the stored target.
+        XCTAssertEqual(symlink(String(repeating: "y/", count: 1800), mnt + "/other"), 0)
+        XCTAssertEqual(rename(mnt + "/other", mnt + "/d/l2"), 0)
+        XCTAssertEqual(targetOf(mnt + "/d/l2"), String(repeating: "y/", count: 1800))
+        XCTAssertEqual(unlink(mnt + "/d/l2"), 0)
+        unmount()
+        let store = (try? FileManager.default.contentsOfDirectory(atPath: cipher + "/xtsfs.links")) ?? []
+        XCTAssertEqual(store, [], "stored targets left behind after their last name went")
+        mount()
+    }
+
 }
