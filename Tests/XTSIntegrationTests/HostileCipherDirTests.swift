@@ -889,6 +889,58 @@ final class HostileCipherDirTests: VolumeTestCase {
 
     // MARK: - a directory swap racing with the daemon
 
+    /// A thread swaps a backing file with a FIFO and back while this thread opens
+    /// (non-blocking, so the kernel's own FIFO semantics never make it wait), reads, writes
+    /// and truncates through the mount: a daemon that checks the type and then opens by
+    /// name would block on the FIFO that arrived in between.
+    func testFIFOSwapRacesWithOperations() throws {
+        let b = try create("racy", content: pattern(2000, seed: 45))
+        let aside = scratch + "/racy-aside"
+        let stop = DeadlineStop()
+        let swapper = Thread {
+            let end = Date().addingTimeInterval(2)
+            var swaps = 0
+            while Date() < end {
+                guard rename(b, aside) == 0 else { break }
+                _ = mkfifo(b, 0o666)
+                usleep(200)
+                _ = unlink(b)
+                _ = rename(aside, b)
+                usleep(200)
+                swaps += 1
+            }
+            stop.finish(swaps: swaps)
+        }
+        swapper.start()
+        let p = mnt + "/racy"
+        let rounds = withDeadline(60) { () -> Int in
+            var i = 0
+            while !stop.finished {
+                i += 1
+                for flags in [O_RDONLY, O_WRONLY, O_RDWR, O_WRONLY | O_APPEND, O_WRONLY | O_TRUNC] {
+                    let fd = open(p, flags | O_NONBLOCK)
+                    if fd < 0 { continue }
+                    var buf = [UInt8](repeating: 0, count: 512)
+                    if flags == O_RDONLY || flags == O_RDWR { _ = Glibc.read(fd, &buf, buf.count) }
+                    if flags != O_RDONLY { _ = Glibc.write(fd, "w", 1) }
+                    close(fd)
+                }
+                _ = truncate(p, off_t(1000 + i % 50))
+                _ = chmod(p, 0o644)
+            }
+            return i
+        }
+        XCTAssertNotNil(rounds, "operations during the FIFO swap race hung")
+        XCTAssertGreaterThan(rounds ?? 0, 20, "too few rounds of operations during the race")
+        XCTAssertTrue(stop.wait(seconds: 10), "the swapper did not finish")
+        XCTAssertGreaterThan(stop.swaps, 100, "too few swaps to race with anything")
+        XCTAssertEqual(daemonThreadsWaitingOnFIFOs(), [], "daemon threads blocked on a FIFO after the race")
+        var st = stat()
+        if lstat(b, &st) == 0 && st.st_mode & S_IFMT == S_IFIFO { _ = unlink(b) }
+        if access(aside, F_OK) == 0 { _ = rename(aside, b) }
+        assertContained("FIFO swap race (\(stop.swaps) swaps, \(rounds ?? -1) rounds)")
+    }
+
     /// As the file race, for a directory: a thread swaps a backing directory with a symlink
     /// into the canary (which holds copies of its entries) while this thread creates,
     /// lists, renames and removes inside it through the mount.
@@ -935,7 +987,9 @@ final class HostileCipherDirTests: VolumeTestCase {
             return i
         }
         XCTAssertNotNil(ops, "operations during the directory swap race hung")
+        XCTAssertGreaterThan(ops ?? 0, 20, "too few rounds of operations during the race")
         XCTAssertTrue(stop.wait(seconds: 10), "the swapper did not finish")
+        XCTAssertGreaterThan(stop.swaps, 100, "too few swaps to race with anything")
         var st = stat()
         if lstat(d, &st) == 0 && st.st_mode & S_IFMT == S_IFLNK { _ = unlink(d) }
         if access(aside, F_OK) == 0 { _ = rename(aside, d) }
@@ -1139,6 +1193,7 @@ final class HostileCipherDirTests: VolumeTestCase {
             XCTAssertTrue(problems.isEmpty, "\(ops)")
         }
         XCTAssertTrue(stop.wait(seconds: 10), "the swapper did not finish")
+        XCTAssertGreaterThan(stop.swaps, 100, "too few swaps to race with anything")
         // Leave the backing file in place whatever the swapper's last step was.
         var st = stat()
         if lstat(b, &st) == 0 && st.st_mode & S_IFMT == S_IFLNK { _ = unlink(b) }
