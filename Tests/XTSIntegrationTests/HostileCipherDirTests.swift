@@ -27,11 +27,12 @@ final class HostileCipherDirTests: VolumeTestCase {
     /// Backing paths of entries created through the mount, by plaintext path ("" is the root).
     var backing: [String: String] = [:]
     var asides = 0
+    var previousSIGPIPE: __sighandler_t? = nil
 
     override func setUpWithError() throws {
         try super.setUpWithError()
         // A writer released from a FIFO whose reader has gone must get EPIPE, not kill the suite.
-        signal(SIGPIPE, SIG_IGN)
+        previousSIGPIPE = signal(SIGPIPE, SIG_IGN)
         canary = scratch + "/canary"
         canaryFile = canary + "/secret"
         XCTAssertEqual(mkdir(canary, 0o755), 0)
@@ -51,6 +52,7 @@ final class HostileCipherDirTests: VolumeTestCase {
         // Unmount first: what the daemon does while shutting down counts too.
         Harness.forceUnmount(mnt)
         if !canary.isEmpty { assertCanaryUnchanged("after unmount") }
+        signal(SIGPIPE, previousSIGPIPE)
         super.tearDown()
     }
 
