@@ -142,6 +142,55 @@ final class PosixTests: VolumeTestCase {
         }
     }
 
+    /// One inode, two names; the name the kernel first looked the inode up by goes away
+    /// (unlinked, or renamed into another directory), and then every path operation goes
+    /// through the other name: the node must still find its backing inode.
+    func testEveryOperationThroughTheSurvivingNameOfAHardLink() throws {
+        for how in ["unlink", "rename away", "rename over"] {
+            var results = [[String]]()
+            for root in [plain, mnt] {
+                let base = root + "/" + how.replacingOccurrences(of: " ", with: "-")
+                XCTAssertEqual(mkdir(base, 0o755), 0)
+                XCTAssertEqual(mkdir(base + "/d1", 0o755), 0)
+                XCTAssertEqual(mkdir(base + "/d2", 0o755), 0)
+                let first = base + "/d1/first", second = base + "/d2/" + String(repeating: "s", count: 180)
+                try write(first, pattern(5000, seed: 70))
+                var s0 = stat()
+                XCTAssertEqual(stat(first, &s0), 0) // the kernel now knows the inode by this name
+                XCTAssertEqual(link(first, second), 0, "\(root): errno \(errno)")
+                switch how {
+                case "unlink": XCTAssertEqual(unlink(first), 0)
+                case "rename away": XCTAssertEqual(rename(first, base + "/elsewhere"), 0); XCTAssertEqual(unlink(base + "/elsewhere"), 0)
+                default: try write(base + "/other", [9]); XCTAssertEqual(rename(base + "/other", first), 0)
+                }
+                var r = [String]()
+                func note(_ what: String, _ ok: Bool) { r.append("\(what): \(ok ? "ok" : "errno \(errno)")") }
+                note("chmod", chmod(second, 0o640) == 0)
+                note("chown", chown(second, 1234, 5678) == 0)
+                note("truncate", truncate(second, 3000) == 0)
+                var times = [timespec(tv_sec: 1_300_000_000, tv_nsec: 0), timespec(tv_sec: 1_300_000_000, tv_nsec: 0)]
+                note("utimensat", utimensat(AT_FDCWD, second, &times, 0) == 0)
+                note("setxattr", Xattr.set(second, "user.k", [1, 2]) == 0)
+                note("getxattr", (try? Xattr.get(second, "user.k").get()) == [1, 2])
+                note("listxattr", (try? Xattr.list(second).get()) == ["user.k"])
+                note("removexattr", removexattr(second, "user.k") == 0)
+                var s = stat()
+                note("stat", stat(second, &s) == 0 && s.st_size == 3000 && s.st_mode & 0o7777 == 0o640 && s.st_uid == 1234 && s.st_mtim.tv_sec == 1_300_000_000)
+                note("nlink", s.st_nlink == 1)
+                note("read", (try? read(second)) == Array(pattern(5000, seed: 70).prefix(3000)))
+                let fd = open(second, O_WRONLY | O_APPEND)
+                note("append", fd >= 0 && Glibc.write(fd, "z", 1) == 1)
+                if fd >= 0 { close(fd) }
+                note("link again", link(second, base + "/d1/third") == 0)
+                note("rename", rename(second, base + "/d1/renamed") == 0)
+                note("read after rename", (try? read(base + "/d1/third")) == Array(pattern(5000, seed: 70).prefix(3000)) + [UInt8(ascii: "z")])
+                note("unlink", unlink(base + "/d1/renamed") == 0 && unlink(base + "/d1/third") == 0)
+                results.append(r)
+            }
+            XCTAssertEqual(results[1], results[0], "\(how): mount vs plain directory")
+        }
+    }
+
     func testHardLinkErrors() throws {
         for root in [plain, mnt] {
             try write(root + "/a", [1])
@@ -826,6 +875,32 @@ final class PosixTests: VolumeTestCase {
         let l = st(mnt + "/l", follow: false)
         XCTAssertEqual(l.st_uid, 1234, "after remount")
         XCTAssertEqual(l.st_mtim.tv_sec, 1_100_000_000, "after remount")
+    }
+
+    /// readdir's d_ino is what stat says, for every kind of entry, hard links and "." and ".." included.
+    func testReaddirInodesMatchStat() throws {
+        let d = mnt + "/d"
+        XCTAssertEqual(mkdir(d, 0o755), 0)
+        try write(d + "/file", [1])
+        try write(d + "/" + String(repeating: "l", count: 220), [2])
+        XCTAssertEqual(link(d + "/file", d + "/hardlink"), 0, "errno \(errno)")
+        XCTAssertEqual(mkdir(d + "/sub", 0o755), 0)
+        XCTAssertEqual(symlink("file", d + "/symlink"), 0)
+        XCTAssertEqual(mkfifo(d + "/fifo", 0o644), 0)
+        for pass in ["fresh", "after remount"] {
+            if pass == "after remount" { unmount(); mount() }
+            guard let dir = opendir(d) else { return XCTFail("opendir errno \(errno)") }
+            var seen = 0
+            while let e = readdir(dir) {
+                let name = withUnsafePointer(to: e.pointee.d_name) { $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) } }
+                var s = stat()
+                XCTAssertEqual(lstat(d + "/" + name, &s), 0, name)
+                XCTAssertEqual(UInt64(e.pointee.d_ino), UInt64(s.st_ino), "\(pass): d_ino of \(name.prefix(20)) is not its st_ino")
+                seen += 1
+            }
+            closedir(dir)
+            XCTAssertEqual(seen, 8, pass)
+        }
     }
 
     // MARK: - statfs
