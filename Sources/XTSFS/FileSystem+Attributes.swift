@@ -21,7 +21,7 @@ extension FileSystem {
         }
     }
 
-    public func setattr(_ id: UInt64, handle: UInt64?, changes c: AttributeChanges) throws(FSError) -> stat {
+    public func setattr(_ id: UInt64, handle: UInt64?, changes c: AttributeChanges, caller: Caller? = nil) throws(FSError) -> stat {
         try checkWritable()
         if c.size != nil {
             guard c.size! >= 0 else { throw .invalidArgument }
@@ -30,33 +30,42 @@ extension FileSystem {
         // fchmod/fchown/futimens come without a handle; an open handle of this node serves
         // them (and is the only way to an unlinked file).
         if let open = handle.flatMap({ h in files.withLock { $0[h] } }) {
-            try apply(c, toOpen: open)
+            try apply(c, toOpen: open, caller: caller)
         } else {
             do {
-                try withPinned(id) { (fd, st) throws(FSError) in try apply(c, toPinned: fd, st) }
+                try withPinned(id) { (fd, st) throws(FSError) in try apply(c, toPinned: fd, st, caller: caller) }
             } catch {
                 guard case .notFound = error, let open = anyOpenFile(of: id) else { throw error }
-                try apply(c, toOpen: open)
+                try apply(c, toOpen: open, caller: caller)
             }
         }
         return try getattr(id, handle: handle)
     }
 
-    private func apply(_ c: AttributeChanges, toOpen f: OpenFile) throws(FSError) {
+    private func apply(_ c: AttributeChanges, toOpen f: OpenFile, caller: Caller?) throws(FSError) {
         do {
-            if let mode = c.mode { try Sys.fchmod(f.fd, mode & 0o7777) }
+            if let mode = c.mode {
+                try Sys.fchmod(f.fd, mode & 0o7777)
+                modeChanged(f.identity)
+            }
             if c.uid != nil || c.gid != nil { try Sys.fchown(pinned: f.fd, c.uid ?? uid_t.max, c.gid ?? gid_t.max) }
         } catch { throw .system(error) }
-        if let size = c.size { try truncate(fd: f.fd, state: f.state, size: size) }
+        if let size = c.size {
+            try truncate(fd: f.fd, state: f.state, size: size)
+            if let caller, c.mode == nil { dropSetgid(f.fd, f.state, for: caller) }
+        }
         if c.atime != nil || c.mtime != nil {
             do { try Sys.futimens(pinned: f.fd, c.atime ?? FileSystem.omit, c.mtime ?? FileSystem.omit) } catch { throw .system(error) }
         }
     }
 
     /// Changes through the pinned object itself: never a path, never a symlink followed.
-    private func apply(_ c: AttributeChanges, toPinned fd: Int32, _ st: stat) throws(FSError) {
+    private func apply(_ c: AttributeChanges, toPinned fd: Int32, _ st: stat, caller: Caller?) throws(FSError) {
         do {
-            if let mode = c.mode { try Sys.fchmod(pinned: fd, mode & 0o7777) }
+            if let mode = c.mode {
+                try Sys.fchmod(pinned: fd, mode & 0o7777)
+                modeChanged(Identity(st))
+            }
             if c.uid != nil || c.gid != nil { try Sys.fchown(pinned: fd, c.uid ?? uid_t.max, c.gid ?? gid_t.max) }
         } catch { throw .system(error) }
         if let size = c.size {
@@ -67,6 +76,7 @@ extension FileSystem {
             let (key, state) = try acquireState(st)
             defer { releaseState(key) }
             try truncate(fd: file, state: state, size: size)
+            if let caller, c.mode == nil { dropSetgid(file, state, for: caller) }
         }
         if c.atime != nil || c.mtime != nil {
             do { try Sys.futimens(pinned: fd, c.atime ?? FileSystem.omit, c.mtime ?? FileSystem.omit) } catch { throw .system(error) }

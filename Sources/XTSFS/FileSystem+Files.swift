@@ -14,6 +14,9 @@ final class FileState: @unchecked Sendable {
     var crypto: FileCrypto?
     var loaded = false
     var references = 0
+    /// The file's mode as last seen, to spare an fstat per write when it has no setgid bit;
+    /// nil when unknown (first write, or after a chmod through this mount). Under `lock`.
+    var modeHint: mode_t?
 }
 
 /// An open backing file.
@@ -157,10 +160,11 @@ extension FileSystem {
         }
     }
 
-    public func write(handle: UInt64, offset: Int64, data: UnsafeRawBufferPointer) throws(FSError) -> Int {
+    public func write(handle: UInt64, offset: Int64, data: UnsafeRawBufferPointer, caller: Caller? = nil) throws(FSError) -> Int {
         try checkWritable()
         guard offset >= 0, offset <= FileSystem.maxFileSize - Int64(data.count) else { throw .fileTooLarge }
         let f = try openFile(handle)
+        if let caller, caller.uid != 0 { dropSetgid(f.fd, f.state, for: caller) }
         // O_APPEND needs nothing here: without the writeback cache the kernel sends such
         // writes at the current size, and page writeback (mmap) must keep its offset.
         return try withExclusive(f.fd, f.state) { (c, s) throws(FSError) -> Int in
@@ -171,6 +175,27 @@ extension FileSystem {
             }
             return data.count
         }
+    }
+
+    /// ext4 clears the setgid bit of a file without group execute when someone outside the
+    /// file's group (and not root) writes or truncates it. The kernel's FUSE side clears
+    /// setuid, and setgid with group execute, by itself; this case it leaves to us.
+    func dropSetgid(_ fd: Int32, _ state: FileState, for caller: Caller) {
+        guard caller.uid != 0 else { return }
+        let hint = state.lock.withReadLock { state.modeHint }
+        if let hint, hint & S_ISGID == 0 { return }
+        guard let st = try? Sys.fstat(fd) else { return }
+        state.lock.withWriteLock { state.modeHint = st.st_mode }
+        guard st.isRegular, st.st_mode & S_ISGID != 0, st.st_mode & S_IXGRP == 0, !caller.isMember(of: st.st_gid) else { return }
+        if (try? Sys.fchmod(fd, st.st_mode & 0o7777 & ~S_ISGID)) != nil {
+            state.lock.withWriteLock { state.modeHint = st.st_mode & ~S_ISGID }
+        }
+    }
+
+    /// A mode changed through this mount: forget what open handles of `identity` knew of it.
+    func modeChanged(_ identity: Identity) {
+        guard let state = states.withLock({ $0[identity] }) else { return }
+        state.lock.withWriteLock { state.modeHint = nil }
     }
 
     func truncate(fd: Int32, state: FileState, size: Int64) throws(FSError) {

@@ -10,10 +10,17 @@ import Glibc
 #endif
 
 /// Who is asking: files they create are theirs when the daemon runs as root.
-public struct Caller: Sendable {
+public struct Caller {
     public var uid: uid_t
     public var gid: gid_t
-    public init(uid: uid_t, gid: gid_t) { self.uid = uid; self.gid = gid }
+    /// The caller's supplementary groups, asked for only when needed (it costs a read of
+    /// /proc); nil when unknown.
+    public var groups: (() -> [gid_t])?
+    public init(uid: uid_t, gid: gid_t, groups: (() -> [gid_t])? = nil) { self.uid = uid; self.gid = gid; self.groups = groups }
+
+    func isMember(of gid: gid_t) -> Bool {
+        gid == self.gid || (groups?().contains(gid) ?? false)
+    }
 }
 
 /// Attribute changes of a setattr; nil leaves a field alone.

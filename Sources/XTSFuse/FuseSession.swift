@@ -110,9 +110,19 @@ public final class FuseServer: @unchecked Sendable {
         Unmanaged<FuseServer>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
     }
 
+    /// The caller of a request; its supplementary groups are read (from /proc, by libfuse)
+    /// only if the filesystem asks, while the request is being handled.
     static func caller(_ req: fuse_req_t?) -> Caller {
         let ctx = fuse_req_ctx(req)!.pointee
-        return Caller(uid: ctx.uid, gid: ctx.gid)
+        return Caller(uid: ctx.uid, gid: ctx.gid) {
+            var list = [gid_t](repeating: 0, count: 64)
+            var n = fuse_req_getgroups(req, Int32(list.count), &list)
+            if n > list.count {
+                list = [gid_t](repeating: 0, count: Int(n))
+                n = fuse_req_getgroups(req, Int32(list.count), &list)
+            }
+            return n > 0 ? Array(list.prefix(Int(min(n, Int32(list.count))))) : []
+        }
     }
 
     static func fail(_ req: fuse_req_t?, _ error: FSError) {
@@ -192,7 +202,7 @@ public final class FuseServer: @unchecked Sendable {
             let now = timespec(tv_sec: 0, tv_nsec: Int(Sys.utimeNow))
             if toSet & FUSE_SET_ATTR_ATIME_NOW != 0 { c.atime = now } else if toSet & FUSE_SET_ATTR_ATIME != 0 { c.atime = a.st_atim }
             if toSet & FUSE_SET_ATTR_MTIME_NOW != 0 { c.mtime = now } else if toSet & FUSE_SET_ATTR_MTIME != 0 { c.mtime = a.st_mtim }
-            s.run(req, { () throws(FSError) in try s.fs.setattr(UInt64(ino), handle: fi.map { $0.pointee.fh }, changes: c) }) { st in
+            s.run(req, { () throws(FSError) in try s.fs.setattr(UInt64(ino), handle: fi.map { $0.pointee.fh }, changes: c, caller: caller(req)) }) { st in
                 var st = st
                 fuse_reply_attr(req, &st, s.timeout)
             }
@@ -312,7 +322,7 @@ public final class FuseServer: @unchecked Sendable {
             let s = server(req)
             guard let fi, let data else { fuse_reply_err(req, EBADF); return }
             s.run(req, { () throws(FSError) in
-                try s.fs.write(handle: fi.pointee.fh, offset: Int64(off), data: UnsafeRawBufferPointer(start: data, count: size))
+                try s.fs.write(handle: fi.pointee.fh, offset: Int64(off), data: UnsafeRawBufferPointer(start: data, count: size), caller: caller(req))
             }) { fuse_reply_write(req, $0) }
         }
         ops.flush = { req, _, _ in fuse_reply_err(req, 0) }

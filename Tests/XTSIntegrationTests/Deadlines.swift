@@ -119,7 +119,7 @@ func listWithDeadline(_ path: String, seconds: Double = callDeadline) -> (Outcom
 @discardableResult
 func runWithTimeout(_ args: [String], seconds: Int = 10) -> (status: Int32, output: String) {
     let outPath = NSTemporaryDirectory() + "/xtsfs-run-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).out"
-    FileManager.default.createFile(atPath: outPath, contents: nil)
+    _ = FileManager.default.createFile(atPath: outPath, contents: nil)
     defer { try? FileManager.default.removeItem(atPath: outPath) }
     guard let out = FileHandle(forWritingAtPath: outPath) else { return (-1, "cannot create \(outPath)") }
     let p = Process()
@@ -145,7 +145,7 @@ enum RenameAt2 {
     typealias Fn = @convention(c) (Int32, UnsafePointer<CChar>?, Int32, UnsafePointer<CChar>?, UInt32) -> Int32
     static let noReplace: UInt32 = 1
     static let exchange: UInt32 = 2
-    nonisolated(unsafe) static let fn: Fn? = {
+    static let fn: Fn? = {
         guard let h = dlopen(nil, RTLD_NOW), let sym = dlsym(h, "renameat2") else { return nil }
         return unsafeBitCast(sym, to: Fn.self)
     }()
