@@ -11,11 +11,17 @@ struct XTSFSCommand: ParsableCommand {
         abstract: "An encrypted directory: AES-XTS-256 file contents, encrypted names, keyslots.",
         discussion: "Exit codes: 0 success, 1 other error, 2 usage, 10 not a volume, 11 corrupt header, 12 wrong key, 13 unsupported format, 14 mount failed, 15 refused, 16 bad passphrase input. See xtsfs(1).",
         version: "0.1.0",
-        subcommands: [Init.self, Mount.self, Unmount.self, Status.self]
+        subcommands: [Init.self, Mount.self, Unmount.self, Status.self, Fsck.self]
     )
 
     /// Our own exit codes; the argument parser's usage errors become 2.
     static func main() {
+        // fsck speaks fsck(8)'s exit codes: usage is 16 there.
+        let usageStatus = CommandLine.arguments.dropFirst().first == "fsck" ? FsckExit.usage.rawValue : ExitStatus.usage.rawValue
+        if CommandLine.arguments.dropFirst().contains("") {
+            printError("an argument is the empty string; see xtsfs --help")
+            Glibc.exit(usageStatus)
+        }
         do {
             var command = try parseAsRoot()
             try command.run()
@@ -30,7 +36,7 @@ struct XTSFSCommand: ParsableCommand {
             let message = fullMessage(for: error)
             if code == .validationFailure {
                 printError(message)
-                Glibc.exit(ExitStatus.usage.rawValue)
+                Glibc.exit(usageStatus)
             }
             if !message.isEmpty { printError(message) }
             Glibc.exit(code.rawValue)
@@ -38,13 +44,18 @@ struct XTSFSCommand: ParsableCommand {
     }
 }
 
+/// Every line the command writes to stderr starts with "xtsfs: " (the argument parser's
+/// "Error: " becomes "xtsfs: error: ").
 func printError(_ message: String) {
-    let line = message.hasPrefix("Error:") || message.hasPrefix("Usage:") ? message + "\n" : "xtsfs: " + message + "\n"
-    writeStderr(line)
+    var text = message
+    if text.hasPrefix("Error: ") { text = "error: " + text.dropFirst("Error: ".count) }
+    writeStderr(text.split(separator: "\n", omittingEmptySubsequences: false)
+        .map { $0.isEmpty || $0.hasPrefix("xtsfs: ") ? String($0) : "xtsfs: " + $0 }
+        .joined(separator: "\n") + "\n")
 }
 
 func say(_ message: String) {
-    writeStderr(message + "\n")
+    writeStderr((message.hasPrefix("xtsfs: ") ? message : "xtsfs: " + message) + "\n")
 }
 
 struct PassfileOption: ParsableArguments {
