@@ -186,6 +186,8 @@ extension Fsck {
                     } catch { notRepaired(i, "cannot rewrite it: \(error)") }
                 } else {
                     report.findings[i].detail += "; one flipped bit, which --repair corrects"
+                    // Names are checked as they will be once corrected.
+                    return ((try? DirHeader.decode(fixed, macKey: keys.metadataMACKey))?.directoryID, i)
                 }
             }
             if isRoot && repair && report.findings[i].repaired == nil {

@@ -44,14 +44,13 @@ struct XTSFSCommand: ParsableCommand {
     }
 }
 
-/// Every line the command writes to stderr starts with "xtsfs: " (the argument parser's
-/// "Error: " becomes "xtsfs: error: ").
+/// Every message the command writes to stderr starts with "xtsfs: " (the argument
+/// parser's "Error: " becomes "xtsfs: error: ").
 func printError(_ message: String) {
     var text = message
     if text.hasPrefix("Error: ") { text = "error: " + text.dropFirst("Error: ".count) }
-    writeStderr(text.split(separator: "\n", omittingEmptySubsequences: false)
-        .map { $0.isEmpty || $0.hasPrefix("xtsfs: ") ? String($0) : "xtsfs: " + $0 }
-        .joined(separator: "\n") + "\n")
+    // The first line carries the prefix; the argument parser's usage lines follow as they are.
+    writeStderr((text.hasPrefix("xtsfs: ") ? text : "xtsfs: " + text) + (text.hasSuffix("\n") ? "" : "\n"))
 }
 
 func say(_ message: String) {
