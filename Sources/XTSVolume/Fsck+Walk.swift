@@ -324,13 +324,11 @@ extension Fsck {
     func checkFile(_ dirfd: Int32, _ name: String, size: Int64, path: String, plainPath: String?) {
         if size == 0 { return }
         if Layout.isDamagedSize(backingSize: size) {
-            let i = add(.fileTruncatedInHeader, path, plain: plainPath, "\(size) bytes: its header is cut short, and it holds no content")
-            if repair {
-                do {
-                    try withWritable(dirfd, name) { fd throws(SystemError) in try Sys.ftruncate(fd, 0); try Sys.fsync(fd) }
-                    repaired(i, .truncatedToEmpty)
-                } catch { notRepaired(i, "cannot truncate it: \(error)") }
-            }
+            let i = add(.fileTruncatedInHeader, path, plain: plainPath, "\(size) bytes: its header is cut short and its content is gone; opening it fails with EIO")
+            // Not truncated to an empty file here: that would turn a visible error into a
+            // file that silently reads as empty. Its owner decides (delete it, or open it
+            // with O_TRUNC, through the mount).
+            if repair { notRepaired(i, "left for you to delete or truncate through the mount: an empty file would hide that its content is gone") }
             return
         }
         if Layout.plainSize(backingSize: size) > Layout.maxPlainSize {

@@ -64,8 +64,6 @@ public enum FsckAction: String, Codable, Sendable {
     case quarantined
     /// A header with a single flipped bit corrected (the MAC verifies after flipping it back).
     case correctedBitFlip
-    /// A backing file of 1 to 31 bytes (no content at all) truncated to an empty file.
-    case truncatedToEmpty
     /// A directory header rewritten after every entry of the directory was quarantined.
     case recreatedDirectoryHeader
 }
