@@ -16,11 +16,15 @@ extension Fsck {
     func walk(dir fd: Int32, backingPath: String, plainPath: String?, isRoot: Bool, depth: Int) throws {
         try checkCancelled()
         directoriesSeen += 1
-        let entries: [(name: String, type: UInt8, ino: UInt64)]
+        var entries: [(name: String, type: UInt8, ino: UInt64)]
         do { entries = try Sys.listDirectory(fd).sorted { $0.name < $1.name } } catch {
             walkComplete = false
             _ = add(.directoryUnreadable, backingPath, plain: plainPath, "cannot list it: \(error)")
             return
+        }
+        if repair && putBackMisplacedRecords(fd, entries.map(\.name), backingPath: backingPath),
+           let again = try? Sys.listDirectory(fd) {
+            entries = again.sorted { $0.name < $1.name }
         }
         let present = Set(entries.map(\.name))
         let isLostFound = depth == 1 && lostFound != nil && plainPath == "/" + Fsck.lostAndFound
@@ -153,6 +157,45 @@ extension Fsck {
     func decryptName(_ encoded: String, dirID: [UInt8]?) -> [UInt8]? {
         guard let dirID, let names else { return nil }
         return try? names.decrypt(encoded, directoryID: dirID)
+    }
+
+    /// Long-name side files that hold another entry's name (swapped, or renamed by hand):
+    /// each goes back to the entry its content hashes to, when that entry has no good
+    /// side file of its own. Two side files swapped are exchanged atomically. Returns true
+    /// when anything moved.
+    func putBackMisplacedRecords(_ fd: Int32, _ names: [String], backingPath: String) -> Bool {
+        let present = Set(names)
+        var owner: [String: String] = [:]  // side file → the entry its content names
+        for n in names {
+            guard case .longNameRecord(let entry) = BackingEntry.classify(n),
+                  let content = try? Sys.readSmallFile(fd, n, limit: 4096) else { continue }
+            let hashed = NameCodec.longEntryName(forEncoded: content)
+            if hashed != entry { owner[n] = hashed }
+        }
+        var moved = false
+        var done = Set<String>()
+        for (record, entry) in owner.sorted(by: { $0.key < $1.key }) where !done.contains(record) && present.contains(entry) {
+            let want = entry + NameCodec.longSuffix
+            let path = Fsck.join(backingPath, record)
+            do {
+                if let partner = owner[want], partner + NameCodec.longSuffix == record {
+                    try Sys.renameat(fd, record, fd, want, flags: UInt32(XTS_RENAME_EXCHANGE))
+                    done.insert(want)
+                } else if !present.contains(want) {
+                    try Sys.renameat(fd, record, fd, want, flags: UInt32(XTS_RENAME_NOREPLACE))
+                } else { continue }
+            } catch {
+                let i = add(.longNameRecordMismatch, path, "holds the name of \(entry)")
+                notRepaired(i, "cannot move it back: \(error)")
+                continue
+            }
+            done.insert(record)
+            moved = true
+            let i = add(.longNameRecordMismatch, path, "held the name of \(entry); moved back to \(want)")
+            repaired(i, .putBack)
+        }
+        if moved { try? Sys.fsyncDirectory(fd) }
+        return moved
     }
 
     // MARK: - directory headers

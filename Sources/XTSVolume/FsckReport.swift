@@ -64,6 +64,8 @@ public enum FsckAction: String, Codable, Sendable {
     case quarantined
     /// A header with a single flipped bit corrected (the MAC verifies after flipping it back).
     case correctedBitFlip
+    /// A long-name side file moved back to the entry whose name it holds.
+    case putBack
     /// A directory header rewritten after every entry of the directory was quarantined.
     case recreatedDirectoryHeader
 }

@@ -318,6 +318,12 @@ final class CorruptionCampaignTests: VolumeTestCase {
         return readable
     }
 
+    /// Every backing name, type, size, mode and file content hash: what a check must not change.
+    func treeSnapshot() -> String {
+        let o = run("/bin/sh", ["-c", "cd '\(cipher)' && find . -printf '%p %y %s %m\\n' | sort && find . -type f -exec sha256sum {} + | sort"])
+        return o.stdout
+    }
+
     func unmountQuietly() {
         if Harness.isMounted(mnt) {
             let u = xtsfs(["unmount", mnt])
@@ -351,8 +357,10 @@ final class CorruptionCampaignTests: VolumeTestCase {
             unmountQuietly()
             if Harness.isMounted(mnt) { note(c, "unmount failed") }
         }
+        let before = treeSnapshot()
         let f1 = xtsfs(["fsck", cipher, "--passfile", passfile])
         record("fsck", f1)
+        if treeSnapshot() != before { note(c, "fsck without --repair changed CIPHERDIR") }
         let f2 = xtsfs(["fsck", cipher, "--repair", "--passfile", passfile])
         record("repair", f2)
         if ![0, 1, 4, 5, 8].contains(f2.status) { note(c, "fsck --repair exit \(f2.status): \(f2.stderr)") }

@@ -222,6 +222,33 @@ final class FsckTests: VolumeTestCase {
         XCTAssertEqual(try read(mnt + "/dir/a.txt"), pattern(5000, seed: 1))
     }
 
+    /// Two long names' side files swapped: each is put back where its content hashes to,
+    /// so both names come back instead of both entries going to lost+found.
+    func testSwappedLongNameSideFilesArePutBack() throws {
+        initVolume()
+        mount()
+        let n1 = String(repeating: "p", count: 190), n2 = String(repeating: "q", count: 190)
+        try write(mnt + "/" + n1, pattern(10, seed: 1))
+        try write(mnt + "/" + n2, pattern(20, seed: 2))
+        unmount()
+        let records = try FileManager.default.contentsOfDirectory(atPath: cipher).filter { $0.hasSuffix(".name") }.sorted()
+        XCTAssertEqual(records.count, 2)
+        let a = try read(cipher + "/" + records[0]), b = try read(cipher + "/" + records[1])
+        try FileManager.default.removeItem(atPath: cipher + "/" + records[0])
+        try FileManager.default.removeItem(atPath: cipher + "/" + records[1])
+        try write(cipher + "/" + records[0], b)
+        try write(cipher + "/" + records[1], a)
+        XCTAssertEqual(try fsck().0, FsckExit.uncorrected.rawValue)
+        let (s2, r2) = try fsck(["--repair"])
+        XCTAssertEqual(s2, FsckExit.corrected.rawValue, "\(r2.findings)")
+        XCTAssertTrue(r2.findings.contains { $0.repaired == "putBack" }, "\(r2.findings)")
+        XCTAssertEqual(try fsck().0, FsckExit.clean.rawValue)
+        mount()
+        XCTAssertEqual(try read(mnt + "/" + n1), pattern(10, seed: 1))
+        XCTAssertEqual(try read(mnt + "/" + n2), pattern(20, seed: 2))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: mnt + "/lost+found"))
+    }
+
     func testExitCodesAndRefusalWhileMounted() throws {
         initVolume()
         mount()
