@@ -8,6 +8,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "xtsfs", targets: ["xtsfs"]),
+        // For the fuzzer package in Fuzz/ (scripts/fuzz) only.
+        .library(name: "XTSFuzzTarget", targets: ["XTSFuzzTarget"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -27,12 +29,13 @@ let package = Package(
         .target(name: "XTSFS", dependencies: ["CSysShim", "XTSSystem", "XTSCrypto", "XTSFormat", "XTSKeys", "XTSContent"]),
         .target(name: "XTSFuse", dependencies: ["XTSSystem", "XTSFS", "CFuse"]),
         .target(name: "XTSVolume", dependencies: ["CSysShim", "XTSSystem", "XTSCrypto", "XTSFormat", "XTSKeys", "XTSContent", "XTSFS", "XTSFuse"]),
+        .target(name: "XTSFuzzTarget", dependencies: ["XTSFormat", "XTSKeys", "XTSContent", "XTSCrypto"]),
         .executableTarget(name: "xtsfs", dependencies: [
             "XTSVolume", "XTSSystem", "XTSKeys", "XTSFormat", "XTSCrypto",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "XTSCryptoTests", dependencies: ["XTSCrypto", "XTSSystem"], resources: [.copy("Vectors")]),
-        .testTarget(name: "XTSFormatTests", dependencies: ["XTSFormat", "XTSKeys", "XTSCrypto", "XTSSystem", "XTSVolume"], resources: [.copy("Golden")]),
+        .testTarget(name: "XTSFormatTests", dependencies: ["XTSFormat", "XTSKeys", "XTSCrypto", "XTSSystem", "XTSVolume", "XTSFuzzTarget"], resources: [.copy("Golden"), .copy("FuzzCorpus")]),
         .testTarget(name: "XTSFSTests", dependencies: ["XTSFS", "CSysShim", "XTSContent", "XTSKeys", "XTSFormat", "XTSCrypto", "XTSSystem"]),
         .testTarget(name: "XTSContentTests", dependencies: ["XTSContent", "XTSCrypto", "XTSFormat", "XTSKeys", "XTSSystem"]),
         .testTarget(name: "XTSIntegrationTests", dependencies: ["CSysShim", "XTSVolume", "XTSFormat", "XTSKeys", "XTSCrypto", "XTSSystem", "xtsfs"], resources: [.copy("Fixtures")]),

@@ -162,6 +162,11 @@ public struct VolumeHeader: Sendable, Equatable {
     public var keyslots: [Keyslot]
     /// Reserved for the state of an interrupted DEK rekey; empty when none is in progress.
     public var rekeyRecord: [UInt8] = []
+    /// The reserved fields at offsets 10 and 70, kept as stored: written 0, not
+    /// interpreted, but covered by the MAC like every other byte before it, so changing
+    /// them is detected once the volume is unlocked.
+    public var reserved10: UInt16 = 0
+    public var reserved70: UInt16 = 0
     /// HMAC-SHA256 under the header MAC key; verified once the volume is unlocked.
     public var mac: [UInt8] = Array(repeating: 0, count: VolumeHeader.macLength)
 
@@ -177,7 +182,7 @@ public struct VolumeHeader: Sendable, Equatable {
     public func authenticatedBytes() throws(FormatError) -> [UInt8] {
         var w = ByteWriter(capacity: 1024)
         w.raw(VolumeHeader.magic)
-        w.u16(version); w.u16(0)
+        w.u16(version); w.u16(reserved10)
         w.u32(0) // total length, patched below
         w.u64(features.rawValue)
         w.u64(sequence)
@@ -187,7 +192,7 @@ public struct VolumeHeader: Sendable, Equatable {
         w.u16(contentCipher.rawValue); w.u16(nameCipher.rawValue)
         w.u32(blockSize); w.u32(keyGeneration)
         guard keyslots.count <= VolumeHeader.maxKeyslots else { throw .invalid("keyslot count \(keyslots.count)") }
-        w.u16(UInt16(keyslots.count)); w.u16(0)
+        w.u16(UInt16(keyslots.count)); w.u16(reserved70)
         for slot in keyslots { try slot.encode(into: &w) }
         w.u32(UInt32(rekeyRecord.count)); w.raw(rekeyRecord)
         let total = w.count + VolumeHeader.macLength + VolumeHeader.checksumLength
@@ -212,8 +217,16 @@ public struct VolumeHeader: Sendable, Equatable {
         guard Array(bytes[0..<8]) == magic else { throw .badMagic("volume header") }
         var r = ByteReader(bytes, offset: 8)
         let version = try r.u16("version")
-        guard version == currentVersion else { throw .unsupportedVersion(version) }
-        _ = try r.u16("reserved")
+        guard version == currentVersion else {
+            // A version this build does not know, or a damaged one: only a header whose
+            // checksum (where v1 keeps it) still matches can be from a newer xtsfs.
+            if bytes.count >= 8 + checksumLength,
+               !constantTimeEqual(SHA256.hash(Array(bytes[0..<(bytes.count - checksumLength)])), Array(bytes[(bytes.count - checksumLength)...])) {
+                throw .checksumMismatch("volume header (its version field reads \(version))")
+            }
+            throw .unsupportedVersion(version)
+        }
+        let reserved10 = try r.u16("reserved")
         let total = Int(try r.u32("total length"))
         guard total == bytes.count else {
             throw total > bytes.count ? .truncated("header is \(bytes.count) bytes, says \(total)") : .invalid("header length \(total), file has \(bytes.count) bytes")
@@ -235,7 +248,7 @@ public struct VolumeHeader: Sendable, Equatable {
         guard blockSize == UInt32(VolumeHeader.blockSize) else { throw .invalid("block size \(blockSize)") }
         let generation = try r.u32("key generation")
         let count = Int(try r.u16("keyslot count"))
-        _ = try r.u16("reserved")
+        let reserved70 = try r.u16("reserved")
         guard count <= maxKeyslots else { throw .invalid("keyslot count \(count)") }
         var slots: [Keyslot] = []
         for _ in 0..<count { slots.append(try Keyslot.decode(from: &r)) }
@@ -253,6 +266,8 @@ public struct VolumeHeader: Sendable, Equatable {
         h.blockSize = blockSize
         h.rekeyRecord = rekey
         h.mac = mac
+        h.reserved10 = reserved10
+        h.reserved70 = reserved70
         return h
     }
 }

@@ -5,6 +5,8 @@ public struct MountEntry: Sendable, Equatable {
     public var device: String
     public var mountpoint: String
     public var fsType: String
+    /// The mount's source: for an xtsfs mount, its CIPHERDIR (the `fsname` option).
+    public var source: String = ""
 
     public static func all() -> [MountEntry] {
         guard let raw = try? Sys.readFile("/proc/self/mountinfo", limit: 16 << 20) else { return [] }
@@ -13,7 +15,9 @@ public struct MountEntry: Sendable, Equatable {
             // id parent maj:min root mountpoint options [optional...] - fstype source superoptions
             let f = line.split(separator: " ")
             guard f.count > 4, let dash = f.firstIndex(of: "-"), dash + 1 < f.count else { continue }
-            out.append(MountEntry(device: String(f[2]), mountpoint: unescape(String(f[4])), fsType: String(f[dash + 1])))
+            var entry = MountEntry(device: String(f[2]), mountpoint: unescape(String(f[4])), fsType: String(f[dash + 1]))
+            if dash + 2 < f.count { entry.source = unescape(String(f[dash + 2])) }
+            out.append(entry)
         }
         return out
     }
@@ -21,6 +25,11 @@ public struct MountEntry: Sendable, Equatable {
     /// The FUSE mount on `path`, if any (the last one mounted there).
     public static func fuse(at path: String) -> MountEntry? {
         all().last { $0.mountpoint == path && ($0.fsType == "fuse" || $0.fsType.hasPrefix("fuse.")) }
+    }
+
+    /// xtsfs mounts serving `cipherDir` (an absolute path).
+    public static func xtsfs(servingCipherDir cipherDir: String) -> [MountEntry] {
+        all().filter { $0.fsType == "fuse.xtsfs" && $0.source == cipherDir }
     }
 
     /// mountinfo writes space, tab, newline and backslash as \ooo (three octal digits).

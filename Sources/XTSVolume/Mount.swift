@@ -76,7 +76,8 @@ public enum Mounter {
     public static func checkMountpoint(_ mp: String, allowNonEmpty: Bool) throws(VolumeError) {
         // From the mount table first: a stat of a mount whose daemon hangs would hang too.
         if MountEntry.fuse(at: mp) != nil {
-            if case .failure(let e) = Result(catching: { () throws(SystemError) in try Sys.lstat(mp) }), e.errno == ENOTCONN {
+            // lstat of a dead FUSE mount's root may still succeed; statfs asks the daemon.
+            if case .failure(let e) = Result(catching: { () throws(SystemError) in _ = try Sys.lstat(mp); _ = try Sys.statvfs(mp) }), e.errno == ENOTCONN {
                 throw .mountFailed("\(mp): a stale mount (Transport endpoint is not connected); clear it with: fusermount3 -u -z \(mp)")
             }
             throw .mountFailed("\(mp) is already a mount point (busy)")
@@ -141,6 +142,7 @@ public enum Mounter {
         req.mountpoint = absolute(req.mountpoint)
         _ = try req.cacheTimeout()
         try checkOverlap(cipherDir: req.cipherDir, mountpoint: req.mountpoint)
+        try checkSwapped(cipherDir: req.cipherDir, mountpoint: req.mountpoint)
         try checkMountpoint(req.mountpoint, allowNonEmpty: req.options.contains("nonempty"))
         try checkOverlapByIdentity(cipherDir: req.cipherDir, mountpoint: req.mountpoint)
         _ = try Volume.load(req.cipherDir)
@@ -168,7 +170,11 @@ public enum Mounter {
                 }
             }
         }
-        return try spawnDaemon(req, keys: unlocked.keys)
+        let status = try spawnDaemon(req, keys: unlocked.keys)
+        if status == 0, let file = DamageLog.destination(mountpoint: req.mountpoint) {
+            say("no syslog on this machine (\(DamageLog.syslogSocket)): warnings about damaged data go to \(file)")
+        }
+        return status
     }
 
     // MARK: - serving
@@ -367,8 +373,8 @@ public enum Mounter {
         Sys.close(keyFD)
         // Paths are absolute by now; do not keep the caller's directory busy.
         _ = chdir("/")
-        openlog("xtsfs", LOG_PID, LOG_DAEMON)
-        let log: @Sendable (String) -> Void = { msg in xts_syslog(LOG_WARNING, msg) }
+        // Warnings must reach the user: syslog where there is one, else a file (DamageLog).
+        let log = DamageLog.daemonSink(mountpoint: request.mountpoint)
         @Sendable func report(_ text: String) {
             _ = text.withCString { Glibc.write(statusFD, $0, strlen($0)) }
             Sys.close(statusFD)
@@ -382,6 +388,9 @@ public enum Mounter {
         return serve(request, keys: keys, log: log) { result in
             switch result {
             case .success:
+                if DamageLog.destination(mountpoint: request.mountpoint) != nil {
+                    log("serving \(request.cipherDir) on \(request.mountpoint)")
+                }
                 report("OK")
                 // Detach from the terminal and from any pipe the caller reads to its end.
                 let null = Glibc.open("/dev/null", O_RDWR)
@@ -409,7 +418,12 @@ public enum Mounter {
 
     public static func unmount(_ mountpoint: String) throws(VolumeError) {
         let mp = absolute(mountpoint)
-        guard isMounted(mp) else { throw .failure("\(mp) is not mounted") }
+        guard isMounted(mp) else {
+            if let other = MountEntry.all().last(where: { $0.mountpoint == mp }) {
+                throw .failure("\(mp) is not an xtsfs mount (it is a \(other.fsType) mount); xtsfs unmounts only its own")
+            }
+            throw .failure("\(mp) is not mounted")
+        }
         if run(["fusermount3", "-u", mp], quiet: true) == 0 { return }
         if geteuid() == 0 && umount2(mp, 0) == 0 { return }
         throw .failure("cannot unmount \(mp) (busy? close the files open in it)")

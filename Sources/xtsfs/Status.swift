@@ -13,7 +13,13 @@ struct Status: ParsableCommand {
     var json = false
 
     func run() throws {
-        let r = try StatusReport.make(cipherDir)
+        let r: StatusReport
+        do { r = try StatusReport.make(cipherDir) } catch {
+            if case .notAVolume = error, let served = StatusReport.cipherDirServed(at: cipherDir) {
+                throw VolumeError.notAVolume("\(cipherDir) is the mount point of the xtsfs volume \(served); for its header run: xtsfs status \(served)")
+            }
+            throw error
+        }
         if json {
             let enc = JSONEncoder()
             enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]

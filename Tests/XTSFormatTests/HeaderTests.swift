@@ -109,7 +109,32 @@ final class HeaderTests: XCTestCase {
         h.features = []
         var b = try h.encode()
         b[8] = 9
+        // A flipped version byte is damage, not a newer format: the checksum no longer matches.
+        XCTAssertThrowsError(try VolumeHeader.decode(b)) {
+            guard case .checksumMismatch = $0 as? FormatError else { return XCTFail("\($0)") }
+        }
+        // A newer xtsfs writes a whole header, checksum included.
+        let body = Array(b[0..<(b.count - 32)])
+        b = body + SHA256.hash(body)
         XCTAssertThrowsError(try VolumeHeader.decode(b)) { XCTAssertEqual($0 as? FormatError, .unsupportedVersion(9)) }
+    }
+
+    /// The reserved fields at offsets 10 and 70 are kept as stored and covered by the MAC:
+    /// changing one (checksum recomputed) leaves a header that parses but does not verify.
+    func testReservedFieldsAreAuthenticated() throws {
+        let keys = try KeySet(dek: SecretBytes(copying: (0..<64).map { UInt8($0) }), generation: 1, volumeID: Array(repeating: 7, count: 16))
+        let sealed = try Keyring.seal(Self.fixedHeader(), keys: keys)
+        let good = try sealed.encode()
+        XCTAssertNoThrow(try Keyring.verify(try VolumeHeader.decode(good), keys: keys))
+        for offset in [10, 11, 70, 71] {
+            var b = good
+            b[offset] ^= 0x01
+            let body = Array(b[0..<(b.count - 32)])
+            b = body + SHA256.hash(body)
+            let h = try VolumeHeader.decode(b)
+            XCTAssertThrowsError(try Keyring.verify(h, keys: keys), "offset \(offset) must be covered by the MAC")
+            XCTAssertEqual(try h.encode(), b, "offset \(offset): re-encoding keeps the bytes as stored")
+        }
     }
 
     func testHeaderStoreChoosesNewestValidCopy() throws {

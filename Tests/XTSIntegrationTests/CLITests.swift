@@ -88,6 +88,14 @@ final class CLITests: VolumeTestCase {
         // A future format version: "unsupported", not "corrupt".
         var newer = good
         newer[8] = 2
+        // A bit flip in the version field is damage ("corrupt"), not "written by a newer xtsfs".
+        try write(primary, newer)
+        try write(secondary, newer)
+        let flipped = Harness.run(["status", cipher])
+        XCTAssertEqual(flipped.status, ExitStatus.corruptHeader.rawValue, flipped.stderr)
+        XCTAssertFalse(flipped.stderr.contains("newer"), flipped.stderr)
+        let body = Array(newer[0..<(newer.count - 32)])
+        newer = body + SHA256.hash(body)
         try write(primary, newer)
         try write(secondary, newer)
         let r = Harness.run(["status", cipher])

@@ -1,0 +1,528 @@
+import CSysShim
+import XTSContent
+import XTSCrypto
+import XTSFormat
+import XTSFS
+import XTSKeys
+import XTSSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The tree walk: every backing directory, classified by `BackingEntry`, one name at a time.
+extension Fsck {
+    static let maxDepth = 2048
+
+    func walk(dir fd: Int32, backingPath: String, plainPath: String?, isRoot: Bool, depth: Int) throws {
+        try checkCancelled()
+        directoriesSeen += 1
+        var entries: [(name: String, type: UInt8, ino: UInt64)]
+        do { entries = try Sys.listDirectory(fd).sorted { $0.name < $1.name } } catch {
+            walkComplete = false
+            _ = add(.directoryUnreadable, backingPath, plain: plainPath, "cannot list it: \(error)")
+            return
+        }
+        if repair && putBackMisplacedRecords(fd, entries.map(\.name), backingPath: backingPath),
+           let again = try? Sys.listDirectory(fd) {
+            entries = again.sorted { $0.name < $1.name }
+        }
+        let present = Set(entries.map(\.name))
+        let isLostFound = depth == 1 && lostFound != nil && plainPath == "/" + Fsck.lostAndFound
+
+        // The directory header: its ID decrypts every name here.
+        var dirID: [UInt8]? = isRoot ? rootDirID : nil
+        var headerFinding: Int?
+        if !isRoot || rootDirID == nil {
+            (dirID, headerFinding) = checkDirectoryHeader(fd, backingPath: backingPath, plainPath: plainPath, isRoot: isRoot)
+        }
+        // Entries are checked first, repaired after, so that quarantine (which moves them)
+        // never changes the directory while it is listed.
+        var undecryptable: [(name: String, finding: Int, longRecord: Bool)] = []
+        var conflicts: [(name: String, finding: Int, plainName: [UInt8])] = []
+        var handled = Set<String>()
+
+        for e in entries {
+            try tick()
+            let path = Fsck.join(backingPath, e.name)
+            if isLostFound && movedIntoLostFound.contains(e.name) { continue }
+            switch BackingEntry.classify(e.name) {
+            case .directoryHeader:
+                continue
+            case .volumeHeader, .linkStore, .auditLog:
+                if isRoot { continue }
+                _ = add(.foreignEntry, .warning, path, "an xtsfs internal name outside CIPHERDIR's top level; ignored by xtsfs")
+            case .temporary(let base):
+                checkTemporary(fd, name: e.name, base: base, path: path, plainPath: plainPath, dirID: dirID, present: present)
+            case .longNameRecord(let entry):
+                if !present.contains(entry) {
+                    let i = add(.longNameRecordOrphan, path, "the side file of a long name whose entry no longer exists (left by an interrupted unlink or rename)")
+                    if repair { removeFile(fd, e.name, finding: i) }
+                }
+            case .longName(let entry):
+                var encoded: String?
+                let recordName = entry + NameCodec.longSuffix
+                do {
+                    let full = try Sys.readSmallFile(fd, recordName, limit: 4096)
+                    if NameCodec.longEntryName(forEncoded: full) == entry {
+                        encoded = String(decoding: full, as: UTF8.self)
+                    } else {
+                        let i = add(.longNameRecordMismatch, Fsck.join(backingPath, recordName), "its content does not hash to the entry's name \(entry): the entry's name is lost")
+                        undecryptable.append((e.name, i, true))
+                    }
+                } catch {
+                    let kind: FsckDamage = error.errno == ENOENT ? .longNameRecordMissing : .longNameRecordMismatch
+                    let i = add(kind, path, "its side file \(recordName) is \(error.errno == ENOENT ? "missing" : "unusable (\(error))"): the entry's name is lost")
+                    undecryptable.append((e.name, i, error.errno != ENOENT))
+                }
+                let plainName = encoded.flatMap { decryptName($0, dirID: dirID) }
+                if encoded != nil, dirID == nil, keys != nil {
+                    let i = add(.nameUndecryptable, path, "in a directory whose header is lost: its name cannot be decrypted")
+                    undecryptable.append((e.name, i, false))
+                } else if encoded != nil, dirID != nil, plainName == nil {
+                    let i = add(.nameUndecryptable, path, "the name in its side file does not decrypt in this directory")
+                    undecryptable.append((e.name, i, true))
+                }
+                try checkObject(fd, e.name, path: path, plainPath: Fsck.joinPlain(plainPath, plainName), depth: depth)
+                handled.insert(e.name)
+            case .encryptedName(let n):
+                let plainName = decryptName(n, dirID: dirID)
+                if dirID == nil, keys != nil {
+                    let i = add(.nameUndecryptable, path, "in a directory whose header is lost: its name cannot be decrypted")
+                    undecryptable.append((e.name, i, false))
+                } else if dirID != nil, plainName == nil {
+                    let canonical = Base64URL.decode(n) != nil
+                    let i = add(.nameUndecryptable, path, canonical ? "the name does not decrypt in this directory (altered, or moved here from another directory)" : "not canonical base64url: an altered name")
+                    undecryptable.append((e.name, i, false))
+                }
+                try checkObject(fd, e.name, path: path, plainPath: Fsck.joinPlain(plainPath, plainName), depth: depth)
+                handled.insert(e.name)
+            case .foreign:
+                if let conflict = SyncConflict.parse(e.name) {
+                    var shadowName: [UInt8]?
+                    switch BackingEntry.classify(conflict.original) {
+                    case .encryptedName(let n): shadowName = decryptName(n, dirID: dirID)
+                    case .longName(let entry):
+                        if let full = try? Sys.readSmallFile(fd, entry + NameCodec.longSuffix, limit: 4096),
+                           NameCodec.longEntryName(forEncoded: full) == entry {
+                            shadowName = decryptName(String(decoding: full, as: UTF8.self), dirID: dirID)
+                        }
+                    default: break
+                    }
+                    let shadows = Fsck.joinPlain(plainPath, shadowName)
+                    let i = add(.syncConflict, .warning, path, shadows: shadows,
+                                "a conflict copy made by a sync tool (\(conflict.tool)) of \(conflict.original)\(present.contains(conflict.original) ? "" : ", which no longer exists"); xtsfs does not show it")
+                    if let shadowName, isEntryShaped(conflict.original) { conflicts.append((e.name, i, shadowName)) }
+                    else if repair { notRepaired(i, "kept as is: not an entry xtsfs can show") }
+                } else {
+                    _ = add(.foreignEntry, .warning, path, "not a name xtsfs writes (\(typeName(e.type))); ignored by xtsfs and left alone")
+                }
+            }
+        }
+
+        guard repair else { return }
+        // Repairs that move entries: only with the key, and never in the root when its
+        // header is damaged (lost+found lives there).
+        for u in undecryptable {
+            try quarantine(fd, u.name, finding: u.finding, label: "unreadable name", removeRecord: u.longRecord)
+        }
+        for c in conflicts {
+            let name = Array(c.plainName.prefix(120)) + Array(" (sync conflict)".utf8)
+            try quarantine(fd, c.name, finding: c.finding, label: nil, plainName: name, removeRecord: false)
+        }
+        if let i = headerFinding, report.findings[i].repaired == nil, !isRoot {
+            recreateDirectoryHeaderIfEmpty(fd, finding: i)
+        }
+        _ = handled
+    }
+
+    func typeName(_ t: UInt8) -> String {
+        switch Int32(t) {
+        case Int32(DT_DIR): return "a directory"
+        case Int32(DT_REG): return "a file"
+        case Int32(DT_LNK): return "a symlink"
+        case Int32(DT_FIFO): return "a FIFO"
+        case Int32(DT_SOCK): return "a socket"
+        case Int32(DT_CHR), Int32(DT_BLK): return "a device node"
+        default: return "an entry"
+        }
+    }
+
+    func isEntryShaped(_ name: String) -> Bool {
+        switch BackingEntry.classify(name) {
+        case .encryptedName, .longName: return true
+        default: return false
+        }
+    }
+
+    func decryptName(_ encoded: String, dirID: [UInt8]?) -> [UInt8]? {
+        guard let dirID, let names else { return nil }
+        return try? names.decrypt(encoded, directoryID: dirID)
+    }
+
+    /// Long-name side files that hold another entry's name (swapped, or renamed by hand):
+    /// each goes back to the entry its content hashes to, when that entry has no good
+    /// side file of its own. Two side files swapped are exchanged atomically. Returns true
+    /// when anything moved.
+    func putBackMisplacedRecords(_ fd: Int32, _ names: [String], backingPath: String) -> Bool {
+        let present = Set(names)
+        var owner: [String: String] = [:]  // side file → the entry its content names
+        for n in names {
+            guard case .longNameRecord(let entry) = BackingEntry.classify(n),
+                  let content = try? Sys.readSmallFile(fd, n, limit: 4096) else { continue }
+            let hashed = NameCodec.longEntryName(forEncoded: content)
+            if hashed != entry { owner[n] = hashed }
+        }
+        var moved = false
+        var done = Set<String>()
+        for (record, entry) in owner.sorted(by: { $0.key < $1.key }) where !done.contains(record) && present.contains(entry) {
+            let want = entry + NameCodec.longSuffix
+            let path = Fsck.join(backingPath, record)
+            do {
+                if let partner = owner[want], partner + NameCodec.longSuffix == record {
+                    try Sys.renameat(fd, record, fd, want, flags: UInt32(XTS_RENAME_EXCHANGE))
+                    done.insert(want)
+                } else if !present.contains(want) {
+                    try Sys.renameat(fd, record, fd, want, flags: UInt32(XTS_RENAME_NOREPLACE))
+                } else { continue }
+            } catch {
+                let i = add(.longNameRecordMismatch, path, "holds the name of \(entry)")
+                notRepaired(i, "cannot move it back: \(error)")
+                continue
+            }
+            done.insert(record)
+            moved = true
+            let i = add(.longNameRecordMismatch, path, "held the name of \(entry); moved back to \(want)")
+            repaired(i, .putBack)
+        }
+        if moved { try? Sys.fsyncDirectory(fd) }
+        return moved
+    }
+
+    // MARK: - directory headers
+
+    /// Reads and verifies `xtsfs.dir`; corrects a single flipped bit when repairing.
+    func checkDirectoryHeader(_ fd: Int32, backingPath: String, plainPath: String?, isRoot: Bool) -> ([UInt8]?, Int?) {
+        let path = Fsck.join(backingPath, DirHeader.fileName)
+        let bytes: [UInt8]
+        do { bytes = try Sys.readSmallFile(fd, DirHeader.fileName, limit: 4096) } catch {
+            let missing = error.errno == ENOENT
+            let i = add(missing ? .directoryHeaderMissing : .directoryHeaderDamaged, path, plain: plainPath,
+                        missing ? "the directory header is missing: no name in this directory can be decrypted" : "the directory header is unusable (\(error))")
+            return (nil, i)
+        }
+        guard let keys else {
+            // Without the key: only the shape.
+            if bytes.count != DirHeader.length || Array(bytes.prefix(8)) != DirHeader.magic {
+                return (nil, add(.directoryHeaderDamaged, path, plain: plainPath, "\(bytes.count) bytes, not a directory header"))
+            }
+            return (nil, nil)
+        }
+        do { return (try DirHeader.decode(bytes, macKey: keys.metadataMACKey).directoryID, nil) } catch {
+            let i = add(.directoryHeaderDamaged, path, plain: plainPath, "it does not verify (\(error)): no name in this directory can be decrypted")
+            if bytes.count == DirHeader.length,
+               let fixed = Fsck.singleBitFlip(bytes, verifies: { (try? DirHeader.decode($0, macKey: keys.metadataMACKey)) != nil }) {
+                if repair {
+                    do {
+                        try Sys.atomicWrite(fixed, at: fd, DirHeader.fileName, mode: 0o444)
+                        repaired(i, .correctedBitFlip)
+                        return ((try? DirHeader.decode(fixed, macKey: keys.metadataMACKey))?.directoryID, i)
+                    } catch { notRepaired(i, "cannot rewrite it: \(error)") }
+                } else {
+                    report.findings[i].detail += "; one flipped bit, which --repair corrects"
+                    // Names are checked as they will be once corrected.
+                    return ((try? DirHeader.decode(fixed, macKey: keys.metadataMACKey))?.directoryID, i)
+                }
+            }
+            if isRoot && repair && report.findings[i].repaired == nil {
+                notRepaired(i, "the root directory's ID is lost: its entries cannot be named (not even quarantined)")
+            }
+            return (nil, i)
+        }
+    }
+
+    /// The one variant of `bytes` with a single bit flipped that `verifies`, if exactly one does.
+    static func singleBitFlip(_ bytes: [UInt8], verifies: ([UInt8]) -> Bool) -> [UInt8]? {
+        var found: [UInt8]?
+        var b = bytes
+        for i in 0..<b.count * 8 {
+            b[i / 8] ^= UInt8(1 << (i % 8))
+            if verifies(b) {
+                if found != nil { return nil }
+                found = b
+            }
+            b[i / 8] ^= UInt8(1 << (i % 8))
+        }
+        return found
+    }
+
+    /// A directory whose ID is lost and whose entries have all been quarantined: a new
+    /// header makes it usable again (it is empty, so the new ID names nothing).
+    func recreateDirectoryHeaderIfEmpty(_ fd: Int32, finding i: Int) {
+        guard let keys else { return }
+        guard let rest = try? Sys.listDirectory(fd) else { return }
+        let left = rest.filter {
+            switch BackingEntry.classify($0.name) {
+            case .encryptedName, .longName, .longNameRecord: return true
+            default: return false
+            }
+        }
+        guard left.isEmpty else {
+            notRepaired(i, "\(left.count) entries could not be quarantined; the directory header is left as it is")
+            return
+        }
+        do {
+            let header = try DirHeader.random(keyGeneration: keys.generation).encode(macKey: keys.metadataMACKey)
+            // Keep a damaged header's bytes beside it rather than destroying them.
+            if (try? Sys.fstatat(fd, DirHeader.fileName)) != nil {
+                try Sys.renameat(fd, DirHeader.fileName, fd, DirHeader.fileName + ".damaged", flags: UInt32(XTS_RENAME_NOREPLACE))
+            }
+            try Sys.atomicWrite(header, at: fd, DirHeader.fileName, mode: 0o444)
+            repaired(i, .recreatedDirectoryHeader)
+            report.findings[i].detail += "; its entries were quarantined into /\(Fsck.lostAndFound) and a new header written (the old one kept as \(DirHeader.fileName).damaged)"
+        } catch {
+            notRepaired(i, "cannot write a new directory header: \(error)")
+        }
+    }
+
+    // MARK: - temporaries and orphans
+
+    /// A `.tmp` leftover is removed only when the file it would have replaced is intact;
+    /// otherwise it may be the only whole copy and is left alone.
+    func checkTemporary(_ fd: Int32, name: String, base: String, path: String, plainPath: String?, dirID: [UInt8]?, present: Set<String>) {
+        let i = add(.temporaryLeftover, path, "left by an interrupted atomic replacement of \(base)")
+        guard repair else { return }
+        var baseIntact = false
+        switch BackingEntry.classify(base) {
+        case .volumeHeader(let copy):
+            // Both copies verified (restored above if they were not).
+            baseIntact = report.findings.allSatisfy { !($0.backingPath == HeaderStore.fileNames[copy] && $0.isOpenError) }
+                && (try? VolumeHeader.decode(Sys.readSmallFile(fd, base, limit: VolumeHeader.maxLength + 1))) != nil
+        case .directoryHeader:
+            if let keys, let b = try? Sys.readSmallFile(fd, base, limit: 4096) {
+                baseIntact = (try? DirHeader.decode(b, macKey: keys.metadataMACKey)) != nil
+            }
+        case .longNameRecord(let entry):
+            if let b = try? Sys.readSmallFile(fd, base, limit: 4096) { baseIntact = NameCodec.longEntryName(forEncoded: b) == entry }
+            // A record whose entry is gone is useless, and so is its replacement.
+            if !present.contains(entry) { baseIntact = true }
+        default:
+            baseIntact = false
+        }
+        if baseIntact { removeFile(fd, name, finding: i) } else { notRepaired(i, "kept: \(base) is missing or damaged, so this may be its only good copy") }
+    }
+
+    func removeFile(_ fd: Int32, _ name: String, finding i: Int) {
+        // Only regular files: never a directory, never through a symlink.
+        guard let st = try? Sys.fstatat(fd, name), st.isRegular || st.isSymlink else {
+            notRepaired(i, "not a regular file; left alone")
+            return
+        }
+        do { try Sys.unlinkat(fd, name); repaired(i, .removed) } catch { notRepaired(i, "cannot remove it: \(error)") }
+    }
+
+    // MARK: - objects
+
+    func checkObject(_ dirfd: Int32, _ name: String, path: String, plainPath: String?, depth: Int) throws {
+        let st: stat
+        do { st = try Sys.fstatat(dirfd, name) } catch {
+            if error.errno == ENOENT { return }
+            _ = add(.fileUnreadable, path, plain: plainPath, "cannot stat it: \(error)")
+            return
+        }
+        if st.isDirectory {
+            report.directories += 0
+            guard depth < Fsck.maxDepth else {
+                _ = add(.directoryUnreadable, path, plain: plainPath, "nested deeper than \(Fsck.maxDepth) levels; not checked")
+                walkComplete = false
+                return
+            }
+            guard UInt64(st.st_dev) == rootDev else {
+                _ = add(.foreignEntry, .warning, path, plain: plainPath, "another filesystem is mounted here; not checked")
+                return
+            }
+            let sub: Int32
+            do { sub = try Sys.openPath(dirfd, name, directory: true) } catch {
+                walkComplete = false
+                _ = add(.directoryUnreadable, path, plain: plainPath, "cannot open it: \(error)")
+                return
+            }
+            defer { Sys.close(sub) }
+            checkXattrs(sub, path: path, plainPath: plainPath)
+            try walk(dir: sub, backingPath: path, plainPath: plainPath, isRoot: false, depth: depth + 1)
+        } else if st.isRegular {
+            report.files += 1
+            checkFile(dirfd, name, size: Int64(st.st_size), path: path, plainPath: plainPath)
+            if keys != nil, let pinned = try? Sys.openPath(dirfd, name) {
+                checkXattrs(pinned, path: path, plainPath: plainPath)
+                Sys.close(pinned)
+            }
+        } else if st.isSymlink {
+            report.symlinks += 1
+            checkSymlink(dirfd, name, path: path, plainPath: plainPath)
+        } else {
+            report.otherEntries += 1
+        }
+    }
+
+    func checkFile(_ dirfd: Int32, _ name: String, size: Int64, path: String, plainPath: String?) {
+        if size == 0 { return }
+        if Layout.isDamagedSize(backingSize: size) {
+            let i = add(.fileTruncatedInHeader, path, plain: plainPath, "\(size) bytes: its header is cut short and its content is gone; opening it fails with EIO")
+            // Not truncated to an empty file here: that would turn a visible error into a
+            // file that silently reads as empty. Its owner decides (delete it, or open it
+            // with O_TRUNC, through the mount).
+            if repair { notRepaired(i, "left for you to delete or truncate through the mount: an empty file would hide that its content is gone") }
+            return
+        }
+        if Layout.plainSize(backingSize: size) > Layout.maxPlainSize {
+            _ = add(.fileTooLarge, path, plain: plainPath, "a backing file of \(size) bytes, beyond the largest the format allows (2^60 bytes)")
+            return
+        }
+        guard let keys else { return }
+        var raw = [UInt8](repeating: 0, count: FileHeader.length)
+        do {
+            let (fd, _) = try Sys.openRegular(dirfd, name, O_RDONLY | O_NONBLOCK)
+            defer { Sys.close(fd) }
+            let n = try raw.withMutableBytes { (p) throws(SystemError) -> Int in try Sys.pread(fd, p.baseAddress!, p.count, 0) }
+            guard n == FileHeader.length else { throw SystemError(EIO, "short read of the file header") }
+        } catch {
+            _ = add(.fileUnreadable, path, plain: plainPath, "cannot read it: \(error)")
+            return
+        }
+        let verifies: ([UInt8]) -> Bool = { (try? FileHeader.decode($0, macKey: keys.metadataMACKey)) != nil }
+        do {
+            let h = try FileHeader.decode(raw, macKey: keys.metadataMACKey)
+            if h.keyGeneration != keys.generation {
+                _ = add(.fileHeaderDamaged, path, plain: plainPath, "written under key generation \(h.keyGeneration), which this volume does not hold")
+            }
+        } catch {
+            let i = add(.fileHeaderDamaged, path, plain: plainPath, "its header does not verify (\(error)): the file cannot be read")
+            if let fixed = Fsck.singleBitFlip(raw, verifies: verifies) {
+                if repair {
+                    do {
+                        try withWritable(dirfd, name) { fd throws(SystemError) in
+                            try fixed.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, 0) }
+                            try Sys.fsync(fd)
+                        }
+                        repaired(i, .correctedBitFlip)
+                    } catch { notRepaired(i, "cannot rewrite its header: \(error)") }
+                } else {
+                    report.findings[i].detail += "; one flipped bit, which --repair corrects"
+                }
+            } else if repair {
+                notRepaired(i, "kept as is: its key is lost, but the bytes may still matter to someone")
+            }
+        }
+    }
+
+    /// Opens a regular file for writing even when its mode has no write bit (backing files
+    /// carry the plaintext mode), putting the mode back afterwards.
+    func withWritable(_ dirfd: Int32, _ name: String, _ body: (Int32) throws(SystemError) -> Void) throws(SystemError) {
+        let pinned = try Sys.openPath(dirfd, name)
+        defer { Sys.close(pinned) }
+        let st = try Sys.fstat(pinned)
+        guard st.isRegular else { throw SystemError(EINVAL, "\(name): not a regular file") }
+        var restore: mode_t?
+        if access("/proc/self/fd/\(pinned)", W_OK) != 0 {
+            try Sys.fchmod(pinned: pinned, (st.st_mode & 0o7777) | 0o200)
+            restore = st.st_mode & 0o7777
+        }
+        defer { if let restore { try? Sys.fchmod(pinned: pinned, restore) } }
+        let fd = try Sys.reopen(pinned, O_WRONLY | O_NONBLOCK)
+        defer { Sys.close(fd) }
+        try body(fd)
+    }
+
+    func checkSymlink(_ dirfd: Int32, _ name: String, path: String, plainPath: String?) {
+        let raw: [UInt8]
+        do { raw = try Sys.readlinkat(dirfd, name) } catch {
+            _ = add(.fileUnreadable, path, plain: plainPath, "cannot read the symlink: \(error)")
+            return
+        }
+        let prefix = Array(NameCodec.storedTargetPrefix.utf8)
+        var encoded = raw
+        if raw.count > prefix.count, Array(raw.prefix(prefix.count)) == prefix {
+            let stored = String(decoding: raw.dropFirst(prefix.count), as: UTF8.self)
+            referencedLinks.insert(stored)
+            guard keys != nil else { return }
+            do {
+                let store = try Sys.openPath(root, NameCodec.linkStore, directory: true)
+                defer { Sys.close(store) }
+                encoded = try Sys.readSmallFile(store, stored, limit: 3 * NameCodec.maxBackingTarget)
+            } catch {
+                _ = add(.symlinkTargetUndecryptable, path, plain: plainPath, "its stored target \(NameCodec.linkStore)/\(stored) is unusable (\(error))")
+                return
+            }
+            guard NameCodec.storedTargetName(forEncoded: encoded) == stored else {
+                _ = add(.symlinkTargetUndecryptable, path, plain: plainPath, "its stored target \(NameCodec.linkStore)/\(stored) does not match its hash")
+                return
+            }
+        }
+        guard let names else { return }
+        if (try? names.decryptTarget(encoded)) == nil {
+            _ = add(.symlinkTargetUndecryptable, path, plain: plainPath, "its target does not decrypt: readlink fails with EIO")
+        }
+    }
+
+    func checkXattrs(_ pinned: Int32, path: String, plainPath: String?) {
+        guard let keys else { return }
+        let codec = XattrCodec(keys: keys)
+        guard let list = try? Sys.listxattr(pinned: pinned) else { return }
+        for backing in list where backing.hasPrefix(XattrCodec.namespace) {
+            guard let plain = codec.decryptName(backing) else {
+                _ = add(.xattrForeign, .warning, path, plain: plainPath, "extended attribute \(backing) is not one xtsfs wrote; not shown")
+                continue
+            }
+            let label = String(decoding: plain, as: UTF8.self)
+            var value: [UInt8] = []
+            do {
+                let need = try Sys.getxattr(pinned: pinned, backing, into: UnsafeMutableRawBufferPointer(start: nil, count: 0))
+                value = [UInt8](repeating: 0, count: need)
+                let n = try value.withMutableBytes { (p) throws(SystemError) -> Int in try Sys.getxattr(pinned: pinned, backing, into: p) }
+                value = Array(value.prefix(n))
+            } catch {
+                _ = add(.xattrUndecryptable, path, plain: plainPath, "extended attribute \(label) cannot be read: \(error)")
+                continue
+            }
+            if (try? codec.decryptValue(value, backingName: backing)) == nil {
+                _ = add(.xattrUndecryptable, path, plain: plainPath, "the value of extended attribute \(label) does not decrypt: getxattr fails with EIO")
+            }
+        }
+    }
+
+    // MARK: - the link store
+
+    func checkLinkStore() throws {
+        let store: Int32
+        do { store = try Sys.openPath(root, NameCodec.linkStore, directory: true) } catch {
+            if error.errno != ENOENT { _ = add(.directoryUnreadable, NameCodec.linkStore, "the link store is unusable: \(error)") }
+            return
+        }
+        defer { Sys.close(store) }
+        let entries: [(name: String, type: UInt8, ino: UInt64)]
+        do { entries = try Sys.listDirectory(store) } catch {
+            _ = add(.directoryUnreadable, NameCodec.linkStore, "cannot list the link store: \(error)")
+            return
+        }
+        for e in entries.sorted(by: { $0.name < $1.name }) {
+            try tick()
+            let path = NameCodec.linkStore + "/" + e.name
+            let isHash = e.name.utf8.count == 43 && e.name.utf8.allSatisfy(Base64URL.isAlphabet)
+            guard isHash else {
+                _ = add(.foreignEntry, .warning, path, "not a name the link store uses; left alone")
+                continue
+            }
+            let content = try? Sys.readSmallFile(store, e.name, limit: 3 * NameCodec.maxBackingTarget)
+            let matches = content.map { NameCodec.storedTargetName(forEncoded: $0) == e.name } ?? false
+            if !referencedLinks.contains(e.name) {
+                let i = add(.linkStoreOrphan, path, "a stored symlink target no symlink refers to (left by an interrupted unlink)")
+                if repair {
+                    if walkComplete { removeFile(store, e.name, finding: i) } else { notRepaired(i, "kept: some directory could not be checked, and a symlink in it may refer to it") }
+                }
+            } else if !matches {
+                // Reported with the symlink; here only what it is.
+                _ = add(.linkStoreMismatch, path, "its content does not hash to its name")
+            }
+        }
+    }
+}
