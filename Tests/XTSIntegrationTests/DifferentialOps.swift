@@ -1,0 +1,234 @@
+import CSysShim
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One operation of the differential tester with every argument fixed, so it replays the
+/// same on any root: the random generator only picks operations, it never sees outcomes.
+/// Paths are relative and symlink targets never leave the directory they are run under.
+enum DiffOp: Sendable, Equatable {
+    case write(String, offset: Int, length: Int, seed: UInt64, truncate: Bool)
+    case truncate(String, size: Int)
+    case rename(String, String)
+    case exchange(String, String)
+    case unlink(String)
+    case mkdir(String)
+    case rmdir(String)
+    case read(String, offset: Int, length: Int)
+    case link(String, String)
+    case symlink(target: String, String)
+    case setxattr(String, name: String, length: Int, seed: UInt64, flags: Int32)
+    case getxattr(String, name: String, size: Int)
+    case listxattr(String, size: Int)
+    case removexattr(String, name: String)
+    case fallocate(String, mode: Int32, offset: Int, length: Int)
+
+    /// 0, an errno, or for an operation that returns data a digest of it with bit 30 set
+    /// (errnos stay far below), so a wrong byte shows as a different outcome.
+    typealias Outcome = Int32
+
+    static func digest(_ bytes: some Sequence<UInt8>, count: Int) -> Outcome {
+        Int32(truncatingIfNeeded: bytes.reduce(UInt32(truncatingIfNeeded: count)) { $0 &* 31 &+ UInt32($1) } & 0x3fff_ffff) | 0x4000_0000
+    }
+
+    static func isSuccess(_ o: Outcome) -> Bool { o == 0 || o & 0x4000_0000 != 0 }
+
+    /// The operation's family, as in "outcome of link".
+    var kind: String { String(describing: self).prefix { $0 != "(" }.description }
+
+    func apply(under root: String) -> Outcome {
+        func at(_ p: String) -> String { root + "/" + p }
+        func check(_ r: Int32) -> Outcome { r == 0 ? 0 : errno }
+        switch self {
+        case let .write(p, offset, length, seed, trunc):
+            let data = pattern(length, seed: seed)
+            let fd = open(at(p), O_WRONLY | O_CREAT | (trunc ? O_TRUNC : 0), 0o644)
+            if fd < 0 { return errno }
+            defer { close(fd) }
+            return data.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) } == length ? 0 : errno
+        case let .truncate(p, size):
+            return check(Glibc.truncate(at(p), off_t(size)))
+        case let .rename(p, q):
+            return check(Glibc.rename(at(p), at(q)))
+        case let .exchange(p, q):
+            return check(xts_renameat2(at(p), at(q), UInt32(XTS_RENAME_EXCHANGE)))
+        case let .unlink(p):
+            return check(Glibc.unlink(at(p)))
+        case let .mkdir(p):
+            return check(Glibc.mkdir(at(p), 0o755))
+        case let .rmdir(p):
+            return check(Glibc.rmdir(at(p)))
+        case let .read(p, offset, length):
+            let fd = open(at(p), O_RDONLY)
+            if fd < 0 { return errno }
+            defer { close(fd) }
+            var buf = [UInt8](repeating: 0, count: length)
+            let n = pread(fd, &buf, length, off_t(offset))
+            return n < 0 ? errno : Self.digest(buf.prefix(n), count: n)
+        case let .link(p, q):
+            return check(Glibc.link(at(p), at(q)))
+        case let .symlink(target, p):
+            return check(Glibc.symlink(target, at(p)))
+        case let .setxattr(p, name, length, seed, flags):
+            let value = pattern(length, seed: seed)
+            return check(value.withUnsafeBytes { LibC.lsetxattr(at(p), name, $0.baseAddress, length, flags) })
+        case let .getxattr(p, name, size):
+            var buf = [UInt8](repeating: 0, count: max(size, 1))
+            let n = buf.withUnsafeMutableBytes { LibC.lgetxattr(at(p), name, size == 0 ? nil : $0.baseAddress, size) }
+            if n < 0 { return errno }
+            return Self.digest(size == 0 ? [] : buf.prefix(n), count: n)
+        case let .listxattr(p, size):
+            var buf = [CChar](repeating: 0, count: max(size, 1))
+            let n = buf.withUnsafeMutableBufferPointer { LibC.llistxattr(at(p), size == 0 ? nil : $0.baseAddress, size) }
+            if n < 0 { return errno }
+            // The order of names is the filesystem's own: compare them sorted.
+            let names = size == 0 ? [] : Self.splitNames(buf.prefix(n)).sorted()
+            return Self.digest(names.joined(separator: "\n").utf8, count: n)
+        case let .removexattr(p, name):
+            return check(LibC.lremovexattr(at(p), name))
+        case let .fallocate(p, mode, offset, length):
+            let fd = open(at(p), O_WRONLY)
+            if fd < 0 { return errno }
+            defer { close(fd) }
+            return check(xts_fallocate(fd, mode, Int64(offset), Int64(length)))
+        }
+    }
+
+    static func splitNames(_ raw: some Collection<CChar>) -> [String] {
+        raw.split(separator: 0).map { String(decoding: $0.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
+    }
+
+    /// One line of C, with the arguments, that does the same.
+    var description: String {
+        func q(_ p: String) -> String {
+            "\"" + p.replacingOccurrences(of: DiffOp.longName, with: "long-x{200}") + "\""
+        }
+        switch self {
+        case let .write(p, offset, length, seed, trunc):
+            return "pwrite(open(\(q(p)), O_WRONLY|O_CREAT\(trunc ? "|O_TRUNC" : "")), pattern(\(length), seed: \(seed)), \(length), \(offset))"
+        case let .truncate(p, size): return "truncate(\(q(p)), \(size))"
+        case let .rename(p, r): return "rename(\(q(p)), \(q(r)))"
+        case let .exchange(p, r): return "renameat2(AT_FDCWD, \(q(p)), AT_FDCWD, \(q(r)), RENAME_EXCHANGE)"
+        case let .unlink(p): return "unlink(\(q(p)))"
+        case let .mkdir(p): return "mkdir(\(q(p)), 0755)"
+        case let .rmdir(p): return "rmdir(\(q(p)))"
+        case let .read(p, offset, length): return "pread(open(\(q(p)), O_RDONLY), buf, \(length), \(offset))"
+        case let .link(p, r): return "link(\(q(p)), \(q(r)))"
+        case let .symlink(target, p): return "symlink(\(q(target)), \(q(p)))"
+        case let .setxattr(p, name, length, seed, flags):
+            let f = ["0", "XATTR_CREATE", "XATTR_REPLACE"][Int(flags)]
+            return "lsetxattr(\(q(p)), \"\(name)\", pattern(\(length), seed: \(seed)), \(length), \(f))"
+        case let .getxattr(p, name, size): return "lgetxattr(\(q(p)), \"\(name)\", buf, \(size))"
+        case let .listxattr(p, size): return "llistxattr(\(q(p)), buf, \(size))"
+        case let .removexattr(p, name): return "lremovexattr(\(q(p)), \"\(name)\")"
+        case let .fallocate(p, mode, offset, length):
+            return "fallocate(open(\(q(p)), O_WRONLY), \(Self.modeName(mode)), \(offset), \(length))"
+        }
+    }
+
+    static func modeName(_ mode: Int32) -> String {
+        if mode == 0 { return "0" }
+        let names: [(Int32, String)] = [(XTS_FALLOC_KEEP_SIZE, "KEEP_SIZE"), (XTS_FALLOC_PUNCH_HOLE, "PUNCH_HOLE"), (XTS_FALLOC_ZERO_RANGE, "ZERO_RANGE")]
+        return names.filter { mode & $0.0 != 0 }.map { "FALLOC_FL_" + $0.1 }.joined(separator: "|")
+    }
+
+    static func describe(_ o: Outcome) -> String {
+        if o == 0 { return "0" }
+        if o & 0x4000_0000 != 0 { return "data#\(String(o & 0x3fff_ffff, radix: 16))" }
+        let names: [Int32: String] = [
+            EPERM: "EPERM", ENOENT: "ENOENT", EIO: "EIO", EBADF: "EBADF", EACCES: "EACCES", EBUSY: "EBUSY",
+            EEXIST: "EEXIST", EXDEV: "EXDEV", ENOTDIR: "ENOTDIR", EISDIR: "EISDIR", EINVAL: "EINVAL",
+            EFBIG: "EFBIG", ENOSPC: "ENOSPC", EMLINK: "EMLINK", ERANGE: "ERANGE", ENAMETOOLONG: "ENAMETOOLONG",
+            ENOTEMPTY: "ENOTEMPTY", ELOOP: "ELOOP", ENODATA: "ENODATA", EOPNOTSUPP: "EOPNOTSUPP", E2BIG: "E2BIG",
+        ]
+        return names[o] ?? "errno \(o)"
+    }
+
+    // MARK: The random mix
+
+    static let longName = "long-" + String(repeating: "x", count: 200)
+    /// Last components, weighted: files more often than the two directory names (a file
+    /// called d1 makes every d1/... ENOTDIR). "e" and "f" are favoured as the new name of
+    /// a link or rename, where a name already taken would only give EEXIST.
+    static let leaves = ["a", "a", "b", "b", "c", "c", longName, "d1", "d2", "e", "f"]
+    static let freshLeaves = ["e", "f"]
+    /// Relative and never "..": a target stays inside the directory the operations run under.
+    static let targets = ["a", "b", "d1", "d2/a", "missing", longName]
+    /// Few enough that their values (up to 1000 bytes) fit in one ext4 block with our
+    /// per-value overhead: plain and backing must not run out of attribute space apart.
+    static let xattrNames = ["user.a", "user.b", "user." + String(repeating: "n", count: 35)]
+
+    struct Rng {
+        var s: UInt64
+        init(seed: UInt64) { s = seed &* 0x9E3779B97F4A7C15 | 1 }
+        mutating func next() -> UInt64 { s ^= s << 13; s ^= s >> 7; s ^= s << 17; return s }
+        mutating func below(_ n: Int) -> Int { Int(next() % UInt64(n)) }
+        mutating func pick<T>(_ a: [T]) -> T { a[below(a.count)] }
+    }
+
+    /// `steps` operations from `seed`. Paths come from a small set so operations collide:
+    /// overwrite, rename over, rmdir non-empty, link to an existing name.
+    static func generate(seed: UInt64, steps: Int) -> [DiffOp] {
+        var rng = Rng(seed: seed)
+        /// Half the time the last component comes from `favoured`, if given.
+        func randomPath(favoured: [String]? = nil) -> String {
+            let depth = rng.pick([0, 0, 0, 1, 1, 2])
+            var parts: [String] = []
+            for _ in 0..<depth { parts.append(rng.pick(["d1", "d2"])) }
+            if let favoured, rng.below(2) == 0 { parts.append(rng.pick(favoured)) } else { parts.append(rng.pick(leaves)) }
+            return parts.joined(separator: "/")
+        }
+        let lengths = [1, 7, 15, 16, 17, 100, 4095, 4096, 4097, 8192, 12000]
+        return (0..<steps).map { _ in
+            let op = rng.below(100)
+            let p = randomPath()
+            switch op {
+            case 0..<28:
+                let off = rng.below(3) == 0 ? rng.below(20000) : rng.below(9000)
+                return .write(p, offset: off, length: rng.pick(lengths), seed: rng.next(), truncate: rng.below(4) == 0)
+            case 28..<35:
+                return .truncate(p, size: rng.pick([0, 1, 15, 16, 17, 4095, 4096, 4097, 5000, 10000, 30000]))
+            case 35..<43: return .rename(p, randomPath(favoured: freshLeaves))
+            case 43..<47: return .exchange(p, randomPath())
+            case 47..<54: return .unlink(p)
+            case 54..<60: return .mkdir(rng.below(2) == 0 ? p : randomPath(favoured: ["d1", "d2"]))
+            case 60..<63: return .rmdir(p)
+            case 63..<73: return .link(p, randomPath(favoured: freshLeaves))
+            case 73..<76: return .symlink(target: rng.pick(targets), p)
+            case 76..<83:
+                let length = rng.pick([0, 0, 1, 15, 16, 17, 100, 500, 999, 1000])
+                return .setxattr(p, name: rng.pick(xattrNames), length: length, seed: rng.next(), flags: rng.pick([0, 0, 1, 2]))
+            case 83..<86: return .getxattr(p, name: rng.pick(xattrNames), size: rng.pick([0, 10, 4096, 4096]))
+            case 86..<88: return .listxattr(p, size: rng.pick([0, 5, 4096, 4096]))
+            case 88..<90: return .removexattr(p, name: rng.pick(xattrNames))
+            case 90..<96:
+                // PUNCH_HOLE without KEEP_SIZE is refused by the kernel before any filesystem.
+                let mode = rng.pick([0, 1, 3, 3, 0x10, 0x11, 2])
+                let off = rng.below(3) == 0 ? rng.below(40000) : rng.below(12000)
+                let length = rng.below(8) == 0 ? 0 : rng.pick([1, 15, 16, 17, 4095, 4096, 4097, 8192, 1 + rng.below(20000)])
+                return .fallocate(p, mode: Int32(mode), offset: off, length: length)
+            default:
+                return .read(p, offset: rng.below(12000), length: rng.below(6000) + 1)
+            }
+        }
+    }
+}
+
+/// The l*xattr calls, which Glibc's Swift overlay does not import (and the shim declares
+/// only the path-following ones): looked up once, called with their exact C types.
+enum LibC {
+    private static func symbol<T>(_ name: String, as: T.Type) -> T {
+        guard let p = dlsym(nil, name) else { fatalError("no \(name) in libc") }  // nil: RTLD_DEFAULT
+        return unsafeBitCast(p, to: T.self)
+    }
+    typealias SetFn = @convention(c) (UnsafePointer<CChar>, UnsafePointer<CChar>, UnsafeRawPointer?, Int, Int32) -> Int32
+    typealias GetFn = @convention(c) (UnsafePointer<CChar>, UnsafePointer<CChar>, UnsafeMutableRawPointer?, Int) -> Int
+    typealias ListFn = @convention(c) (UnsafePointer<CChar>, UnsafeMutablePointer<CChar>?, Int) -> Int
+    typealias RemoveFn = @convention(c) (UnsafePointer<CChar>, UnsafePointer<CChar>) -> Int32
+    // Written once, at first use, and only called after: safe from any thread.
+    nonisolated(unsafe) static let lsetxattr = symbol("lsetxattr", as: SetFn.self)
+    nonisolated(unsafe) static let lgetxattr = symbol("lgetxattr", as: GetFn.self)
+    nonisolated(unsafe) static let llistxattr = symbol("llistxattr", as: ListFn.self)
+    nonisolated(unsafe) static let lremovexattr = symbol("lremovexattr", as: RemoveFn.self)
+}

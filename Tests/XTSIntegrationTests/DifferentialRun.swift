@@ -1,0 +1,132 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The first disagreement between the plain directory and the mount.
+struct DiffFailure: Sendable {
+    /// Index of the operation after which it showed.
+    var step: Int
+    /// What disagreed: one operation family's outcome, or the trees.
+    var signature: String
+    var detail: String
+}
+
+/// Runs operations on both sides and compares: every outcome, and the whole trees at
+/// checkpoints and after the last operation.
+struct DiffRun: Sendable {
+    typealias Outcome = DiffOp.Outcome
+    /// How the plain side runs an operation; a test can put a deliberate fault here.
+    var reference: @Sendable (DiffOp, String) -> Outcome = { op, root in op.apply(under: root) }
+    var checkpointEvery = 50
+
+    struct Result {
+        var failure: DiffFailure?
+        var outcomes: [(plain: Outcome, mount: Outcome)] = []
+        var succeeded: Int { outcomes.filter { DiffOp.isSuccess($0.mount) }.count }
+    }
+
+    func replay(_ ops: [DiffOp], plain: String, mnt: String) -> Result {
+        var result = Result()
+        for (i, op) in ops.enumerated() {
+            let expected = reference(op, plain)
+            let got = op.apply(under: mnt)
+            result.outcomes.append((expected, got))
+            if expected != got {
+                result.failure = DiffFailure(step: i, signature: "outcome of \(op.kind)",
+                    detail: "\(op.description): plain \(DiffOp.describe(expected)), xtsfs \(DiffOp.describe(got))")
+                return result
+            }
+            if i % checkpointEvery == checkpointEvery - 1 || i == ops.count - 1, let diff = Snapshot.compare(plain: plain, mount: mnt) {
+                result.failure = DiffFailure(step: i, signature: "trees", detail: "after \(op.description): \(diff)")
+                return result
+            }
+        }
+        return result
+    }
+
+    /// Generates and runs `steps` operations from `seed`.
+    func exercise(seed: UInt64, steps: Int, plain: String, mnt: String) -> Exercise {
+        let ops = DiffOp.generate(seed: seed, steps: steps)
+        let r = replay(ops, plain: plain, mnt: mnt)
+        var e = Exercise(executed: r.outcomes.count, succeeded: r.succeeded)
+        guard let f = r.failure else { return e }
+        let last = ops.prefix(f.step + 1).suffix(8).map(\.description).joined(separator: "\n")
+        e.failure = "seed \(seed) step \(f.step): \(f.detail)\nlast steps:\n\(last)"
+        return e
+    }
+
+    struct Exercise {
+        var failure: String?
+        var executed: Int
+        var succeeded: Int
+    }
+}
+
+/// Every name under a root with what can be compared across the two sides: type, link
+/// count, size and bytes (or target), extended attributes, and which names are one file.
+/// Not st_blocks or times, which legitimately differ.
+enum Snapshot {
+    static func take(_ root: String) throws -> [String: String] {
+        var out: [String: String] = [:]
+        var inodes: [String: UInt64] = [:]
+        func walk(_ rel: String) throws {
+            for name in try FileManager.default.contentsOfDirectory(atPath: root + "/" + rel) {
+                let r = rel.isEmpty ? name : rel + "/" + name
+                let full = root + "/" + r
+                var st = stat()
+                guard lstat(full, &st) == 0 else { continue }
+                let attrs = xattrs(full)
+                switch st.st_mode & S_IFMT {
+                case S_IFDIR:
+                    out[r] = "dir nlink \(st.st_nlink)\(attrs)"
+                    try walk(r)
+                    continue
+                case S_IFLNK:
+                    let target = (try? FileManager.default.destinationOfSymbolicLink(atPath: full)) ?? "?"
+                    out[r] = "symlink -> \(target) size \(st.st_size) nlink \(st.st_nlink)\(attrs)"
+                default:
+                    let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: full)))
+                    let sizeNote = Int(st.st_size) == bytes.count ? "" : " (stat says \(st.st_size))"
+                    out[r] = "file \(bytes.count)\(sizeNote):\(fnv(bytes)) nlink \(st.st_nlink)\(attrs)"
+                }
+                if st.st_nlink > 1 { inodes[r] = UInt64(st.st_ino) }
+            }
+        }
+        try walk("")
+        // The names of one file each note the first of them, so the grouping is compared too.
+        for (_, group) in Dictionary(grouping: inodes.keys, by: { inodes[$0]! }) {
+            let first = group.min()!
+            for name in group { out[name]! += " same file as \(first)" }
+        }
+        return out
+    }
+
+    /// nil when equal, else the first few differing entries of both sides.
+    static func compare(plain: String, mount: String) -> String? {
+        guard let a = try? take(plain), let b = try? take(mount) else { return "cannot list the trees" }
+        if a == b { return nil }
+        let keys = Set(a.keys).union(b.keys).filter { a[$0] != b[$0] }.sorted()
+        return "trees differ at \(keys.count) names:\n"
+            + keys.prefix(5).map { "  \($0):\n    plain \(a[$0] ?? "absent")\n    xtsfs \(b[$0] ?? "absent")" }.joined(separator: "\n")
+    }
+
+    static func fnv(_ bytes: some Sequence<UInt8>) -> UInt64 {
+        bytes.reduce(UInt64(1469598103934665603)) { ($0 ^ UInt64($1)) &* 1099511628211 }
+    }
+
+    /// " xattrs[name=length:hash ...]" sorted by name, "" when there are none.
+    static func xattrs(_ path: String) -> String {
+        var buf = [CChar](repeating: 0, count: 65536)
+        let n = buf.withUnsafeMutableBufferPointer { LibC.llistxattr(path, $0.baseAddress, $0.count) }
+        if n < 0 { return " xattrs:\(DiffOp.describe(errno))" }
+        let names = DiffOp.splitNames(buf.prefix(n)).sorted()
+        if names.isEmpty { return "" }
+        let values = names.map { name -> String in
+            var value = [UInt8](repeating: 0, count: 65536)
+            let m = value.withUnsafeMutableBytes { LibC.lgetxattr(path, name, $0.baseAddress, $0.count) }
+            return m < 0 ? "\(name)=\(DiffOp.describe(errno))" : "\(name)=\(m):\(fnv(value.prefix(m)))"
+        }
+        return " xattrs[" + values.joined(separator: " ") + "]"
+    }
+}
