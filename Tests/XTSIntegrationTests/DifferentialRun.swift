@@ -7,7 +7,9 @@ import Glibc
 struct DiffFailure: Sendable {
     /// Index of the operation after which it showed.
     var step: Int
-    /// What disagreed: one operation family's outcome, or the trees.
+    /// What disagreed: one operation family's outcome, or the trees. A shorter sequence
+    /// counts as the same failure only if this matches, so minimising cannot wander off
+    /// to another difference.
     var signature: String
     var detail: String
 }
@@ -45,14 +47,16 @@ struct DiffRun: Sendable {
         return result
     }
 
-    /// Generates and runs `steps` operations from `seed`.
+    /// Generates and runs `steps` operations from `seed`; on a disagreement, minimises it
+    /// (replays in fresh directories under the same roots) and returns the report.
     func exercise(seed: UInt64, steps: Int, plain: String, mnt: String) -> Exercise {
         let ops = DiffOp.generate(seed: seed, steps: steps)
         let r = replay(ops, plain: plain, mnt: mnt)
         var e = Exercise(executed: r.outcomes.count, succeeded: r.succeeded)
         guard let f = r.failure else { return e }
         let last = ops.prefix(f.step + 1).suffix(8).map(\.description).joined(separator: "\n")
-        e.failure = "seed \(seed) step \(f.step): \(f.detail)\nlast steps:\n\(last)"
+        let report = Minimiser(run: self, plainParent: plain, mntParent: mnt).minimise(ops, failure: f)
+        e.failure = "seed \(seed) step \(f.step): \(f.detail)\nlast steps:\n\(last)\n\(report.text)"
         return e
     }
 
@@ -60,6 +64,98 @@ struct DiffRun: Sendable {
         var failure: String?
         var executed: Int
         var succeeded: Int
+    }
+}
+
+/// Delta debugging over a failing sequence: drops chunks of operations, halving the chunk
+/// when none can go, while the shorter sequence, replayed from an empty directory on each
+/// side, still fails the same way. Ends 1-minimal (no single operation can be dropped)
+/// unless it reaches the replay or time bound first.
+struct Minimiser {
+    let run: DiffRun
+    /// Each replay gets a fresh empty directory under these, removed afterwards.
+    let plainParent: String
+    let mntParent: String
+    var maxReplays = 400
+    var timeLimit: TimeInterval = 300
+
+    struct Report {
+        var ops: [DiffOp]
+        var outcomes: [(plain: DiffOp.Outcome, mount: DiffOp.Outcome)]
+        var failure: DiffFailure
+        var original: Int
+        var replays: Int
+        /// The failure did not come back when the sequence was replayed alone (a race
+        /// between concurrent workers, say): `ops` is the unminimised failing prefix.
+        var reproduced: Bool
+        var bounded: Bool
+
+        var text: String {
+            guard reproduced else {
+                return "not minimised: the first \(original) operations replayed alone in an empty directory do not fail"
+            }
+            var lines = ["minimal reproducer: \(ops.count) of \(original) operations after \(replays) replays"
+                + (bounded ? " (stopped at the replay bound, may not be minimal)" : "")
+                + ", run in an empty directory (long-x{200} is \"long-\" and 200 x):"]
+            for (op, o) in zip(ops, outcomes) {
+                let note = o.plain == o.mount ? DiffOp.describe(o.mount) : "plain \(DiffOp.describe(o.plain)), xtsfs \(DiffOp.describe(o.mount))"
+                lines.append("  \(op.description);  // \(note)")
+            }
+            lines.append("fails: \(failure.detail)")
+            return lines.joined(separator: "\n")
+        }
+    }
+
+    func minimise(_ ops: [DiffOp], failure: DiffFailure) -> Report {
+        let deadline = Date().addingTimeInterval(timeLimit)
+        var replays = 0
+        let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        func attempt(_ candidate: [DiffOp]) -> DiffRun.Result? {
+            replays += 1
+            let dir = "/minimise-\(tag)-\(replays)"
+            defer {
+                try? FileManager.default.removeItem(atPath: plainParent + dir)
+                try? FileManager.default.removeItem(atPath: mntParent + dir)
+            }
+            guard mkdir(plainParent + dir, 0o755) == 0, mkdir(mntParent + dir, 0o755) == 0 else { return nil }
+            let r = run.replay(candidate, plain: plainParent + dir, mnt: mntParent + dir)
+            guard let f = r.failure, f.signature == failure.signature else { return nil }
+            return r
+        }
+
+        var current = Array(ops.prefix(failure.step + 1))
+        let original = current.count
+        guard var last = attempt(current) else {
+            return Report(ops: current, outcomes: [], failure: failure, original: original, replays: replays, reproduced: false, bounded: false)
+        }
+        // Whatever follows the failing operation is never needed.
+        func adopt(_ candidate: [DiffOp], _ r: DiffRun.Result) {
+            current = Array(candidate.prefix(r.failure!.step + 1))
+            last = r
+        }
+        adopt(current, last)
+        var parts = 2
+        var bounded = false
+        search: while current.count > 1 {
+            let chunk = (current.count + parts - 1) / parts
+            var shrunk = false
+            for start in stride(from: 0, to: current.count, by: chunk) {
+                if replays >= maxReplays || Date() > deadline { bounded = true; break search }
+                var candidate = current
+                candidate.removeSubrange(start..<min(start + chunk, current.count))
+                if let r = attempt(candidate) {
+                    adopt(candidate, r)
+                    parts = max(parts - 1, 2)
+                    shrunk = true
+                    break
+                }
+            }
+            if !shrunk {
+                if chunk == 1 { break }
+                parts = min(parts * 2, current.count)
+            }
+        }
+        return Report(ops: current, outcomes: last.outcomes, failure: last.failure!, original: original, replays: replays, reproduced: true, bounded: bounded)
     }
 }
 

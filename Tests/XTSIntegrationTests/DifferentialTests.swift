@@ -8,7 +8,7 @@ import Glibc
 /// The same random operations on a plain directory and on the mount; after each step the
 /// outcome (success or errno) must agree, and at checkpoints every name, type, size, byte,
 /// link count and extended attribute of both trees. Fixed seeds, so a failure replays
-/// exactly.
+/// exactly; a failure is minimised to a short reproducer (see `Minimiser`).
 final class DifferentialTests: VolumeTestCase {
     var plain = ""
 
@@ -83,5 +83,71 @@ final class DifferentialTests: VolumeTestCase {
             done.add(1, ordering: .releasing)
         }
         return (failures.withLock { $0 }, executed.load(ordering: .relaxed))
+    }
+
+    // MARK: The minimiser, against deliberate faults of the plain side
+
+    /// The plain side refuses a hard link across directories with EXDEV: the outcome of
+    /// one `link` differs, and only after a file and a directory were made.
+    func testMinimiserShrinksAnOutcomeFault() throws {
+        let run = DiffRun(reference: { op, root in
+            let r = op.apply(under: root)
+            if case let .link(from, to) = op, r == 0, DifferentialTests.parent(from) != DifferentialTests.parent(to) {
+                _ = unlink(root + "/" + to)
+                return EXDEV
+            }
+            return r
+        })
+        try checkMinimiser(run, seed: 6, expect: "outcome of link", lastKind: "link")
+    }
+
+    /// The plain side's truncate of a file with several names changes nothing: the
+    /// outcomes agree and only the trees show it, at the next checkpoint.
+    func testMinimiserShrinksATreeFault() throws {
+        let run = DiffRun(reference: { op, root in
+            if case let .truncate(p, _) = op {
+                var st = stat()
+                if stat(root + "/" + p, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_nlink > 1 { return 0 }
+            }
+            return op.apply(under: root)
+        })
+        try checkMinimiser(run, seed: 19, expect: "trees", lastKind: "truncate")
+    }
+
+    static func parent(_ p: String) -> String { p.split(separator: "/").dropLast().joined(separator: "/") }
+
+    func checkMinimiser(_ run: DiffRun, seed: UInt64, expect signature: String, lastKind: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let ops = DiffOp.generate(seed: seed, steps: 300)
+        let r = run.replay(ops, plain: plain, mnt: mnt)
+        let failure = try XCTUnwrap(r.failure, "seed \(seed): the fault never showed", file: file, line: line)
+        XCTAssertEqual(failure.signature, signature, file: file, line: line)
+        XCTAssertGreaterThanOrEqual(failure.step, 100, "seed \(seed): fails too early to show shrinking", file: file, line: line)
+        let report = Minimiser(run: run, plainParent: plain, mntParent: mnt).minimise(ops, failure: failure)
+        print(report.text)
+        XCTAssertTrue(report.reproduced, file: file, line: line)
+        XCTAssertFalse(report.bounded, file: file, line: line)
+        XCTAssertLessThanOrEqual(report.ops.count, 4, report.text, file: file, line: line)
+        XCTAssertEqual(report.ops.last?.kind, lastKind, report.text, file: file, line: line)
+        XCTAssertEqual(report.failure.signature, signature, file: file, line: line)
+        XCTAssertTrue(report.text.contains(report.ops.last!.description), file: file, line: line)
+        // 1-minimal: without any one of its operations the sequence passes.
+        for i in report.ops.indices {
+            var shorter = report.ops
+            shorter.remove(at: i)
+            let dir = "/check-\(i)"
+            XCTAssertEqual(mkdir(plain + dir, 0o755), 0)
+            XCTAssertEqual(mkdir(mnt + dir, 0o755), 0)
+            let again = run.replay(shorter, plain: plain + dir, mnt: mnt + dir).failure
+            XCTAssertNotEqual(again?.signature, signature, "still fails without operation \(i)", file: file, line: line)
+        }
+        // Every replay cleaned up after itself.
+        let left = try FileManager.default.contentsOfDirectory(atPath: mnt).filter { $0.hasPrefix("minimise-") }
+        XCTAssertEqual(left, [], file: file, line: line)
+        // And a failing run reports the same reproducer.
+        XCTAssertEqual(mkdir(plain + "/again", 0o755), 0)
+        XCTAssertEqual(mkdir(mnt + "/again", 0o755), 0)
+        let message = run.exercise(seed: seed, steps: 300, plain: plain + "/again", mnt: mnt + "/again").failure ?? ""
+        XCTAssertTrue(message.hasPrefix("seed \(seed) step \(failure.step): "), message, file: file, line: line)
+        XCTAssertTrue(message.contains(report.text), message, file: file, line: line)
     }
 }
