@@ -117,7 +117,7 @@ enum DiffOp: Sendable, Equatable {
         case let .link(p, r): return "link(\(q(p)), \(q(r)))"
         case let .symlink(target, p): return "symlink(\(q(target)), \(q(p)))"
         case let .setxattr(p, name, length, seed, flags):
-            let f = ["0", "XATTR_CREATE", "XATTR_REPLACE"][Int(flags)]
+            let f = flags == 1 ? "XATTR_CREATE" : flags == 2 ? "XATTR_REPLACE" : "\(flags)"
             return "lsetxattr(\(q(p)), \"\(name)\", pattern(\(length), seed: \(seed)), \(length), \(f))"
         case let .getxattr(p, name, size): return "lgetxattr(\(q(p)), \"\(name)\", buf, \(size))"
         case let .listxattr(p, size): return "llistxattr(\(q(p)), buf, \(size))"
@@ -130,7 +130,8 @@ enum DiffOp: Sendable, Equatable {
     static func modeName(_ mode: Int32) -> String {
         if mode == 0 { return "0" }
         let names: [(Int32, String)] = [(XTS_FALLOC_KEEP_SIZE, "KEEP_SIZE"), (XTS_FALLOC_PUNCH_HOLE, "PUNCH_HOLE"), (XTS_FALLOC_ZERO_RANGE, "ZERO_RANGE")]
-        return names.filter { mode & $0.0 != 0 }.map { "FALLOC_FL_" + $0.1 }.joined(separator: "|")
+        let other = mode & ~names.reduce(0) { $0 | $1.0 }
+        return (names.filter { mode & $0.0 != 0 }.map { "FALLOC_FL_" + $0.1 } + (other != 0 ? ["0x" + String(other, radix: 16)] : [])).joined(separator: "|")
     }
 
     static func describe(_ o: Outcome) -> String {
