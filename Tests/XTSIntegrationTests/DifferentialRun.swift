@@ -201,10 +201,14 @@ enum Snapshot {
     /// nil when equal, else the first few differing entries of both sides.
     static func compare(plain: String, mount: String) -> String? {
         guard let a = try? take(plain), let b = try? take(mount) else { return "cannot list the trees" }
+        return difference(a, b, names: ("plain", "xtsfs"))
+    }
+
+    static func difference(_ a: [String: String], _ b: [String: String], names: (String, String)) -> String? {
         if a == b { return nil }
         let keys = Set(a.keys).union(b.keys).filter { a[$0] != b[$0] }.sorted()
         return "trees differ at \(keys.count) names:\n"
-            + keys.prefix(5).map { "  \($0):\n    plain \(a[$0] ?? "absent")\n    xtsfs \(b[$0] ?? "absent")" }.joined(separator: "\n")
+            + keys.prefix(5).map { "  \($0):\n    \(names.0) \(a[$0] ?? "absent")\n    \(names.1) \(b[$0] ?? "absent")" }.joined(separator: "\n")
     }
 
     static func fnv(_ bytes: some Sequence<UInt8>) -> UInt64 {

@@ -85,6 +85,69 @@ final class DifferentialTests: VolumeTestCase {
         return (failures.withLock { $0 }, executed.load(ordering: .relaxed))
     }
 
+    // MARK: Long runs (scripts/soak)
+
+    /// Rounds until XTSFS_SOAK_SECONDS have passed, each in a fresh directory: one seed
+    /// run alone, then the next four at once with a reader; then both whole trees are
+    /// compared, the volume is remounted and compared again, and the round's directory is
+    /// removed through the mount. Seeds count up from XTSFS_SOAK_SEED; XTSFS_SOAK_STEPS
+    /// operations per sequential seed (half that per concurrent one). If XTSFS_SOAK_STATE
+    /// names a file, the mountpoint is written there for the script to clear up after a kill.
+    func testSoak() throws {
+        let env = ProcessInfo.processInfo.environment
+        guard let seconds = env["XTSFS_SOAK_SECONDS"].flatMap(Double.init), seconds > 0 else {
+            throw XCTSkip("a long run: set XTSFS_SOAK_SECONDS (scripts/soak does)")
+        }
+        let first = env["XTSFS_SOAK_SEED"].flatMap { UInt64($0) } ?? UInt64(Date().timeIntervalSince1970)
+        let steps = env["XTSFS_SOAK_STEPS"].flatMap { Int($0) } ?? 1000
+        if let state = env["XTSFS_SOAK_STATE"] { try mnt.write(toFile: state, atomically: true, encoding: .utf8) }
+        let start = Date(), deadline = start.addingTimeInterval(seconds)
+        var seed = first, rounds = 0, sequentialOps = 0, concurrentOps = 0, lastProgress = start
+        var failure: String?
+        func say(_ line: String) {
+            print("soak: " + line)
+            fflush(nil)  // all streams: the script shows progress as it comes
+        }
+        say("seeds from \(first), \(steps) operations per sequential seed, \(Int(seconds)) s")
+        while failure == nil && Date() < deadline {
+            rounds += 1
+            let roundSeed = seed
+            let dir = "/round\(rounds)"
+            guard mkdir(plain + dir, 0o755) == 0, mkdir(mnt + dir, 0o755) == 0 else { failure = "cannot make \(dir): errno \(errno)"; break }
+            let s = DiffRun().exercise(seed: seed, steps: steps, plain: plain + dir, mnt: mnt + dir)
+            sequentialOps += s.executed
+            seed += 1
+            if let f = s.failure { failure = "sequential " + f; break }
+            let c = Self.concurrent(seeds: (seed..<seed + 4).map { $0 }, steps: steps / 2, plain: plain + dir, mnt: mnt + dir)
+            concurrentOps += c.executed
+            seed += 4
+            if !c.failures.isEmpty { failure = "concurrent seeds \(seed - 4)...\(seed - 1):\n" + c.failures.joined(separator: "\n"); break }
+            let before = try Snapshot.take(mnt)
+            if let d = Snapshot.difference(try Snapshot.take(plain), before, names: ("plain", "xtsfs")) {
+                failure = "round \(rounds) (seeds \(roundSeed)...\(seed - 1)), whole trees: \(d)"; break
+            }
+            unmount()
+            mount()
+            if let d = Snapshot.difference(before, try Snapshot.take(mnt), names: ("before remount", "after remount")) {
+                failure = "round \(rounds) (seeds \(roundSeed)...\(seed - 1)), across a remount: \(d)"; break
+            }
+            try FileManager.default.removeItem(atPath: plain + dir)
+            do { try FileManager.default.removeItem(atPath: mnt + dir) } catch {
+                failure = "round \(rounds): removing \(dir) through the mount: \(error)"; break
+            }
+            if Date().timeIntervalSince(lastProgress) >= 30 {
+                lastProgress = Date()
+                say("\(Int(lastProgress.timeIntervalSince(start))) s: \(rounds) rounds, \(sequentialOps + concurrentOps) operations")
+            }
+        }
+        let verdict = failure == nil ? "passed" : "FAILED"
+        say("\(verdict): \(sequentialOps + concurrentOps) operations (\(sequentialOps) sequential, \(concurrentOps) concurrent) in \(rounds) rounds, \(Int(Date().timeIntervalSince(start))) s, seeds \(first)...\(seed - 1)")
+        if let failure {
+            say("failure begin\n\(failure)\nsoak: failure end")
+            XCTFail(failure)
+        }
+    }
+
     // MARK: The minimiser, against deliberate faults of the plain side
 
     /// The plain side refuses a hard link across directories with EXDEV: the outcome of
