@@ -23,6 +23,17 @@ enum DiffOp: Sendable, Equatable {
     case listxattr(String, size: Int)
     case removexattr(String, name: String)
     case fallocate(String, mode: Int32, offset: Int, length: Int)
+    // Descriptors held across operations, in a few numbered slots of each side: writes
+    // through one name read through another, files used after rename or unlink.
+    case openFd(slot: Int, String, flags: Int32)
+    case fdWrite(slot: Int, offset: Int, length: Int, seed: UInt64)
+    case fdRead(slot: Int, offset: Int, length: Int)
+    case fdTruncate(slot: Int, size: Int)
+    case fdFallocate(slot: Int, mode: Int32, offset: Int, length: Int)
+    case fdStat(slot: Int)
+    case fdSetxattr(slot: Int, name: String, length: Int, seed: UInt64)
+    case fdGetxattr(slot: Int, name: String)
+    case closeFd(slot: Int)
 
     /// 0, an errno, or for an operation that returns data a digest of it with bit 30 set
     /// (errnos stay far below), so a wrong byte shows as a different outcome.
@@ -37,15 +48,20 @@ enum DiffOp: Sendable, Equatable {
     /// The operation's family, as in "outcome of link".
     var kind: String { String(describing: self).prefix { $0 != "(" }.description }
 
-    func apply(under root: String) -> Outcome {
-        func at(_ p: String) -> String { root + "/" + p }
+    func apply(on side: DiffSide) -> Outcome {
+        func at(_ p: String) -> String { side.root + "/" + p }
         func check(_ r: Int32) -> Outcome { r == 0 ? 0 : errno }
+        /// The slot's descriptor, or EBADF as an unopened descriptor would give.
+        func withFd(_ slot: Int, _ body: (Int32) -> Outcome) -> Outcome {
+            guard let fd = side.fds[slot] else { return EBADF }
+            return body(fd)
+        }
         switch self {
         case let .write(p, offset, length, seed, trunc):
             let data = pattern(length, seed: seed)
-            let fd = open(at(p), O_WRONLY | O_CREAT | (trunc ? O_TRUNC : 0), 0o644)
+            let fd = Glibc.open(at(p), O_WRONLY | O_CREAT | (trunc ? O_TRUNC : 0), 0o644)
             if fd < 0 { return errno }
-            defer { close(fd) }
+            defer { Glibc.close(fd) }
             return data.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) } == length ? 0 : errno
         case let .truncate(p, size):
             return check(Glibc.truncate(at(p), off_t(size)))
@@ -60,9 +76,9 @@ enum DiffOp: Sendable, Equatable {
         case let .rmdir(p):
             return check(Glibc.rmdir(at(p)))
         case let .read(p, offset, length):
-            let fd = open(at(p), O_RDONLY)
+            let fd = Glibc.open(at(p), O_RDONLY)
             if fd < 0 { return errno }
-            defer { close(fd) }
+            defer { Glibc.close(fd) }
             var buf = [UInt8](repeating: 0, count: length)
             let n = pread(fd, &buf, length, off_t(offset))
             return n < 0 ? errno : Self.digest(buf.prefix(n), count: n)
@@ -88,10 +104,48 @@ enum DiffOp: Sendable, Equatable {
         case let .removexattr(p, name):
             return check(LibC.lremovexattr(at(p), name))
         case let .fallocate(p, mode, offset, length):
-            let fd = open(at(p), O_WRONLY)
+            let fd = Glibc.open(at(p), O_WRONLY)
             if fd < 0 { return errno }
-            defer { close(fd) }
+            defer { Glibc.close(fd) }
             return check(xts_fallocate(fd, mode, Int64(offset), Int64(length)))
+        case let .openFd(slot, p, flags):
+            if let old = side.fds.removeValue(forKey: slot) { Glibc.close(old) }
+            let fd = Glibc.open(at(p), flags, 0o644)
+            if fd < 0 { return errno }
+            side.fds[slot] = fd
+            return 0
+        case let .fdWrite(slot, offset, length, seed):
+            let data = pattern(length, seed: seed)
+            return withFd(slot) { fd in data.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) } == length ? 0 : errno }
+        case let .fdRead(slot, offset, length):
+            return withFd(slot) { fd in
+                var buf = [UInt8](repeating: 0, count: length)
+                let n = pread(fd, &buf, length, off_t(offset))
+                return n < 0 ? errno : Self.digest(buf.prefix(n), count: n)
+            }
+        case let .fdTruncate(slot, size):
+            return withFd(slot) { fd in check(ftruncate(fd, off_t(size))) }
+        case let .fdFallocate(slot, mode, offset, length):
+            return withFd(slot) { fd in check(xts_fallocate(fd, mode, Int64(offset), Int64(length))) }
+        case let .fdStat(slot):
+            // Size and link count (0 once every name is gone) of what the descriptor holds.
+            return withFd(slot) { fd in
+                var st = stat()
+                if fstat(fd, &st) != 0 { return errno }
+                return Self.digest("\(st.st_size) \(st.st_nlink)".utf8, count: Int(st.st_size))
+            }
+        case let .fdSetxattr(slot, name, length, seed):
+            let value = pattern(length, seed: seed)
+            return withFd(slot) { fd in check(value.withUnsafeBytes { LibC.fsetxattr(fd, name, $0.baseAddress, length, 0) }) }
+        case let .fdGetxattr(slot, name):
+            return withFd(slot) { fd in
+                var buf = [UInt8](repeating: 0, count: 4096)
+                let n = buf.withUnsafeMutableBytes { LibC.fgetxattr(fd, name, $0.baseAddress, $0.count) }
+                return n < 0 ? errno : Self.digest(buf.prefix(n), count: n)
+            }
+        case let .closeFd(slot):
+            guard let fd = side.fds.removeValue(forKey: slot) else { return EBADF }
+            return check(Glibc.close(fd))
         }
     }
 
@@ -124,6 +178,15 @@ enum DiffOp: Sendable, Equatable {
         case let .removexattr(p, name): return "lremovexattr(\(q(p)), \"\(name)\")"
         case let .fallocate(p, mode, offset, length):
             return "fallocate(open(\(q(p)), O_WRONLY), \(Self.modeName(mode)), \(offset), \(length))"
+        case let .openFd(slot, p, flags): return "fd\(slot) = open(\(q(p)), \(Self.openFlagsName(flags)), 0644)"
+        case let .fdWrite(slot, offset, length, seed): return "pwrite(fd\(slot), pattern(\(length), seed: \(seed)), \(length), \(offset))"
+        case let .fdRead(slot, offset, length): return "pread(fd\(slot), buf, \(length), \(offset))"
+        case let .fdTruncate(slot, size): return "ftruncate(fd\(slot), \(size))"
+        case let .fdFallocate(slot, mode, offset, length): return "fallocate(fd\(slot), \(Self.modeName(mode)), \(offset), \(length))"
+        case let .fdStat(slot): return "fstat(fd\(slot)) // size and nlink"
+        case let .fdSetxattr(slot, name, length, seed): return "fsetxattr(fd\(slot), \"\(name)\", pattern(\(length), seed: \(seed)), \(length), 0)"
+        case let .fdGetxattr(slot, name): return "fgetxattr(fd\(slot), \"\(name)\", buf, 4096)"
+        case let .closeFd(slot): return "close(fd\(slot))"
         }
     }
 
@@ -132,6 +195,12 @@ enum DiffOp: Sendable, Equatable {
         let names: [(Int32, String)] = [(XTS_FALLOC_KEEP_SIZE, "KEEP_SIZE"), (XTS_FALLOC_PUNCH_HOLE, "PUNCH_HOLE"), (XTS_FALLOC_ZERO_RANGE, "ZERO_RANGE")]
         let other = mode & ~names.reduce(0) { $0 | $1.0 }
         return (names.filter { mode & $0.0 != 0 }.map { "FALLOC_FL_" + $0.1 } + (other != 0 ? ["0x" + String(other, radix: 16)] : [])).joined(separator: "|")
+    }
+
+    static func openFlagsName(_ flags: Int32) -> String {
+        let access = [O_RDONLY: "O_RDONLY", O_WRONLY: "O_WRONLY", O_RDWR: "O_RDWR"][flags & O_ACCMODE] ?? "?"
+        let rest: [(Int32, String)] = [(O_CREAT, "O_CREAT"), (O_TRUNC, "O_TRUNC"), (O_APPEND, "O_APPEND")]
+        return ([access] + rest.filter { flags & $0.0 != 0 }.map(\.1)).joined(separator: "|")
     }
 
     static func describe(_ o: Outcome) -> String {
@@ -150,10 +219,10 @@ enum DiffOp: Sendable, Equatable {
 
     static let longName = "long-" + String(repeating: "x", count: 200)
     /// Last components, weighted: files more often than the two directory names (a file
-    /// called d1 makes every d1/... ENOTDIR). "e" and "f" are favoured as the new name of
+    /// called d1 makes every d1/... ENOTDIR). "e" to "h" are favoured as the new name of
     /// a link or rename, where a name already taken would only give EEXIST.
-    static let leaves = ["a", "a", "b", "b", "c", "c", longName, "d1", "d2", "e", "f"]
-    static let freshLeaves = ["e", "f"]
+    static let leaves = ["a", "a", "b", "b", "c", "c", longName, "d1", "d2", "e", "f", "g", "h"]
+    static let freshLeaves = ["e", "f", "g", "h"]
     /// Relative and never "..": a target stays inside the directory the operations run under.
     static let targets = ["a", "b", "d1", "d2/a", "missing", longName]
     /// Few enough that their values (up to 1000 bytes) fit in one ext4 block with our
@@ -181,8 +250,9 @@ enum DiffOp: Sendable, Equatable {
             return parts.joined(separator: "/")
         }
         let lengths = [1, 7, 15, 16, 17, 100, 4095, 4096, 4097, 8192, 12000]
+        let slots = 2
         return (0..<steps).map { _ in
-            let op = rng.below(100)
+            let op = rng.below(120)
             let p = randomPath()
             switch op {
             case 0..<28:
@@ -192,7 +262,8 @@ enum DiffOp: Sendable, Equatable {
                 return .truncate(p, size: rng.pick([0, 1, 15, 16, 17, 4095, 4096, 4097, 5000, 10000, 30000]))
             case 35..<43: return .rename(p, randomPath(favoured: freshLeaves))
             case 43..<47: return .exchange(p, randomPath())
-            case 47..<54: return .unlink(p)
+            // A file called d1 or d2 blocks every path through it: unlink sometimes aims there.
+            case 47..<54: return .unlink(rng.below(2) == 0 ? p : randomPath(favoured: ["d1", "d2"]))
             case 54..<60: return .mkdir(rng.below(2) == 0 ? p : randomPath(favoured: ["d1", "d2"]))
             case 60..<63: return .rmdir(p)
             case 63..<73: return .link(p, randomPath(favoured: freshLeaves))
@@ -209,15 +280,46 @@ enum DiffOp: Sendable, Equatable {
                 let off = rng.below(3) == 0 ? rng.below(40000) : rng.below(12000)
                 let length = rng.below(8) == 0 ? 0 : rng.pick([1, 15, 16, 17, 4095, 4096, 4097, 8192, 1 + rng.below(20000)])
                 return .fallocate(p, mode: Int32(mode), offset: off, length: length)
-            default:
+            case 96..<100:
                 return .read(p, offset: rng.below(12000), length: rng.below(6000) + 1)
+            case 100..<106:
+                let flags = rng.pick([O_RDWR | O_CREAT, O_RDWR | O_CREAT, O_RDWR | O_CREAT, O_RDWR, O_RDONLY, O_WRONLY | O_APPEND])
+                return .openFd(slot: rng.below(slots), p, flags: flags)
+            case 106..<111:
+                let off = rng.below(3) == 0 ? rng.below(20000) : rng.below(9000)
+                return .fdWrite(slot: rng.below(slots), offset: off, length: rng.pick(lengths), seed: rng.next())
+            case 111..<114: return .fdRead(slot: rng.below(slots), offset: rng.below(12000), length: rng.below(6000) + 1)
+            case 114: return .fdTruncate(slot: rng.below(slots), size: rng.pick([0, 17, 4095, 4097, 10000]))
+            case 115:
+                let mode = rng.pick([0, 1, 3, 0x10, 0x11])
+                return .fdFallocate(slot: rng.below(slots), mode: Int32(mode), offset: rng.below(12000), length: 1 + rng.below(10000))
+            case 116: return .fdStat(slot: rng.below(slots))
+            case 117:
+                let length = rng.pick([0, 1, 17, 500, 1000])
+                return .fdSetxattr(slot: rng.below(slots), name: rng.pick(xattrNames), length: length, seed: rng.next())
+            case 118: return .fdGetxattr(slot: rng.below(slots), name: rng.pick(xattrNames))
+            default: return .closeFd(slot: rng.below(slots))
             }
         }
     }
 }
 
-/// The l*xattr calls, which Glibc's Swift overlay does not import (and the shim declares
-/// only the path-following ones): looked up once, called with their exact C types.
+/// One side of a run: its root, and the descriptors its `openFd` operations hold. Used by
+/// one thread; the descriptors are closed when the run ends.
+final class DiffSide {
+    let root: String
+    var fds: [Int: Int32] = [:]
+    init(root: String) { self.root = root }
+    func closeAll() {
+        for fd in fds.values { Glibc.close(fd) }
+        fds = [:]
+    }
+    deinit { closeAll() }
+}
+
+/// The l*xattr and f*xattr calls, which Glibc's Swift overlay does not import (and the
+/// shim declares only the path-following ones): looked up once, called with their exact
+/// C types.
 enum LibC {
     private static func symbol<T>(_ name: String, as: T.Type) -> T {
         guard let p = dlsym(nil, name) else { fatalError("no \(name) in libc") }  // nil: RTLD_DEFAULT
@@ -232,4 +334,8 @@ enum LibC {
     nonisolated(unsafe) static let lgetxattr = symbol("lgetxattr", as: GetFn.self)
     nonisolated(unsafe) static let llistxattr = symbol("llistxattr", as: ListFn.self)
     nonisolated(unsafe) static let lremovexattr = symbol("lremovexattr", as: RemoveFn.self)
+    typealias FSetFn = @convention(c) (Int32, UnsafePointer<CChar>, UnsafeRawPointer?, Int, Int32) -> Int32
+    typealias FGetFn = @convention(c) (Int32, UnsafePointer<CChar>, UnsafeMutableRawPointer?, Int) -> Int
+    nonisolated(unsafe) static let fsetxattr = symbol("fsetxattr", as: FSetFn.self)
+    nonisolated(unsafe) static let fgetxattr = symbol("fgetxattr", as: FGetFn.self)
 }

@@ -19,7 +19,7 @@ struct DiffFailure: Sendable {
 struct DiffRun: Sendable {
     typealias Outcome = DiffOp.Outcome
     /// How the plain side runs an operation; a test can put a deliberate fault here.
-    var reference: @Sendable (DiffOp, String) -> Outcome = { op, root in op.apply(under: root) }
+    var reference: @Sendable (DiffOp, DiffSide) -> Outcome = { op, side in op.apply(on: side) }
     var checkpointEvery = 50
 
     struct Result {
@@ -30,9 +30,14 @@ struct DiffRun: Sendable {
 
     func replay(_ ops: [DiffOp], plain: String, mnt: String) -> Result {
         var result = Result()
+        let plainSide = DiffSide(root: plain), mountSide = DiffSide(root: mnt)
+        defer {
+            plainSide.closeAll()
+            mountSide.closeAll()
+        }
         for (i, op) in ops.enumerated() {
-            let expected = reference(op, plain)
-            let got = op.apply(under: mnt)
+            let expected = reference(op, plainSide)
+            let got = op.apply(on: mountSide)
             result.outcomes.append((expected, got))
             if expected != got {
                 result.failure = DiffFailure(step: i, signature: "outcome of \(op.kind)",

@@ -153,28 +153,28 @@ final class DifferentialTests: VolumeTestCase {
     /// The plain side refuses a hard link across directories with EXDEV: the outcome of
     /// one `link` differs, and only after a file and a directory were made.
     func testMinimiserShrinksAnOutcomeFault() throws {
-        let run = DiffRun(reference: { op, root in
-            let r = op.apply(under: root)
+        let run = DiffRun(reference: { op, side in
+            let r = op.apply(on: side)
             if case let .link(from, to) = op, r == 0, DifferentialTests.parent(from) != DifferentialTests.parent(to) {
-                _ = unlink(root + "/" + to)
+                _ = unlink(side.root + "/" + to)
                 return EXDEV
             }
             return r
         })
-        try checkMinimiser(run, seed: 6, expect: "outcome of link", lastKind: "link")
+        try checkMinimiser(run, seed: 9, expect: "outcome of link", lastKind: "link")
     }
 
     /// The plain side's truncate of a file with several names changes nothing: the
     /// outcomes agree and only the trees show it, at the next checkpoint.
     func testMinimiserShrinksATreeFault() throws {
-        let run = DiffRun(reference: { op, root in
+        let run = DiffRun(reference: { op, side in
             if case let .truncate(p, _) = op {
                 var st = stat()
-                if stat(root + "/" + p, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_nlink > 1 { return 0 }
+                if stat(side.root + "/" + p, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_nlink > 1 { return 0 }
             }
-            return op.apply(under: root)
+            return op.apply(on: side)
         })
-        try checkMinimiser(run, seed: 19, expect: "trees", lastKind: "truncate")
+        try checkMinimiser(run, seed: 30, expect: "trees", lastKind: "truncate")
     }
 
     static func parent(_ p: String) -> String { p.split(separator: "/").dropLast().joined(separator: "/") }
