@@ -45,6 +45,18 @@ enum DiffOp: Sendable, Equatable {
 
     static func isSuccess(_ o: Outcome) -> Bool { o == 0 || o & 0x4000_0000 != 0 }
 
+    /// The slot of an operation on a held descriptor.
+    var slot: Int? {
+        switch self {
+        case let .openFd(slot, _, _), let .fdWrite(slot, _, _, _), let .fdRead(slot, _, _), let .fdTruncate(slot, _),
+             let .fdFallocate(slot, _, _, _), let .fdStat(slot), let .fdSetxattr(slot, _, _, _), let .fdGetxattr(slot, _),
+             let .closeFd(slot):
+            return slot
+        default:
+            return nil
+        }
+    }
+
     /// The operation's family, as in "outcome of link".
     var kind: String { String(describing: self).prefix { $0 != "(" }.description }
 
@@ -128,7 +140,8 @@ enum DiffOp: Sendable, Equatable {
         case let .fdFallocate(slot, mode, offset, length):
             return withFd(slot) { fd in check(xts_fallocate(fd, mode, Int64(offset), Int64(length))) }
         case let .fdStat(slot):
-            // Size and link count (0 once every name is gone) of what the descriptor holds.
+            // Size and link count (0 once every name is gone) of what the descriptor holds;
+            // the outcome is a digest of both.
             return withFd(slot) { fd in
                 var st = stat()
                 if fstat(fd, &st) != 0 { return errno }
@@ -183,7 +196,7 @@ enum DiffOp: Sendable, Equatable {
         case let .fdRead(slot, offset, length): return "pread(fd\(slot), buf, \(length), \(offset))"
         case let .fdTruncate(slot, size): return "ftruncate(fd\(slot), \(size))"
         case let .fdFallocate(slot, mode, offset, length): return "fallocate(fd\(slot), \(Self.modeName(mode)), \(offset), \(length))"
-        case let .fdStat(slot): return "fstat(fd\(slot)) // size and nlink"
+        case let .fdStat(slot): return "fstat(fd\(slot), &st)"
         case let .fdSetxattr(slot, name, length, seed): return "fsetxattr(fd\(slot), \"\(name)\", pattern(\(length), seed: \(seed)), \(length), 0)"
         case let .fdGetxattr(slot, name): return "fgetxattr(fd\(slot), \"\(name)\", buf, 4096)"
         case let .closeFd(slot): return "close(fd\(slot))"

@@ -21,10 +21,14 @@ struct DiffRun: Sendable {
     /// How the plain side runs an operation; a test can put a deliberate fault here.
     var reference: @Sendable (DiffOp, DiffSide) -> Outcome = { op, side in op.apply(on: side) }
     var checkpointEvery = 50
+    /// Let differences that are reported xtsfs bugs pass (and count them), unless
+    /// XTSFS_DIFF_STRICT is set.
+    var tolerateKnownBugs = ProcessInfo.processInfo.environment["XTSFS_DIFF_STRICT"] == nil
 
     struct Result {
         var failure: DiffFailure?
         var outcomes: [(plain: Outcome, mount: Outcome)] = []
+        var tolerated: [KnownBug: Int] = [:]
         var succeeded: Int { outcomes.filter { DiffOp.isSuccess($0.mount) }.count }
     }
 
@@ -39,7 +43,9 @@ struct DiffRun: Sendable {
             let expected = reference(op, plainSide)
             let got = op.apply(on: mountSide)
             result.outcomes.append((expected, got))
-            if expected != got {
+            if expected != got, tolerateKnownBugs, let bug = KnownBug.match(op, plain: plainSide, expected: expected, got: got) {
+                result.tolerated[bug, default: 0] += 1
+            } else if expected != got {
                 result.failure = DiffFailure(step: i, signature: "outcome of \(op.kind)",
                     detail: "\(op.description): plain \(DiffOp.describe(expected)), xtsfs \(DiffOp.describe(got))")
                 return result
@@ -57,7 +63,7 @@ struct DiffRun: Sendable {
     func exercise(seed: UInt64, steps: Int, plain: String, mnt: String) -> Exercise {
         let ops = DiffOp.generate(seed: seed, steps: steps)
         let r = replay(ops, plain: plain, mnt: mnt)
-        var e = Exercise(executed: r.outcomes.count, succeeded: r.succeeded)
+        var e = Exercise(executed: r.outcomes.count, succeeded: r.succeeded, tolerated: r.tolerated)
         guard let f = r.failure else { return e }
         let last = ops.prefix(f.step + 1).suffix(8).map(\.description).joined(separator: "\n")
         let report = Minimiser(run: self, plainParent: plain, mntParent: mnt).minimise(ops, failure: f)
@@ -69,6 +75,26 @@ struct DiffRun: Sendable {
         var failure: String?
         var executed: Int
         var succeeded: Int
+        var tolerated: [KnownBug: Int]
+    }
+}
+
+/// xtsfs bugs already reported, each matched narrowly, so that a long run goes past them
+/// to find others. The soak's summary counts them; XTSFS_DIFF_STRICT=1 makes them failures.
+enum KnownBug: String, Sendable, Hashable {
+    /// Through the descriptor of a directory removed while open, xtsfs answers ENOENT (to
+    /// fstat, f*xattr, and outside the mix fchmod and readdir); ext4 answers them.
+    case removedDirectoryDescriptor = "ENOENT through the descriptor of a removed directory"
+
+    static func match(_ op: DiffOp, plain: DiffSide, expected: DiffOp.Outcome, got: DiffOp.Outcome) -> KnownBug? {
+        guard got == ENOENT, expected != ENOENT, let slot = op.slot, let fd = plain.fds[slot] else { return nil }
+        var st = stat()
+        guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFDIR, st.st_nlink == 0 else { return nil }
+        return .removedDirectoryDescriptor
+    }
+
+    static func summary(_ counts: [KnownBug: Int]) -> String {
+        counts.isEmpty ? "none" : counts.sorted { $0.key.rawValue < $1.key.rawValue }.map { "\($0.value) × \($0.key.rawValue)" }.joined(separator: ", ")
     }
 }
 
