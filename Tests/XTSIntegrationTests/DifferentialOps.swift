@@ -12,6 +12,8 @@ enum DiffOp: Sendable, Equatable {
     case truncate(String, size: Int)
     case rename(String, String)
     case exchange(String, String)
+    case renameNoReplace(String, String)
+    case chmod(String, mode: Int)
     case unlink(String)
     case mkdir(String)
     case rmdir(String)
@@ -81,6 +83,10 @@ enum DiffOp: Sendable, Equatable {
             return check(Glibc.rename(at(p), at(q)))
         case let .exchange(p, q):
             return check(xts_renameat2(at(p), at(q), UInt32(XTS_RENAME_EXCHANGE)))
+        case let .renameNoReplace(p, q):
+            return check(xts_renameat2(at(p), at(q), UInt32(XTS_RENAME_NOREPLACE)))
+        case let .chmod(p, mode):
+            return check(Glibc.chmod(at(p), mode_t(mode)))
         case let .unlink(p):
             return check(Glibc.unlink(at(p)))
         case let .mkdir(p):
@@ -177,6 +183,8 @@ enum DiffOp: Sendable, Equatable {
         case let .truncate(p, size): return "truncate(\(q(p)), \(size))"
         case let .rename(p, r): return "rename(\(q(p)), \(q(r)))"
         case let .exchange(p, r): return "renameat2(AT_FDCWD, \(q(p)), AT_FDCWD, \(q(r)), RENAME_EXCHANGE)"
+        case let .renameNoReplace(p, r): return "renameat2(AT_FDCWD, \(q(p)), AT_FDCWD, \(q(r)), RENAME_NOREPLACE)"
+        case let .chmod(p, mode): return "chmod(\(q(p)), 0\(String(mode, radix: 8)))"
         case let .unlink(p): return "unlink(\(q(p)))"
         case let .mkdir(p): return "mkdir(\(q(p)), 0755)"
         case let .rmdir(p): return "rmdir(\(q(p)))"
@@ -232,10 +240,11 @@ enum DiffOp: Sendable, Equatable {
 
     static let longName = "long-" + String(repeating: "x", count: 200)
     /// Last components, weighted: files more often than the two directory names (a file
-    /// called d1 makes every d1/... ENOTDIR). "e" to "h" are favoured as the new name of
-    /// a link or rename, where a name already taken would only give EEXIST.
+    /// called d1 makes every d1/... ENOTDIR, so writes never create one). "e" to "h" are
+    /// favoured as the new name of a link or rename, where a taken name only gives EEXIST.
     static let leaves = ["a", "a", "b", "b", "c", "c", longName, "d1", "d2", "e", "f", "g", "h"]
     static let freshLeaves = ["e", "f", "g", "h"]
+    static let fileLeaves = leaves.filter { !["d1", "d2"].contains($0) }
     /// Relative and never "..": a target stays inside the directory the operations run under.
     static let targets = ["a", "b", "d1", "d2/a", "missing", longName]
     /// Few enough that their values (up to 1000 bytes) fit in one ext4 block with our
@@ -254,19 +263,21 @@ enum DiffOp: Sendable, Equatable {
     /// overwrite, rename over, rmdir non-empty, link to an existing name.
     static func generate(seed: UInt64, steps: Int) -> [DiffOp] {
         var rng = Rng(seed: seed)
-        /// Half the time the last component comes from `favoured`, if given.
-        func randomPath(favoured: [String]? = nil) -> String {
+        /// The last component comes from `favoured`, if given, `odds` times in 4; a file
+        /// about to be created is never called d1 or d2.
+        func randomPath(favoured: [String]? = nil, odds: Int = 2, creatingFile: Bool = false) -> String {
             let depth = rng.pick([0, 0, 0, 1, 1, 2])
             var parts: [String] = []
             for _ in 0..<depth { parts.append(rng.pick(["d1", "d2"])) }
-            if let favoured, rng.below(2) == 0 { parts.append(rng.pick(favoured)) } else { parts.append(rng.pick(leaves)) }
+            if let favoured, rng.below(4) < odds { parts.append(rng.pick(favoured)) }
+            else { parts.append(rng.pick(creatingFile ? fileLeaves : leaves)) }
             return parts.joined(separator: "/")
         }
         let lengths = [1, 7, 15, 16, 17, 100, 4095, 4096, 4097, 8192, 12000]
         let slots = 2
         return (0..<steps).map { _ in
-            let op = rng.below(120)
-            let p = randomPath()
+            let op = rng.below(125)
+            let p = randomPath(creatingFile: op < 28 || (73..<76).contains(op) || (100..<106).contains(op))
             switch op {
             case 0..<28:
                 let off = rng.below(3) == 0 ? rng.below(20000) : rng.below(9000)
@@ -277,7 +288,7 @@ enum DiffOp: Sendable, Equatable {
             case 43..<47: return .exchange(p, randomPath())
             // A file called d1 or d2 blocks every path through it: unlink sometimes aims there.
             case 47..<54: return .unlink(rng.below(2) == 0 ? p : randomPath(favoured: ["d1", "d2"]))
-            case 54..<60: return .mkdir(rng.below(2) == 0 ? p : randomPath(favoured: ["d1", "d2"]))
+            case 54..<60: return .mkdir(randomPath(favoured: ["d1", "d2"], odds: 3))
             case 60..<63: return .rmdir(p)
             case 63..<73: return .link(p, randomPath(favoured: freshLeaves))
             case 73..<76: return .symlink(target: rng.pick(targets), p)
@@ -311,7 +322,9 @@ enum DiffOp: Sendable, Equatable {
                 let length = rng.pick([0, 1, 17, 500, 1000])
                 return .fdSetxattr(slot: rng.below(slots), name: rng.pick(xattrNames), length: length, seed: rng.next())
             case 118: return .fdGetxattr(slot: rng.below(slots), name: rng.pick(xattrNames))
-            default: return .closeFd(slot: rng.below(slots))
+            case 119: return .closeFd(slot: rng.below(slots))
+            case 120..<123: return .chmod(p, mode: rng.pick([0o644, 0o600, 0o755, 0o4755, 0o2711, 0o1777, 0]))
+            default: return .renameNoReplace(p, randomPath(favoured: freshLeaves))
             }
         }
     }

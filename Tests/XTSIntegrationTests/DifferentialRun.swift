@@ -191,8 +191,9 @@ struct Minimiser {
 }
 
 /// Every name under a root with what can be compared across the two sides: type, link
-/// count, size and bytes (or target), extended attributes, and which names are one file.
-/// Not st_blocks or times, which legitimately differ.
+/// count, permission bits (not of symlinks), size and bytes (or target), extended
+/// attributes, and which names are one file. Not st_blocks or times, which legitimately
+/// differ.
 enum Snapshot {
     static func take(_ root: String) throws -> [String: String] {
         var out: [String: String] = [:]
@@ -204,9 +205,10 @@ enum Snapshot {
                 var st = stat()
                 guard lstat(full, &st) == 0 else { continue }
                 let attrs = xattrs(full)
+                let mode = " mode 0" + String(st.st_mode & 0o7777, radix: 8)
                 switch st.st_mode & S_IFMT {
                 case S_IFDIR:
-                    out[r] = "dir nlink \(st.st_nlink)\(attrs)"
+                    out[r] = "dir nlink \(st.st_nlink)\(mode)\(attrs)"
                     try walk(r)
                     continue
                 case S_IFLNK:
@@ -215,7 +217,7 @@ enum Snapshot {
                 default:
                     let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: full)))
                     let sizeNote = Int(st.st_size) == bytes.count ? "" : " (stat says \(st.st_size))"
-                    out[r] = "file \(bytes.count)\(sizeNote):\(fnv(bytes)) nlink \(st.st_nlink)\(attrs)"
+                    out[r] = "file \(bytes.count)\(sizeNote):\(fnv(bytes)) nlink \(st.st_nlink)\(mode)\(attrs)"
                 }
                 if st.st_nlink > 1 { inodes[r] = UInt64(st.st_ino) }
             }
