@@ -47,6 +47,20 @@ enum DiffOp: Sendable, Equatable {
 
     static func isSuccess(_ o: Outcome) -> Bool { o == 0 || o & 0x4000_0000 != 0 }
 
+    /// The paths an operation names (not a symlink's target).
+    var paths: [String] {
+        switch self {
+        case let .write(p, _, _, _, _), let .truncate(p, _), let .unlink(p), let .mkdir(p), let .rmdir(p), let .read(p, _, _),
+             let .symlink(_, p), let .setxattr(p, _, _, _, _), let .getxattr(p, _, _), let .listxattr(p, _), let .removexattr(p, _),
+             let .fallocate(p, _, _, _), let .openFd(_, p, _), let .chmod(p, _):
+            return [p]
+        case let .rename(p, q), let .exchange(p, q), let .renameNoReplace(p, q), let .link(p, q):
+            return [p, q]
+        case .fdWrite, .fdRead, .fdTruncate, .fdFallocate, .fdStat, .fdSetxattr, .fdGetxattr, .closeFd:
+            return []
+        }
+    }
+
     /// The slot of an operation on a held descriptor.
     var slot: Int? {
         switch self {

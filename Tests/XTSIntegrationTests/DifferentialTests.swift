@@ -28,6 +28,7 @@ final class DifferentialTests: VolumeTestCase {
     func run(seed: UInt64, steps: Int) throws {
         let e = DiffRun().exercise(seed: seed, steps: steps, plain: plain, mnt: mnt)
         if let failure = e.failure { return XCTFail(failure) }
+        XCTAssertEqual(e.tolerated, [:], "seed \(seed): known xtsfs bugs")
         // The mix must really exercise the mount, not just collect ENOENTs.
         XCTAssertGreaterThan(e.succeeded, steps / 5, "seed \(seed): only \(e.succeeded) of \(steps) operations succeeded")
         XCTAssertGreaterThan(try Snapshot.take(mnt).count, 2)
@@ -40,22 +41,30 @@ final class DifferentialTests: VolumeTestCase {
     }
 
     func testConcurrentWorkers() throws {
-        let failures = Self.concurrent(seeds: (100..<104).map { $0 }, steps: 300, plain: plain, mnt: mnt).failures
-        for f in failures { XCTFail(f) }
-        XCTAssertEqual(try Snapshot.take(mnt), try Snapshot.take(plain))
+        let c = Self.concurrent(seeds: (100..<104).map { $0 }, steps: 300, plain: plain, mnt: mnt)
+        for f in c.failures { XCTFail(f) }
+        if !c.abandoned.isEmpty { print("known xtsfs bugs: \(KnownBug.summary(c.tolerated)); set aside: \(c.abandoned.sorted())") }
+        XCTAssertEqual(try Snapshot.take(mnt, excluding: c.abandoned), try Snapshot.take(plain, excluding: c.abandoned))
+    }
+
+    struct Concurrent {
+        var failures: [String] = []
+        var executed = 0
+        var tolerated: [KnownBug: Int] = [:]
+        /// Workers' directories (`t<i>`) left behind by a known bug that ended the run,
+        /// to be left out of comparisons until a remount.
+        var abandoned: Set<String> = []
     }
 
     /// One worker per seed, each in its own new subdirectory `t<i>`, run at once while one
     /// more thread keeps listing and reading everything: outcomes and trees must still match.
-    static func concurrent(seeds: [UInt64], steps: Int, plain: String, mnt: String) -> (failures: [String], executed: Int, tolerated: [KnownBug: Int]) {
+    static func concurrent(seeds: [UInt64], steps: Int, plain: String, mnt: String) -> Concurrent {
         for i in seeds.indices {
             guard mkdir(plain + "/t\(i)", 0o755) == 0, mkdir(mnt + "/t\(i)", 0o755) == 0 else {
-                return (["cannot make t\(i): errno \(errno)"], 0, [:])
+                return Concurrent(failures: ["cannot make t\(i): errno \(errno)"])
             }
         }
-        let failures = Mutex<[String]>([])
-        let tolerated = Mutex<[KnownBug: Int]>([:])
-        let executed = Atomic<Int>(0)
+        let result = Mutex(Concurrent())
         let done = Atomic<Int>(0)
         DispatchQueue.concurrentPerform(iterations: seeds.count + 1) { i in
             if i == seeds.count {
@@ -68,23 +77,28 @@ final class DifferentialTests: VolumeTestCase {
                     while let rel = e?.nextObject() as? String {
                         let fd = open(mnt + "/" + rel, O_RDONLY | O_NONBLOCK)
                         if fd < 0 {
-                            if ![ENOENT, EISDIR, ENOTDIR, ELOOP].contains(errno) { failures.withLock { $0.append("reader: open \(rel): errno \(errno)") } }
+                            if ![ENOENT, EISDIR, ENOTDIR, ELOOP].contains(errno) { result.withLock { $0.failures.append("reader: open \(rel): errno \(errno)") } }
                             continue
                         }
                         var buf = [UInt8](repeating: 0, count: 8192)
-                        if Glibc.read(fd, &buf, 8192) < 0 && errno != EISDIR { failures.withLock { $0.append("reader: read \(rel): errno \(errno)") } }
+                        if Glibc.read(fd, &buf, 8192) < 0 && errno != EISDIR { result.withLock { $0.failures.append("reader: read \(rel): errno \(errno)") } }
                         close(fd)
                     }
                 }
                 return
             }
-            let e = DiffRun().exercise(seed: seeds[i], steps: steps, plain: plain + "/t\(i)", mnt: mnt + "/t\(i)")
-            if let failure = e.failure { failures.withLock { $0.append("worker \(i): " + failure) } }
-            executed.add(e.executed, ordering: .relaxed)
-            tolerated.withLock { t in t.merge(e.tolerated, uniquingKeysWith: +) }
+            var run = DiffRun()
+            run.concurrent = true
+            let e = run.exercise(seed: seeds[i], steps: steps, plain: plain + "/t\(i)", mnt: mnt + "/t\(i)")
+            result.withLock {
+                if let failure = e.failure { $0.failures.append("worker \(i): " + failure) }
+                if e.abandoned != nil { $0.abandoned.insert("t\(i)") }
+                $0.executed += e.executed
+                $0.tolerated.merge(e.tolerated, uniquingKeysWith: +)
+            }
             done.add(1, ordering: .releasing)
         }
-        return (failures.withLock { $0 }, executed.load(ordering: .relaxed), tolerated.withLock { $0 })
+        return result.withLock { $0 }
     }
 
     // MARK: Long runs (scripts/soak)
@@ -127,13 +141,15 @@ final class DifferentialTests: VolumeTestCase {
             tolerated.merge(c.tolerated, uniquingKeysWith: +)
             seed += 4
             if !c.failures.isEmpty { failure = "concurrent seeds \(seed - 4)...\(seed - 1):\n" + c.failures.joined(separator: "\n"); break }
-            let before = try Snapshot.take(mnt)
-            if let d = Snapshot.difference(try Snapshot.take(plain), before, names: ("plain", "xtsfs")) {
+            // A worker stopped by a known bug left its directory parted from the plain one.
+            let aside = Set(c.abandoned.map { String(dir.dropFirst()) + "/" + $0 })
+            let before = try Snapshot.take(mnt, excluding: aside)
+            if let d = Snapshot.difference(try Snapshot.take(plain, excluding: aside), before, names: ("plain", "xtsfs")) {
                 failure = "round \(rounds) (seeds \(roundSeed)...\(seed - 1)), whole trees: \(d)"; break
             }
             unmount()
             mount()
-            if let d = Snapshot.difference(before, try Snapshot.take(mnt), names: ("before remount", "after remount")) {
+            if let d = Snapshot.difference(before, try Snapshot.take(mnt, excluding: aside), names: ("before remount", "after remount")) {
                 failure = "round \(rounds) (seeds \(roundSeed)...\(seed - 1)), across a remount: \(d)"; break
             }
             try FileManager.default.removeItem(atPath: plain + dir)
@@ -179,6 +195,36 @@ final class DifferentialTests: VolumeTestCase {
                 }
             }
         }
+    }
+
+    /// The race behind KnownBug.strippedNode, in its smallest form: two threads, each
+    /// creating, stat'ing and unlinking a file in its own directory. Every call should
+    /// succeed; within seconds a stat of a file just created says ENOENT, and from then on
+    /// that name, still listed, cannot be reached. Passes either way (it is a race), but
+    /// checks that what it finds is what KnownBug recognises.
+    func testRacingUnlinkAndCreateStripANewFilesNode() throws {
+        let root = mnt
+        let found = Mutex<[String]>([])
+        let deadline = Date().addingTimeInterval(5)
+        DispatchQueue.concurrentPerform(iterations: 2) { i in
+            let dir = root + "/w\(i)"
+            guard mkdir(dir, 0o755) == 0 else { return found.withLock { $0.append("mkdir w\(i): errno \(errno)") } }
+            while Date() < deadline && found.withLock({ $0.isEmpty }) {
+                let fd = open(dir + "/f", O_WRONLY | O_CREAT, 0o644)
+                if fd < 0 { return found.withLock { $0.append("w\(i)/f: open: \(DiffOp.describe(errno))") } }
+                close(fd)
+                var st = stat()
+                if stat(dir + "/f", &st) != 0 {
+                    let e = errno
+                    let known = KnownBug.unreachable(root, "w\(i)/f")
+                    return found.withLock { $0.append("w\(i)/f: stat: \(DiffOp.describe(e))\(known ? " (KnownBug.strippedNode)" : "")") }
+                }
+                if unlink(dir + "/f") != 0 { return found.withLock { $0.append("w\(i)/f: unlink: \(DiffOp.describe(errno))") } }
+            }
+        }
+        let seen = found.withLock { $0 }
+        print("racing create and unlink: " + (seen.isEmpty ? "no failure in 5 s" : seen.joined(separator: "; ")))
+        for f in seen { XCTAssertTrue(f.hasSuffix("(KnownBug.strippedNode)"), "an unknown failure: \(f)") }
     }
 
     // MARK: The minimiser, against deliberate faults of the plain side
