@@ -108,7 +108,8 @@ final class DifferentialTests: VolumeTestCase {
     /// compared, the volume is remounted and compared again, and the round's directory is
     /// removed through the mount. Seeds count up from XTSFS_SOAK_SEED; XTSFS_SOAK_STEPS
     /// operations per sequential seed (half that per concurrent one). If XTSFS_SOAK_STATE
-    /// names a file, the mountpoint is written there for the script to clear up after a kill.
+    /// names a file, the mountpoint is written there for the script to clear up after a kill;
+    /// if XTSFS_SOAK_PROGRESS does, the progress lines and the summary go there as well.
     func testSoak() throws {
         let env = ProcessInfo.processInfo.environment
         guard let seconds = env["XTSFS_SOAK_SECONDS"].flatMap(Double.init), seconds > 0 else {
@@ -121,9 +122,12 @@ final class DifferentialTests: VolumeTestCase {
         var seed = first, rounds = 0, sequentialOps = 0, concurrentOps = 0, lastProgress = start
         var failure: String?
         var tolerated: [KnownBug: Int] = [:]
+        // swift test passes on the test's output only at the end: progress goes to a file.
+        let progress = env["XTSFS_SOAK_PROGRESS"].flatMap { FileHandle(forWritingAtPath: $0) }
+        defer { try? progress?.close() }
         func say(_ line: String) {
             print("soak: " + line)
-            fflush(nil)  // all streams: the script shows progress as it comes
+            progress?.write(Data(("soak: " + line + "\n").utf8))
         }
         say("seeds from \(first), \(steps) operations per sequential seed, \(Int(seconds)) s")
         while failure == nil && Date() < deadline {
