@@ -104,10 +104,6 @@ struct DiffRun: Sendable {
 /// xtsfs bugs already reported, each matched narrowly, so that a long run goes past them
 /// to find others. The soak's summary counts them; XTSFS_DIFF_STRICT=1 makes them failures.
 enum KnownBug: String, Sendable, Hashable {
-    /// Through the descriptor of a directory removed while open, xtsfs answers ENOENT (to
-    /// fstat, f*xattr, and outside the mix fchmod and readdir); ext4 answers them.
-    case removedDirectoryDescriptor = "ENOENT through the descriptor of a removed directory"
-
     /// A file created while another thread unlinks a file elsewhere can get the inode number
     /// the unlink just freed, and with it the dying file's node; the unlink, updating the
     /// node table after the backing unlink, then takes that node's names, and the new file
@@ -120,11 +116,6 @@ enum KnownBug: String, Sendable, Hashable {
 
     static func match(_ op: DiffOp, plain: DiffSide, mnt: String, expected: DiffOp.Outcome, got: DiffOp.Outcome) -> KnownBug? {
         guard got == ENOENT, expected != ENOENT else { return nil }
-        if let slot = op.slot, let fd = plain.fds[slot] {
-            var st = stat()
-            guard fstat(fd, &st) == 0, st.st_mode & S_IFMT == S_IFDIR, st.st_nlink == 0 else { return nil }
-            return .removedDirectoryDescriptor
-        }
         // Some directory on the way, or the name itself, is listed but unreachable.
         for path in op.paths {
             let parts = path.split(separator: "/").map(String.init)
