@@ -107,8 +107,9 @@ enum KnownBug: String, Sendable, Hashable {
     /// A file created while another thread unlinks a file elsewhere can get the inode number
     /// the unlink just freed, and with it the dying file's node; the unlink, updating the
     /// node table after the backing unlink, then takes that node's names, and the new file
-    /// answers ENOENT (lstat, open, chmod...) under a name its directory still lists, until
-    /// a remount. Concurrent runs only: the run stops there, its directory set aside.
+    /// answers ENOENT (lstat once its cached attributes expire, open, chmod, xattrs...)
+    /// under a name its directory still lists, until a remount. Concurrent runs only: the
+    /// run stops there, its directory set aside.
     case strippedNode = "ENOENT for a name its directory lists (a racing unlink took the node's names)"
 
     /// Whether the run cannot go on after it: the two sides have parted for good.
@@ -133,10 +134,13 @@ enum KnownBug: String, Sendable, Hashable {
         return explained ? .strippedNode : nil
     }
 
-    /// Listed by its directory on the mount, yet lstat says ENOENT.
+    /// Listed by its directory on the mount, yet lstat or llistxattr says ENOENT. (lstat
+    /// alone can be answered from the kernel's attribute cache; llistxattr never is.)
     static func unreachable(_ mnt: String, _ rel: String) -> Bool {
         var st = stat()
-        guard lstat(mnt + "/" + rel, &st) != 0, errno == ENOENT else { return false }
+        let lost = (lstat(mnt + "/" + rel, &st) != 0 && errno == ENOENT)
+            || (LibC.llistxattr(mnt + "/" + rel, nil, 0) < 0 && errno == ENOENT)
+        guard lost else { return false }
         var parts = rel.split(separator: "/").map(String.init)
         guard let name = parts.popLast() else { return false }
         let listing = try? FileManager.default.contentsOfDirectory(atPath: ([mnt] + parts).joined(separator: "/"))
