@@ -107,7 +107,7 @@ enum KnownBug: String, Sendable, Hashable {
     /// A file created while another thread unlinks a file elsewhere can get the inode number
     /// the unlink just freed, and with it the dying file's node; the unlink, updating the
     /// node table after the backing unlink, then takes that node's names, and the new file
-    /// answers ENOENT (lstat once its cached attributes expire, open, chmod, xattrs...)
+    /// answers ENOENT (open, chmod, xattrs, lstat once its cached attributes expire...)
     /// under a name its directory still lists, until a remount. Concurrent runs only: the
     /// run stops there, its directory set aside.
     case strippedNode = "ENOENT for a name its directory lists (a racing unlink took the node's names)"
@@ -134,12 +134,18 @@ enum KnownBug: String, Sendable, Hashable {
         return explained ? .strippedNode : nil
     }
 
-    /// Listed by its directory on the mount, yet lstat or llistxattr says ENOENT. (lstat
-    /// alone can be answered from the kernel's attribute cache; llistxattr never is.)
+    /// Listed by its directory on the mount, yet lstat, llistxattr or open says ENOENT.
+    /// (lstat can be answered from the kernel's attribute cache, and llistxattr through an
+    /// open handle of the file; a new open needs the node's name.)
     static func unreachable(_ mnt: String, _ rel: String) -> Bool {
+        let path = mnt + "/" + rel
         var st = stat()
-        let lost = (lstat(mnt + "/" + rel, &st) != 0 && errno == ENOENT)
-            || (LibC.llistxattr(mnt + "/" + rel, nil, 0) < 0 && errno == ENOENT)
+        func opens() -> Bool {
+            let fd = open(path, O_RDONLY | O_NONBLOCK | O_NOFOLLOW)
+            if fd >= 0 { close(fd) }
+            return fd >= 0 || errno != ENOENT
+        }
+        let lost = (lstat(path, &st) != 0 && errno == ENOENT) || (LibC.llistxattr(path, nil, 0) < 0 && errno == ENOENT) || !opens()
         guard lost else { return false }
         var parts = rel.split(separator: "/").map(String.init)
         guard let name = parts.popLast() else { return false }
