@@ -211,7 +211,38 @@ public struct ContentFile<File: BackingFile> {
             writeHeader = true
         }
         let ranges = Layout.rewriteRanges(oldSize: old, newSize: new, written: written)
+        let oldBacking = Layout.backingSize(plainSize: old), newBacking = Layout.backingSize(plainSize: new)
+        if new > old && written == nil {
+            // Growing by truncate: the size first, so that a size the backing filesystem
+            // refuses (EFBIG) leaves the file exactly as it was.
+            do { try file.truncate(newBacking) } catch { throw .io(error) }
+        }
+        // Highest range first: when the file grows, what lies past the old end is written
+        // before the old last unit is re-encrypted, so a write the backing filesystem refuses
+        // there (EFBIG, ENOSPC) can be undone by cutting the file back to its old size.
+        var touchedOldContent = false
+        do throws(ContentError) {
+            try rewriteRanges(ranges.reversed(), old: old, new: new, crypto: crypto, target: target!, writeHeader: &writeHeader,
+                              written: written, data: data, touchedOldContent: &touchedOldContent)
+        } catch {
+            if new > old && !touchedOldContent { try? file.truncate(oldBacking) }
+            throw error
+        }
+        if writeHeader {
+            do { try encodeHeader(target!).withBytes { (p) throws(SystemError) in try file.write(p, at: 0) } }
+            catch let e as SystemError { throw .io(e) } catch let e as CryptoError { throw .crypto(e) } catch { throw .badHeader("\(error)") }
+        }
+        do {
+            if try file.size() != newBacking { try file.truncate(newBacking) }
+        } catch { throw .io(error) }
+        return target
+    }
+
+    private func rewriteRanges(_ ranges: ReversedCollection<[Range<Int64>]>, old: Int64, new: Int64, crypto: FileCrypto?, target: FileCrypto,
+                               writeHeader: inout Bool, written: Range<Int64>?, data: UnsafeRawBufferPointer?,
+                               touchedOldContent: inout Bool) throws(ContentError) {
         for r in ranges {
+            if r.lowerBound < old { touchedOldContent = true }
             let count = Int(r.upperBound - r.lowerBound)
             // The request slot: writes and truncates never run inside a FUSE read on this thread.
             let buf = ThreadScratch.buffer(.request, count: count)
@@ -226,11 +257,11 @@ public struct ContentFile<File: BackingFile> {
                 }
             }
             let units = Layout.units(overlapping: r, size: new)
-            do { try target!.crypt(units: units, buffer: buf, base: r.lowerBound, encrypt: true) } catch { throw .crypto(error) }
+            do { try target.crypt(units: units, buffer: buf, base: r.lowerBound, encrypt: true) } catch { throw .crypto(error) }
             do {
                 if writeHeader && r.lowerBound == 0 && count <= 64 * 1024 {
                     // Header and first unit in one write (a tiny file's header and pad together).
-                    let headerBytes = try encodeHeader(target!)
+                    let headerBytes = try encodeHeader(target)
                     let joint = UnsafeMutableRawBufferPointer.allocate(byteCount: headerBytes.count + count, alignment: 16)
                     defer { joint.deallocate() }
                     headerBytes.withUnsafeBytes { joint.copyMemory(from: $0) }
@@ -238,8 +269,8 @@ public struct ContentFile<File: BackingFile> {
                     try file.write(UnsafeRawBufferPointer(joint), at: 0)
                     writeHeader = false
                 } else {
-                    if writeHeader {
-                        let headerBytes = try encodeHeader(target!)
+                    if writeHeader && r.lowerBound == 0 {
+                        let headerBytes = try encodeHeader(target)
                         try headerBytes.withBytes { (p) throws(SystemError) in try file.write(p, at: 0) }
                         writeHeader = false
                     }
@@ -247,15 +278,6 @@ public struct ContentFile<File: BackingFile> {
                 }
             } catch let e as SystemError { throw .io(e) } catch let e as CryptoError { throw .crypto(e) } catch { throw .badHeader("\(error)") }
         }
-        if writeHeader {
-            do { try encodeHeader(target!).withBytes { (p) throws(SystemError) in try file.write(p, at: 0) } }
-            catch let e as SystemError { throw .io(e) } catch let e as CryptoError { throw .crypto(e) } catch { throw .badHeader("\(error)") }
-        }
-        let backing = Layout.backingSize(plainSize: new)
-        do {
-            if try file.size() != backing { try file.truncate(backing) }
-        } catch { throw .io(error) }
-        return target
     }
 
     private func encodeHeader(_ c: FileCrypto) throws(CryptoError) -> [UInt8] {

@@ -142,10 +142,15 @@ extension FileSystem {
         let st = try? Sys.fstatat(dir.fd, b.entryName)
         if let st, st.isDirectory { throw .isDirectory }
         let storedTarget = st.flatMap { $0.isSymlink && $0.st_nlink <= 1 ? try? Sys.readlinkat(dir.fd, b.entryName) : nil }
-        do { try Sys.unlinkat(dir.fd, b.entryName) } catch { throw error.errno == ENOENT ? .notFound : .system(error) }
+        let identity = st.map(Identity.init)
+        let detached = identity.flatMap { i in st!.st_nlink <= 1 ? table.withLock { $0.detach(i) } : nil }
+        do { try Sys.unlinkat(dir.fd, b.entryName) } catch {
+            if let identity, let detached { table.withLock { $0.reattach(identity, detached) } }
+            throw error.errno == ENOENT ? .notFound : .system(error)
+        }
         removeLongNameFile(dir, b)
         dropStoredTarget(storedTarget)
-        table.withLock { _ = $0.unlinked(parent: parent, name: name, identity: st.map(Identity.init), lastName: (st?.st_nlink ?? 1) <= 1) }
+        table.withLock { _ = $0.unlinked(parent: parent, name: name, identity: identity, detached: detached) }
     }
 
     /// Removes an empty backing directory's header and runs `body`; puts the header back if
@@ -189,9 +194,15 @@ extension FileSystem {
         defer { Sys.close(pinned) }
         let st: stat
         do { st = try Sys.fstat(pinned) } catch { throw .system(error) }
-        try withoutDirHeader(pinned) { () throws(SystemError) in try Sys.unlinkat(dir.fd, b.entryName, directory: true) }
+        let detached = table.withLock { $0.detach(Identity(st)) }
+        do {
+            try withoutDirHeader(pinned) { () throws(SystemError) in try Sys.unlinkat(dir.fd, b.entryName, directory: true) }
+        } catch {
+            if let detached { table.withLock { $0.reattach(Identity(st), detached) } }
+            throw error
+        }
         removeLongNameFile(dir, b)
-        if let gone = table.withLock({ $0.unlinked(parent: parent, name: name, identity: Identity(st), lastName: true) }) {
+        if let gone = table.withLock({ $0.unlinked(parent: parent, name: name, identity: Identity(st), detached: detached) }) {
             retireDirectory(gone, pinned: pinned)
         }
     }
@@ -232,6 +243,9 @@ extension FileSystem {
         }
         var replacedDir: Int32 = -1
         defer { if replacedDir >= 0 { Sys.close(replacedDir) } }
+        // The object replaced loses its last name (a directory always): detach it first, as unlink does.
+        let replacedIdentity = dst.map(Identity.init)
+        let detached = replacedIdentity.flatMap { i in dst!.isDirectory || dst!.st_nlink <= 1 ? table.withLock { $0.detach(i) } : nil }
         do throws(FSError) {
             if sst.isDirectory, let d = dst, d.isDirectory {
                 do { replacedDir = try Sys.openPath(ddir.fd, db.entryName, directory: true) } catch { throw FSError.system(error) }
@@ -240,6 +254,7 @@ extension FileSystem {
                 do { try doRename() } catch { throw FSError.system(error) }
             }
         } catch {
+            if let replacedIdentity, let detached { table.withLock { $0.reattach(replacedIdentity, detached) } }
             if dst == nil { removeLongNameFile(ddir, db) }
             if case .system(let e) = error, e.errno == ENOENT { throw FSError.notFound }
             throw error
@@ -249,7 +264,7 @@ extension FileSystem {
         let replaced = table.withLock { t -> UInt64? in
             var gone: UInt64?
             if let dst {
-                gone = t.unlinked(parent: newParent, name: newName, identity: Identity(dst), lastName: dst.isDirectory || dst.st_nlink <= 1)
+                gone = t.unlinked(parent: newParent, name: newName, identity: Identity(dst), detached: detached)
             }
             t.moved(from: parent, name: name, to: target, identity: Identity(sst))
             return dst?.isDirectory == true ? gone : nil

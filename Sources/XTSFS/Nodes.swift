@@ -77,17 +77,32 @@ struct NodeTable {
         return true
     }
 
-    /// The name (parent, name) no longer names `identity`. When it was the object's last
-    /// name, the identity is released so that a new object reusing the inode number gets
-    /// a node of its own. Returns the node that lost the name.
+    /// Before the last name of `identity` goes: no lookup may find its node by identity any
+    /// more, because once the backing object is gone its inode number can be reused at
+    /// once, by a file created in another directory that must get a node of its own.
+    /// Returns the node, for `unlinked` (or `reattach`, if the removal fails).
+    mutating func detach(_ identity: Identity) -> UInt64? {
+        guard let id = byIdentity[identity] else { return nil }
+        byIdentity[identity] = nil
+        return id
+    }
+
+    /// The removal that `detach` prepared failed: the object is still there.
+    mutating func reattach(_ identity: Identity, _ id: UInt64) {
+        if byIdentity[identity] == nil, nodes[id] != nil { byIdentity[identity] = id }
+    }
+
+    /// The name (parent, name) no longer names the object. `detached` is the node `detach`
+    /// took out when that was the object's last name: it loses every name. Otherwise the
+    /// node found by `identity` loses this one. Returns the node that lost the name.
     @discardableResult
-    mutating func unlinked(parent: UInt64, name: [UInt8], identity: Identity?, lastName: Bool) -> UInt64? {
+    mutating func unlinked(parent: UInt64, name: [UInt8], identity: Identity?, detached: UInt64?) -> UInt64? {
+        if let id = detached {
+            nodes[id]?.links = []
+            return id
+        }
         guard let identity, let id = byIdentity[identity], var n = nodes[id] else { return nil }
         n.links.removeAll { $0.parent == parent && $0.name == name }
-        if lastName || n.isDirectory {
-            n.links = []
-            byIdentity[identity] = nil
-        }
         nodes[id] = n
         return id
     }

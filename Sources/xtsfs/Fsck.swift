@@ -64,9 +64,11 @@ struct Fsck: ParsableCommand {
                 if named {
                     provider = try key.provider(auditing: dir, operation: "fsck")
                 } else if isatty(0) == 1 || isatty(2) == 1, Glibc.access("/dev/tty", R_OK | W_OK) == 0 {
-                    do {
-                        provider = PassphraseProvider(passphrase: try SecretInput.fromTerminal(prompt: "Passphrase (empty: only the checks that need no key): "))
-                    } catch where error.description.contains("empty passphrase") {
+                    switch Result(catching: { () throws(VolumeError) in try SecretInput.fromTerminal(prompt: "Passphrase (empty: only the checks that need no key): ") }) {
+                    case .success(let passphrase): provider = PassphraseProvider(passphrase: passphrase)
+                    case .failure(let e):
+                        // Enter alone: only the checks that need no key.
+                        guard e.description.contains("empty passphrase") else { throw e }
                         provider = nil
                     }
                 }

@@ -40,6 +40,26 @@ final class ContentFileTests: XCTestCase {
         }
     }
 
+    /// A size the backing filesystem refuses (EFBIG) leaves the file as it was: its size and
+    /// every byte (the old last unit is not re-encrypted for a size that never comes).
+    func testRefusedGrowthLeavesTheFileUnchanged() throws {
+        for oldSize in [6000, 4100, 7, 8192] {
+            let (m, c) = makeFile()
+            let plain = try Random.bytes(oldSize)
+            var crypto: FileCrypto? = try write(c, plain, at: 0, nil)
+            let before = m.bytes
+            m.maxSize = 1 << 20
+            XCTAssertThrowsError(try write(c, [0x7a], at: 1 << 21, crypto), "pwrite far past the limit, from \(oldSize)")
+            XCTAssertEqual(m.bytes, before, "pwrite from \(oldSize)")
+            XCTAssertThrowsError(try c.truncate(to: 1 << 21, crypto: crypto), "truncate past the limit, from \(oldSize)")
+            XCTAssertEqual(m.bytes, before, "truncate from \(oldSize)")
+            // And the file still works.
+            m.maxSize = .max
+            crypto = try c.truncate(to: Int64(oldSize + 5000), crypto: crypto)
+            XCTAssertEqual(try readAll(c, crypto), plain + [UInt8](repeating: 0, count: 5000))
+        }
+    }
+
     func testEmptyFileHasNoHeader() throws {
         let (m, c) = makeFile()
         XCTAssertNil(try c.loadCrypto())
