@@ -6,6 +6,13 @@ import Glibc
 
 extension FileSystem {
     public func opendir(_ id: UInt64) throws(FSError) -> UInt64 {
+        if removedDirs.withLock({ $0[id] != nil }) {
+            // Removed while the kernel still knows it (a process's working directory): it
+            // opens, and holds nothing, as on ext4.
+            let h = nextHandle.wrappingAdd(1, ordering: .relaxed).oldValue
+            dirs.withLock { $0[h] = [] }
+            return h
+        }
         let dir = try dirHandle(id)
         let dirID = try directoryID(id)
         let raw: [(name: String, type: UInt8, ino: UInt64)]

@@ -10,12 +10,21 @@ import Glibc
 /// answered as ext4 without SELinux or ACLs would, without a backing call: `ls -l` asks
 /// for two of them on every entry.
 extension FileSystem {
-    public enum XattrFlag: Sendable { case any, create, replace }
+    /// setxattr's XATTR_CREATE and XATTR_REPLACE; both at once behave as on ext4 (an
+    /// existing attribute is EEXIST, a missing one ENODATA): the backing filesystem decides.
+    public struct XattrFlags: OptionSet, Sendable {
+        public let rawValue: Int32
+        public init(rawValue: Int32) { self.rawValue = rawValue }
+        public static let create = XattrFlags(rawValue: XTS_XATTR_CREATE)
+        public static let replace = XattrFlags(rawValue: XTS_XATTR_REPLACE)
+    }
 
     var xattrs: XattrCodec { XattrCodec(keys: keys) }
 
     /// The backing name of a plaintext attribute name; nil for names outside `user.`.
     private func backingXattrName(_ name: [UInt8]) throws(FSError) -> String? {
+        // A namespace with no name in it, as ext4 answers it.
+        if name == Array(XattrCodec.namespace.utf8) { throw .invalidArgument }
         do { return try xattrs.encryptName(name) } catch {
             // The kernel says ERANGE for a name too long for the filesystem.
             if case .tooLong = error { throw .outOfRange }
@@ -43,7 +52,7 @@ extension FileSystem {
         }
     }
 
-    public func setxattr(_ id: UInt64, name: [UInt8], value: [UInt8], flag: XattrFlag) throws(FSError) {
+    public func setxattr(_ id: UInt64, name: [UInt8], value: [UInt8], flags: XattrFlags = []) throws(FSError) {
         try checkWritable()
         guard let backing = try backingXattrName(name) else {
             // No security labels, ACLs or trusted attributes are kept (ext4 without them).
@@ -52,8 +61,7 @@ extension FileSystem {
         guard value.count <= XattrCodec.maxValue else { throw .tooBig }
         let stored: [UInt8]
         do { stored = try xattrs.encryptValue(value, backingName: backing) } catch { throw .damaged("\(error)") }
-        let flags = flag == .create ? XTS_XATTR_CREATE : flag == .replace ? XTS_XATTR_REPLACE : 0
-        try withXattrTarget(id) { (fd) throws(SystemError) in try Sys.setxattr(pinned: fd, backing, stored, flags: flags) }
+        try withXattrTarget(id) { (fd) throws(SystemError) in try Sys.setxattr(pinned: fd, backing, stored, flags: flags.rawValue) }
     }
 
     public func listxattr(_ id: UInt64) throws(FSError) -> [[UInt8]] {

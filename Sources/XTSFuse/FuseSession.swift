@@ -265,8 +265,8 @@ public final class FuseServer: @unchecked Sendable {
             let s = server(req)
             guard s.xattrs else { fuse_reply_err(req, ENOSYS); return }
             let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
-            let flag: FileSystem.XattrFlag = flags & 1 != 0 ? .create : flags & 2 != 0 ? .replace : .any
-            s.run(req, { () throws(FSError) in try s.fs.setxattr(UInt64(ino), name: FuseServer.name(name), value: bytes, flag: flag) }) { fuse_reply_err(req, 0) }
+            let known = FileSystem.XattrFlags(rawValue: flags).intersection([.create, .replace])
+            s.run(req, { () throws(FSError) in try s.fs.setxattr(UInt64(ino), name: FuseServer.name(name), value: bytes, flags: known) }) { fuse_reply_err(req, 0) }
         }
         ops.removexattr = { req, ino, name in
             let s = server(req)

@@ -106,7 +106,7 @@ final class BackingAccessTests: XCTestCase {
         c = AttributeChanges(); c.uid = 65534
         expect(["replaced"]) { _ = try fs.setattr(id, handle: nil, changes: c) }
         expect(["replaced"]) { _ = try fs.open(id, flags: O_RDWR) }
-        expect(["replaced"]) { try fs.setxattr(id, name: name("user.x"), value: [1], flag: .any) }
+        expect(["replaced"]) { try fs.setxattr(id, name: name("user.x"), value: [1]) }
         assertCanaryIntact()
     }
 
@@ -241,7 +241,7 @@ final class BackingAccessTests: XCTestCase {
         try fs.rmdir(parent: FileSystem.rootID, name: name("d"))
         // As through an open descriptor on ext4: attributes (no links left), xattrs, chmod.
         XCTAssertEqual(try fs.getattr(d, handle: nil).st_nlink, 0)
-        try fs.setxattr(d, name: name("user.k"), value: [1], flag: .any)
+        try fs.setxattr(d, name: name("user.k"), value: [1])
         XCTAssertEqual(try fs.getxattr(d, name: name("user.k")), [1])
         var c = AttributeChanges()
         c.mode = 0o700
@@ -288,18 +288,23 @@ final class BackingAccessTests: XCTestCase {
 
     func testXattrsRoundTripEncrypted() throws {
         let id = try makeFile(FileSystem.rootID, "f", "x")
-        try fs.setxattr(id, name: name("user.colour"), value: name("midnight blue"), flag: .any)
-        try fs.setxattr(id, name: name("user.empty"), value: [], flag: .any)
+        try fs.setxattr(id, name: name("user.colour"), value: name("midnight blue"))
+        try fs.setxattr(id, name: name("user.empty"), value: [])
         XCTAssertEqual(try fs.getxattr(id, name: name("user.colour")), name("midnight blue"))
         XCTAssertEqual(try fs.getxattr(id, name: name("user.empty")), [])
         XCTAssertEqual(Set(try fs.listxattr(id).map { String(decoding: $0, as: UTF8.self) }), ["user.colour", "user.empty"])
         expect(["no such attribute"]) { _ = try fs.getxattr(id, name: name("user.missing")) }
         expect(["no such attribute"]) { _ = try fs.getxattr(id, name: name("security.selinux")) }
-        expect(["not supported"]) { try fs.setxattr(id, name: name("security.selinux"), value: [1], flag: .any) }
-        expect(["exists", "File exists"]) { try fs.setxattr(id, name: name("user.colour"), value: [1], flag: .create) }
-        expect(["no such attribute"]) { try fs.setxattr(id, name: name("user.new"), value: [1], flag: .replace) }
-        expect(["out of range"]) { try fs.setxattr(id, name: Array("user.".utf8) + Array(repeating: 0x61, count: 161), value: [1], flag: .any) }
-        expect(["too large"]) { try fs.setxattr(id, name: name("user.big"), value: [UInt8](repeating: 1, count: 70000), flag: .any) }
+        expect(["not supported"]) { try fs.setxattr(id, name: name("security.selinux"), value: [1]) }
+        expect(["exists", "File exists"]) { try fs.setxattr(id, name: name("user.colour"), value: [1], flags: .create) }
+        expect(["no such attribute"]) { try fs.setxattr(id, name: name("user.new"), value: [1], flags: .replace) }
+        // Both flags: as ext4, an existing attribute is EEXIST and a missing one ENODATA.
+        expect(["exists", "File exists"]) { try fs.setxattr(id, name: name("user.colour"), value: [1], flags: [.create, .replace]) }
+        expect(["no such attribute"]) { try fs.setxattr(id, name: name("user.new"), value: [1], flags: [.create, .replace]) }
+        expect(["invalid argument"]) { try fs.setxattr(id, name: name("user."), value: [1]) }
+        expect(["invalid argument"]) { _ = try fs.getxattr(id, name: name("user.")) }
+        expect(["out of range"]) { try fs.setxattr(id, name: Array("user.".utf8) + Array(repeating: 0x61, count: 161), value: [1]) }
+        expect(["too large"]) { try fs.setxattr(id, name: name("user.big"), value: [UInt8](repeating: 1, count: 70000)) }
         try fs.removexattr(id, name: name("user.colour"))
         expect(["no such attribute"]) { _ = try fs.getxattr(id, name: name("user.colour")) }
         // The backing side holds neither the name nor the value in clear.
@@ -318,8 +323,8 @@ final class BackingAccessTests: XCTestCase {
 
     func testXattrValueMovedToAnotherNameIsDamage() throws {
         let id = try makeFile(FileSystem.rootID, "f", "x")
-        try fs.setxattr(id, name: name("user.a"), value: name("secret a"), flag: .any)
-        try fs.setxattr(id, name: name("user.b"), value: name("secret b"), flag: .any)
+        try fs.setxattr(id, name: name("user.a"), value: name("secret a"))
+        try fs.setxattr(id, name: name("user.b"), value: name("secret b"))
         let backing = dir + "/" + (try FileManager.default.contentsOfDirectory(atPath: dir).first { !$0.hasPrefix("xtsfs.") }!)
         let names = try listBackingXattrs(backing)
         var a = [UInt8](repeating: 0, count: 256)
