@@ -88,10 +88,17 @@ public struct AuditLog: Sendable {
             fileName = AuditLog.hostID() + ".jsonl"
         }
         defer { if logDir != dirfd { Sys.close(logDir) } }
-        let fd = try Sys.openat(logDir, fileName, O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0o600)
+        // Only a regular file is ever opened: a FIFO or device planted under the log's name
+        // is refused before it is opened (a device's open alone can have effects).
+        let fd: Int32
+        do {
+            fd = try Sys.openRegular(logDir, fileName, O_WRONLY | O_APPEND).fd
+        } catch where error.errno == ENOENT {
+            do { fd = try Sys.openat(logDir, fileName, O_WRONLY | O_APPEND | O_CREAT | O_EXCL | O_NOFOLLOW, 0o600) } catch where error.errno == EEXIST {
+                fd = try Sys.openRegular(logDir, fileName, O_WRONLY | O_APPEND).fd
+            }
+        }
         defer { Sys.close(fd) }
-        let st = try Sys.fstat(fd)
-        guard st.isRegular else { throw SystemError(EINVAL, "\(fileName) is not a regular file") }
         // One write of the whole line: with O_APPEND, lines from two processes never interleave.
         var bytes = Array(line.utf8)
         let n = bytes.withUnsafeMutableBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
