@@ -34,6 +34,8 @@ public final class FileCrypto: @unchecked Sendable {
             return
         }
         let ctx = try XTSContext.forCurrentThread()
+        // The context's key schedule sits in unlocked heap: wiped before this returns.
+        defer { ctx.scrub() }
         try xtsKey.withUnsafeBytes { (k) throws(CryptoError) in try ctx.setKey(k, encrypt: encrypt) }
         for u in units {
             let p = buffer.baseAddress! + Int(u.start - base)

@@ -52,6 +52,19 @@ public final class XTSContext {
         keyed = true
     }
 
+    /// Forgets the key: OpenSSL frees the cipher's state (its key schedules) after wiping
+    /// it. The context lives in ordinary heap, which is neither locked nor excluded from
+    /// a core dump, so a key schedule must not outlive the request that set it: callers
+    /// scrub when they are done (`FileCrypto` does after every request), and the next
+    /// `setKey` builds a fresh state.
+    public func scrub() {
+        keyed = false
+        _ = EVP_CIPHER_CTX_reset(ctx)
+    }
+
+    /// Whether a key schedule is held (for tests of the scrubbing).
+    public var holdsKey: Bool { keyed }
+
     /// Encrypts or decrypts (as keyed) one data unit. `input` and `output` may be the
     /// same buffer, but must not otherwise overlap.
     public func crypt(unit: UInt64, input: UnsafeRawPointer, output: UnsafeMutableRawPointer, count: Int) throws(CryptoError) {
@@ -106,8 +119,8 @@ public final class XTSContext {
         return rc == 0 ? key : nil
     }()
 
-    /// This thread's context, created on first use. It keeps whatever key was last
-    /// set on this thread, so callers set the key they need before crypting.
+    /// This thread's context, created on first use. Callers set the key they need before
+    /// crypting and `scrub()` it when done: the context itself is reused, its key is not.
     public static func forCurrentThread() throws(CryptoError) -> XTSContext {
         guard let slot = threadSlot else { throw .openssl("pthread_key_create failed: no thread-local slot for XTS contexts") }
         if let existing = pthread_getspecific(slot) {

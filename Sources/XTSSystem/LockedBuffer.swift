@@ -79,11 +79,17 @@ public final class LockedBuffer: @unchecked Sendable {
 
 /// Process-wide protections for a process that holds keys.
 public enum ProcessHardening {
-    /// No core dumps, not ptrace-attachable by other users' processes.
+    /// No core dumps, not ptrace-attachable by other users' processes, and no crash
+    /// reporter: the Swift runtime's backtracer catches SIGABRT, SIGSEGV and the other
+    /// crash signals and runs `swift-backtrace`, which reads the crashed process's memory
+    /// and prints it; it cannot read an undumpable process, and meanwhile the daemon
+    /// hung, its mounts still up (seen here: a daemon outlived its first SIGABRT). A crash
+    /// now ends the process at once.
     public static func apply() {
         var lim = rlimit(rlim_cur: 0, rlim_max: 0)
         _ = setrlimit(__rlimit_resource_t(RLIMIT_CORE.rawValue), &lim)
         _ = xts_set_undumpable()
+        for s in [SIGQUIT, SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE, SIGSEGV] { signal(s, SIG_DFL) }
     }
 }
 
