@@ -20,6 +20,13 @@ public enum BackingEntry: Equatable, Sendable {
     /// `xtsfs.audit`: the audit log of key operations, one JSON-lines file per host
     /// (meaningful in the root directory only).
     case auditLog
+    /// `xtsfs.temp`: the temp area's ciphertext, under its own per-mount key (meaningful
+    /// in the root directory only; a mount with `--tmp` empties it).
+    case tempArea
+    /// `xtsfs.cache`: the cache area's ciphertext (meaningful in the root directory only).
+    case cacheArea
+    /// `xtsfs.cache.key`: the cache area's key, wrapped under a key derived from the DEK.
+    case cacheKey
     /// `NAME.tmp` of one of our files: left by an interrupted atomic replacement.
     case temporary(of: String)
     /// Anything else: not ours (a sync tool's conflict copy, `.DS_Store`, ...).
@@ -29,12 +36,19 @@ public enum BackingEntry: Equatable, Sendable {
     static let temporarySuffix = ".tmp"
     /// The audit log directory (XTSVolume's `AuditLog` writes it).
     public static let auditLogName = "xtsfs.audit"
+    /// The temp and cache areas (XTSVolume's `Areas` writes them).
+    public static let tempAreaName = "xtsfs.temp"
+    public static let cacheAreaName = "xtsfs.cache"
+    public static let cacheKeyName = "xtsfs.cache.key"
 
     public static func classify(_ name: String) -> BackingEntry {
         if name.hasPrefix(internalPrefix) {
             if name == DirHeader.fileName { return .directoryHeader }
             if name == NameCodec.linkStore { return .linkStore }
             if name == auditLogName { return .auditLog }
+            if name == tempAreaName { return .tempArea }
+            if name == cacheAreaName { return .cacheArea }
+            if name == cacheKeyName { return .cacheKey }
             if let copy = HeaderStore.fileNames.firstIndex(of: name) { return .volumeHeader(copy: copy) }
             if name.hasSuffix(temporarySuffix) {
                 let base = String(name.dropLast(temporarySuffix.count))

@@ -207,6 +207,10 @@ final class BackingAccessTests: XCTestCase {
         XCTAssertEqual(BackingEntry.classify(".DS_Store"), .foreign)
         XCTAssertEqual(BackingEntry.classify("notes (conflicted copy).txt"), .foreign)
         XCTAssertEqual(BackingEntry.classify("xtsfs.unknown"), .foreign)
+        XCTAssertEqual(BackingEntry.classify("xtsfs.temp"), .tempArea)
+        XCTAssertEqual(BackingEntry.classify("xtsfs.cache"), .cacheArea)
+        XCTAssertEqual(BackingEntry.classify("xtsfs.cache.key"), .cacheKey)
+        XCTAssertEqual(BackingEntry.classify("xtsfs.cache.key.tmp"), .temporary(of: "xtsfs.cache.key"))
     }
 
     // MARK: - hard links
