@@ -1,4 +1,5 @@
 import CFuse
+import Synchronization
 import XTSFS
 import XTSSystem
 #if canImport(Glibc)
@@ -16,11 +17,14 @@ public enum FuseError: Error, CustomStringConvertible {
     }
 }
 
-/// The FUSE binding: libfuse3's low-level (inode) API over `FileSystem`. Requests arrive
+/// The FUSE binding: libfuse3's low-level (inode) API over `FileSystem`. One server is one
+/// session and one mount point; a daemon serving several mounts has one server for each
+/// (see `FuseServerThread`). Requests arrive
 /// on libfuse's worker threads; each callback finds the server through the request's
 /// userdata, calls the filesystem and replies. `FSError` becomes an errno here, in `fail`.
 ///
-/// `@unchecked Sendable`: after `mount()` only `session` is read; the filesystem is thread-safe.
+/// `@unchecked Sendable`: after `mount()` only `session` is read (by the serving thread);
+/// other threads reach it only through `notifySession`; the filesystem is thread-safe.
 public final class FuseServer: @unchecked Sendable {
     public let fs: FileSystem
     public let mountpoint: String
@@ -28,8 +32,16 @@ public final class FuseServer: @unchecked Sendable {
     let debug: Bool
     let maxThreads: UInt32
     private var session: OpaquePointer?
+    /// The session for notifications from threads other than the session's own (cache
+    /// eviction); cleared under the lock before the session is destroyed.
+    /// (The address, as an Int: a pointer is not Sendable.)
+    private let notifySession = Mutex<Int>(0)
     /// How long the kernel may cache names and attributes (`-o cache_timeout=S`).
     let timeout: Double
+
+    /// Told the node of every file opened, created or written (the cache area's LRU
+    /// eviction keeps its own record of use); nil for the other areas. Set before serving.
+    public var used: (@Sendable (UInt64) -> Void)?
 
     /// Extended attributes served; without them every xattr request is ENOSYS, which makes
     /// the kernel stop sending any (`-o noxattr`).
@@ -65,6 +77,29 @@ public final class FuseServer: @unchecked Sendable {
             throw .mount("cannot mount on \(mountpoint)")
         }
         session = se
+        notifySession.withLock { $0 = Int(bitPattern: UnsafeRawPointer(se)) }
+    }
+
+    /// Tells the kernel to forget `name` in directory `parent`, removed behind its back
+    /// (cache eviction), so the name is gone at once rather than after the cache timeout.
+    /// Best effort; a no-op once the session is over.
+    public func invalidate(parent: UInt64, name: [UInt8]) {
+        notifySession.withLock { address in
+            guard let se = OpaquePointer(bitPattern: address) else { return }
+            _ = name.withUnsafeBufferPointer { p in
+                p.withMemoryRebound(to: CChar.self) { fuse_lowlevel_notify_inval_entry(se, fuse_ino_t(parent), $0.baseAddress, p.count) }
+            }
+        }
+    }
+
+    /// Unmounts and tears down a session that was mounted but will never be served
+    /// (another mount of the same daemon failed).
+    public func abandon() {
+        guard let se = session else { return }
+        session = nil
+        notifySession.withLock { $0 = 0 }
+        fuse_session_unmount(se)
+        fuse_session_destroy(se)
     }
 
     /// Sequential reads reach the daemon in read-ahead-sized requests; the kernel's default
@@ -98,6 +133,7 @@ public final class FuseServer: @unchecked Sendable {
             Unmanaged<FuseServer>.fromOpaque(me).release()
         }
         let r = xtsfs_session_loop_mt(se, maxThreads)
+        notifySession.withLock { $0 = 0 }
         fuse_session_unmount(se)
         fuse_session_destroy(se)
         session = nil
@@ -284,6 +320,7 @@ public final class FuseServer: @unchecked Sendable {
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EINVAL); return }
             s.run(req, { () throws(FSError) in try s.fs.open(UInt64(ino), flags: fi.pointee.flags) }) { h in
+                s.used?(UInt64(ino))
                 fi.pointee.fh = h
                 // Only this daemon changes the files while mounted: cached pages stay valid.
                 fi.pointee.keep_cache = 1
@@ -299,6 +336,7 @@ public final class FuseServer: @unchecked Sendable {
             s.run(req, { () throws(FSError) in
                 try s.fs.create(parent: UInt64(parent), name: FuseServer.name(name), mode: mode, flags: fi.pointee.flags, caller: caller(req))
             }) { (id, st, h) in
+                s.used?(id)
                 fi.pointee.fh = h
                 fi.pointee.keep_cache = 1
                 fi.pointee.noflush = 1
@@ -318,8 +356,9 @@ public final class FuseServer: @unchecked Sendable {
                 fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), n)
             }
         }
-        ops.write = { req, _, data, size, off, fi in
+        ops.write = { req, ino, data, size, off, fi in
             let s = server(req)
+            s.used?(UInt64(ino))
             guard let fi, let data else { fuse_reply_err(req, EBADF); return }
             s.run(req, { () throws(FSError) in
                 try s.fs.write(handle: fi.pointee.fh, offset: Int64(off), data: UnsafeRawBufferPointer(start: data, count: size), caller: caller(req))

@@ -5,7 +5,8 @@ public struct MountEntry: Sendable, Equatable {
     public var device: String
     public var mountpoint: String
     public var fsType: String
-    /// The mount's source: for an xtsfs mount, its CIPHERDIR (the `fsname` option).
+    /// The mount's source: for an xtsfs mount, its CIPHERDIR (the `fsname` option), or
+    /// CIPHERDIR#temp and CIPHERDIR#cache for its areas.
     public var source: String = ""
 
     public static func all() -> [MountEntry] {

@@ -16,13 +16,16 @@ public struct MountRequest: Sendable {
     public var options: [String]
     public var foreground: Bool
     public var debug: Bool
+    /// The temp and cache areas to mount beside the data area (`--tmp`, `--cache`).
+    public var areas: AreaOptions
 
-    public init(cipherDir: String, mountpoint: String, options: [String], foreground: Bool, debug: Bool = false) {
+    public init(cipherDir: String, mountpoint: String, options: [String], foreground: Bool, debug: Bool = false, areas: AreaOptions = AreaOptions()) {
         self.cipherDir = cipherDir
         self.mountpoint = mountpoint
         self.options = options
         self.foreground = foreground
         self.debug = debug
+        self.areas = areas
     }
 
     public var readOnly: Bool { options.contains("ro") }
@@ -49,8 +52,16 @@ public struct MountRequest: Sendable {
 
     /// The options handed to libfuse: the kernel checks permissions (default_permissions),
     /// other users may enter when we run as root, plus the user's own (less ours).
-    var fuseOptions: [String] {
-        var o = ["default_permissions", "fsname=" + cipherDir.replacingAll(",", with: "\\,"), "subtype=xtsfs"]
+    var fuseOptions: [String] { fuseOptions(fsname: cipherDir) }
+
+    /// The same for an area: its fsname marks it as one of CIPHERDIR's areas; `ro` is the
+    /// data area's alone (temp and cache exist to be written).
+    func fuseOptions(area: Areas.Kind) -> [String] {
+        fuseOptions(fsname: cipherDir + area.fsnameSuffix).filter { $0 != "ro" }
+    }
+
+    func fuseOptions(fsname: String) -> [String] {
+        var o = ["default_permissions", "fsname=" + fsname.replacingAll(",", with: "\\,"), "subtype=xtsfs"]
         if geteuid() == 0 && !options.contains("allow_other") { o.append("allow_other") }
         o += options.filter { $0 != "nonempty" && $0 != MountRequest.noXattrKey && !$0.hasPrefix(MountRequest.cacheTimeoutKey) }
         return o
@@ -146,6 +157,7 @@ public enum Mounter {
         try checkMountpoint(req.mountpoint, allowNonEmpty: req.options.contains("nonempty"))
         try checkOverlapByIdentity(cipherDir: req.cipherDir, mountpoint: req.mountpoint)
         _ = try Volume.load(req.cipherDir)
+        req.areas = try preflightAreas(req)
         return req
     }
 
@@ -153,7 +165,8 @@ public enum Mounter {
     /// or when the foreground filesystem is unmounted.
 
     public static func mount(_ request: MountRequest, provider: any KeyProvider, slot: UInt16? = nil, audit: AuditLog? = nil,
-                             say: @escaping @Sendable (String) -> Void) throws(VolumeError) -> Int32 {
+                             say: @escaping @Sendable (String) -> Void,
+                             mounted: @escaping @Sendable () -> Void = {}) throws(VolumeError) -> Int32 {
         let req = try preflight(request)
         let unlocked = try Volume.unlock(req.cipherDir, provider: provider, slot: slot, audit: audit, operation: "mount")
         provider.release()
@@ -165,7 +178,10 @@ public enum Mounter {
             ProcessHardening.apply()
             return serve(req, keys: unlocked.keys, log: { say($0) }) { result in
                 switch result {
-                case .success: say("mounted \(req.cipherDir) on \(req.mountpoint); serving in the foreground (unmount with: xtsfs unmount \(req.mountpoint))")
+                case .success:
+                    let areas = [req.areas.temp.map { "temp area on \($0)" }, req.areas.cache.map { "cache area on \($0)" }].compactMap { $0 }
+                    say("mounted \(req.cipherDir) on \(req.mountpoint)" + (areas.isEmpty ? "" : " (" + areas.joined(separator: ", ") + ")") + "; serving in the foreground (unmount with: xtsfs unmount \(req.mountpoint))")
+                    mounted()
                 case .failure(let e): say("error: \(e)")
                 }
             }
@@ -174,17 +190,20 @@ public enum Mounter {
         if status == 0, let file = DamageLog.destination(mountpoint: req.mountpoint) {
             say("no syslog on this machine (\(DamageLog.syslogSocket)): warnings about damaged data go to \(file)")
         }
+        if status == 0 { mounted() }
         return status
     }
 
     // MARK: - serving
 
-    nonisolated(unsafe) static var servedMountpoint: String = ""
+    nonisolated(unsafe) static var servedMountpoints: [String] = []
 
-    /// Mounts and serves until unmounted. `ready` hears once whether the mount is up: only
-    /// after the kernel's FUSE INIT has been answered and accepted, which is when libfuse
-    /// rejects what it cannot do (`-o max_read=N` without a matching `max_read` in init())
-    /// and ends the session; mount(2) alone succeeding proves nothing.
+    /// Mounts and serves until unmounted: the data area, and the temp and cache areas when
+    /// asked, each its own FUSE session in this one process. `ready` hears once whether
+    /// every mount is up: only after the kernel's FUSE INIT has been answered and accepted
+    /// on each, which is when libfuse rejects what it cannot do (`-o max_read=N` without a
+    /// matching `max_read` in init()) and ends the session; mount(2) alone succeeding
+    /// proves nothing. Unmounting the data area unmounts the others.
     static func serve(_ req: MountRequest, keys: KeySet, log: @escaping @Sendable (String) -> Void,
                       ready: @escaping @Sendable (Result<Void, VolumeError>) -> Void) -> Int32 {
         let fs: FileSystem
@@ -202,15 +221,45 @@ public enum Mounter {
             ready(.failure(error))
             return error.exitStatus.rawValue
         }
-        let server = FuseServer(fs: fs, mountpoint: req.mountpoint, options: req.fuseOptions, cacheTimeout: timeout, xattrs: req.xattrs, debug: req.debug)
-        do { try server.mount() } catch {
-            ready(.failure(.mountFailed("\(error)")))
-            return ExitStatus.mountFailed.rawValue
+        var servers = [FuseServer(fs: fs, mountpoint: req.mountpoint, options: req.fuseOptions, cacheTimeout: timeout, xattrs: req.xattrs, debug: req.debug)]
+        let areas: [Areas.Prepared]
+        do { areas = try prepareAreas(req, keys: keys, log: log) } catch {
+            ready(.failure(error))
+            return error.exitStatus.rawValue
         }
-        servedMountpoint = req.mountpoint
-        // The mount is made: give up what serving does not need before any serving thread
-        // exists (they inherit it). Unmounting is left to a helper started first.
-        if !UnmountHelper.start(cipherDir: req.cipherDir, mountpoint: req.mountpoint) {
+        var eviction: CacheEviction?
+        defer {
+            eviction?.stop()
+            finishAreas(areas, log: log)
+        }
+        for a in areas {
+            do {
+                let afs = try FileSystem(cipherDir: a.rootPath, keys: a.keys, readOnly: false, log: log)
+                let server = FuseServer(fs: afs, mountpoint: a.mountpoint, options: req.fuseOptions(area: a.kind), cacheTimeout: timeout, xattrs: req.xattrs, debug: req.debug)
+                if a.kind == .cache, let max = req.areas.cacheMax {
+                    let e = CacheEviction(fs: afs, maxBytes: max, log: log)
+                    server.used = { e.used($0) }
+                    e.invalidate = { [unowned server] parent, name in server.invalidate(parent: parent, name: name) }
+                    eviction = e
+                }
+                servers.append(server)
+            } catch {
+                ready(.failure(.mountFailed("\(a.kind.rawValue) area: cannot open its root directory: \(error)")))
+                return ExitStatus.mountFailed.rawValue
+            }
+        }
+        // Every mount is made before the privileges go: none can be made after.
+        for (i, server) in servers.enumerated() {
+            do { try server.mount() } catch {
+                for done in servers[..<i] { done.abandon() }
+                ready(.failure(.mountFailed("\(error)")))
+                return ExitStatus.mountFailed.rawValue
+            }
+        }
+        servedMountpoints = servers.map(\.mountpoint)
+        // The mounts are made: give up what serving does not need before any serving
+        // thread exists (they inherit it). Unmounting is left to a helper started first.
+        if !UnmountHelper.start(cipherDir: req.cipherDir, mountpoints: servedMountpoints) {
             log("warning: cannot start the unmount helper; SIGTERM may not be able to unmount")
         }
         if let w = DaemonPrivileges.restrict(to: DaemonPrivileges.serving) { log(w) }
@@ -225,21 +274,59 @@ public enum Mounter {
             var sig: Int32 = 0
             sigwait(&set, &sig)
             // Seen in the foreground (-f); the daemon's stderr is /dev/null.
-            let note = "xtsfs: unmounting \(Mounter.servedMountpoint); the daemon exits once no file in it is in use\n"
+            let note = "xtsfs: unmounting \(Mounter.servedMountpoints.joined(separator: ", ")); the daemon exits once no file in them is in use\n"
             _ = note.withCString { Glibc.write(2, $0, strlen($0)) }
-            if !UnmountHelper.request() { _ = Mounter.lazyUnmount(Mounter.servedMountpoint) }
+            if !UnmountHelper.request() { for mp in Mounter.servedMountpoints { _ = Mounter.lazyUnmount(mp) } }
             return nil
         }, nil)
-        let readiness = Readiness(mountpoint: req.mountpoint, device: MountEntry.fuse(at: req.mountpoint)?.device, ready: ready)
-        readiness.startWaiting()
-        let r = server.run()
-        // libfuse unmounts when the session ends by itself (INIT refused), but no longer may.
-        if let ours = readiness.device, MountEntry.fuse(at: req.mountpoint)?.device == ours, !UnmountHelper.unmountAndWait() {
-            _ = lazyUnmount(req.mountpoint)
+        let all = ReadyAll(count: servers.count, ready: ready)
+        let readiness = servers.map { s in
+            Readiness(mountpoint: s.mountpoint, device: MountEntry.fuse(at: s.mountpoint)?.device, ready: { all.report($0) })
         }
-        readiness.report(.failure(.mountFailed("FUSE ended the session before the mount was ready: the kernel's INIT request failed (a mount option libfuse cannot honour? see the libfuse message above)")))
-        if readiness.outcome != true { return ExitStatus.mountFailed.rawValue }
+        readiness.forEach { $0.startWaiting() }
+        eviction?.start()
+        var areaThreads: [(Int, FuseServerThread)] = []
+        for i in servers.indices.dropFirst() {
+            if let t = FuseServerThread.start(servers[i]) { areaThreads.append((i, t)) } else {
+                readiness[i].report(.failure(.mountFailed("cannot start a thread to serve \(servers[i].mountpoint)")))
+            }
+        }
+        let r = servers[0].run()
+        // The data area is gone (unmounted, or INIT refused): the areas go with it. libfuse
+        // unmounts when a session ends by itself (INIT refused), but no longer may.
+        let left = servers.indices.filter { i in
+            readiness[i].device.map { MountEntry.fuse(at: servers[i].mountpoint)?.device == $0 } ?? false
+        }
+        if !left.isEmpty && !UnmountHelper.unmountAndWait() {
+            for i in left { _ = lazyUnmount(servers[i].mountpoint) }
+        }
+        for (i, t) in areaThreads {
+            _ = t.join()
+            readiness[i].report(.failure(.mountFailed("FUSE ended the session on \(servers[i].mountpoint) before the mount was ready")))
+        }
+        readiness[0].report(.failure(.mountFailed("FUSE ended the session before the mount was ready: the kernel's INIT request failed (a mount option libfuse cannot honour? see the libfuse message above)")))
+        if readiness.contains(where: { $0.outcome != true }) { return ExitStatus.mountFailed.rawValue }
         return r == 0 ? 0 : ExitStatus.failure.rawValue
+    }
+
+    /// Reports success once every mount has, or the first failure.
+    final class ReadyAll: Sendable {
+        let ready: @Sendable (Result<Void, VolumeError>) -> Void
+        /// Mounts still to report success; nil once told.
+        let pending: Mutex<Int?>
+        init(count: Int, ready: @escaping @Sendable (Result<Void, VolumeError>) -> Void) {
+            self.ready = ready
+            pending = Mutex(count)
+        }
+        func report(_ result: Result<Void, VolumeError>) {
+            let tell: Bool = pending.withLock { p in
+                guard let n = p else { return false }
+                if case .success = result, n > 1 { p = n - 1; return false }
+                p = nil
+                return true
+            }
+            if tell { ready(result) }
+        }
     }
 
     /// Tells `ready` once, from whichever side knows first: a thread whose stat of the mount
@@ -321,6 +408,7 @@ public enum Mounter {
         let exe = selfExecutable()
         var args = ["xtsfs", "mount", "--daemon-child", req.cipherDir, req.mountpoint]
         if !req.options.isEmpty { args += ["-o", req.options.joined(separator: ",")] }
+        args += req.areas.arguments
         var cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
         defer { cargs.forEach { free($0) } }
         var pid: pid_t = 0
@@ -424,9 +512,20 @@ public enum Mounter {
             }
             throw .failure("\(mp) is not mounted")
         }
-        if run(["fusermount3", "-u", mp], quiet: true) == 0 { return }
-        if geteuid() == 0 && umount2(mp, 0) == 0 { return }
-        throw .failure("cannot unmount \(mp) (busy? close the files open in it)")
+        let areas = areaMounts(ofDataMount: mp)
+        guard run(["fusermount3", "-u", mp], quiet: true) == 0 || (geteuid() == 0 && umount2(mp, 0) == 0) else {
+            throw .failure("cannot unmount \(mp) (busy? close the files open in it)")
+        }
+        // The daemon detaches its temp and cache areas once the data area is gone; wait
+        // for that, and do it here if it does not happen (a daemon that hangs).
+        var deadline = 250
+        while deadline > 0 && areas.contains(where: { MountEntry.fuse(at: $0.mountpoint)?.device == $0.device }) {
+            usleep(20_000)
+            deadline -= 1
+        }
+        for a in areas where MountEntry.fuse(at: a.mountpoint)?.device == a.device {
+            _ = run(["fusermount3", "-u", a.mountpoint], quiet: true) == 0 || lazyUnmount(a.mountpoint)
+        }
     }
 
     /// Whether `mp` is a FUSE mount point, from /proc/self/mountinfo.

@@ -60,18 +60,26 @@ public enum DaemonPrivileges {
 /// Unmounts for a daemon that has given up the right to: a separate process, started
 /// before the daemon drops its privileges (and before no_new_privs, so that a non-root
 /// user's helper can still run the setuid fusermount3). It is a fresh exec of xtsfs, so
-/// it holds no copy of the daemon's memory and keys. It waits for one byte on its
-/// standard input, then detaches the mount lazily; end of file (the daemon is gone) ends it.
+/// it holds no copy of the daemon's memory and keys. It serves every mount of the daemon
+/// (the data area, and the temp and cache areas). It waits for one byte on its standard
+/// input, then detaches the mounts lazily. End of file means the daemon is gone: if it
+/// died (SIGKILL, a crash), its mounts are still there, stale ("Transport endpoint is not
+/// connected"), and would block the next mount, so the helper detaches them too. Only the
+/// mounts it was started for: each must still be the same FUSE mount (device number) it
+/// saw at start, never a later mount on the same path.
 public enum UnmountHelper {
     /// Where the daemon asks; -1 when there is no helper. Set once, before the threads
     /// that read it exist.
     nonisolated(unsafe) static var requestFD: Int32 = -1
     nonisolated(unsafe) static var pid: pid_t = 0
 
-    static func start(cipherDir: String, mountpoint: String) -> Bool {
+    /// Set once `request` has written: the helper reads one byte, then exits.
+    nonisolated(unsafe) static var requested = false
+
+    static func start(cipherDir: String, mountpoints: [String]) -> Bool {
         var fds: [Int32] = [0, 0]
-        guard xts_pipe_cloexec(&fds) == 0 else { return false }
-        let args = ["xtsfs", "mount", "--unmount-helper", cipherDir, mountpoint]
+        guard xts_pipe_cloexec(&fds) == 0, let first = mountpoints.first else { return false }
+        let args = ["xtsfs", "mount", "--unmount-helper", cipherDir, first] + mountpoints.dropFirst().flatMap { ["--also-unmount", $0] }
         var cargs: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
         defer { cargs.forEach { free($0) } }
         var pid: pid_t = 0
@@ -95,26 +103,32 @@ public enum UnmountHelper {
     /// Asks the helper to detach the mount; false if there is no helper to ask.
     static func request() -> Bool {
         guard requestFD >= 0 else { return false }
+        if requested { return true }
         var byte: UInt8 = 1
-        return Glibc.write(requestFD, &byte, 1) == 1
+        requested = Glibc.write(requestFD, &byte, 1) == 1
+        return requested
     }
 
     /// Entry point of the helper process (`xtsfs mount --unmount-helper`).
-    public static func run(mountpoint: String) -> Int32 {
+    public static func run(mountpoints: [String]) -> Int32 {
         // A signal meant for the daemon's process group must not take the helper with it.
         for s in [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGPIPE] { signal(s, SIG_IGN) }
         ProcessHardening.apply()
         _ = chdir("/")
         // As root, umount2(2) is all it does; a user's helper needs fusermount3's setuid.
         if geteuid() == 0 { _ = DaemonPrivileges.restrict(to: [CAP_SYS_ADMIN]) }
+        let devices = mountpoints.map { MountEntry.fuse(at: $0)?.device }
         var byte: UInt8 = 0
         while true {
             let n = Glibc.read(0, &byte, 1)
             if n < 0 && errno == EINTR { continue }
-            guard n == 1 else { return 0 }
             break
         }
-        guard Mounter.isMounted(mountpoint) else { return 0 }
-        return Mounter.lazyUnmount(mountpoint) ? 0 : 1
+        var status: Int32 = 0
+        for (mp, device) in zip(mountpoints, devices) {
+            guard let device, MountEntry.fuse(at: mp)?.device == device else { continue }
+            if !Mounter.lazyUnmount(mp) { status = 1 }
+        }
+        return status
     }
 }

@@ -34,6 +34,8 @@ public struct StatusReport: Codable, Sendable {
     public var rekey: String
     /// What needs a look: header copies that disagree.
     public var warnings: [String]
+    /// The temp and cache areas (in CIPHERDIR, and mounted here).
+    public var areas: AreaStatus?
 
     public static func make(_ cipherDir: String) throws(VolumeError) -> StatusReport {
         let loaded = try Volume.load(cipherDir)
@@ -65,7 +67,7 @@ public struct StatusReport: Codable, Sendable {
             blockSize: Int(h.blockSize), keyGeneration: Int(h.keyGeneration), features: features,
             headerCopies: copies,
             keyslots: h.keyslots.map(slotReport),
-            rekey: h.rekeyRecord.isEmpty ? "none" : "in progress", warnings: warnings)
+            rekey: h.rekeyRecord.isEmpty ? "none" : "in progress", warnings: warnings, areas: AreaStatus.make(cipherDir))
     }
 
     static func hex(_ bytes: [UInt8]) -> String { bytes.map { String($0, radix: 16).leftPad(2) }.joined() }

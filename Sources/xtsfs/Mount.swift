@@ -2,6 +2,9 @@ import ArgumentParser
 import XTSKeys
 import XTSSystem
 import XTSVolume
+#if canImport(Glibc)
+import Glibc
+#endif
 
 struct Mount: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -25,6 +28,24 @@ struct Mount: ParsableCommand {
     @Flag(name: .long, help: "Print every FUSE request (implies -f).")
     var debug = false
 
+    @Option(name: .customLong("tmp"), help: ArgumentHelp("Also mount an encrypted temp area here, under a random key that lives only as long as the mount; emptied at mount and unmount.", valueName: "DIR"))
+    var tmp: String?
+
+    @Option(name: .customLong("tmp-backing"), help: ArgumentHelp("Keep the temp area's ciphertext in DIR (a fast local disk) instead of CIPHERDIR.", valueName: "DIR"))
+    var tmpBacking: String?
+
+    @Option(name: .customLong("cache"), help: ArgumentHelp("Also mount the encrypted cache area here; it survives remounts until `xtsfs cache purge`.", valueName: "DIR"))
+    var cache: String?
+
+    @Option(name: .customLong("cache-max"), help: ArgumentHelp("Evict the cache's least recently used files beyond SIZE bytes (K, M, G, T suffixes).", valueName: "SIZE"))
+    var cacheMax: String?
+
+    @Flag(name: .long, help: "Once mounted, print TMPDIR= and XDG_CACHE_HOME= lines for a shell to eval.")
+    var env = false
+
+    @Option(name: .customLong("also-unmount"), help: .hidden)
+    var alsoUnmount: [String] = []
+
     @Flag(name: .customLong("daemon-child"), help: .hidden)
     var daemonChild = false
 
@@ -33,10 +54,18 @@ struct Mount: ParsableCommand {
 
     var mountOptions: [String] { options.flatMap { $0.split(separator: ",").map(String.init) }.filter { !$0.isEmpty } }
 
+    func validate() throws {
+        if let cacheMax, AreaOptions.parseSize(cacheMax) == nil {
+            throw ValidationError("--cache-max \(cacheMax): give a size in bytes, or with K, M, G or T")
+        }
+        if env && tmp == nil && cache == nil { throw ValidationError("--env needs --tmp or --cache") }
+    }
+
     func run() throws {
-        var request = MountRequest(cipherDir: cipherDir, mountpoint: mountpoint, options: mountOptions, foreground: foreground || debug, debug: debug)
+        let areas = AreaOptions(temp: tmp, tempBacking: tmpBacking, cache: cache, cacheMax: cacheMax.flatMap(AreaOptions.parseSize))
+        var request = MountRequest(cipherDir: cipherDir, mountpoint: mountpoint, options: mountOptions, foreground: foreground || debug, debug: debug, areas: areas)
         if unmountHelper {
-            throw ExitCode(UnmountHelper.run(mountpoint: mountpoint))
+            throw ExitCode(UnmountHelper.run(mountpoints: [mountpoint] + alsoUnmount))
         }
         if daemonChild {
             request.foreground = true
@@ -46,7 +75,9 @@ struct Mount: ParsableCommand {
         // Bad paths and a missing or damaged header are reported before any prompt.
         request = try Mounter.preflight(request)
         let provider = try key.provider(auditing: request.cipherDir, operation: "mount")
-        let status = try Mounter.mount(request, provider: provider, slot: key.slot, audit: key.audit(request.cipherDir), say: { say($0) })
+        let envLines = env ? request.areas.environmentLines : []
+        let status = try Mounter.mount(request, provider: provider, slot: key.slot, audit: key.audit(request.cipherDir), say: { say($0) },
+                                       mounted: { for line in envLines { _ = (line + "\n").withCString { Glibc.write(1, $0, strlen($0)) } } })
         if status != 0 { throw ExitCode(status) }
     }
 }

@@ -51,5 +51,11 @@ struct Status: ParsableCommand {
             print("  \(s.index): \(s.provider)  \(params)")
             print("     wrap \(s.wrap), key generation \(s.keyGeneration), created \(date(s.created)), last used \(s.lastUsed.map(date) ?? "never")")
         }
+        if let a = r.areas {
+            print("Cache area:      " + (a.cacheKey ? "key present, \(a.cacheBytes) bytes of ciphertext" : "none (made by the first mount with --cache)"))
+            print("Temp area:       " + (a.tempInCipherDir ? "present in CIPHERDIR (mounted, or left by a crash: unreadable, removed by the next --tmp mount)" : "none in CIPHERDIR"))
+            if a.mounts.isEmpty { print("Mounted here:    no") }
+            for m in a.mounts { print("Mounted here:    \(m.area) on \(m.mountpoint)") }
+        }
     }
 }

@@ -107,6 +107,9 @@ class VolumeTestCase: XCTestCase {
     var cipher = ""
     var mnt = ""
     var passfile = ""
+    /// Where tests mount the temp and cache areas (`--tmp`, `--cache`).
+    var tmpMnt: String { scratch + "/tmpmnt" }
+    var cacheMnt: String { scratch + "/cachemnt" }
     static let passphrase = "integration test passphrase"
     /// Argon2id kept cheap in tests; the defaults are exercised by the crypto tests.
     static let cheapKDF = ["--pbkdf-memory", "8192", "--pbkdf-force-iterations", "1"]
@@ -124,8 +127,10 @@ class VolumeTestCase: XCTestCase {
     }
 
     override func tearDown() {
-        Harness.forceUnmount(mnt)
-        XCTAssertFalse(Harness.isMounted(mnt), "mount left behind")
+        for mp in [mnt, tmpMnt, cacheMnt] {
+            Harness.forceUnmount(mp)
+            XCTAssertFalse(Harness.isMounted(mp), "mount left behind on \(mp)")
+        }
         try? FileManager.default.removeItem(atPath: scratch)
         super.tearDown()
     }
