@@ -279,7 +279,14 @@ public enum Mounter {
             if !UnmountHelper.request() { for mp in Mounter.servedMountpoints { _ = Mounter.lazyUnmount(mp) } }
             return nil
         }, nil)
-        let all = ReadyAll(count: servers.count, ready: ready)
+        // A mount that fails after the others came up (an area refused at INIT) takes
+        // the others down with it: `mount` reports the failure, nothing stays mounted.
+        let all = ReadyAll(count: servers.count) { result in
+            ready(result)
+            if case .failure = result, !UnmountHelper.request() {
+                for mp in Mounter.servedMountpoints { _ = Mounter.lazyUnmount(mp) }
+            }
+        }
         let readiness = servers.map { s in
             Readiness(mountpoint: s.mountpoint, device: MountEntry.fuse(at: s.mountpoint)?.device, ready: { all.report($0) })
         }

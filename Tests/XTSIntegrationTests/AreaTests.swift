@@ -356,6 +356,18 @@ final class AreaTests: VolumeTestCase {
         XCTAssertNil(AreaOptions.parseSize("0"))
     }
 
+    /// A mount refused at FUSE INIT leaves none of the three mounted, and no temp area.
+    func testRefusedAtInitLeavesNothingMounted() throws {
+        initVolume()
+        let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile, "--tmp", tmpMnt, "--cache", cacheMnt, "-o", "max_read=4096"])
+        XCTAssertEqual(r.status, 14, r.stderr)
+        XCTAssertTrue(waitUnmounted([mnt, tmpMnt, cacheMnt]))
+        let deadline = Date().addingTimeInterval(10)
+        while [mnt, tmpMnt, cacheMnt].contains(where: { !Harness.daemons($0).isEmpty }) && Date() < deadline { usleep(20_000) }
+        XCTAssertTrue(Harness.daemons(mnt).isEmpty, "daemon gone")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: cipher + "/xtsfs.temp"), "temp area removed")
+    }
+
     /// `--cache-max`: beyond the limit the least recently used whole files go.
     func testCacheMaxEvictsLeastRecentlyUsedFiles() throws {
         initVolume()
