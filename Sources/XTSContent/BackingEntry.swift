@@ -23,7 +23,8 @@ public enum BackingEntry: Equatable, Sendable {
     /// `xtsfs.temp`: the temp area's ciphertext, under its own per-mount key (meaningful
     /// in the root directory only; a mount with `--tmp` empties it).
     case tempArea
-    /// `xtsfs.cache`: the cache area's ciphertext (meaningful in the root directory only).
+    /// `xtsfs.cache`: the cache area's ciphertext, or `xtsfs.cache.purged`: a purged one
+    /// being removed (meaningful in the root directory only).
     case cacheArea
     /// `xtsfs.cache.key`: the cache area's key, wrapped under a key derived from the DEK.
     case cacheKey
@@ -40,6 +41,8 @@ public enum BackingEntry: Equatable, Sendable {
     public static let tempAreaName = "xtsfs.temp"
     public static let cacheAreaName = "xtsfs.cache"
     public static let cacheKeyName = "xtsfs.cache.key"
+    /// A cache area being removed after a purge of a mounted cache (its key is gone).
+    public static let purgedCacheAreaName = "xtsfs.cache.purged"
 
     public static func classify(_ name: String) -> BackingEntry {
         if name.hasPrefix(internalPrefix) {
@@ -47,7 +50,7 @@ public enum BackingEntry: Equatable, Sendable {
             if name == NameCodec.linkStore { return .linkStore }
             if name == auditLogName { return .auditLog }
             if name == tempAreaName { return .tempArea }
-            if name == cacheAreaName { return .cacheArea }
+            if name == cacheAreaName || name == purgedCacheAreaName { return .cacheArea }
             if name == cacheKeyName { return .cacheKey }
             if let copy = HeaderStore.fileNames.firstIndex(of: name) { return .volumeHeader(copy: copy) }
             if name.hasSuffix(temporarySuffix) {

@@ -74,14 +74,19 @@ public final class FileSystem: @unchecked Sendable {
     let files = Mutex<[UInt64: OpenFile]>([:])
     let states = Mutex<[Identity: FileState]>([:])
     let dirs = Mutex<[UInt64: [DirectoryEntry]]>([:])
-    let nextHandle = Atomic<UInt64>(1)
+    let nextHandle: Atomic<UInt64>
     let linkStoreHandle = Mutex<DirHandle?>(nil)
     /// Directories removed (rmdir, or replaced by rename) while the kernel still knows
     /// them, reached through their handle until forgotten: fstat of an open descriptor of
     /// a removed directory still answers, as on ext4.
     let removedDirs = Mutex<[UInt64: DirHandle]>([:])
 
-    public init(cipherDir: String, keys: KeySet, readOnly: Bool, dirCacheCapacity: Int = 1024, log: @escaping @Sendable (String) -> Void) throws(FSError) {
+    /// `idBase`: node IDs and handles start above it, so that a filesystem replacing another
+    /// on the same mount (a purged cache) never answers for an ID the kernel got from the
+    /// old one; 0 for a filesystem of its own.
+    public init(cipherDir: String, keys: KeySet, readOnly: Bool, dirCacheCapacity: Int = 1024, idBase: UInt64 = 0,
+                log: @escaping @Sendable (String) -> Void) throws(FSError) {
+        nextHandle = Atomic(idBase + 1)
         self.cipherDir = cipherDir
         self.keys = keys
         self.names = NameCodec(keys: keys)
@@ -94,9 +99,26 @@ public final class FileSystem: @unchecked Sendable {
         root = DirHandle(fd: fd)
         let st: stat
         do { st = try Sys.fstat(fd) } catch { throw .system(error) }
-        table = Mutex(NodeTable(root: Identity(st)))
+        table = Mutex(NodeTable(root: Identity(st), firstID: idBase + 2))
         dirCache = Mutex(DirCache(capacity: dirCacheCapacity))
         _ = try directoryID(FileSystem.rootID)
+    }
+
+    /// The node IDs the kernel may hold (for telling it to forget them and their pages).
+    public func knownNodeIDs() -> [UInt64] {
+        table.withLock { Array($0.nodes.keys) }
+    }
+
+    /// Plaintext names in the root directory (for telling the kernel to forget them).
+    public func rootNames() -> [[UInt8]] {
+        guard let h = try? opendir(FileSystem.rootID) else { return [] }
+        defer { releasedir(h) }
+        var out: [[UInt8]] = []
+        try? readdir(handle: h, offset: 0) { _, e in
+            if e.name != Array(".".utf8) && e.name != Array("..".utf8) { out.append(e.name) }
+            return true
+        }
+        return out
     }
 
     /// Damage the format detected while serving a request (the caller gets EIO).

@@ -40,7 +40,11 @@ struct NodeTable {
     var byIdentity: [Identity: UInt64] = [:]
     var nextID: UInt64 = 2
 
-    init(root: Identity) {
+    /// `firstID`: where new node IDs start (above 1, the root's): a filesystem that takes
+    /// over a mount from another (the cache area after a purge) starts above the IDs the
+    /// kernel may still hold from the old one.
+    init(root: Identity, firstID: UInt64 = 2) {
+        nextID = max(firstID, 2)
         nodes[NodeTable.rootID] = Node(identity: root, isDirectory: true, links: [], lookups: 1)
         byIdentity[root] = NodeTable.rootID
     }

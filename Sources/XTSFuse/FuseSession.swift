@@ -26,7 +26,9 @@ public enum FuseError: Error, CustomStringConvertible {
 /// `@unchecked Sendable`: after `mount()` only `session` is read (by the serving thread);
 /// other threads reach it only through `notifySession`; the filesystem is thread-safe.
 public final class FuseServer: @unchecked Sendable {
-    public let fs: FileSystem
+    /// The filesystem served; replaced only when the cache area is purged while mounted.
+    public var fs: FileSystem { current.withLock { $0 } }
+    private let current: Mutex<FileSystem>
     public let mountpoint: String
     let options: [String]
     let debug: Bool
@@ -48,7 +50,7 @@ public final class FuseServer: @unchecked Sendable {
     let xattrs: Bool
 
     public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, xattrs: Bool = true, debug: Bool = false, maxThreads: UInt32 = 16) {
-        self.fs = fs
+        self.current = Mutex(fs)
         self.xattrs = xattrs
         self.timeout = cacheTimeout
         self.mountpoint = mountpoint
@@ -90,6 +92,37 @@ public final class FuseServer: @unchecked Sendable {
                 p.withMemoryRebound(to: CChar.self) { fuse_lowlevel_notify_inval_entry(se, fuse_ino_t(parent), $0.baseAddress, p.count) }
             }
         }
+    }
+
+    /// Serves `new` from now on instead of the current filesystem, and tells the kernel to
+    /// forget what it cached of the old one (every node's attributes and cached pages, the
+    /// root's entries; entries below go with theirs). Requests under way finish on the old one; handles and nodes
+    /// of the old one then fail (EBADF, ENOENT): `new` must have been made with an
+    /// `idBase` above every ID the old one gave out. Returns the old filesystem.
+    @discardableResult
+    public func replace(with new: FileSystem) -> FileSystem {
+        let old = current.withLock { fs in
+            let old = fs
+            fs = new
+            return old
+        }
+        let names = old.rootNames()
+        let nodes = old.knownNodeIDs()
+        notifySession.withLock { address in
+            guard let se = OpaquePointer(bitPattern: address) else { return }
+            // Cached pages of the old files go too: a file still open must not keep
+            // reading plaintext the purge was meant to make unreadable.
+            for id in nodes where id != FileSystem.rootID {
+                _ = fuse_lowlevel_notify_inval_inode(se, fuse_ino_t(id), 0, 0)
+            }
+            for name in names {
+                _ = name.withUnsafeBufferPointer { p in
+                    p.withMemoryRebound(to: CChar.self) { fuse_lowlevel_notify_inval_entry(se, fuse_ino_t(FileSystem.rootID), $0.baseAddress, p.count) }
+                }
+            }
+            _ = fuse_lowlevel_notify_inval_inode(se, fuse_ino_t(FileSystem.rootID), 0, 0)
+        }
+        return old
     }
 
     /// Unmounts and tears down a session that was mounted but will never be served

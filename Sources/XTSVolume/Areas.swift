@@ -104,14 +104,7 @@ public enum Areas {
                 let root = try fresh(parentFD, name, keys: keys)
                 return Prepared(kind: .cache, mountpoint: mountpoint, keys: keys, parentFD: parentFD, name: name, rootFD: root)
             }
-            // No usable key: nothing in the old area can be read; remove it before the new
-            // key exists, so no crash leaves old ciphertext beside a key.
-            try removeTree(parentFD, name)
-            let cacheID = try Random.bytes(16)
-            let keys = try KeySet.generate(generation: areaKeyGeneration, volumeID: cacheID)
-            let file = try CacheKeyFile(cacheID: cacheID, wrapped: KeyWrap.wrap(keys.dek, kek: wrappingKey(volumeKeys, cacheID: cacheID)))
-            try Sys.atomicWrite(file.encode(), at: parentFD, BackingEntry.cacheKeyName, mode: 0o600)
-            let root = try fresh(parentFD, name, keys: keys)
+            let (keys, root) = try newCache(parentFD, volumeKeys: volumeKeys)
             return Prepared(kind: .cache, mountpoint: mountpoint, keys: keys, parentFD: parentFD, name: name, rootFD: root)
         } catch let e as VolumeError {
             Sys.close(parentFD)
@@ -120,6 +113,33 @@ public enum Areas {
             Sys.close(parentFD)
             throw .mountFailed("cache area: \(error)")
         }
+    }
+
+    /// A new cache key, its key file, and an empty area under it. Nothing in an old area
+    /// can be read without its key: it is removed before the new key exists, so no crash
+    /// leaves old ciphertext beside a key.
+    static func newCache(_ parentFD: Int32, volumeKeys: KeySet) throws -> (KeySet, Int32) {
+        try removeTree(parentFD, BackingEntry.cacheAreaName)
+        try removeTree(parentFD, BackingEntry.purgedCacheAreaName)
+        let cacheID = try Random.bytes(16)
+        let keys = try KeySet.generate(generation: areaKeyGeneration, volumeID: cacheID)
+        let file = try CacheKeyFile(cacheID: cacheID, wrapped: KeyWrap.wrap(keys.dek, kek: wrappingKey(volumeKeys, cacheID: cacheID)))
+        try Sys.atomicWrite(file.encode(), at: parentFD, BackingEntry.cacheKeyName, mode: 0o600)
+        return (keys, try fresh(parentFD, BackingEntry.cacheAreaName, keys: keys))
+    }
+
+    /// Deletes the cache key file (and a leftover replacement) and syncs the directory:
+    /// from then on the cache's ciphertext cannot be read.
+    static func discardCacheKey(_ parentFD: Int32) throws(SystemError) -> Bool {
+        var had = false
+        for name in [BackingEntry.cacheKeyName, BackingEntry.cacheKeyName + ".tmp"] {
+            if (try? Sys.fstatat(parentFD, name)) != nil {
+                had = true
+                do { try Sys.unlinkat(parentFD, name) } catch { if error.errno != ENOENT { throw error } }
+            }
+        }
+        try Sys.fsyncDirectory(parentFD)
+        return had
     }
 
     static func wrappingKey(_ volumeKeys: KeySet, cacheID: [UInt8]) throws(CryptoError) -> SecretBytes {
@@ -160,15 +180,10 @@ public enum Areas {
         defer { Sys.close(parentFD) }
         var had = false
         do {
-            for name in [BackingEntry.cacheKeyName, BackingEntry.cacheKeyName + ".tmp"] {
-                if (try? Sys.fstatat(parentFD, name)) != nil {
-                    had = true
-                    try Sys.unlinkat(parentFD, name)
-                }
-            }
-            try Sys.fsyncDirectory(parentFD)
+            had = try discardCacheKey(parentFD)
             if (try? Sys.fstatat(parentFD, BackingEntry.cacheAreaName)) != nil { had = true }
             try removeTree(parentFD, BackingEntry.cacheAreaName)
+            try removeTree(parentFD, BackingEntry.purgedCacheAreaName)
             try Sys.fsyncDirectory(parentFD)
         } catch {
             throw .failure("cache purge: \(error)")

@@ -14,7 +14,9 @@ import Glibc
 ///
 /// `@unchecked Sendable`: `lastUse` is in a Mutex, `stopped` atomic; the rest is immutable.
 final class CacheEviction: @unchecked Sendable {
-    let fs: FileSystem
+    /// The cache area's filesystem now (a purge replaces it).
+    let filesystem: @Sendable () -> FileSystem
+    var fs: FileSystem { filesystem() }
     let maxBytes: Int64
     let interval: Double
     let log: @Sendable (String) -> Void
@@ -25,8 +27,8 @@ final class CacheEviction: @unchecked Sendable {
     private var thread = pthread_t()
     private var started = false
 
-    init(fs: FileSystem, maxBytes: Int64, interval: Double = 2, log: @escaping @Sendable (String) -> Void) {
-        self.fs = fs
+    init(fs filesystem: @escaping @Sendable () -> FileSystem, maxBytes: Int64, interval: Double = 2, log: @escaping @Sendable (String) -> Void) {
+        self.filesystem = filesystem
         self.maxBytes = maxBytes
         self.interval = interval
         self.log = log
@@ -49,7 +51,7 @@ final class CacheEviction: @unchecked Sendable {
     }
 
     /// The files of the area with their sizes and last use (a walk through the filesystem).
-    func candidates() -> [Candidate] {
+    func candidates(_ fs: FileSystem) -> [Candidate] {
         var out: [Candidate] = []
         let seen = lastUse.withLock { $0 }
         func walk(_ dir: UInt64, _ depth: Int) {
@@ -76,7 +78,8 @@ final class CacheEviction: @unchecked Sendable {
     /// One pass: removes least recently used files until the rest fit. Returns how many.
     @discardableResult
     func evict() -> Int {
-        let files = candidates()
+        let fs = self.fs
+        let files = candidates(fs)
         var total = files.reduce(0) { $0 + $1.size }
         guard total > maxBytes else { return 0 }
         var removed = 0

@@ -228,7 +228,9 @@ public enum Mounter {
             return error.exitStatus.rawValue
         }
         var eviction: CacheEviction?
+        var control: CacheControl?
         defer {
+            control?.stop()
             eviction?.stop()
             finishAreas(areas, log: log)
         }
@@ -236,8 +238,11 @@ public enum Mounter {
             do {
                 let afs = try FileSystem(cipherDir: a.rootPath, keys: a.keys, readOnly: false, log: log)
                 let server = FuseServer(fs: afs, mountpoint: a.mountpoint, options: req.fuseOptions(area: a.kind), cacheTimeout: timeout, xattrs: req.xattrs, debug: req.debug)
+                if a.kind == .cache {
+                    control = CacheControl(cipherDir: req.cipherDir, area: a, volumeKeys: keys, server: server, log: log)
+                }
                 if a.kind == .cache, let max = req.areas.cacheMax {
-                    let e = CacheEviction(fs: afs, maxBytes: max, log: log)
+                    let e = CacheEviction(fs: { [unowned server] in server.fs }, maxBytes: max, log: log)
                     server.used = { e.used($0) }
                     e.invalidate = { [unowned server] parent, name in server.invalidate(parent: parent, name: name) }
                     eviction = e
@@ -292,6 +297,7 @@ public enum Mounter {
         }
         readiness.forEach { $0.startWaiting() }
         eviction?.start()
+        control?.start()
         var areaThreads: [(Int, FuseServerThread)] = []
         for i in servers.indices.dropFirst() {
             if let t = FuseServerThread.start(servers[i]) { areaThreads.append((i, t)) } else {

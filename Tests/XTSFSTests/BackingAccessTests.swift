@@ -209,6 +209,7 @@ final class BackingAccessTests: XCTestCase {
         XCTAssertEqual(BackingEntry.classify("xtsfs.unknown"), .foreign)
         XCTAssertEqual(BackingEntry.classify("xtsfs.temp"), .tempArea)
         XCTAssertEqual(BackingEntry.classify("xtsfs.cache"), .cacheArea)
+        XCTAssertEqual(BackingEntry.classify("xtsfs.cache.purged"), .cacheArea)
         XCTAssertEqual(BackingEntry.classify("xtsfs.cache.key"), .cacheKey)
         XCTAssertEqual(BackingEntry.classify("xtsfs.cache.key.tmp"), .temporary(of: "xtsfs.cache.key"))
     }

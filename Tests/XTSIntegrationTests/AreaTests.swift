@@ -274,8 +274,27 @@ final class AreaTests: VolumeTestCase {
         let status = Harness.run(["status", cipher])
         XCTAssertTrue(status.stdout.contains("temp on \(tmpMnt)") && status.stdout.contains("cache on \(cacheMnt)"), status.stdout)
 
-        // Purging a mounted cache is refused; unmounting the data area unmounts all three.
-        XCTAssertEqual(Harness.run(["cache", "purge", cipher]).status, 15)
+        // Purged while mounted: the daemon discards the key, switches to a fresh key and
+        // an empty area, and removes the old ciphertext; a file open in it stops working.
+        let oldCiphertext = try FileManager.default.contentsOfDirectory(atPath: cipher + "/xtsfs.cache").filter { $0 != "xtsfs.dir" }
+        XCTAssertFalse(oldCiphertext.isEmpty)
+        let held = open(cacheMnt + "/app/entry", O_RDONLY)
+        XCTAssertGreaterThanOrEqual(held, 0)
+        let online = Harness.run(["cache", "purge", cipher])
+        XCTAssertEqual(online.status, 0, online.stderr)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: cacheMnt), [], "the purged cache is empty at once")
+        var byte: UInt8 = 0
+        XCTAssertLessThan(Glibc.read(held, &byte, 1), 0, "a file open in the purged cache no longer reads")
+        close(held)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: cipher + "/xtsfs.cache"), ["xtsfs.dir"], "old ciphertext removed")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: cipher + "/xtsfs.cache.purged"))
+        let fresh = try XCTUnwrap(try self.cacheKeys(volume))
+        XCTAssertFalse(fresh.dek.constantTimeEquals(cacheKeys.dek), "a new cache key")
+        try Data("after purge\n".utf8).write(to: URL(fileURLWithPath: cacheMnt + "/new"))
+        XCTAssertEqual(try String(contentsOfFile: cacheMnt + "/new", encoding: .utf8), "after purge\n")
+        XCTAssertEqual(search(recentFiles([cipher]), needles(cacheKeys)), [], "the old cache key is nowhere on disk")
+
+        // Unmounting the data area unmounts all three.
         unmount()
         XCTAssertTrue(waitUnmounted([tmpMnt, cacheMnt], seconds: 1), "unmount of the data area unmounts the areas")
         XCTAssertFalse(FileManager.default.fileExists(atPath: cipher + "/xtsfs.temp"), "temp ciphertext removed at unmount")
@@ -285,6 +304,7 @@ final class AreaTests: VolumeTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: cipher + "/xtsfs.cache.key"), "the cache key is discarded")
         XCTAssertFalse(FileManager.default.fileExists(atPath: cipher + "/xtsfs.cache"), "the cache ciphertext is removed")
         XCTAssertNil(try self.cacheKeys(volume), "no cache key left to unwrap")
+        XCTAssertTrue(try FileManager.default.contentsOfDirectory(atPath: cipher).allSatisfy { !$0.hasPrefix("xtsfs.cache") })
         _ = mountAreas()
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: cacheMnt), [], "a purged cache comes back empty")
         unmount()
