@@ -376,6 +376,34 @@ final class AreaTests: VolumeTestCase {
         XCTAssertNil(AreaOptions.parseSize("0"))
     }
 
+    /// CIPHERDIR is hostile input: symlinks planted as the area directories and a FIFO as
+    /// the cache key file are replaced, never followed or opened.
+    func testPlantedAreaEntriesAreNeverFollowed() throws {
+        initVolume()
+        let victim = scratch + "/victim"
+        try FileManager.default.createDirectory(atPath: victim + "/keep", withIntermediateDirectories: true)
+        try Data("precious".utf8).write(to: URL(fileURLWithPath: victim + "/keep/file"))
+        try FileManager.default.createSymbolicLink(atPath: cipher + "/xtsfs.temp", withDestinationPath: victim)
+        try FileManager.default.createSymbolicLink(atPath: cipher + "/xtsfs.cache", withDestinationPath: victim)
+        XCTAssertEqual(mkfifo(cipher + "/xtsfs.cache.key", 0o600), 0)
+        _ = mountAreas()
+        try Data("t".utf8).write(to: URL(fileURLWithPath: tmpMnt + "/t"))
+        try Data("c".utf8).write(to: URL(fileURLWithPath: cacheMnt + "/c"))
+        unmount()
+        XCTAssertEqual(try String(contentsOfFile: victim + "/keep/file", encoding: .utf8), "precious")
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: victim), ["keep"])
+        var st = stat()
+        XCTAssertEqual(lstat(cipher + "/xtsfs.cache", &st), 0)
+        XCTAssertEqual(st.st_mode & S_IFMT, S_IFDIR, "a real directory replaced the planted symlink")
+        XCTAssertEqual(lstat(cipher + "/xtsfs.cache.key", &st), 0)
+        XCTAssertEqual(st.st_mode & S_IFMT, S_IFREG)
+        // And a purge removes a planted symlink, not what it points at.
+        try FileManager.default.removeItem(atPath: cipher + "/xtsfs.cache")
+        try FileManager.default.createSymbolicLink(atPath: cipher + "/xtsfs.cache", withDestinationPath: victim)
+        XCTAssertEqual(Harness.run(["cache", "purge", cipher]).status, 0)
+        XCTAssertEqual(try String(contentsOfFile: victim + "/keep/file", encoding: .utf8), "precious")
+    }
+
     /// A mount refused at FUSE INIT leaves none of the three mounted, and no temp area.
     func testRefusedAtInitLeavesNothingMounted() throws {
         initVolume()
