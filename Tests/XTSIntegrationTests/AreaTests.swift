@@ -265,6 +265,11 @@ final class AreaTests: VolumeTestCase {
         XCTAssertFalse(files.isEmpty)
         XCTAssertEqual(search(files, keyNeedles), [], "marker or key bytes written somewhere")
 
+        // fsck leaves the areas alone (a crashed temp area, the cache and its key).
+        let fsck = Harness.run(["fsck", cipher, "--passfile", passfile])
+        XCTAssertEqual(fsck.status, 0, fsck.stdout + fsck.stderr)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: cipher + "/xtsfs.cache.key"))
+
         _ = mountAreas()
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: tmpMnt), [], "temp area empty at mount")
         let now = try FileManager.default.contentsOfDirectory(atPath: cipher + "/xtsfs.temp")
