@@ -210,10 +210,16 @@ struct IntegrityContent<File: BackingFile> {
     private func changeRun(_ run: Range<Int64>, _ c: FileCrypto, _ s: HMACSession, old: Int64, edit: Range<Int64>?, data: UnsafeRawBufferPointer?, punch: Bool) throws(ContentError) {
         let n = run.count
         let B = L.blockSize
-        let buf = ThreadScratch.buffer(.request, count: n * unit)
         // Units below the old unit count exist and must be authentic before they change; the
         // others are new and start as zeros.
         let existing = min(n, max(0, Int(L.unitCount(old) - run.lowerBound)))
+        let runBytes = run.lowerBound * B..<run.upperBound * B
+        if existing == 0 && !(edit.map { $0.overlaps(runBytes) } ?? false) {
+            // Only new holes (a file grown past them): tags, and nothing else to write.
+            try writeHoleEntries(run, s)
+            return
+        }
+        let buf = ThreadScratch.buffer(.request, count: n * unit)
         var entries = [UInt8](repeating: 0, count: n * Int(L.entryLength))
         var slots = [Int](repeating: 0, count: n)
         if existing > 0 {
@@ -284,6 +290,19 @@ struct IntegrityContent<File: BackingFile> {
                 i = j
             }
         } catch { throw .io(error) }
+    }
+
+    private func writeHoleEntries(_ run: Range<Int64>, _ s: HMACSession) throws(ContentError) {
+        let E = Int(L.entryLength), T = L.tagLength
+        var entries = [UInt8](repeating: 0, count: run.count * E)
+        try entries.withMutableBytes { (e) throws(ContentError) in
+            for i in 0..<run.count {
+                do throws(CryptoError) {
+                    try FileCrypto.tag(s, unit: run.lowerBound + Int64(i), ciphertext: nil, into: UnsafeMutableRawBufferPointer(rebasing: e[i * E..<i * E + T]))
+                } catch { throw .crypto(error) }
+            }
+        }
+        do { try entries.withBytes { (p) throws(SystemError) in try file.write(p, at: L.entryOffset(unit: run.lowerBound)) } } catch { throw .io(error) }
     }
 
     // MARK: - helpers

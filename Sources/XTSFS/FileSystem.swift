@@ -52,6 +52,9 @@ public final class FileSystem: @unchecked Sendable {
     public static let maxFileSize: Int64 = Layout.maxPlainSize
     public let cipherDir: String
     public let readOnly: Bool
+    /// Authenticated contents (feature `blockAuthentication`): files use `IntegrityLayout`,
+    /// and their plaintext size is in their header rather than implied by their size.
+    public let integrity: Bool
     let keys: KeySet
     let names: NameCodec
     /// The keys of each DEK generation the volume holds (one until rekey exists); built once,
@@ -70,8 +73,9 @@ public final class FileSystem: @unchecked Sendable {
     let nextHandle = Atomic<UInt64>(1)
     let linkStoreHandle = Mutex<DirHandle?>(nil)
 
-    public init(cipherDir: String, keys: KeySet, readOnly: Bool, dirCacheCapacity: Int = 1024, log: @escaping @Sendable (String) -> Void) throws(FSError) {
+    public init(cipherDir: String, keys: KeySet, readOnly: Bool, integrity: Bool = false, dirCacheCapacity: Int = 1024, log: @escaping @Sendable (String) -> Void) throws(FSError) {
         self.cipherDir = cipherDir
+        self.integrity = integrity
         self.keys = keys
         self.names = NameCodec(keys: keys)
         self.keysByGeneration = { [keys] gen in gen == keys.generation ? keys : nil }
@@ -196,11 +200,12 @@ public final class FileSystem: @unchecked Sendable {
         _ = Glibc.unlinkat(dir.fd, hashed + NameCodec.longSuffix, 0)
     }
 
-    /// Backing attributes with plaintext sizes. `target` reads a symlink's target when asked.
-    func translate(_ st: stat, target: () -> [UInt8]?) -> stat {
+    /// Backing attributes with plaintext sizes. `target` reads a symlink's target when asked;
+    /// `header` opens a regular file for reading (integrity volumes keep the size in there).
+    func translate(_ st: stat, header: HeaderSource = .none, target: () -> [UInt8]?) -> stat {
         var out = st
         if st.isRegular {
-            out.st_size = off_t(Layout.plainSize(backingSize: Int64(st.st_size)))
+            out.st_size = off_t(integrity ? integritySize(st, header) : Layout.plainSize(backingSize: Int64(st.st_size)))
         } else if st.isSymlink, let raw = target(), let plain = try? decryptedTarget(raw) {
             out.st_size = off_t(plain.count)
         }

@@ -1,6 +1,7 @@
 import CSysShim
 import Synchronization
 import XTSCrypto
+import XTSFormat
 import XTSFS
 import XTSFuse
 import XTSKeys
@@ -154,7 +155,7 @@ public enum Mounter {
         }
         if req.foreground {
             ProcessHardening.apply()
-            return serve(req, keys: unlocked.keys, log: { say($0) }) { result in
+            return serve(req, keys: unlocked.keys, features: unlocked.header.features, log: { say($0) }) { result in
                 switch result {
                 case .success: say("mounted \(req.cipherDir) on \(req.mountpoint); serving in the foreground (unmount with: xtsfs unmount \(req.mountpoint))")
                 case .failure(let e): say("error: \(e)")
@@ -172,10 +173,10 @@ public enum Mounter {
     /// after the kernel's FUSE INIT has been answered and accepted, which is when libfuse
     /// rejects what it cannot do (`-o max_read=N` without a matching `max_read` in init())
     /// and ends the session; mount(2) alone succeeding proves nothing.
-    static func serve(_ req: MountRequest, keys: KeySet, log: @escaping @Sendable (String) -> Void,
+    static func serve(_ req: MountRequest, keys: KeySet, features: Features, log: @escaping @Sendable (String) -> Void,
                       ready: @escaping @Sendable (Result<Void, VolumeError>) -> Void) -> Int32 {
         let fs: FileSystem
-        do { fs = try FileSystem(cipherDir: req.cipherDir, keys: keys, readOnly: req.readOnly, log: log) } catch {
+        do { fs = try FileSystem(cipherDir: req.cipherDir, keys: keys, readOnly: req.readOnly, integrity: features.contains(.blockAuthentication), log: log) } catch {
             ready(.failure(.corruptHeader("cannot open the root directory: \(error)")))
             return ExitStatus.corruptHeader.rawValue
         }
@@ -367,12 +368,15 @@ public enum Mounter {
             Sys.close(statusFD)
         }
         guard gotGen, gotKey else { report("E\(ExitStatus.failure.rawValue) no key from the parent process"); return ExitStatus.failure.rawValue }
-        let keys: KeySet
-        do { keys = try Volume.keys(request.cipherDir, dek: dek, generation: UInt32(littleEndian: gen)) } catch {
+        let keys: KeySet, features: Features
+        do {
+            let opened = try Volume.opened(request.cipherDir, dek: dek, generation: UInt32(littleEndian: gen))
+            (keys, features) = (opened.keys, opened.header.features)
+        } catch {
             report("E\(error.exitStatus.rawValue) \(error)")
             return error.exitStatus.rawValue
         }
-        return serve(request, keys: keys, log: log) { result in
+        return serve(request, keys: keys, features: features, log: log) { result in
             switch result {
             case .success:
                 report("OK")

@@ -1,5 +1,6 @@
 import ArgumentParser
 import XTSCrypto
+import XTSFormat
 import XTSKeys
 import XTSSystem
 import XTSVolume
@@ -24,6 +25,9 @@ struct Init: ParsableCommand {
 
     @Option(name: .customLong("pbkdf-force-iterations"), help: ArgumentHelp("Use exactly N Argon2id iterations (no tuning).", valueName: "N"))
     var forceIterations: UInt32?
+
+    @Flag(name: .customLong("integrity"), help: "Authenticate file contents: a tampered, moved, cut or extended file reads as an I/O error, not as data (slower; see xtsfs-format(5)).")
+    var integrity = false
 
     func validate() throws {
         guard (1...16).contains(parallelism) else { throw ValidationError("--pbkdf-parallel must be 1 to 16") }
@@ -50,8 +54,9 @@ struct Init: ParsableCommand {
                 costs = tuned
             } catch { throw VolumeError.failure("cannot tune Argon2id: \(error)") }
         }
-        let header = try Volume.initialize(cipherDir: cipherDir, provider: PassphraseProvider(passphrase: passphrase, costs: costs))
-        say("Created an xtsfs volume in \(cipherDir): format version \(header.version), AES-256-XTS, keyslot 0 (passphrase, Argon2id m=\(costs.memoryKiB) KiB t=\(costs.iterations) p=\(costs.parallelism)).")
+        let header = try Volume.initialize(cipherDir: cipherDir, provider: PassphraseProvider(passphrase: passphrase, costs: costs),
+                                           features: integrity ? [.blockAuthentication] : [])
+        say("Created an xtsfs volume in \(cipherDir): format version \(header.version), AES-256-XTS\(integrity ? " with authenticated contents (HMAC-SHA256 tag per 4 KiB unit)" : ""), keyslot 0 (passphrase, Argon2id m=\(costs.memoryKiB) KiB t=\(costs.iterations) p=\(costs.parallelism)).")
         say("Mount it with: xtsfs mount \(cipherDir) MOUNTPOINT")
     }
 }
