@@ -25,7 +25,9 @@ struct IntegrityContent<File: BackingFile> {
         do { return try file.size() } catch { throw .io(error) }
     }
 
-    /// The stored header; nil when the backing file is empty (created, never written).
+    /// The stored header; nil when the backing file is empty (created, never written) or
+    /// its header is 64 zero bytes (a first write interrupted before its header: the file
+    /// was empty, and that is what it still is).
     func header() throws(ContentError) -> IntegrityFileHeader? {
         let backing = try backingSize()
         if backing == 0 { return nil }
@@ -33,6 +35,7 @@ struct IntegrityContent<File: BackingFile> {
         var raw = [UInt8](repeating: 0, count: IntegrityFileHeader.length)
         let n = try readFully(&raw, at: 0)
         guard n == raw.count else { throw .badHeader("short read") }
+        if raw.allSatisfy({ $0 == 0 }) { return nil }
         let h: IntegrityFileHeader
         do { h = try IntegrityFileHeader.decode(raw, macKey: currentKeys.metadataMACKey) } catch {
             // The MAC key depends on the generation recorded inside; try that one.
@@ -164,14 +167,15 @@ struct IntegrityContent<File: BackingFile> {
     private func change(_ st: (header: IntegrityFileHeader, crypto: FileCrypto)?, newSize new: Int64, edit: Range<Int64>?, data: UnsafeRawBufferPointer?, punch: Bool) throws(ContentError) -> FileCrypto {
         var h: IntegrityFileHeader
         let c: FileCrypto
+        // A file without a header reads as empty until its header is written, last, so a
+        // new file needs no header with length 0 first: its units, then the header and the
+        // first group's entries together (they are adjacent), two writes for a small file.
+        let fresh = st == nil
         if let st { (h, c) = st } else {
             do {
                 h = try IntegrityFileHeader.random(keyGeneration: currentKeys.generation)
                 c = try FileCrypto(keys: currentKeys, integrityHeader: h)
             } catch { throw .crypto(error) }
-            // The header first, with length 0: until the new length is written over it, the
-            // file reads as empty, whatever else got written.
-            try writeHeader(h, c)
         }
         let old = Int64(h.plainLength)
         let oldUnits = L.unitCount(old)
@@ -189,25 +193,31 @@ struct IntegrityContent<File: BackingFile> {
             lo = min(lo, old % L.blockSize != 0 ? oldUnits - 1 : oldUnits)
             hi = max(hi, L.unitCount(new))
         }
+        var firstEntries: [UInt8]?
         if lo < hi {
             let session: HMACSession
             do { session = try c.tagSession() } catch { throw .crypto(error) }
             for run in L.groupRuns(lo..<hi) {
-                try changeRun(run, c, session, old: old, edit: edit, data: data, punch: punch)
+                let deferred = try changeRun(run, c, session, old: old, edit: edit, data: data, punch: punch, deferEntries: fresh && run.lowerBound == 0)
+                if deferred != nil { firstEntries = deferred }
             }
         }
-        if new > old {
+        if new > old || fresh {
             do {
                 let want = L.backingSize(plainSize: new)
                 if try file.size() < want { try file.truncate(want) }
             } catch { throw .io(error) }
             h.plainLength = UInt64(new)
-            try writeHeader(h, c)
+            let bytes: [UInt8]
+            do { bytes = try h.encode(macKey: c.keys.metadataMACKey) + (firstEntries ?? []) } catch { throw .crypto(error) }
+            do { try bytes.withBytes { (p) throws(SystemError) in try file.write(p, at: 0) } } catch { throw .io(error) }
         }
         return c
     }
 
-    private func changeRun(_ run: Range<Int64>, _ c: FileCrypto, _ s: HMACSession, old: Int64, edit: Range<Int64>?, data: UnsafeRawBufferPointer?, punch: Bool) throws(ContentError) {
+    /// Changes the units of `run`. With `deferEntries` (a new file's first group) the
+    /// entries are returned instead of written, for the caller to write with the header.
+    private func changeRun(_ run: Range<Int64>, _ c: FileCrypto, _ s: HMACSession, old: Int64, edit: Range<Int64>?, data: UnsafeRawBufferPointer?, punch: Bool, deferEntries: Bool) throws(ContentError) -> [UInt8]? {
         let n = run.count
         let B = L.blockSize
         // Units below the old unit count exist and must be authentic before they change; the
@@ -216,8 +226,7 @@ struct IntegrityContent<File: BackingFile> {
         let runBytes = run.lowerBound * B..<run.upperBound * B
         if existing == 0 && !(edit.map { $0.overlaps(runBytes) } ?? false) {
             // Only new holes (a file grown past them): tags, and nothing else to write.
-            try writeHoleEntries(run, s)
-            return
+            return try writeHoleEntries(run, s, deferEntries: deferEntries)
         }
         let buf = ThreadScratch.buffer(.request, count: n * unit)
         var entries = [UInt8](repeating: 0, count: n * Int(L.entryLength))
@@ -274,8 +283,11 @@ struct IntegrityContent<File: BackingFile> {
             }
         }
         do throws(SystemError) {
-            // Tags first, then ciphertext: see the type's comment.
-            try entries.withBytes { (p) throws(SystemError) in try file.write(p, at: L.entryOffset(unit: run.lowerBound)) }
+            // Tags first, then ciphertext: see the type's comment. (Deferred entries belong
+            // to a file whose header is not written yet: nothing here is read before it.)
+            if !deferEntries {
+                try entries.withBytes { (p) throws(SystemError) in try file.write(p, at: L.entryOffset(unit: run.lowerBound)) }
+            }
             var i = 0
             while i < n {
                 var j = i
@@ -290,9 +302,10 @@ struct IntegrityContent<File: BackingFile> {
                 i = j
             }
         } catch { throw .io(error) }
+        return deferEntries ? entries : nil
     }
 
-    private func writeHoleEntries(_ run: Range<Int64>, _ s: HMACSession) throws(ContentError) {
+    private func writeHoleEntries(_ run: Range<Int64>, _ s: HMACSession, deferEntries: Bool) throws(ContentError) -> [UInt8]? {
         let E = Int(L.entryLength), T = L.tagLength
         var entries = [UInt8](repeating: 0, count: run.count * E)
         try entries.withMutableBytes { (e) throws(ContentError) in
@@ -302,7 +315,9 @@ struct IntegrityContent<File: BackingFile> {
                 } catch { throw .crypto(error) }
             }
         }
+        if deferEntries { return entries }
         do { try entries.withBytes { (p) throws(SystemError) in try file.write(p, at: L.entryOffset(unit: run.lowerBound)) } } catch { throw .io(error) }
+        return nil
     }
 
     // MARK: - helpers

@@ -16,6 +16,27 @@ enum HeaderSource {
     case entry(Int32, String)
 }
 
+/// A committed length read from a file header, valid while the backing file's size and
+/// change time are the ones it was read at: any write to the backing file, ours or
+/// anyone's, moves its ctime. Only files unchanged for a few seconds are remembered, so a
+/// coarse clock (two changes within one tick) or a write racing the header read cannot
+/// leave a stale entry. Only what `stat` shows comes from here; reads and writes always
+/// check the header itself.
+struct IntegritySize: Sendable {
+    var backing: Int64
+    var ctimeSec: Int
+    var ctimeNsec: Int
+    var plain: Int64
+
+    init(_ st: stat, plain: Int64) {
+        backing = Int64(st.st_size); ctimeSec = st.st_ctim.tv_sec; ctimeNsec = st.st_ctim.tv_nsec; self.plain = plain
+    }
+
+    func matches(_ st: stat) -> Bool {
+        backing == Int64(st.st_size) && ctimeSec == st.st_ctim.tv_sec && ctimeNsec == st.st_ctim.tv_nsec
+    }
+}
+
 extension FileSystem {
     /// The plaintext size of a file of an integrity volume: the length its header commits.
     /// When the header cannot be read here (the backing file is unreadable to us, or
@@ -23,6 +44,8 @@ extension FileSystem {
     func integritySize(_ st: stat, _ source: HeaderSource) -> Int64 {
         let backing = Int64(st.st_size)
         if backing == 0 { return 0 }
+        let key = Identity(st)
+        if let known = integritySizes.withLock({ $0[key] }), known.matches(st) { return known.plain }
         func fromHeader(_ fd: Int32) -> Int64? { try? content(fd).plainSize() }
         var size: Int64?
         switch source {
@@ -39,7 +62,16 @@ extension FileSystem {
                 Sys.close(fd)
             }
         }
-        return size ?? IntegrityLayout.largestPlainSize(backingSize: backing)
+        guard let size else { return IntegrityLayout.largestPlainSize(backingSize: backing) }
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        guard now.tv_sec - st.st_ctim.tv_sec >= 3 else { return size }
+        integritySizes.withLock { table in
+            // A bound, not an LRU: refilling costs one header read per file.
+            if table.count >= 100_000 { table.removeAll(keepingCapacity: true) }
+            table[key] = IntegritySize(st, plain: size)
+        }
+        return size
     }
 }
 

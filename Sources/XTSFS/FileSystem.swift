@@ -72,6 +72,8 @@ public final class FileSystem: @unchecked Sendable {
     let dirs = Mutex<[UInt64: [DirectoryEntry]]>([:])
     let nextHandle = Atomic<UInt64>(1)
     let linkStoreHandle = Mutex<DirHandle?>(nil)
+    /// Integrity volumes: committed lengths read from file headers, by backing inode.
+    let integritySizes = Mutex<[Identity: IntegritySize]>([:])
 
     public init(cipherDir: String, keys: KeySet, readOnly: Bool, integrity: Bool = false, dirCacheCapacity: Int = 1024, log: @escaping @Sendable (String) -> Void) throws(FSError) {
         self.cipherDir = cipherDir

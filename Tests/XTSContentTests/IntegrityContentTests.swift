@@ -261,6 +261,23 @@ final class IntegrityContentTests: XCTestCase {
 
     // MARK: - crash consistency
 
+    /// A new file's first write, stopped anywhere: the file is empty or complete.
+    func testFirstWriteStoppedAnywhereReadsEmptyOrWhole() throws {
+        let data = (0..<(130 * 4096 + 5)).map { UInt8(truncatingIfNeeded: $0 &* 13) }
+        var stop = 0
+        while true {
+            let m = MemoryFile()
+            let dying = DyingFile(m, budget: stop)
+            var finished = true
+            do { _ = try data.withUnsafeBytes { try content(dying).write($0, at: 0, crypto: nil) } } catch { finished = false }
+            let got = try readAll(content(m))
+            XCTAssertTrue(got.isEmpty || (finished && got == data), "stopped after \(stop) writes: \(got.count) bytes")
+            if finished { break }
+            stop += 1
+        }
+        XCTAssertEqual(stop, 4, "data of group 0, entries and data of group 1, header with group 0's entries")
+    }
+
     /// Every operation stopped after each possible number of its writes: every unit still
     /// authenticates (nothing reads as an error), the size is the old or the new one, and
     /// bytes the operation did not touch are unchanged.
