@@ -53,12 +53,15 @@ public enum ContentError: Error, Sendable, CustomStringConvertible {
     case crypto(CryptoError)
     /// The file header is damaged, or written under a key generation we do not hold.
     case badHeader(String)
+    /// Integrity volumes: a unit that does not match its tag (tampered, moved or cut off).
+    case authentication(String)
 
     public var description: String {
         switch self {
         case .io(let e): return "\(e)"
         case .crypto(let e): return "\(e)"
         case .badHeader(let s): return "damaged file header: \(s)"
+        case .authentication(let s): return "authentication failed: \(s)"
         }
     }
 }
@@ -71,16 +74,23 @@ public struct ContentFile<File: BackingFile> {
     /// The keys of a generation; nil if the volume does not hold it.
     public let keys: @Sendable (UInt32) -> KeySet?
     public let currentKeys: KeySet
+    /// The volume authenticates contents (feature `blockAuthentication`): every call goes
+    /// to `IntegrityContent`, whose layout is `IntegrityLayout`.
+    public let integrity: Bool
 
-    public init(file: File, currentKeys: KeySet, keys: @escaping @Sendable (UInt32) -> KeySet?) {
+    public init(file: File, currentKeys: KeySet, integrity: Bool = false, keys: @escaping @Sendable (UInt32) -> KeySet?) {
         self.file = file
         self.currentKeys = currentKeys
+        self.integrity = integrity
         self.keys = keys
     }
+
+    var authenticated: IntegrityContent<File> { IntegrityContent(file: file, currentKeys: currentKeys, keys: keys) }
 
     /// The plaintext size; a backing file larger than the format allows (a planted sparse
     /// file, say) is damaged rather than a reason for arithmetic to overflow.
     public func plainSize() throws(ContentError) -> Int64 {
+        if integrity { return try authenticated.plainSize() }
         let backing: Int64
         do { backing = try file.size() } catch { throw .io(error) }
         let size = Layout.plainSize(backingSize: backing)
@@ -90,6 +100,7 @@ public struct ContentFile<File: BackingFile> {
 
     /// Loads the file's header; nil for an empty file.
     public func loadCrypto() throws(ContentError) -> FileCrypto? {
+        if integrity { return try authenticated.loadCrypto() }
         let backing: Int64
         do { backing = try file.size() } catch { throw .io(error) }
         if backing == 0 { return nil }
@@ -115,6 +126,7 @@ public struct ContentFile<File: BackingFile> {
 
     /// Reads up to `output.count` plaintext bytes at `offset`; returns how many (0 at or past EOF).
     public func read(into output: UnsafeMutableRawBufferPointer, at offset: Int64, crypto: FileCrypto?) throws(ContentError) -> Int {
+        if integrity { return try authenticated.read(into: output, at: offset, crypto: crypto) }
         let size = try plainSize()
         return try read(into: output, at: offset, size: size, crypto: crypto)
     }
@@ -151,6 +163,7 @@ public struct ContentFile<File: BackingFile> {
     /// Writes `data` at `offset`, growing the file (with a hole) if needed. Returns the
     /// file's crypto state after the write (new for a new or tiny file).
     public func write(_ data: UnsafeRawBufferPointer, at offset: Int64, crypto: FileCrypto?) throws(ContentError) -> FileCrypto {
+        if integrity { return try authenticated.write(data, at: offset, crypto: crypto) }
         let old = try plainSize()
         let new = max(old, offset + Int64(data.count))
         return try rewrite(oldSize: old, newSize: new, crypto: crypto, written: offset..<offset + Int64(data.count), data: data)!
@@ -158,6 +171,7 @@ public struct ContentFile<File: BackingFile> {
 
     /// Sets the plaintext size, up (a hole) or down. Returns the crypto state after (nil when empty).
     public func truncate(to newSize: Int64, crypto: FileCrypto?) throws(ContentError) -> FileCrypto? {
+        if integrity { return try authenticated.truncate(to: newSize, crypto: crypto) }
         let old = try plainSize()
         if newSize == old {
             // Still a truncate: the file's mtime and ctime change, as make's stamp files expect.
@@ -174,6 +188,7 @@ public struct ContentFile<File: BackingFile> {
     /// Makes plaintext `range` (inside the file) read as zeros: whole units become holes in
     /// the backing file, partly covered ones are rewritten. Returns the crypto state after.
     public func zeroRange(_ range: Range<Int64>, crypto: FileCrypto?) throws(ContentError) -> FileCrypto? {
+        if integrity { return try authenticated.zeroRange(range, crypto: crypto) }
         let size = try plainSize()
         let lo = max(range.lowerBound, 0), hi = min(range.upperBound, size)
         guard lo < hi else { return crypto }

@@ -10,6 +10,8 @@ public final class FileCrypto: @unchecked Sendable {
     public let header: FileHeader
     public let keys: KeySet
     let xtsKey: SecretBytes
+    /// Integrity volumes only: the key of the file's unit tags (IntegrityCrypto.swift).
+    let tagKey: SecretBytes?
 
     static let fileLabel: [UInt8] = Array("xtsfs v1 file key".utf8)
     static let tinyLabel: [UInt8] = Array("xtsfs v1 tiny pad".utf8)
@@ -18,6 +20,16 @@ public final class FileCrypto: @unchecked Sendable {
         self.keys = keys
         self.header = header
         xtsKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.fileLabel + header.nonce, count: 64)
+        tagKey = nil
+    }
+
+    /// The keys of a file of an integrity volume: an XTS key and a tag key of its own,
+    /// each under a label used for nothing else.
+    public init(keys: KeySet, integrityHeader h: IntegrityFileHeader) throws(CryptoError) {
+        self.keys = keys
+        self.header = FileHeader(keyGeneration: h.keyGeneration, nonce: h.nonce)
+        xtsKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.integrityFileLabel + h.nonce, count: 64)
+        tagKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.integrityTagLabel + h.nonce, count: 32)
     }
 
     /// Encrypts (or decrypts) whole units in place in `buffer`, whose first byte is

@@ -57,6 +57,7 @@ public enum FSError: Error, Sendable, CustomStringConvertible {
         case .io(let s): self = .system(s)
         case .crypto(let c): self = .damaged("\(c)")
         case .badHeader(let s): self = .damaged(s)
+        case .authentication(let s): self = .damaged(s)
         }
     }
 

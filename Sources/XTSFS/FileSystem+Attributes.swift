@@ -7,15 +7,15 @@ import Glibc
 extension FileSystem {
     public func getattr(_ id: UInt64, handle: UInt64?) throws(FSError) -> stat {
         if let h = handle, let f = files.withLock({ $0[h] }) {
-            do { return translate(try Sys.fstat(f.fd)) { nil } } catch { throw .system(error) }
+            do { return translate(try Sys.fstat(f.fd), header: .open(f)) { nil } } catch { throw .system(error) }
         }
         do {
             let (st, dir, entry) = try statNode(id)
-            return translate(st) { try? Sys.readlinkat(dir.fd, entry) }
+            return translate(st, header: .entry(dir.fd, entry)) { try? Sys.readlinkat(dir.fd, entry) }
         } catch {
             // Every name gone while open: answer from an open handle of the node.
             if case .notFound = error, let f = anyOpenFile(of: id) {
-                do { return translate(try Sys.fstat(f.fd)) { nil } } catch { throw .system(error) }
+                do { return translate(try Sys.fstat(f.fd), header: .open(f)) { nil } } catch { throw .system(error) }
             }
             throw error
         }

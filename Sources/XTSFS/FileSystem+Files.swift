@@ -32,7 +32,7 @@ final class OpenFile: Sendable {
 
 extension FileSystem {
     func content(_ fd: Int32) -> ContentFile<FDBackingFile> {
-        ContentFile(file: FDBackingFile(fd: fd), currentKeys: keys, keys: keysByGeneration)
+        ContentFile(file: FDBackingFile(fd: fd), currentKeys: keys, integrity: integrity, keys: keysByGeneration)
     }
 
     /// Runs `body` under the file's exclusive lock with its keys loaded.
@@ -153,7 +153,7 @@ extension FileSystem {
         while true {
             let n = try f.state.lock.withReadLock { () throws(FSError) -> Int? in
                 guard f.state.loaded else { return nil }
-                do throws(ContentError) { return try c.read(into: buffer, at: offset, crypto: f.state.crypto) } catch { throw FSError(error) }
+                do throws(ContentError) { return try c.read(into: buffer, at: offset, crypto: f.state.crypto) } catch { throw naming(FSError(error), f.node) }
             }
             if let n { return n }
             try withExclusive(f.fd, f.state) { (_, _) throws(FSError) in }
@@ -171,7 +171,7 @@ extension FileSystem {
             do throws(ContentError) { s.crypto = try c.write(data, at: offset, crypto: s.crypto) } catch {
                 // A partial write may have left a new header on disk: read it again next time.
                 s.loaded = false
-                throw FSError(error)
+                throw naming(FSError(error), f.node)
             }
             return data.count
         }
@@ -229,7 +229,8 @@ extension FileSystem {
                     s.crypto = try c.zeroRange(offset..<end, crypto: s.crypto)
                 } else {
                     // Reserve the ciphertext's space; the blocks read as zeros, that is holes.
-                    do throws(SystemError) { try Sys.fallocate(f.fd, mode: keep, offset: Layout.headerLength + offset, length: length) }
+                    let r = integrity ? IntegrityLayout.backingRange(plain: offset..<end) : Layout.headerLength + offset..<Layout.headerLength + end
+                    do throws(SystemError) { try Sys.fallocate(f.fd, mode: keep, offset: r.lowerBound, length: r.upperBound - r.lowerBound) }
                     catch { throw ContentError.io(error) }
                 }
                 if mode & keep == 0 && end > size {

@@ -12,7 +12,7 @@ extension FileSystem {
         let st: stat
         do { st = try Sys.fstatat(dir.fd, b.entryName) } catch { throw error.errno == ENOENT ? .notFound : .system(error) }
         let id = table.withLock { $0.add(Link(parent: parent, name: name, entry: b.entryName), identity: Identity(st), isDirectory: st.isDirectory) }
-        return (id, translate(st) { try? Sys.readlinkat(dir.fd, b.entryName) })
+        return (id, translate(st, header: .entry(dir.fd, b.entryName)) { try? Sys.readlinkat(dir.fd, b.entryName) })
     }
 
     public func forget(_ id: UInt64, count: UInt64) {
@@ -133,7 +133,7 @@ extension FileSystem {
             throw .stale
         }
         let node = table.withLock { $0.add(Link(parent: newParent, name: newName, entry: db.entryName), identity: loc.identity, isDirectory: false) }
-        return (node, translate(st) { try? Sys.readlinkat(ddir.fd, db.entryName) })
+        return (node, translate(st, header: .entry(ddir.fd, db.entryName)) { try? Sys.readlinkat(ddir.fd, db.entryName) })
     }
 
     public func unlink(parent: UInt64, name: [UInt8]) throws(FSError) {

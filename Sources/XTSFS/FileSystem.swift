@@ -59,6 +59,9 @@ public final class FileSystem: @unchecked Sendable {
     public static let maxFileSize: Int64 = Layout.maxPlainSize
     public let cipherDir: String
     public let readOnly: Bool
+    /// Authenticated contents (feature `blockAuthentication`): files use `IntegrityLayout`,
+    /// and their plaintext size is in their header rather than implied by their size.
+    public let integrity: Bool
     let keys: KeySet
     let names: NameCodec
     /// The keys of each DEK generation the volume holds (one until rekey exists); built once,
@@ -80,14 +83,17 @@ public final class FileSystem: @unchecked Sendable {
     /// them, reached through their handle until forgotten: fstat of an open descriptor of
     /// a removed directory still answers, as on ext4.
     let removedDirs = Mutex<[UInt64: DirHandle]>([:])
+    /// Integrity volumes: committed lengths read from file headers, by backing inode.
+    let integritySizes = Mutex<[Identity: IntegritySize]>([:])
 
     /// `idBase`: node IDs and handles start above it, so that a filesystem replacing another
     /// on the same mount (a purged cache) never answers for an ID the kernel got from the
     /// old one; 0 for a filesystem of its own.
-    public init(cipherDir: String, keys: KeySet, readOnly: Bool, dirCacheCapacity: Int = 1024, idBase: UInt64 = 0,
+    public init(cipherDir: String, keys: KeySet, readOnly: Bool, integrity: Bool = false, dirCacheCapacity: Int = 1024, idBase: UInt64 = 0,
                 log: @escaping @Sendable (String) -> Void) throws(FSError) {
         nextHandle = Atomic(idBase + 1)
         self.cipherDir = cipherDir
+        self.integrity = integrity
         self.keys = keys
         self.names = NameCodec(keys: keys)
         self.keysByGeneration = { [keys] gen in gen == keys.generation ? keys : nil }
@@ -273,11 +279,12 @@ public final class FileSystem: @unchecked Sendable {
         _ = Glibc.unlinkat(dir.fd, hashed + NameCodec.longSuffix, 0)
     }
 
-    /// Backing attributes with plaintext sizes. `target` reads a symlink's target when asked.
-    func translate(_ st: stat, target: () -> [UInt8]?) -> stat {
+    /// Backing attributes with plaintext sizes. `target` reads a symlink's target when asked;
+    /// `header` opens a regular file for reading (integrity volumes keep the size in there).
+    func translate(_ st: stat, header: HeaderSource = .none, target: () -> [UInt8]?) -> stat {
         var out = st
         if st.isRegular {
-            out.st_size = off_t(Layout.plainSize(backingSize: Int64(st.st_size)))
+            out.st_size = off_t(integrity ? integritySize(st, header) : Layout.plainSize(backingSize: Int64(st.st_size)))
         } else if st.isSymlink, let raw = target(), let plain = try? decryptedTarget(raw) {
             out.st_size = off_t(plain.count)
         }

@@ -17,10 +17,11 @@ public enum NameCipher: UInt16, Sendable, CustomStringConvertible {
 public struct Features: OptionSet, Sendable, Hashable {
     public let rawValue: UInt64
     public init(rawValue: UInt64) { self.rawValue = rawValue }
-    /// Reserved for per-block authentication tags on contents (not written by v1).
+    /// Authenticated contents (`xtsfs init --integrity`): every 4 KiB unit carries a tag
+    /// and every file header commits the file's length (FORMAT.md section 12).
     public static let blockAuthentication = Features(rawValue: 1 << 0)
     /// Every flag this build can read.
-    public static let known: Features = []
+    public static let known: Features = [.blockAuthentication]
 }
 
 /// Which kind of key provider produced a keyslot's KEK.

@@ -87,6 +87,12 @@ public final class Fsck {
             throw VolumeError.failure("cannot open \(cipherDir): \(error)")
         }
         do { rootDev = UInt64(try Sys.fstat(root).st_dev) } catch { throw VolumeError.failure("\(error)") }
+        // Integrity volumes have files of another layout (FORMAT.md §12): checked as plain
+        // ones, every file would look damaged, and a repair could make it so. Refused
+        // before anything is read or changed, until fsck learns that layout.
+        if let loaded = try? Volume.load(cipherDir), loaded.candidates.contains(where: { $0.header.features.contains(.blockAuthentication) }) {
+            throw VolumeError.unsupported("fsck does not check volumes with authenticated contents (init --integrity) yet; nothing was read or changed")
+        }
         guard try checkHeaders(provider: provider) else { return }
         if keys == nil {
             report.notes.append("no key given: names, symlink targets, extended attributes and the MACs of file and directory headers were not checked (give --passfile FILE, or the passphrase at the prompt)")

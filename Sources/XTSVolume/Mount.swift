@@ -1,6 +1,7 @@
 import CSysShim
 import Synchronization
 import XTSCrypto
+import XTSFormat
 import XTSFS
 import XTSFuse
 import XTSKeys
@@ -176,7 +177,7 @@ public enum Mounter {
         }
         if req.foreground {
             ProcessHardening.apply()
-            return serve(req, keys: unlocked.keys, log: { say($0) }) { result in
+            return serve(req, keys: unlocked.keys, features: unlocked.header.features, log: { say($0) }) { result in
                 switch result {
                 case .success:
                     let areas = [req.areas.temp.map { "temp area on \($0)" }, req.areas.cache.map { "cache area on \($0)" }].compactMap { $0 }
@@ -204,10 +205,10 @@ public enum Mounter {
     /// on each, which is when libfuse rejects what it cannot do (`-o max_read=N` without a
     /// matching `max_read` in init()) and ends the session; mount(2) alone succeeding
     /// proves nothing. Unmounting the data area unmounts the others.
-    static func serve(_ req: MountRequest, keys: KeySet, log: @escaping @Sendable (String) -> Void,
+    static func serve(_ req: MountRequest, keys: KeySet, features: Features, log: @escaping @Sendable (String) -> Void,
                       ready: @escaping @Sendable (Result<Void, VolumeError>) -> Void) -> Int32 {
         let fs: FileSystem
-        do { fs = try FileSystem(cipherDir: req.cipherDir, keys: keys, readOnly: req.readOnly, log: log) } catch {
+        do { fs = try FileSystem(cipherDir: req.cipherDir, keys: keys, readOnly: req.readOnly, integrity: features.contains(.blockAuthentication), log: log) } catch {
             ready(.failure(.corruptHeader("cannot open the root directory: \(error)")))
             return ExitStatus.corruptHeader.rawValue
         }
@@ -481,12 +482,15 @@ public enum Mounter {
             Sys.close(statusFD)
         }
         guard gotGen, gotKey else { report("E\(ExitStatus.failure.rawValue) no key from the parent process"); return ExitStatus.failure.rawValue }
-        let keys: KeySet
-        do { keys = try Volume.keys(request.cipherDir, dek: dek, generation: UInt32(littleEndian: gen)) } catch {
+        let keys: KeySet, features: Features
+        do {
+            let opened = try Volume.opened(request.cipherDir, dek: dek, generation: UInt32(littleEndian: gen))
+            (keys, features) = (opened.keys, opened.header.features)
+        } catch {
             report("E\(error.exitStatus.rawValue) \(error)")
             return error.exitStatus.rawValue
         }
-        return serve(request, keys: keys, log: log) { result in
+        return serve(request, keys: keys, features: features, log: log) { result in
             switch result {
             case .success:
                 if DamageLog.destination(mountpoint: request.mountpoint) != nil {

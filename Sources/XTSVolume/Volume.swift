@@ -15,7 +15,7 @@ public enum Volume {
     /// (slot 0 for `provider`, then 1, 2, ... for `more`, such as a recovery key).
     @discardableResult
     /// Writes no audit line: a fresh volume is exactly its three files.
-    public static func initialize(cipherDir: String, provider: any KeyProvider, more: [any KeyProvider] = []) throws(VolumeError) -> VolumeHeader {
+    public static func initialize(cipherDir: String, provider: any KeyProvider, more: [any KeyProvider] = [], features: Features = []) throws(VolumeError) -> VolumeHeader {
         if Sys.exists(cipherDir) {
             let entries: [(name: String, type: UInt8, ino: UInt64)]
             do { entries = try Sys.listDirectory(cipherDir) } catch { throw .refused("cannot use \(cipherDir): \(error)") }
@@ -34,6 +34,7 @@ public enum Volume {
                 slots.append(try Keyring.makeSlot(index: UInt16(i), keys: keys, volumeID: volumeID, provider: p, now: now()))
             }
             var header = VolumeHeader(sequence: 1, volumeID: volumeID, created: now(), keyGeneration: 1, keyslots: slots)
+            header.features = features
             header = try Keyring.seal(header, keys: keys)
             let dir = try DirHeader.random(keyGeneration: 1).encode(macKey: keys.metadataMACKey)
             // The root directory header first: a volume header marks a complete volume.
@@ -177,12 +178,17 @@ public enum Volume {
     /// it against a header copy (digest and MAC) and the root directory header. Each copy
     /// is tried, as in `unlock`: the subkeys depend on the copy's volume ID.
     public static func keys(_ cipherDir: String, dek: SecretBytes, generation: UInt32) throws(VolumeError) -> KeySet {
+        try opened(cipherDir, dek: dek, generation: generation).keys
+    }
+
+    /// The keys and the header copy they verify (whose feature flags the daemon serves by).
+    public static func opened(_ cipherDir: String, dek: SecretBytes, generation: UInt32) throws(VolumeError) -> (keys: KeySet, header: VolumeHeader) {
         let loaded = try load(cipherDir)
         for c in loaded.candidates {
             guard let keys = try? KeySet(dek: dek, generation: generation, volumeID: c.header.volumeID),
                   (try? Keyring.verify(c.header, keys: keys)) != nil,
                   (try? checkRootDirectory(cipherDir, keys: keys)) != nil else { continue }
-            return keys
+            return (keys, c.header)
         }
         throw .wrongKey("the key does not match this volume's header")
     }

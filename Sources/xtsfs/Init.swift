@@ -1,5 +1,6 @@
 import ArgumentParser
 import XTSCrypto
+import XTSFormat
 import XTSKeys
 import XTSSystem
 import XTSVolume
@@ -20,6 +21,9 @@ struct Init: ParsableCommand {
     var recoveryKey = false
 
     @OptionGroup var kdf: KDFOptions
+
+    @Flag(name: .customLong("integrity"), help: "Authenticate file contents: a tampered, moved, cut or extended file reads as an I/O error, not as data (slower; see xtsfs-format(5)).")
+    var integrity = false
 
     func validate() throws {
         if key.slot != nil { throw ValidationError("--slot is for existing volumes") }
@@ -43,7 +47,7 @@ struct Init: ParsableCommand {
             more.append(p)
             recovery = printable
         }
-        let header = try Volume.initialize(cipherDir: cipherDir, provider: provider, more: more)
+        let header = try Volume.initialize(cipherDir: cipherDir, provider: provider, more: more, features: integrity ? [.blockAuthentication] : [])
         if let k = provider as? KMIPProvider, generate { say("Created key \(k.keyID) on the KMIP server \(k.connection.server); unlock with --kmip-key-id \(k.keyID).") }
         let what: String
         if choice.usesKDF {
@@ -51,7 +55,7 @@ struct Init: ParsableCommand {
         } else {
             what = "\(provider.type)"
         }
-        say("Created an xtsfs volume in \(cipherDir): format version \(header.version), AES-256-XTS, keyslot 0 (\(what)).")
+        say("Created an xtsfs volume in \(cipherDir): format version \(header.version), AES-256-XTS\(integrity ? " with authenticated contents (HMAC-SHA256 tag per 4 KiB unit)" : ""), keyslot 0 (\(what)).")
         if let recovery { printRecoveryKey(recovery, slot: 1) }
         say("Mount it with: xtsfs mount \(cipherDir) MOUNTPOINT")
     }

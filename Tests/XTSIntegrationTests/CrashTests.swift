@@ -7,7 +7,7 @@ import Glibc
 
 /// The daemon killed with SIGKILL in the middle of writes: what was fsync'ed survives,
 /// and the volume mounts again.
-final class CrashTests: VolumeTestCase {
+class CrashTests: VolumeTestCase {
     func testKillDashNineLosesNothingFsynced() throws {
         initVolume()
         mount()

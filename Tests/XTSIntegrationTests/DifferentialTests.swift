@@ -9,7 +9,7 @@ import Glibc
 /// outcome (success or errno) must agree, and at checkpoints every name, type, size, byte,
 /// link count and extended attribute of both trees. Fixed seeds, so a failure replays
 /// exactly; a failure is minimised to a short reproducer (see `Minimiser`).
-final class DifferentialTests: VolumeTestCase {
+class DifferentialTests: VolumeTestCase {
     var plain = ""
 
     override func setUpWithError() throws {

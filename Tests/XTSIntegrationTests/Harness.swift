@@ -135,8 +135,28 @@ class VolumeTestCase: XCTestCase {
         super.tearDown()
     }
 
+    /// Extra `init` arguments: a subclass runs the same tests on another kind of volume.
+    var initArguments: [String] { [] }
+
+    /// The backing size of an n-byte file on the volumes this test case makes.
+    func backingSize(_ n: Int) -> Int {
+        if initArguments.contains("--integrity") {
+            // FORMAT.md section 12: groups of a tag block and 126 data blocks.
+            if n == 0 { return 0 }
+            let last = (n + 4095) / 4096 - 1
+            return (last / 126) * 127 * 4096 + 4096 * (1 + last % 126) + 4096
+        }
+        return n == 0 ? 0 : n + 32
+    }
+
+    /// Backing space a hole of n bytes takes on these volumes: none on plain ones; the tag
+    /// blocks (4 KiB per 504 KiB) on integrity ones.
+    func holeOverhead(_ n: Int) -> Int {
+        initArguments.contains("--integrity") ? (n / (126 * 4096) + 2) * 4096 : 0
+    }
+
     func initVolume(file: StaticString = #filePath, line: UInt = #line) {
-        let r = Harness.run(["init", cipher, "--passfile", passfile] + Self.cheapKDF)
+        let r = Harness.run(["init", cipher, "--passfile", passfile] + Self.cheapKDF + initArguments)
         XCTAssertEqual(r.status, 0, "init failed: \(r.stderr)", file: file, line: line)
     }
 

@@ -1,0 +1,348 @@
+import XTSCrypto
+import XTSFormat
+import XTSKeys
+import XTSSystem
+
+/// Content I/O of a backing file of an integrity volume (FORMAT.md section 12). Same
+/// contract as `ContentFile`, which forwards here: the caller holds the file's lock.
+///
+/// Every change keeps one rule, so that a writer killed between any two of its writes
+/// leaves every unit readable: a unit's current tag is never overwritten before its new
+/// ciphertext is in place (the new tag goes to the entry's other slot first), and the
+/// header's length is written last when the file grows and first when it shrinks, so
+/// bytes past the committed length are never read.
+struct IntegrityContent<File: BackingFile> {
+    typealias L = IntegrityLayout
+    let file: File
+    let currentKeys: KeySet
+    let keys: @Sendable (UInt32) -> KeySet?
+
+    private var unit: Int { Int(L.blockSize) }
+
+    // MARK: - header and keys
+
+    func backingSize() throws(ContentError) -> Int64 {
+        do { return try file.size() } catch { throw .io(error) }
+    }
+
+    /// The stored header; nil when the backing file is empty (created, never written) or
+    /// its header is 64 zero bytes (a first write interrupted before its header: the file
+    /// was empty, and that is what it still is).
+    func header() throws(ContentError) -> IntegrityFileHeader? {
+        let backing = try backingSize()
+        if backing == 0 { return nil }
+        guard backing >= L.headerLength else { throw .badHeader("backing file is \(backing) bytes, shorter than its header") }
+        var raw = [UInt8](repeating: 0, count: IntegrityFileHeader.length)
+        let n = try readFully(&raw, at: 0)
+        guard n == raw.count else { throw .badHeader("short read") }
+        if raw.allSatisfy({ $0 == 0 }) { return nil }
+        let h: IntegrityFileHeader
+        do { h = try IntegrityFileHeader.decode(raw, macKey: currentKeys.metadataMACKey) } catch {
+            // The MAC key depends on the generation recorded inside; try that one.
+            guard let gen = IntegrityFileHeader.claimedGeneration(raw), gen != currentKeys.generation, let k = keys(gen),
+                  let other = try? IntegrityFileHeader.decode(raw, macKey: k.metadataMACKey) else { throw .badHeader("\(error)") }
+            h = other
+        }
+        guard h.plainLength <= UInt64(L.maxPlainSize) else { throw .badHeader("claims \(h.plainLength) bytes, beyond the largest file the format allows") }
+        return h
+    }
+
+    /// The header and the keys it names (the cached ones if the nonce is unchanged).
+    func state(_ crypto: FileCrypto?) throws(ContentError) -> (header: IntegrityFileHeader, crypto: FileCrypto)? {
+        guard let h = try header() else { return nil }
+        if let c = crypto, c.isIntegrity, c.header.nonce == h.nonce, c.header.keyGeneration == h.keyGeneration { return (h, c) }
+        guard let k = keys(h.keyGeneration) else { throw .badHeader("written under key generation \(h.keyGeneration), which this volume no longer holds") }
+        do { return (h, try FileCrypto(keys: k, integrityHeader: h)) } catch { throw .crypto(error) }
+    }
+
+    func plainSize() throws(ContentError) -> Int64 {
+        try header().map { Int64($0.plainLength) } ?? 0
+    }
+
+    func loadCrypto() throws(ContentError) -> FileCrypto? { try state(nil)?.crypto }
+
+    private func writeHeader(_ h: IntegrityFileHeader, _ c: FileCrypto) throws(ContentError) {
+        let bytes: [UInt8]
+        do { bytes = try h.encode(macKey: c.keys.metadataMACKey) } catch { throw .crypto(error) }
+        do { try bytes.withBytes { (p) throws(SystemError) in try file.write(p, at: 0) } } catch { throw .io(error) }
+    }
+
+    // MARK: - reading
+
+    func read(into output: UnsafeMutableRawBufferPointer, at offset: Int64, crypto: FileCrypto?) throws(ContentError) -> Int {
+        guard let (h, c) = try state(crypto) else { return 0 }
+        let size = Int64(h.plainLength)
+        let end = min(offset + Int64(output.count), size)
+        guard offset < end else { return 0 }
+        let units = L.units(overlapping: offset..<end)
+        let session: HMACSession
+        do { session = try c.tagSession() } catch { throw .crypto(error) }
+        var out = 0
+        for run in L.groupRuns(units) {
+            let buf = ThreadScratch.buffer(.content, count: run.count * unit)
+            _ = try load(run, into: buf, c, session)
+            do { try c.cryptWhole(buf, firstUnit: run.lowerBound, count: run.count, encrypt: false) } catch { throw .crypto(error) }
+            let lo = max(offset, run.lowerBound * L.blockSize), hi = min(end, run.upperBound * L.blockSize)
+            (output.baseAddress! + out).copyMemory(from: buf.baseAddress! + Int(lo - run.lowerBound * L.blockSize), byteCount: Int(hi - lo))
+            out += Int(hi - lo)
+        }
+        return out
+    }
+
+    /// Reads the entries and ciphertext of `run` (zeros past the end of the backing file)
+    /// and checks every unit against its entry. Returns the entries and, for each unit, the
+    /// slot that holds its current tag.
+    private func load(_ run: Range<Int64>, into buf: UnsafeMutableRawBufferPointer, _ c: FileCrypto, _ s: HMACSession) throws(ContentError) -> (entries: [UInt8], slots: [Int]) {
+        var entries = [UInt8](repeating: 0, count: run.count * Int(L.entryLength))
+        _ = try readFully(&entries, at: L.entryOffset(unit: run.lowerBound))
+        _ = try readFully(buf, at: L.dataOffset(unit: run.lowerBound))
+        var slots = [Int](repeating: 0, count: run.count)
+        var tag = (UInt64(0), UInt64(0))
+        for i in 0..<run.count {
+            let u = run.lowerBound + Int64(i)
+            let ct = UnsafeRawBufferPointer(rebasing: buf[i * unit..<(i + 1) * unit])
+            let hole = FileCrypto.isZero(ct.baseAddress!, unit)
+            let found: Int? = try withUnsafeMutableBytes(of: &tag) { (t) throws(ContentError) -> Int? in
+                do throws(CryptoError) { try FileCrypto.tag(s, unit: u, ciphertext: hole ? nil : ct, into: t) } catch { throw .crypto(error) }
+                return entries.withUnsafeBytes { e in
+                    let base = i * Int(L.entryLength)
+                    if equal(UnsafeRawBufferPointer(t), UnsafeRawBufferPointer(rebasing: e[base..<base + L.tagLength])) { return 0 }
+                    if equal(UnsafeRawBufferPointer(t), UnsafeRawBufferPointer(rebasing: e[base + L.tagLength..<base + 2 * L.tagLength])) { return 1 }
+                    return nil
+                }
+            }
+            guard let slot = found else {
+                throw .authentication("unit \(u) (plaintext bytes \(u * L.blockSize)–\((u + 1) * L.blockSize - 1)) does not match its tag\(hole ? " (it reads as a hole)" : "")")
+            }
+            slots[i] = slot
+        }
+        return (entries, slots)
+    }
+
+    // MARK: - changing
+
+    func write(_ data: UnsafeRawBufferPointer, at offset: Int64, crypto: FileCrypto?) throws(ContentError) -> FileCrypto {
+        let st = try state(crypto)
+        let old = st.map { Int64($0.header.plainLength) } ?? 0
+        let new = max(old, offset + Int64(data.count))
+        return try change(st, newSize: new, edit: offset..<offset + Int64(data.count), data: data, punch: false)
+    }
+
+    func truncate(to newSize: Int64, crypto: FileCrypto?) throws(ContentError) -> FileCrypto? {
+        if newSize == 0 {
+            // Emptying needs no key (a file with a damaged header can still be emptied); the
+            // next write draws a new nonce, so nothing older can be replayed into the file.
+            do { try file.truncate(0) } catch { throw .io(error) }
+            return nil
+        }
+        let st = try state(crypto)
+        let old = st.map { Int64($0.header.plainLength) } ?? 0
+        if newSize > old { return try change(st, newSize: newSize, edit: nil, data: nil, punch: false) }
+        guard let st else { return crypto }
+        var h = st.header
+        let c = st.crypto
+        if newSize < old {
+            // Length first: from here on the units past it are never read.
+            h.plainLength = UInt64(newSize)
+            try writeHeader(h, c)
+        }
+        // Also when the size is unchanged: a truncate changes mtime and ctime.
+        do {
+            let want = L.backingSize(plainSize: newSize), have = try file.size()
+            try file.truncate(newSize < old ? min(want, have) : have)
+        } catch { throw .io(error) }
+        return c
+    }
+
+    func zeroRange(_ range: Range<Int64>, crypto: FileCrypto?) throws(ContentError) -> FileCrypto? {
+        guard let st = try state(crypto) else { return crypto }
+        let size = Int64(st.header.plainLength)
+        let lo = max(range.lowerBound, 0), hi = min(range.upperBound, size)
+        guard lo < hi else { return st.crypto }
+        return try change(st, newSize: size, edit: lo..<hi, data: nil, punch: true)
+    }
+
+    /// Changes the file to `new` bytes with plaintext `edit` replaced by `data` (zeros when
+    /// nil); with `punch`, units the edit covers whole become holes.
+    private func change(_ st: (header: IntegrityFileHeader, crypto: FileCrypto)?, newSize new: Int64, edit: Range<Int64>?, data: UnsafeRawBufferPointer?, punch: Bool) throws(ContentError) -> FileCrypto {
+        var h: IntegrityFileHeader
+        let c: FileCrypto
+        // A file without a header reads as empty until its header is written, last, so a
+        // new file needs no header with length 0 first: its units, then the header and the
+        // first group's entries together (they are adjacent), two writes for a small file.
+        let fresh = st == nil
+        if let st { (h, c) = st } else {
+            do {
+                h = try IntegrityFileHeader.random(keyGeneration: currentKeys.generation)
+                c = try FileCrypto(keys: currentKeys, integrityHeader: h)
+            } catch { throw .crypto(error) }
+        }
+        let old = Int64(h.plainLength)
+        let oldUnits = L.unitCount(old)
+        if new > old {
+            // Whatever lies past the committed length was left by an interrupted change:
+            // drop it, so that new units start from zeros.
+            let committed = L.backingSize(plainSize: old)
+            do { if try file.size() > committed { try file.truncate(committed) } } catch { throw .io(error) }
+        }
+        var lo = Int64.max, hi = Int64.min
+        if let e = edit, !e.isEmpty { let us = L.units(overlapping: e); lo = us.lowerBound; hi = us.upperBound }
+        if new > old {
+            // The old last unit, if partial, gets zeros past the old end (a shrink leaves
+            // stale bytes there); the units up to the new end get tags (holes or data).
+            lo = min(lo, old % L.blockSize != 0 ? oldUnits - 1 : oldUnits)
+            hi = max(hi, L.unitCount(new))
+        }
+        var firstEntries: [UInt8]?
+        if lo < hi {
+            let session: HMACSession
+            do { session = try c.tagSession() } catch { throw .crypto(error) }
+            for run in L.groupRuns(lo..<hi) {
+                let deferred = try changeRun(run, c, session, old: old, edit: edit, data: data, punch: punch, deferEntries: fresh && run.lowerBound == 0)
+                if deferred != nil { firstEntries = deferred }
+            }
+        }
+        if new > old || fresh {
+            do {
+                let want = L.backingSize(plainSize: new)
+                if try file.size() < want { try file.truncate(want) }
+            } catch { throw .io(error) }
+            h.plainLength = UInt64(new)
+            let bytes: [UInt8]
+            do { bytes = try h.encode(macKey: c.keys.metadataMACKey) + (firstEntries ?? []) } catch { throw .crypto(error) }
+            do { try bytes.withBytes { (p) throws(SystemError) in try file.write(p, at: 0) } } catch { throw .io(error) }
+        }
+        return c
+    }
+
+    /// Changes the units of `run`. With `deferEntries` (a new file's first group) the
+    /// entries are returned instead of written, for the caller to write with the header.
+    private func changeRun(_ run: Range<Int64>, _ c: FileCrypto, _ s: HMACSession, old: Int64, edit: Range<Int64>?, data: UnsafeRawBufferPointer?, punch: Bool, deferEntries: Bool) throws(ContentError) -> [UInt8]? {
+        let n = run.count
+        let B = L.blockSize
+        // Units below the old unit count exist and must be authentic before they change; the
+        // others are new and start as zeros.
+        let existing = min(n, max(0, Int(L.unitCount(old) - run.lowerBound)))
+        let runBytes = run.lowerBound * B..<run.upperBound * B
+        if existing == 0 && !(edit.map { $0.overlaps(runBytes) } ?? false) {
+            // Only new holes (a file grown past them): tags, and nothing else to write.
+            return try writeHoleEntries(run, s, deferEntries: deferEntries)
+        }
+        let buf = ThreadScratch.buffer(.request, count: n * unit)
+        var entries = [UInt8](repeating: 0, count: n * Int(L.entryLength))
+        var slots = [Int](repeating: 0, count: n)
+        if existing > 0 {
+            let head = UnsafeMutableRawBufferPointer(rebasing: buf[0..<existing * unit])
+            let loaded = try load(run.lowerBound..<run.lowerBound + Int64(existing), into: head, c, s)
+            entries.replaceSubrange(0..<loaded.entries.count, with: loaded.entries)
+            slots.replaceSubrange(0..<existing, with: loaded.slots)
+            let needOld: (Int) -> Bool = { i in
+                let r = L.plainRange(unit: run.lowerBound + Int64(i))
+                return !(edit.map { $0.lowerBound <= r.lowerBound && $0.upperBound >= r.upperBound } ?? false)
+            }
+            do { try c.cryptWhole(head, firstUnit: run.lowerBound, count: existing, encrypt: false, skip: { !needOld($0) }) } catch { throw .crypto(error) }
+            // Bytes past the old end (left by a shrink) become zeros.
+            let lastStart = (L.unitCount(old) - 1) * B
+            if old % B != 0, run.contains(L.unitCount(old) - 1) {
+                let i = Int(L.unitCount(old) - 1 - run.lowerBound)
+                let from = Int(old - lastStart)
+                (buf.baseAddress! + i * unit + from).initializeMemory(as: UInt8.self, repeating: 0, count: unit - from)
+            }
+        }
+        if existing < n { (buf.baseAddress! + existing * unit).initializeMemory(as: UInt8.self, repeating: 0, count: (n - existing) * unit) }
+        var hole = [Bool](repeating: false, count: n)
+        for i in 0..<n {
+            let r = L.plainRange(unit: run.lowerBound + Int64(i))
+            if let e = edit, e.lowerBound < r.upperBound, e.upperBound > r.lowerBound {
+                let a = max(e.lowerBound, r.lowerBound), b = min(e.upperBound, r.upperBound)
+                let dst = buf.baseAddress! + i * unit + Int(a - r.lowerBound)
+                if let data { dst.copyMemory(from: data.baseAddress! + Int(a - e.lowerBound), byteCount: Int(b - a)) }
+                else { dst.initializeMemory(as: UInt8.self, repeating: 0, count: Int(b - a)) }
+                hole[i] = punch && a == r.lowerBound && b == r.upperBound
+            } else {
+                // Not edited: a new unit (a hole), or the old last unit getting its zeros.
+                hole[i] = i >= existing
+            }
+        }
+        do { try c.cryptWhole(buf, firstUnit: run.lowerBound, count: n, encrypt: true, skip: { hole[$0] }) } catch { throw .crypto(error) }
+        let E = Int(L.entryLength), T = L.tagLength
+        try entries.withMutableBytes { (e) throws(ContentError) in
+            for i in 0..<n {
+                let u = run.lowerBound + Int64(i)
+                let target: Int
+                if i < existing {
+                    // Keep the slot that matches what is on disk now.
+                    target = i * E + (1 - slots[i]) * T
+                } else {
+                    target = i * E
+                    (e.baseAddress! + i * E + T).initializeMemory(as: UInt8.self, repeating: 0, count: T)
+                }
+                let ct = hole[i] ? nil : UnsafeRawBufferPointer(rebasing: buf[i * unit..<(i + 1) * unit])
+                do throws(CryptoError) { try FileCrypto.tag(s, unit: u, ciphertext: ct, into: UnsafeMutableRawBufferPointer(rebasing: e[target..<target + T])) }
+                catch { throw .crypto(error) }
+            }
+        }
+        do throws(SystemError) {
+            // Tags first, then ciphertext: see the type's comment. (Deferred entries belong
+            // to a file whose header is not written yet: nothing here is read before it.)
+            if !deferEntries {
+                try entries.withBytes { (p) throws(SystemError) in try file.write(p, at: L.entryOffset(unit: run.lowerBound)) }
+            }
+            var i = 0
+            while i < n {
+                var j = i
+                while j < n && hole[j] == hole[i] { j += 1 }
+                let at = L.dataOffset(unit: run.lowerBound + Int64(i))
+                if !hole[i] {
+                    try file.write(UnsafeRawBufferPointer(rebasing: buf[i * unit..<j * unit]), at: at)
+                } else if i < existing {
+                    // Existing units becoming holes (new ones are zeros already).
+                    try file.punchHole(at: at, length: Int64(min(j, existing) - i) * B)
+                }
+                i = j
+            }
+        } catch { throw .io(error) }
+        return deferEntries ? entries : nil
+    }
+
+    private func writeHoleEntries(_ run: Range<Int64>, _ s: HMACSession, deferEntries: Bool) throws(ContentError) -> [UInt8]? {
+        let E = Int(L.entryLength), T = L.tagLength
+        var entries = [UInt8](repeating: 0, count: run.count * E)
+        try entries.withMutableBytes { (e) throws(ContentError) in
+            for i in 0..<run.count {
+                do throws(CryptoError) {
+                    try FileCrypto.tag(s, unit: run.lowerBound + Int64(i), ciphertext: nil, into: UnsafeMutableRawBufferPointer(rebasing: e[i * E..<i * E + T]))
+                } catch { throw .crypto(error) }
+            }
+        }
+        if deferEntries { return entries }
+        do { try entries.withBytes { (p) throws(SystemError) in try file.write(p, at: L.entryOffset(unit: run.lowerBound)) } } catch { throw .io(error) }
+        return nil
+    }
+
+    // MARK: - helpers
+
+    /// Reads until `buffer` is full or the file ends; the rest is zeros. Returns the bytes read.
+    private func readFully(_ buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws(ContentError) -> Int {
+        var done = 0
+        while done < buffer.count {
+            let n: Int
+            do { n = try file.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), at: offset + Int64(done)) } catch { throw .io(error) }
+            if n == 0 { break }
+            done += n
+        }
+        if done < buffer.count { (buffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done) }
+        return done
+    }
+
+    private func readFully(_ bytes: inout [UInt8], at offset: Int64) throws(ContentError) -> Int {
+        try bytes.withMutableBytes { (p) throws(ContentError) -> Int in try readFully(p, at: offset) }
+    }
+
+    /// Comparison whose time does not depend on where the bytes differ.
+    private func equal(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer) -> Bool {
+        var d: UInt8 = 0
+        for i in 0..<a.count { d |= a[i] ^ b[i] }
+        return d == 0
+    }
+}

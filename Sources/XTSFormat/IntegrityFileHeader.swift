@@ -1,0 +1,79 @@
+import XTSCrypto
+
+/// The 64-byte header at the start of every non-empty backing file of an integrity volume
+/// (feature `blockAuthentication`), at the head of the file's first tag block:
+///
+///     version u16 | flags u16 | key generation u32 | nonce [16] | length u64 |
+///     reserved [16] | MAC [16]
+///
+/// Unlike the plain header it commits the plaintext length: an integrity file is not
+/// length-preserving (every unit is stored whole, with tags beside it), and the length is
+/// what a truncation or extension behind our back would change. The MAC is HMAC-SHA256
+/// under the metadata key with a label of its own, cut to 128 bits, so a plain header
+/// can never pass for one of these or the reverse.
+public struct IntegrityFileHeader: Sendable, Equatable {
+    public static let length = 64
+    public static let currentVersion: UInt16 = 1
+    /// Flag bit 0: contents are authenticated. The only flag, and always set.
+    public static let flagAuthenticated: UInt16 = 1
+    static let macLength = 16
+    static let macLabel: [UInt8] = Array("xtsfs integrity file header".utf8)
+
+    public var version: UInt16 = IntegrityFileHeader.currentVersion
+    public var flags: UInt16 = IntegrityFileHeader.flagAuthenticated
+    public var keyGeneration: UInt32
+    public var nonce: [UInt8]
+    /// The plaintext length, in bytes.
+    public var plainLength: UInt64
+
+    public init(keyGeneration: UInt32, nonce: [UInt8], plainLength: UInt64) {
+        self.keyGeneration = keyGeneration
+        self.nonce = nonce
+        self.plainLength = plainLength
+    }
+
+    public static func random(keyGeneration: UInt32) throws(CryptoError) -> IntegrityFileHeader {
+        IntegrityFileHeader(keyGeneration: keyGeneration, nonce: try Random.bytes(FileHeader.nonceLength), plainLength: 0)
+    }
+
+    private func body() -> [UInt8] {
+        var w = ByteWriter(capacity: IntegrityFileHeader.length)
+        w.u16(version); w.u16(flags); w.u32(keyGeneration); w.raw(nonce); w.u64(plainLength)
+        w.raw([UInt8](repeating: 0, count: 16))
+        return w.bytes
+    }
+
+    public func encode(macKey: SecretBytes) throws(CryptoError) -> [UInt8] {
+        let b = body()
+        return b + (try truncatedMAC(IntegrityFileHeader.macLabel, b, macKey, IntegrityFileHeader.macLength))
+    }
+
+    /// The key generation a header claims, before its MAC can be checked (it names the key).
+    public static func claimedGeneration(_ bytes: [UInt8]) -> UInt32? {
+        guard bytes.count >= 8 else { return nil }
+        return (4..<8).reduce(UInt32(0)) { $0 | UInt32(bytes[$1]) << (8 * ($1 - 4)) }
+    }
+
+    public static func decode(_ bytes: [UInt8], macKey: SecretBytes) throws(FormatError) -> IntegrityFileHeader {
+        guard bytes.count >= length else { throw .truncated("integrity file header") }
+        var r = ByteReader(Array(bytes.prefix(length)))
+        let version = try r.u16("file header version")
+        guard version == currentVersion else { throw .unsupportedVersion(version) }
+        let flags = try r.u16("file header flags")
+        let generation = try r.u32("file key generation")
+        let nonce = try r.raw(FileHeader.nonceLength, "file nonce")
+        let plainLength = try r.u64("file length")
+        let reserved = try r.raw(16, "file header reserved")
+        let mac = try r.raw(macLength, "file header MAC")
+        var h = IntegrityFileHeader(keyGeneration: generation, nonce: nonce, plainLength: plainLength)
+        h.flags = flags
+        let expected: [UInt8]
+        do { expected = try truncatedMAC(macLabel, h.body(), macKey, macLength) }
+        catch { throw .invalid("file header MAC: \(error)") }
+        // The reserved bytes are inside the MAC (body() writes them as zeros), so a header
+        // with anything there fails here rather than being half understood.
+        guard constantTimeEqual(expected, mac), reserved.allSatisfy({ $0 == 0 }) else { throw .checksumMismatch("integrity file header") }
+        guard flags == flagAuthenticated else { throw .unsupportedFeatures(UInt64(flags)) }
+        return h
+    }
+}

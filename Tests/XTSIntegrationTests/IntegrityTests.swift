@@ -1,0 +1,312 @@
+import Foundation
+import Synchronization
+import XCTest
+import XTSSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The mount, differential and crash suites again, on integrity volumes.
+/// (Each subclass declares a test of its own: Linux test discovery then lists the
+/// inherited ones too.)
+final class IntegrityMountTests: MountTests {
+    override var initArguments: [String] { ["--integrity"] }
+
+    func testStatusShowsTheFeature() {
+        let r = Harness.run(["status", cipher])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("block-authentication"), r.stdout)
+        let json = Harness.run(["status", cipher, "--json"])
+        XCTAssertTrue(json.stdout.contains("block-authentication"), json.stdout)
+    }
+
+    /// fsck does not know this layout yet: it refuses (fsck(8)'s operational error) rather
+    /// than report every file damaged, and changes nothing.
+    func testFsckRefusesIntegrityVolumes() throws {
+        try write(mnt + "/f", pattern(10000, seed: 3))
+        unmount()
+        let before = backingFiles().map { $0.bytes }
+        for args in [["fsck", cipher, "--passfile", passfile], ["fsck", cipher, "--repair", "--passfile", passfile]] {
+            let r = Harness.run(args)
+            XCTAssertEqual(r.status, 8, r.stdout + r.stderr)
+            XCTAssertTrue(r.stderr.contains("authenticated contents"), r.stderr)
+        }
+        XCTAssertEqual(backingFiles().map { $0.bytes }, before)
+        mount()
+    }
+}
+
+final class IntegrityDifferentialTests: DifferentialTests {
+    override var initArguments: [String] { ["--integrity"] }
+
+    func testSeed5() throws { try run(seed: 5, steps: 600) }
+}
+
+final class IntegrityCrashTests: CrashTests {
+    override var initArguments: [String] { ["--integrity"] }
+
+    /// Random in-place overwrites of whole pages, fsync'ed every 16 writes, until SIGKILL:
+    /// afterwards no page reads as an error, and each holds a version at least as new as
+    /// the last one fsync'ed (a write in flight may or may not have landed).
+    func testKillDuringOverwritesNeverReadsAsEIO() throws {
+        initVolume()
+        mount()
+        let pages = 300
+        @Sendable func page(_ i: Int, _ v: Int) -> [UInt8] { pattern(4096, seed: UInt64(i * 100_000 + v)) }
+        let path = mnt + "/overwritten"
+        try write(path, (0..<pages).flatMap { page($0, 0) })
+        let f0 = open(path, O_RDONLY); XCTAssertEqual(fsync(f0), 0); close(f0)
+        let versions = Mutex<(written: [Int], synced: [Int])>(([Int](repeating: 0, count: pages), [Int](repeating: 0, count: pages)))
+        let started = Atomic<Bool>(false)
+        let writer = Thread {
+            let fd = open(path, O_WRONLY)
+            guard fd >= 0 else { return }
+            defer { close(fd) }
+            var rng = SystemRandomNumberGenerator()
+            var n = 0
+            while true {
+                let i = Int.random(in: 0..<pages, using: &rng)
+                let v = versions.withLock { $0.written[i] += 1; return $0.written[i] }
+                let bytes = page(i, v)
+                if bytes.withUnsafeBytes({ pwrite(fd, $0.baseAddress!, 4096, off_t(i * 4096)) }) != 4096 { return }
+                n += 1
+                if n % 16 == 0 {
+                    let snapshot = versions.withLock { $0.written }
+                    if fsync(fd) != 0 { return }
+                    versions.withLock { $0.synced = snapshot }
+                    started.store(true, ordering: .releasing)
+                }
+            }
+        }
+        writer.start()
+        let deadline = Date().addingTimeInterval(20)
+        while !started.load(ordering: .acquiring) && Date() < deadline { usleep(1000) }
+        usleep(300_000)
+        for pid in Harness.daemons(mnt) { kill(pid, SIGKILL) }
+        while !writer.isFinished && Date() < deadline { usleep(1000) }
+        Harness.forceUnmount(mnt)
+        mount()
+        let (written, synced) = versions.withLock { ($0.written, $0.synced) }
+        XCTAssertGreaterThan(synced.reduce(0, +), 0)
+        let after = try read(path)
+        XCTAssertEqual(after.count, pages * 4096)
+        for i in 0..<pages {
+            let got = Array(after[i * 4096..<(i + 1) * 4096])
+            let ok = (synced[i]...written[i]).contains { got == page(i, $0) }
+            XCTAssertTrue(ok, "page \(i): not a version from \(synced[i]) to \(written[i])")
+        }
+    }
+}
+
+/// Changes made to CIPHERDIR behind the mount's back (FORMAT.md section 12.6): each one
+/// reads as EIO, or, where the format says it cannot be detected, behaves as it says.
+final class IntegrityTamperTests: VolumeTestCase {
+    override var initArguments: [String] { ["--integrity"] }
+
+    override func setUpWithError() throws {
+        try super.setUpWithError()
+        initVolume()
+        mount()
+    }
+
+    /// Writes a file through the mount and returns its backing path.
+    func create(_ name: String, _ bytes: [UInt8]) throws -> String {
+        let before = Set(try FileManager.default.contentsOfDirectory(atPath: cipher))
+        try write(mnt + "/" + name, bytes)
+        let added = Set(try FileManager.default.contentsOfDirectory(atPath: cipher)).subtracting(before)
+        XCTAssertEqual(added.count, 1)
+        return cipher + "/" + added.first!
+    }
+
+    struct Errno: Error, Equatable { var code: Int32 }
+
+    /// The file's bytes, or the errno of the first failing call.
+    func attempt(_ name: String) -> Result<[UInt8], Errno> {
+        let fd = open(mnt + "/" + name, O_RDONLY)
+        guard fd >= 0 else { return .failure(Errno(code: errno)) }
+        defer { close(fd) }
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress!, $0.count) }
+            if n < 0 { return .failure(Errno(code: errno)) }
+            if n == 0 { return .success(out) }
+            out += buf[0..<n]
+        }
+    }
+
+    func assertEIO(_ name: String, _ why: String, file: StaticString = #filePath, line: UInt = #line) {
+        switch attempt(name) {
+        case .success(let b): XCTFail("\(why): read \(b.count) bytes instead of EIO", file: file, line: line)
+        case .failure(let e): XCTAssertEqual(e.code, EIO, why, file: file, line: line)
+        }
+    }
+
+    func patch(_ path: String, _ body: (inout [UInt8]) -> Void) throws {
+        var b = try read(path)
+        body(&b)
+        try write(path, b)
+    }
+
+    // Offsets of FORMAT.md section 12.2 (group 0).
+    func dataOffset(_ unit: Int) -> Int { (unit / 126) * 127 * 4096 + 4096 * (1 + unit % 126) }
+    func entryOffset(_ unit: Int) -> Int { (unit / 126) * 127 * 4096 + 64 + 32 * (unit % 126) }
+
+    let size = 10 * 4096 + 123
+
+    func testBitFlipInDataTagAndHeader() throws {
+        let a = try create("a", pattern(size, seed: 1))
+        let b = try create("b", pattern(size, seed: 2))
+        let c = try create("c", pattern(size, seed: 3))
+        unmount()
+        try patch(a) { $0[dataOffset(4) + 77] ^= 0x01 }
+        try patch(b) { $0[entryOffset(4) + 5] ^= 0x01 }
+        try patch(c) { $0[20] ^= 0x01 }
+        mount()
+        assertEIO("a", "bit flip in a unit")
+        assertEIO("b", "bit flip in its tag")
+        assertEIO("c", "bit flip in the file header")
+    }
+
+    func testUnitMovedWithinAndBetweenFiles() throws {
+        let a = try create("a", pattern(size, seed: 1))
+        let b = try create("b", pattern(size, seed: 2))
+        unmount()
+        let bytesA = try read(a)
+        try patch(a) { x in
+            x.replaceSubrange(dataOffset(6)..<dataOffset(6) + 4096, with: bytesA[dataOffset(2)..<dataOffset(2) + 4096])
+            x.replaceSubrange(entryOffset(6)..<entryOffset(6) + 32, with: bytesA[entryOffset(2)..<entryOffset(2) + 32])
+        }
+        try patch(b) { x in
+            x.replaceSubrange(dataOffset(3)..<dataOffset(3) + 4096, with: bytesA[dataOffset(3)..<dataOffset(3) + 4096])
+            x.replaceSubrange(entryOffset(3)..<entryOffset(3) + 32, with: bytesA[entryOffset(3)..<entryOffset(3) + 32])
+        }
+        mount()
+        assertEIO("a", "unit moved to another position of the same file")
+        assertEIO("b", "unit moved into another file")
+    }
+
+    func testTruncationAndExtensionAtAndOffUnitBoundaries() throws {
+        let names = ["at-unit", "off-unit", "at-header", "inside-header", "to-tag-block"]
+        var paths: [String] = []
+        for (i, n) in names.enumerated() { paths.append(try create(n, pattern(size + i, seed: UInt64(i)))) }
+        let extended = try create("extended", pattern(size, seed: 9))
+        unmount()
+        XCTAssertEqual(truncate(paths[0], off_t(dataOffset(8))), 0)
+        XCTAssertEqual(truncate(paths[1], off_t(dataOffset(8) + 1000)), 0)
+        XCTAssertEqual(truncate(paths[2], 64), 0)
+        XCTAssertEqual(truncate(paths[3], 40), 0)
+        XCTAssertEqual(truncate(paths[4], 4096), 0)
+        try patch(extended) { $0 += pattern(50_000, seed: 10) }
+        mount()
+        for n in names { assertEIO(n, "backing file cut short: \(n)") }
+        // Bytes past the committed length are never served: the file reads as it was.
+        XCTAssertEqual(try? attempt("extended").get(), pattern(size, seed: 9))
+        var st = stat()
+        XCTAssertEqual(stat(mnt + "/extended", &st), 0)
+        XCTAssertEqual(Int(st.st_size), size)
+    }
+
+    func testHeaderTransplantDoesNotOpenElsewhere() throws {
+        let a = try create("a", pattern(size, seed: 1))
+        let b = try create("b", pattern(size, seed: 2))
+        unmount()
+        let headerA = Array(try read(a)[0..<64])
+        try patch(b) { $0.replaceSubrange(0..<64, with: headerA) }
+        mount()
+        assertEIO("b", "header copied from another file")
+        // Nor can it be written through (that would reuse a's key and tweaks).
+        let fd = open(mnt + "/b", O_WRONLY)
+        if fd >= 0 {
+            let n = pattern(4096, seed: 5).withUnsafeBytes { pwrite(fd, $0.baseAddress!, 4096, 4096) }
+            let fsynced = fsync(fd)
+            close(fd)
+            XCTAssertTrue(n < 0 || fsynced != 0, "a write through a transplanted header must fail")
+        }
+        XCTAssertEqual(try? attempt("a").get(), pattern(size, seed: 1))
+    }
+
+    func testZeroedUnitIsNotAHole() throws {
+        let a = try create("a", pattern(size, seed: 1))
+        let b = try create("b", pattern(size, seed: 2))
+        unmount()
+        try patch(a) { x in for i in dataOffset(2)..<dataOffset(2) + 4096 { x[i] = 0 } }
+        try patch(b) { x in
+            for i in dataOffset(2)..<dataOffset(2) + 4096 { x[i] = 0 }
+            for i in entryOffset(2)..<entryOffset(2) + 32 { x[i] = 0 }
+        }
+        mount()
+        assertEIO("a", "unit zeroed to pass for a hole")
+        assertEIO("b", "unit and its tags zeroed")
+    }
+
+    /// Documented limits (section 12.6): an older version of a unit put back with its tag
+    /// entry, and whole files swapped by their backing names, are not detected.
+    func testReplayAndWholeFileSwapAreDocumentedLimits() throws {
+        let a = try create("a", pattern(size, seed: 1))
+        let b = try create("b", pattern(size, seed: 2))
+        unmount()
+        let old = try read(a)
+        mount()
+        let fd = open(mnt + "/a", O_WRONLY)
+        XCTAssertEqual(pattern(4096, seed: 7).withUnsafeBytes { pwrite(fd, $0.baseAddress!, 4096, 4096 * 3) }, 4096)
+        close(fd)
+        unmount()
+        try patch(a) { x in
+            x.replaceSubrange(dataOffset(3)..<dataOffset(3) + 4096, with: old[dataOffset(3)..<dataOffset(3) + 4096])
+            x.replaceSubrange(entryOffset(3)..<entryOffset(3) + 32, with: old[entryOffset(3)..<entryOffset(3) + 32])
+        }
+        XCTAssertEqual(rename(a, scratch + "/swap"), 0)
+        XCTAssertEqual(rename(b, a), 0)
+        XCTAssertEqual(rename(scratch + "/swap", b), 0)
+        mount()
+        XCTAssertEqual(try? attempt("b").get(), pattern(size, seed: 1), "replayed unit reads as the old data")
+        XCTAssertEqual(try? attempt("a").get(), pattern(size, seed: 2), "swapped files read as each other")
+    }
+
+    /// The same bit flip on a plain volume returns garbage without an error (section 10).
+    func testPlainVolumeReturnsGarbage() throws {
+        unmount()
+        try FileManager.default.removeItem(atPath: cipher)
+        let r = Harness.run(["init", cipher, "--passfile", passfile] + Self.cheapKDF)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        mount()
+        let a = try create("a", pattern(size, seed: 1))
+        unmount()
+        try patch(a) { $0[32 + 4096 * 4 + 77] ^= 0x01 }
+        mount()
+        guard case .success(let got) = attempt("a") else { return XCTFail("plain XTS authenticates nothing") }
+        XCTAssertEqual(got.count, size)
+        XCTAssertNotEqual(got, pattern(size, seed: 1))
+        XCTAssertEqual(Array(got[0..<4096 * 4]), Array(pattern(size, seed: 1)[0..<4096 * 4]))
+    }
+
+    func testSparseFilesHardLinksAndFallocate() throws {
+        let fd = open(mnt + "/sparse", O_RDWR | O_CREAT, 0o644)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        XCTAssertEqual(ftruncate(fd, 1 << 30), 0)
+        XCTAssertEqual([UInt8](repeating: 7, count: 10).withUnsafeBytes { pwrite(fd, $0.baseAddress!, 10, 500_000_000) }, 10)
+        XCTAssertNoThrow(try Sys.fallocate(fd, mode: 0x02 | 0x01, offset: 500_000_000, length: 4))   // PUNCH_HOLE | KEEP_SIZE
+        XCTAssertNoThrow(try Sys.fallocate(fd, mode: 0, offset: (1 << 30) - 100, length: 5000))       // extends
+        close(fd)
+        var st = stat()
+        XCTAssertEqual(stat(mnt + "/sparse", &st), 0)
+        XCTAssertEqual(Int(st.st_size), (1 << 30) + 4900)
+        XCTAssertEqual(link(mnt + "/sparse", mnt + "/sparse-link"), 0)
+        unmount()
+        mount()
+        let h = open(mnt + "/sparse-link", O_RDONLY)
+        var buf = [UInt8](repeating: 1, count: 16)
+        XCTAssertEqual(buf.withUnsafeMutableBytes { pread(h, $0.baseAddress!, 16, 499_999_998) }, 16)
+        XCTAssertEqual(buf, [0, 0, 0, 0, 0, 0, 7, 7, 7, 7, 7, 7, 0, 0, 0, 0])
+        XCTAssertEqual(buf.withUnsafeMutableBytes { pread(h, $0.baseAddress!, 16, 12345) }, 16)
+        XCTAssertEqual(buf, [UInt8](repeating: 0, count: 16))
+        close(h)
+        // The backing file stays sparse: its tag blocks and one data block, not a GiB.
+        let backing = try FileManager.default.contentsOfDirectory(atPath: cipher).filter { !$0.hasPrefix("xtsfs.") }
+        XCTAssertEqual(backing.count, 2, "two names of one backing inode")
+        var bst = stat()
+        XCTAssertEqual(stat(cipher + "/" + backing[0], &bst), 0)
+        XCTAssertLessThan(Int(bst.st_blocks) * 512, 32 << 20)
+    }
+}
