@@ -22,6 +22,9 @@ public enum BackingEntry: Equatable, Sendable {
     case auditLog
     /// `NAME.tmp` of one of our files: left by an interrupted atomic replacement.
     case temporary(of: String)
+    /// `xtsfs.rekey.<H>`: the re-encrypted copy of the entry whose backing name hashes to
+    /// `<H>`, made by a DEK rekey and copied over that entry in place (FORMAT.md section 12).
+    case rekeyCopy(hash: String)
     /// Anything else: not ours (a sync tool's conflict copy, `.DS_Store`, ...).
     case foreign
 
@@ -29,6 +32,7 @@ public enum BackingEntry: Equatable, Sendable {
     static let temporarySuffix = ".tmp"
     /// The audit log directory (XTSVolume's `AuditLog` writes it).
     public static let auditLogName = "xtsfs.audit"
+    public static let rekeyCopyPrefix = "xtsfs.rekey."
 
     public static func classify(_ name: String) -> BackingEntry {
         if name.hasPrefix(internalPrefix) {
@@ -39,6 +43,10 @@ public enum BackingEntry: Equatable, Sendable {
             if name.hasSuffix(temporarySuffix) {
                 let base = String(name.dropLast(temporarySuffix.count))
                 return classify(base) == .foreign ? .foreign : .temporary(of: base)
+            }
+            if name.hasPrefix(rekeyCopyPrefix) {
+                let rest = name.dropFirst(rekeyCopyPrefix.count)
+                return isHash(rest) ? .rekeyCopy(hash: String(rest)) : .foreign
             }
             if name.hasPrefix(NameCodec.longPrefix) {
                 var rest = Substring(name.dropFirst(NameCodec.longPrefix.count))

@@ -30,7 +30,7 @@ extension FileSystem {
             case .foreign:
                 log("skipping a foreign entry in CIPHERDIR (directory node \(id)): \(e.name)")
                 continue
-            case .volumeHeader, .directoryHeader, .longNameRecord, .temporary, .linkStore, .auditLog:
+            case .volumeHeader, .directoryHeader, .longNameRecord, .temporary, .linkStore, .auditLog, .rekeyCopy:
                 continue
             }
             do {

@@ -19,8 +19,12 @@ public struct Features: OptionSet, Sendable, Hashable {
     public init(rawValue: UInt64) { self.rawValue = rawValue }
     /// Reserved for per-block authentication tags on contents (not written by v1).
     public static let blockAuthentication = Features(rawValue: 1 << 0)
+    /// A DEK rekey is under way: files, names, symlink targets and xattrs of two key
+    /// generations coexist, and the rekey record holds the new DEK. A reader that does not
+    /// know the rekey record would not find the new generation's names: it must refuse.
+    public static let rekeyInProgress = Features(rawValue: 1 << 1)
     /// Every flag this build can read.
-    public static let known: Features = []
+    public static let known: Features = [.rekeyInProgress]
 }
 
 /// Which kind of key provider produced a keyslot's KEK.
