@@ -65,6 +65,7 @@ final class RekeySweep {
     var warnings: [String] = []
     /// Inodes of regular files already done in this run (hard links are visited once per name).
     var seen = Set<UInt64>()
+    var countedInodes = Set<UInt64>()
 
     init(old: KeySet, new: KeySet, failpoint: Failpoint, report: @escaping (RekeyProgress) -> Void) {
         self.old = old
@@ -102,7 +103,7 @@ final class RekeySweep {
                 guard let fd = try? Sys.openPath(dirfd, e.name, directory: true) else { continue }
                 count(fd)
                 Sys.close(fd)
-            } else if st.isRegular {
+            } else if st.isRegular, countedInodes.insert(UInt64(st.st_ino)).inserted {
                 progress.filesTotal += 1
                 progress.bytesTotal += Int64(st.st_size)
             }
@@ -166,8 +167,14 @@ final class RekeySweep {
             let st: stat
             do { st = try Sys.fstatat(dirfd, e.name) } catch { throw .system("stat in \(path)", error) }
             if st.isRegular {
-                try reencryptFile(dirfd, e.name, st, path: path)
+                if let job = try prepareFile(dirfd, e.name, st, path: path) {
+                    batch.append(job)
+                    batchBytes += Int64(st.st_size)
+                    if batch.count >= 256 || batchBytes >= 64 << 20 { try flush(dirfd, path: path) }
+                }
             } else if st.isDirectory {
+                // A batch belongs to one directory: finish it before going down.
+                try flush(dirfd, path: path)
                 let fd: Int32
                 do { fd = try Sys.openPath(dirfd, e.name, directory: true) } catch { throw .system("open directory in \(path)", error) }
                 defer { Sys.close(fd) }
@@ -177,6 +184,7 @@ final class RekeySweep {
                 try reencryptSymlink(dirfd, e.name, st, path: path)
             }
         }
+        try flush(dirfd, path: path)
 
         // 3. Names: each entry renamed to its new-generation name (atomic, one by one).
         try renameEntries(dirfd, header: header, path: path)
@@ -246,68 +254,116 @@ final class RekeySweep {
         return (u32(raw, 4), raw)
     }
 
-    func reencryptFile(_ dirfd: Int32, _ name: String, _ st: stat, path: String) throws(SweepError) {
+    /// A file whose new ciphertext is being prepared, in a batch of one directory.
+    struct Job {
+        var name: String
+        var stat: stat
+        var from: FileCrypto
+        var to: FileCrypto
+    }
+    var batch: [Job] = []
+    var batchBytes: Int64 = 0
+
+    func counted(_ st: stat) {
         let ino = UInt64(st.st_ino)
-        defer {
-            if !seen.contains(ino) {
-                seen.insert(ino)
-                progress.filesDone += 1
-                progress.bytesDone += Int64(st.st_size)
-                report(progress)
-            }
-        }
+        guard !seen.contains(ino) else { return }
+        seen.insert(ino)
+        progress.filesDone += 1
+        progress.bytesDone += Int64(st.st_size)
+        report(progress)
+    }
+
+    /// Re-encrypts the file's xattrs; returns the work for its contents if it is still of
+    /// the old generation (nil for an empty, new or damaged file).
+    func prepareFile(_ dirfd: Int32, _ name: String, _ st: stat, path: String) throws(SweepError) -> Job? {
         let fd: Int32
-        do { fd = try Sys.openRegular(dirfd, name, O_RDWR).fd } catch { throw .system("open file in \(path)", error) }
+        do { fd = try Sys.openRegular(dirfd, name, O_RDONLY).fd } catch { throw .system("open file in \(path)", error) }
         defer { Sys.close(fd) }
         try reencryptXattrs(fd, what: path + name)
-        guard st.st_size > 0 else { return }
+        guard st.st_size > 0 else { counted(st); return nil }
         guard let found = try fileGeneration(fd) else {
             warnings.append("\(path)\(name.prefix(20))…: backing file shorter than its header; left as it is")
-            return
+            counted(st)
+            return nil
         }
         let (gen, raw) = found
-        if gen == new.generation { return }
-        guard gen == old.generation else { warnings.append("\(path)\(name.prefix(20))…: unknown key generation \(gen); left as it is"); return }
+        if gen == new.generation { counted(st); return nil }
+        guard gen == old.generation else { warnings.append("\(path)\(name.prefix(20))…: unknown key generation \(gen); left as it is"); counted(st); return nil }
         let oldHeader: FileHeader
         do { oldHeader = try FileHeader.decode(raw, macKey: old.metadataMACKey) } catch {
             warnings.append("\(path)\(name.prefix(20))…: damaged file header; left as it is")
-            return
+            counted(st)
+            return nil
         }
-        let size = Layout.plainSize(backingSize: Int64(st.st_size))
-        let from: FileCrypto, to: FileCrypto
         do {
-            from = try FileCrypto(keys: old, header: oldHeader)
-            to = try FileCrypto(keys: new, header: try FileHeader.random(keyGeneration: new.generation))
+            return Job(name: name, stat: st, from: try FileCrypto(keys: old, header: oldHeader),
+                       to: try FileCrypto(keys: new, header: try FileHeader.random(keyGeneration: new.generation)))
         } catch { throw .damaged("\(error)") }
-
-        // The new ciphertext goes to a copy beside the file, made durable and then renamed
-        // to its final name: from then on it is complete, and copying it over the file
-        // (same inode, so every hard link sees it) can be redone after any crash.
-        let copy = RekeySweep.copyName(for: name)
-        let tmp = copy + ".tmp"
-        _ = Glibc.unlinkat(dirfd, tmp, 0)
-        let out: Int32
-        do { out = try Sys.openat(dirfd, tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600) } catch { throw .system("create copy in \(path)", error) }
-        var outClosed = false
-        defer { if !outClosed { Sys.close(out) } }
-        do {
-            let headerBytes = try to.header.encode(macKey: new.metadataMACKey)
-            try headerBytes.withBytes { (p) throws(SystemError) in try Sys.pwrite(out, p.baseAddress!, p.count, 0) }
-            try Sys.ftruncate(out, Int64(st.st_size))
-            try transform(fd, out, size: size, from: from, to: to)
-            try Sys.fdatasync(out)
-        } catch let e as SystemError { throw .system("write copy in \(path)", e) } catch { throw .damaged("re-encrypt: \(error)") }
-        Sys.close(out); outClosed = true
-        failpoint.step("copy of a file written in \(path)")
-        do {
-            try Sys.renameat(dirfd, tmp, dirfd, copy)
-        } catch { throw .system("rename copy in \(path)", error) }
-        failpoint.step("copy of a file complete in \(path)")
-        try finishCopy(dirfd, copy: copy, target: name, path: path)
     }
 
-    /// Copies a complete copy over its file, in place, then removes it.
+    /// The batch's files, in four rounds with one sync between rounds instead of one per
+    /// file: (1) each file's new ciphertext to `xtsfs.rekey.<H>.tmp`; sync; (2) each renamed
+    /// to `xtsfs.rekey.<H>` (complete from now on); fsync of the directory; (3) each copied
+    /// over its file in place (same inode); sync; (4) each copy removed. A crash in round 1
+    /// leaves .tmp files (dropped by the rerun); from round 2 on, a complete copy is what
+    /// the rerun copies over its file again.
+    func flush(_ dirfd: Int32, path: String) throws(SweepError) {
+        let jobs = batch
+        batch.removeAll()
+        batchBytes = 0
+        guard !jobs.isEmpty else { return }
+        for j in jobs { try writeCopy(dirfd, j, path: path) }
+        try syncAll(dirfd, path: path)
+        for j in jobs {
+            let copy = RekeySweep.copyName(for: j.name)
+            do { try Sys.renameat(dirfd, copy + ".tmp", dirfd, copy) } catch { throw .system("rename copy in \(path)", error) }
+            failpoint.step("copy of a file complete in \(path)")
+        }
+        do { try Sys.fsyncDirectory(dirfd) } catch { throw .system("fsync \(path)", error) }
+        for j in jobs {
+            try copyOver(dirfd, copy: RekeySweep.copyName(for: j.name), target: j.name, path: path, sync: false)
+        }
+        try syncAll(dirfd, path: path)
+        for j in jobs {
+            _ = Glibc.unlinkat(dirfd, RekeySweep.copyName(for: j.name), 0)
+            failpoint.step("copy removed in \(path)")
+            counted(j.stat)
+        }
+    }
+
+    func syncAll(_ dirfd: Int32, path: String) throws(SweepError) {
+        let fd: Int32
+        do { fd = try Sys.openDirectory(dirfd) } catch { throw .system("open \(path)", error) }
+        defer { Sys.close(fd) }
+        guard xts_syncfs(fd) == 0 else { throw .system("syncfs", SystemError(errno, "syncfs")) }
+    }
+
+    func writeCopy(_ dirfd: Int32, _ j: Job, path: String) throws(SweepError) {
+        let tmp = RekeySweep.copyName(for: j.name) + ".tmp"
+        _ = Glibc.unlinkat(dirfd, tmp, 0)
+        let size = Layout.plainSize(backingSize: Int64(j.stat.st_size))
+        do {
+            let (fd, _) = try Sys.openRegular(dirfd, j.name, O_RDONLY)
+            defer { Sys.close(fd) }
+            let out = try Sys.openat(dirfd, tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+            defer { Sys.close(out) }
+            let headerBytes = try j.to.header.encode(macKey: new.metadataMACKey)
+            try headerBytes.withBytes { (p) throws(SystemError) in try Sys.pwrite(out, p.baseAddress!, p.count, 0) }
+            try Sys.ftruncate(out, Int64(j.stat.st_size))
+            try transform(fd, out, size: size, from: j.from, to: j.to)
+        } catch let e as SystemError { throw .system("write copy in \(path)", e) } catch { throw .damaged("re-encrypt: \(error)") }
+        failpoint.step("copy of a file written in \(path)")
+    }
+
+    /// Copies a complete copy left by a crash over its file, in place, then removes it.
     func finishCopy(_ dirfd: Int32, copy: String, target: String, path: String) throws(SweepError) {
+        try copyOver(dirfd, copy: copy, target: target, path: path, sync: true)
+        _ = Glibc.unlinkat(dirfd, copy, 0)
+        failpoint.step("copy removed in \(path)")
+    }
+
+    /// Copies a complete copy over its file, in place (made durable only with `sync`).
+    func copyOver(_ dirfd: Int32, copy: String, target: String, path: String, sync: Bool) throws(SweepError) {
         do {
             let (src, sst) = try Sys.openRegular(dirfd, copy, O_RDONLY)
             defer { Sys.close(src) }
@@ -322,11 +378,9 @@ final class RekeySweep {
                 throw SweepError.damaged("\(path): the rekey copy \(copy) does not verify under the new key; left as it is")
             }
             try copyData(src, dst, size: Int64(sst.st_size), stepEvery: true)
-            try Sys.fdatasync(dst)
+            if sync { try Sys.fdatasync(dst) }
         } catch let e as SweepError { throw e } catch let e as SystemError { throw .system("copy over a file in \(path)", e) } catch { throw .damaged("\(error)") }
         failpoint.step("file rewritten in place in \(path)")
-        _ = Glibc.unlinkat(dirfd, copy, 0)
-        failpoint.step("copy removed in \(path)")
     }
 
     /// Copies the data extents of `src` over `dst` at the same offsets. Holes of `src` are
