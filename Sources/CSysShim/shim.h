@@ -60,6 +60,11 @@ static inline int xts_fallocate(int fd, int mode, long long offset, long long le
     return fallocate(fd, mode, (off_t)offset, (off_t)len);
 }
 
+/// syncfs(2): one flush of the whole backing filesystem (the rekey's batches).
+static inline int xts_syncfs(int fd) {
+    return (int)syscall(SYS_syncfs, fd);
+}
+
 #define XTS_RENAME_NOREPLACE 1
 #define XTS_RENAME_EXCHANGE 2
 

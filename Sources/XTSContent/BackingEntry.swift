@@ -30,6 +30,9 @@ public enum BackingEntry: Equatable, Sendable {
     case cacheKey
     /// `NAME.tmp` of one of our files: left by an interrupted atomic replacement.
     case temporary(of: String)
+    /// `xtsfs.rekey.<H>`: the re-encrypted copy of the entry whose backing name hashes to
+    /// `<H>`, made by a DEK rekey and copied over that entry in place (FORMAT.md section 13).
+    case rekeyCopy(hash: String)
     /// Anything else: not ours (a sync tool's conflict copy, `.DS_Store`, ...).
     case foreign
 
@@ -43,6 +46,7 @@ public enum BackingEntry: Equatable, Sendable {
     public static let cacheKeyName = "xtsfs.cache.key"
     /// A cache area being removed after a purge of a mounted cache (its key is gone).
     public static let purgedCacheAreaName = "xtsfs.cache.purged"
+    public static let rekeyCopyPrefix = "xtsfs.rekey."
 
     public static func classify(_ name: String) -> BackingEntry {
         if name.hasPrefix(internalPrefix) {
@@ -56,6 +60,10 @@ public enum BackingEntry: Equatable, Sendable {
             if name.hasSuffix(temporarySuffix) {
                 let base = String(name.dropLast(temporarySuffix.count))
                 return classify(base) == .foreign ? .foreign : .temporary(of: base)
+            }
+            if name.hasPrefix(rekeyCopyPrefix) {
+                let rest = name.dropFirst(rekeyCopyPrefix.count)
+                return isHash(rest) ? .rekeyCopy(hash: String(rest)) : .foreign
             }
             if name.hasPrefix(NameCodec.longPrefix) {
                 var rest = Substring(name.dropFirst(NameCodec.longPrefix.count))

@@ -94,7 +94,8 @@ public struct HeaderStore: Sendable {
     /// replacing it could destroy the only header of that volume, and which of the two is
     /// the right one here is for a human (or a command that unlocked both) to decide.
     /// A missing or damaged copy is overwritten: that is the repair.
-    public func write(_ header: VolumeHeader) throws(WriteError) {
+    /// `afterCopy` runs after each copy is in place (the rekey's fault injection).
+    public func write(_ header: VolumeHeader, afterCopy: ((Int) -> Void)? = nil) throws(WriteError) {
         let bytes: [UInt8]
         do { bytes = try header.encode() } catch { throw .system(SystemError(EINVAL, "encode header: \(error)")) }
         for copy in 0..<HeaderStore.fileNames.count {
@@ -104,6 +105,7 @@ public struct HeaderStore: Sendable {
         }
         for copy in 0..<HeaderStore.fileNames.count {
             do { try Sys.atomicWrite(bytes, to: path(copy), mode: 0o400) } catch { throw .system(error) }
+            afterCopy?(copy)
         }
     }
 }

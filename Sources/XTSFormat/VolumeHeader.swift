@@ -20,8 +20,12 @@ public struct Features: OptionSet, Sendable, Hashable {
     /// Authenticated contents (`xtsfs init --integrity`): every 4 KiB unit carries a tag
     /// and every file header commits the file's length (FORMAT.md section 12).
     public static let blockAuthentication = Features(rawValue: 1 << 0)
+    /// A DEK rekey is under way: files, names, symlink targets and xattrs of two key
+    /// generations coexist, and the rekey record holds the new DEK. A reader that does not
+    /// know the rekey record would not find the new generation's names: it must refuse.
+    public static let rekeyInProgress = Features(rawValue: 1 << 1)
     /// Every flag this build can read.
-    public static let known: Features = [.blockAuthentication]
+    public static let known: Features = [.blockAuthentication, .rekeyInProgress]
 }
 
 /// Which kind of key provider produced a keyslot's KEK.

@@ -51,6 +51,10 @@ extension Fsck {
             case .volumeHeader, .linkStore, .auditLog, .tempArea, .cacheArea, .cacheKey:
                 if isRoot { continue }
                 _ = add(.foreignEntry, .warning, path, "an xtsfs internal name outside CIPHERDIR's top level; ignored by xtsfs")
+            case .rekeyCopy:
+                // Only on a volume whose DEK rekey stopped, which fsck refuses: seen here only
+                // if the header says otherwise. Never removed: it may be a file's only complete copy.
+                _ = add(.foreignEntry, .warning, path, "a copy left by an interrupted DEK rekey; xtsfs rekey --dek finishes it (fsck leaves it alone)")
             case .temporary(let base):
                 checkTemporary(fd, name: e.name, base: base, path: path, plainPath: plainPath, dirID: dirID, present: present)
             case .longNameRecord(let entry):

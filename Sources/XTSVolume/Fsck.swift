@@ -90,8 +90,16 @@ public final class Fsck {
         // Integrity volumes have files of another layout (FORMAT.md §12): checked as plain
         // ones, every file would look damaged, and a repair could make it so. Refused
         // before anything is read or changed, until fsck learns that layout.
-        if let loaded = try? Volume.load(cipherDir), loaded.candidates.contains(where: { $0.header.features.contains(.blockAuthentication) }) {
-            throw VolumeError.unsupported("fsck does not check volumes with authenticated contents (init --integrity) yet; nothing was read or changed")
+        if let loaded = try? Volume.load(cipherDir) {
+            if loaded.candidates.contains(where: { $0.header.features.contains(.blockAuthentication) }) {
+                throw VolumeError.unsupported("fsck does not check volumes with authenticated contents (init --integrity) yet; nothing was read or changed")
+            }
+            // Mid-rekey, names and files of two key generations stand side by side: checked
+            // with one, the other would look undecryptable, and a repair would quarantine
+            // the rekey's own progress.
+            if loaded.candidates.contains(where: { $0.header.features.contains(.rekeyInProgress) }) {
+                throw VolumeError.refused("a DEK rekey of this volume was interrupted: finish it first (xtsfs rekey --dek \(cipherDir)); nothing was read or changed")
+            }
         }
         guard try checkHeaders(provider: provider) else { return }
         if keys == nil {

@@ -61,12 +61,12 @@ public enum KeySlots {
 
     /// A new header numbered above both copies on disk, sealed, written to both copies one
     /// after the other by the writer that never replaces another volume's copy.
-    static func write(_ cipherDir: String, _ header: VolumeHeader, keys: KeySet) throws(VolumeError) {
+    static func write(_ cipherDir: String, _ header: VolumeHeader, keys: KeySet, afterCopy: ((Int) -> Void)? = nil) throws(VolumeError) {
         var h = header
         let loaded = try Volume.load(cipherDir)
         h.sequence = (loaded.candidates.map(\.header.sequence).max() ?? h.sequence) + 1
         do { h = try Keyring.seal(h, keys: keys) } catch { throw VolumeError(error, context: "cannot seal the header") }
-        do { try HeaderStore(directory: cipherDir).write(h) } catch {
+        do { try HeaderStore(directory: cipherDir).write(h, afterCopy: afterCopy) } catch {
             switch error {
             case .foreignCopy: throw .refused("\(error)")
             case .system: throw .failure("cannot write the volume header: \(error)")

@@ -170,6 +170,9 @@ public enum Mounter {
                              mounted: @escaping @Sendable () -> Void = {}) throws(VolumeError) -> Int32 {
         let req = try preflight(request)
         let unlocked = try Volume.unlock(req.cipherDir, provider: provider, slot: slot, audit: audit, operation: "mount")
+        if unlocked.header.features.contains(.rekeyInProgress) {
+            throw .refused("an offline DEK rekey of \(req.cipherDir) was interrupted: finish it first (xtsfs rekey --dek \(req.cipherDir))")
+        }
         provider.release()
         for w in unlocked.warnings { say("warning: " + w) }
         if geteuid() == 0, let why = DaemonPrivileges.othersCanChange(req.cipherDir) {

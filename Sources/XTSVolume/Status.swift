@@ -60,6 +60,7 @@ public struct StatusReport: Codable, Sendable {
         }
         var features: [String] = []
         if h.features.contains(.blockAuthentication) { features.append("block-authentication") }
+        if h.features.contains(.rekeyInProgress) { features.append("rekey-in-progress") }
         return StatusReport(
             cipherDir: cipherDir, formatVersion: Int(h.version),
             volumeID: hex(h.volumeID),
@@ -67,7 +68,14 @@ public struct StatusReport: Codable, Sendable {
             blockSize: Int(h.blockSize), keyGeneration: Int(h.keyGeneration), features: features,
             headerCopies: copies,
             keyslots: h.keyslots.map(slotReport),
-            rekey: h.rekeyRecord.isEmpty ? "none" : "in progress", warnings: warnings, areas: AreaStatus.make(cipherDir))
+            rekey: rekeyState(h), warnings: warnings, areas: AreaStatus.make(cipherDir))
+    }
+
+    /// The rekey record as the user reads it; never a key.
+    static func rekeyState(_ h: VolumeHeader) -> String {
+        if h.rekeyRecord.isEmpty { return "none" }
+        guard let r = try? RekeyRecord.decode(h.rekeyRecord) else { return "in progress (record not readable by this version)" }
+        return "interrupted or running: generation \(r.oldGeneration) -> \(r.newGeneration), \(r.state), started \(r.started) (resume with xtsfs rekey --dek)"
     }
 
     static func hex(_ bytes: [UInt8]) -> String { bytes.map { String($0, radix: 16).leftPad(2) }.joined() }

@@ -1,0 +1,602 @@
+import CSysShim
+import XTSContent
+import XTSCrypto
+import XTSFormat
+import XTSKeys
+import XTSSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Fault injection for the rekey tests: `XTSFS_REKEY_FAILPOINT=N` kills the process with
+/// SIGKILL (no cleanup, like `kill -9`) just after its Nth durable step; with
+/// `XTSFS_REKEY_TRACE=1` every step is printed to stderr as `rekey step N: what`.
+final class Failpoint {
+    let limit: Int?
+    let trace: Bool
+    private(set) var steps = 0
+
+    init() {
+        limit = getenv("XTSFS_REKEY_FAILPOINT").flatMap { Int(String(cString: $0)) }
+        trace = getenv("XTSFS_REKEY_TRACE") != nil
+    }
+
+    func step(_ what: @autoclosure () -> String) {
+        steps += 1
+        if trace { writeErr("rekey step \(steps): \(what())\n") }
+        if let limit, steps >= limit {
+            writeErr("rekey: failpoint \(steps) reached (\(what())): killing myself\n")
+            kill(getpid(), SIGKILL)
+        }
+    }
+
+    func writeErr(_ s: String) { _ = s.withCString { Glibc.write(2, $0, strlen($0)) } }
+}
+
+/// Progress of a sweep, for the progress bar and `--json` events.
+public struct RekeyProgress: Sendable {
+    public var phase: String
+    public var filesDone: Int
+    public var filesTotal: Int
+    public var bytesDone: Int64
+    public var bytesTotal: Int64
+}
+
+/// The re-encryption of every object of a volume from one key generation to the next,
+/// offline, resumable: each step is atomic on the backing filesystem, and whether an
+/// object still needs work is read from the object itself (the generation in its header,
+/// or which generation's key opens it), so a rerun after a crash at any instant picks
+/// up where the last run stopped. See FORMAT.md section 13.
+///
+/// Per directory, in order: finish a file copy a crash interrupted, re-encrypt every
+/// file's contents (in place, same inode) and xattrs and every symlink's target, recurse
+/// into subdirectories, rename every entry to its new-generation name, re-encrypt the
+/// directory's own xattrs, and last replace its `xtsfs.dir` with one of the new
+/// generation. A directory whose `xtsfs.dir` is already new is complete, with all below it.
+final class RekeySweep {
+    static let copyPrefix = BackingEntry.rekeyCopyPrefix
+    static let chunk = 1 << 20
+
+    let old: KeySet
+    let new: KeySet
+    let failpoint: Failpoint
+    let report: (RekeyProgress) -> Void
+    var progress: RekeyProgress
+    var warnings: [String] = []
+    /// Inodes of regular files already done in this run (hard links are visited once per name).
+    var seen = Set<UInt64>()
+    var countedInodes = Set<UInt64>()
+
+    init(old: KeySet, new: KeySet, failpoint: Failpoint, report: @escaping (RekeyProgress) -> Void) {
+        self.old = old
+        self.new = new
+        self.failpoint = failpoint
+        self.report = report
+        progress = RekeyProgress(phase: "scan", filesDone: 0, filesTotal: 0, bytesDone: 0, bytesTotal: 0)
+    }
+
+    func keys(_ gen: UInt32) -> KeySet? { gen == old.generation ? old : gen == new.generation ? new : nil }
+
+    enum SweepError: Error, CustomStringConvertible {
+        case system(String, SystemError)
+        case damaged(String)
+        var description: String {
+            switch self {
+            case .system(let what, let e): return "\(what): \(e)"
+            case .damaged(let s): return s
+            }
+        }
+    }
+
+    // MARK: - counting (for the progress display)
+
+    func count(_ dirfd: Int32) {
+        guard let entries = try? Sys.listDirectory(dirfd) else { return }
+        if let h = try? dirHeader(dirfd), h.keyGeneration == new.generation { return }
+        for e in entries {
+            switch BackingEntry.classify(e.name) {
+            case .encryptedName, .longName: break
+            default: continue
+            }
+            guard let st = try? Sys.fstatat(dirfd, e.name) else { continue }
+            if st.isDirectory {
+                guard let fd = try? Sys.openPath(dirfd, e.name, directory: true) else { continue }
+                count(fd)
+                Sys.close(fd)
+            } else if st.isRegular, countedInodes.insert(UInt64(st.st_ino)).inserted {
+                progress.filesTotal += 1
+                progress.bytesTotal += Int64(st.st_size)
+            }
+        }
+    }
+
+    // MARK: - the sweep
+
+    func run(root: Int32) throws(SweepError) {
+        progress.phase = "scan"
+        count(root)
+        progress.phase = "re-encrypt"
+        report(progress)
+        try sweep(root, path: "/")
+        progress.phase = "done"
+        report(progress)
+    }
+
+    func dirHeader(_ dirfd: Int32) throws(SweepError) -> DirHeader {
+        let bytes: [UInt8]
+        do { bytes = try Sys.readSmallFile(dirfd, DirHeader.fileName, limit: 4096) } catch { throw .system("read \(DirHeader.fileName)", error) }
+        guard bytes.count == DirHeader.length else { throw .damaged("directory header of wrong length") }
+        let gen = u32(bytes, 12)
+        guard let k = keys(gen) else { throw .damaged("directory header of unknown key generation \(gen)") }
+        do { return try DirHeader.decode(bytes, macKey: k.metadataMACKey) } catch { throw .damaged("directory header: \(error)") }
+    }
+
+    func u32(_ b: [UInt8], _ at: Int) -> UInt32 {
+        UInt32(b[at]) | UInt32(b[at + 1]) << 8 | UInt32(b[at + 2]) << 16 | UInt32(b[at + 3]) << 24
+    }
+
+    static func copyName(for entry: String) -> String {
+        copyPrefix + Base64URL.encode(SHA256.hash(Array(entry.utf8)))
+    }
+
+    func sweep(_ dirfd: Int32, path: String) throws(SweepError) {
+        let header = try dirHeader(dirfd)
+        if header.keyGeneration == new.generation { return }
+        var entries: [(name: String, type: UInt8, ino: UInt64)]
+        do { entries = try Sys.listDirectory(dirfd) } catch { throw .system("list \(path)", error) }
+
+        // 1. Copies a crash left behind: a complete one is finished, a partial one dropped.
+        let byHash = Dictionary(entries.map { (RekeySweep.copyName(for: $0.name), $0.name) }, uniquingKeysWith: { a, _ in a })
+        for e in entries where e.name.hasPrefix(RekeySweep.copyPrefix) {
+            if e.name.hasSuffix(".tmp") { _ = Glibc.unlinkat(dirfd, e.name, 0); continue }
+            guard let target = byHash[e.name] else {
+                warnings.append("\(path): \(e.name) has no file to go to; removed")
+                _ = Glibc.unlinkat(dirfd, e.name, 0)
+                continue
+            }
+            try finishCopy(dirfd, copy: e.name, target: target, path: path)
+        }
+        entries.removeAll { $0.name.hasPrefix(RekeySweep.copyPrefix) }
+
+        // 2. Contents, xattrs and symlink targets; subdirectories recursively.
+        for e in entries {
+            switch BackingEntry.classify(e.name) {
+            case .encryptedName, .longName: break
+            default: continue
+            }
+            let st: stat
+            do { st = try Sys.fstatat(dirfd, e.name) } catch { throw .system("stat in \(path)", error) }
+            if st.isRegular {
+                if let job = try prepareFile(dirfd, e.name, st, path: path) {
+                    batch.append(job)
+                    batchBytes += Int64(st.st_size)
+                    if batch.count >= 256 || batchBytes >= 64 << 20 { try flush(dirfd, path: path) }
+                }
+            } else if st.isDirectory {
+                // A batch belongs to one directory: finish it before going down.
+                try flush(dirfd, path: path)
+                let fd: Int32
+                do { fd = try Sys.openPath(dirfd, e.name, directory: true) } catch { throw .system("open directory in \(path)", error) }
+                defer { Sys.close(fd) }
+                try sweep(fd, path: path + e.name.prefix(12) + "…/")
+                try reencryptXattrs(fd, what: path + e.name)
+            } else if st.isSymlink {
+                try reencryptSymlink(dirfd, e.name, st, path: path)
+            }
+        }
+        try flush(dirfd, path: path)
+
+        // 3. Names: each entry renamed to its new-generation name (atomic, one by one).
+        try renameEntries(dirfd, header: header, path: path)
+
+        // 4. The directory's own header, last: from here on the directory is complete.
+        do {
+            let bytes = try DirHeader(keyGeneration: new.generation, directoryID: header.directoryID).encode(macKey: new.metadataMACKey)
+            try Sys.atomicWrite(bytes, at: dirfd, DirHeader.fileName, mode: 0o444)
+        } catch let e as SystemError { throw .system("write \(DirHeader.fileName) in \(path)", e) } catch { throw .damaged("\(error)") }
+        failpoint.step("directory header of \(path) switched")
+    }
+
+    // MARK: - names
+
+    func renameEntries(_ dirfd: Int32, header: DirHeader, path: String) throws(SweepError) {
+        let oldNames = NameCodec(keys: old), newNames = NameCodec(keys: new)
+        let entries: [(name: String, type: UInt8, ino: UInt64)]
+        do { entries = try Sys.listDirectory(dirfd) } catch { throw .system("list \(path)", error) }
+        let present = Set(entries.map(\.name))
+        for e in entries {
+            let encoded: String
+            switch BackingEntry.classify(e.name) {
+            case .encryptedName: encoded = e.name
+            case .longName:
+                guard let full = try? Sys.readSmallFile(dirfd, e.name + NameCodec.longSuffix, limit: 4096),
+                      NameCodec.longEntryName(forEncoded: full) == e.name else {
+                    warnings.append("\(path): long name \(e.name) has no valid side file; left as it is")
+                    continue
+                }
+                encoded = String(decoding: full, as: UTF8.self)
+            case .longNameRecord(let entry):
+                // A side file whose entry is gone (a crash after the rename): drop it if it is old.
+                if !present.contains(entry), let full = try? Sys.readSmallFile(dirfd, e.name, limit: 4096),
+                   (try? oldNames.decrypt(String(decoding: full, as: UTF8.self), directoryID: header.directoryID)) != nil {
+                    _ = Glibc.unlinkat(dirfd, e.name, 0)
+                }
+                continue
+            default: continue
+            }
+            if (try? newNames.decrypt(encoded, directoryID: header.directoryID)) != nil { continue }
+            guard let plain = try? oldNames.decrypt(encoded, directoryID: header.directoryID) else {
+                warnings.append("\(path): \(e.name.prefix(20))… decrypts under neither generation; left as it is")
+                continue
+            }
+            let target: BackingName
+            do { target = try newNames.encrypt(plain, directoryID: header.directoryID) } catch { throw .damaged("encrypt name: \(error)") }
+            do {
+                if case .long(let hashed, let full) = target {
+                    try Sys.atomicWrite(Array(full.utf8), at: dirfd, hashed + NameCodec.longSuffix, mode: 0o444)
+                }
+                try Sys.renameat(dirfd, e.name, dirfd, target.entryName, flags: UInt32(XTS_RENAME_NOREPLACE))
+            } catch { throw .system("rename in \(path)", error) }
+            failpoint.step("entry renamed in \(path)")
+            if case .longName = BackingEntry.classify(e.name) {
+                _ = Glibc.unlinkat(dirfd, e.name + NameCodec.longSuffix, 0)
+            }
+        }
+    }
+
+    // MARK: - files
+
+    func fileGeneration(_ fd: Int32) throws(SweepError) -> (gen: UInt32, raw: [UInt8])? {
+        var raw = [UInt8](repeating: 0, count: FileHeader.length)
+        let n: Int
+        do { n = try raw.withMutableBytes { (p) throws(SystemError) -> Int in try Sys.pread(fd, p.baseAddress!, p.count, 0) } } catch { throw .system("read file header", error) }
+        guard n == FileHeader.length else { return nil }
+        return (u32(raw, 4), raw)
+    }
+
+    /// A file whose new ciphertext is being prepared, in a batch of one directory.
+    struct Job {
+        var name: String
+        var stat: stat
+        var from: FileCrypto
+        var to: FileCrypto
+    }
+    var batch: [Job] = []
+    var batchBytes: Int64 = 0
+
+    func counted(_ st: stat) {
+        let ino = UInt64(st.st_ino)
+        guard !seen.contains(ino) else { return }
+        seen.insert(ino)
+        progress.filesDone += 1
+        progress.bytesDone += Int64(st.st_size)
+        report(progress)
+    }
+
+    /// Re-encrypts the file's xattrs; returns the work for its contents if it is still of
+    /// the old generation (nil for an empty, new or damaged file).
+    func prepareFile(_ dirfd: Int32, _ name: String, _ st: stat, path: String) throws(SweepError) -> Job? {
+        let fd: Int32
+        do { fd = try Sys.openRegular(dirfd, name, O_RDONLY).fd } catch { throw .system("open file in \(path)", error) }
+        defer { Sys.close(fd) }
+        try reencryptXattrs(fd, what: path + name)
+        guard st.st_size > 0 else { counted(st); return nil }
+        guard let found = try fileGeneration(fd) else {
+            warnings.append("\(path)\(name.prefix(20))…: backing file shorter than its header; left as it is")
+            counted(st)
+            return nil
+        }
+        let (gen, raw) = found
+        if gen == new.generation { counted(st); return nil }
+        guard gen == old.generation else { warnings.append("\(path)\(name.prefix(20))…: unknown key generation \(gen); left as it is"); counted(st); return nil }
+        let oldHeader: FileHeader
+        do { oldHeader = try FileHeader.decode(raw, macKey: old.metadataMACKey) } catch {
+            warnings.append("\(path)\(name.prefix(20))…: damaged file header; left as it is")
+            counted(st)
+            return nil
+        }
+        do {
+            return Job(name: name, stat: st, from: try FileCrypto(keys: old, header: oldHeader),
+                       to: try FileCrypto(keys: new, header: try FileHeader.random(keyGeneration: new.generation)))
+        } catch { throw .damaged("\(error)") }
+    }
+
+    /// The batch's files, in four rounds with one sync between rounds instead of one per
+    /// file: (1) each file's new ciphertext to `xtsfs.rekey.<H>.tmp`; sync; (2) each renamed
+    /// to `xtsfs.rekey.<H>` (complete from now on); fsync of the directory; (3) each copied
+    /// over its file in place (same inode); sync; (4) each copy removed. A crash in round 1
+    /// leaves .tmp files (dropped by the rerun); from round 2 on, a complete copy is what
+    /// the rerun copies over its file again.
+    func flush(_ dirfd: Int32, path: String) throws(SweepError) {
+        let jobs = batch
+        batch.removeAll()
+        batchBytes = 0
+        guard !jobs.isEmpty else { return }
+        for j in jobs { try writeCopy(dirfd, j, path: path) }
+        try syncAll(dirfd, path: path)
+        for j in jobs {
+            let copy = RekeySweep.copyName(for: j.name)
+            do { try Sys.renameat(dirfd, copy + ".tmp", dirfd, copy) } catch { throw .system("rename copy in \(path)", error) }
+            failpoint.step("copy of a file complete in \(path)")
+        }
+        do { try Sys.fsyncDirectory(dirfd) } catch { throw .system("fsync \(path)", error) }
+        for j in jobs {
+            try copyOver(dirfd, copy: RekeySweep.copyName(for: j.name), target: j.name, path: path, sync: false)
+        }
+        try syncAll(dirfd, path: path)
+        for j in jobs {
+            _ = Glibc.unlinkat(dirfd, RekeySweep.copyName(for: j.name), 0)
+            failpoint.step("copy removed in \(path)")
+            counted(j.stat)
+        }
+    }
+
+    func syncAll(_ dirfd: Int32, path: String) throws(SweepError) {
+        let fd: Int32
+        do { fd = try Sys.openDirectory(dirfd) } catch { throw .system("open \(path)", error) }
+        defer { Sys.close(fd) }
+        guard xts_syncfs(fd) == 0 else { throw .system("syncfs", SystemError(errno, "syncfs")) }
+    }
+
+    func writeCopy(_ dirfd: Int32, _ j: Job, path: String) throws(SweepError) {
+        let tmp = RekeySweep.copyName(for: j.name) + ".tmp"
+        _ = Glibc.unlinkat(dirfd, tmp, 0)
+        let size = Layout.plainSize(backingSize: Int64(j.stat.st_size))
+        do {
+            let (fd, _) = try Sys.openRegular(dirfd, j.name, O_RDONLY)
+            defer { Sys.close(fd) }
+            let out = try Sys.openat(dirfd, tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+            defer { Sys.close(out) }
+            let headerBytes = try j.to.header.encode(macKey: new.metadataMACKey)
+            try headerBytes.withBytes { (p) throws(SystemError) in try Sys.pwrite(out, p.baseAddress!, p.count, 0) }
+            try Sys.ftruncate(out, Int64(j.stat.st_size))
+            try transform(fd, out, size: size, from: j.from, to: j.to)
+        } catch let e as SystemError { throw .system("write copy in \(path)", e) } catch { throw .damaged("re-encrypt: \(error)") }
+        failpoint.step("copy of a file written in \(path)")
+    }
+
+    /// Copies a complete copy left by a crash over its file, in place, then removes it.
+    func finishCopy(_ dirfd: Int32, copy: String, target: String, path: String) throws(SweepError) {
+        try copyOver(dirfd, copy: copy, target: target, path: path, sync: true)
+        _ = Glibc.unlinkat(dirfd, copy, 0)
+        failpoint.step("copy removed in \(path)")
+    }
+
+    /// Copies a complete copy over its file, in place (made durable only with `sync`).
+    func copyOver(_ dirfd: Int32, copy: String, target: String, path: String, sync: Bool) throws(SweepError) {
+        do {
+            let (src, sst) = try Sys.openRegular(dirfd, copy, O_RDONLY)
+            defer { Sys.close(src) }
+            let (dst, dstSt) = try Sys.openRegular(dirfd, target, O_RDWR)
+            defer { Sys.close(dst) }
+            guard sst.st_size == dstSt.st_size else {
+                throw SweepError.damaged("\(path): the rekey copy \(copy) is \(sst.st_size) bytes, its file \(dstSt.st_size): the file changed during the rekey; both are left as they are")
+            }
+            // The copy must be of the new generation and verify, or it is not ours.
+            guard let got = try fileGeneration(src), got.gen == new.generation,
+                  (try? FileHeader.decode(got.raw, macKey: new.metadataMACKey)) != nil else {
+                throw SweepError.damaged("\(path): the rekey copy \(copy) does not verify under the new key; left as it is")
+            }
+            try copyData(src, dst, size: Int64(sst.st_size), stepEvery: true)
+            if sync { try Sys.fdatasync(dst) }
+        } catch let e as SweepError { throw e } catch let e as SystemError { throw .system("copy over a file in \(path)", e) } catch { throw .damaged("\(error)") }
+        failpoint.step("file rewritten in place in \(path)")
+    }
+
+    /// Copies the data extents of `src` over `dst` at the same offsets. Holes of `src` are
+    /// zero units of the old ciphertext too, so `dst` is already zero there.
+    func copyData(_ src: Int32, _ dst: Int32, size: Int64, stepEvery: Bool) throws {
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: RekeySweep.chunk, alignment: 4096)
+        defer { buf.deallocate() }
+        var pos: Int64 = 0
+        var chunks = 0
+        while pos < size {
+            let data = lseek(src, off_t(pos), 3 /* SEEK_DATA */)
+            if data < 0 { if errno == ENXIO { break }; throw SystemError(errno, "seek") }
+            let hole = min(Int64(lseek(src, data, 4 /* SEEK_HOLE */)), size)
+            var p = Int64(data)
+            while p < hole {
+                let n = Int(min(Int64(buf.count), hole - p))
+                let got = try Sys.pread(src, buf.baseAddress!, n, p)
+                guard got > 0 else { break }
+                try Sys.pwrite(dst, buf.baseAddress!, got, p)
+                p += Int64(got)
+                chunks += 1
+                // One failpoint in the middle of a large file's copy.
+                if stepEvery && chunks == 2 { failpoint.step("file half rewritten in place") }
+            }
+            pos = hole
+        }
+    }
+
+    /// Decrypts every non-hole unit of `inFD` with `from` and writes it encrypted with `to`
+    /// into `outFD` at the same offset. All-zero units (holes) stay holes.
+    func transform(_ inFD: Int32, _ outFD: Int32, size: Int64, from: FileCrypto, to: FileCrypto) throws {
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: RekeySweep.chunk + 2 * 4096, alignment: 4096)
+        defer { buf.deallocate() }
+        let header = Layout.headerLength
+        var pos: Int64 = 0
+        while pos < size {
+            // Skip holes of the backing file: a 2^63-byte sparse file has nothing to read.
+            let data = lseek(inFD, off_t(header + pos), 3 /* SEEK_DATA */)
+            if data < 0 { if errno == ENXIO { break }; throw SystemError(errno, "seek") }
+            var start = max(pos, (Int64(data) - header) / 4096 * 4096)
+            if start >= size { break }
+            start = Layout.unit(at: start, size: size).start
+            let units = Layout.units(overlapping: start..<min(start + Int64(RekeySweep.chunk), size), size: size)
+            let lo = units.first!.start, hi = units.last!.end
+            let n = Int(hi - lo)
+            let got = try Sys.pread(inFD, buf.baseAddress!, n, header + lo)
+            if got < n { (buf.baseAddress! + got).initializeMemory(as: UInt8.self, repeating: 0, count: n - got) }
+            // Runs of non-zero units are re-encrypted together; zero units are skipped.
+            var run: [Layout.Unit] = []
+            func flush() throws {
+                guard let f = run.first, let l = run.last else { return }
+                let slice = UnsafeMutableRawBufferPointer(rebasing: buf[Int(f.start - lo)..<Int(l.end - lo)])
+                try from.crypt(units: run, buffer: slice, base: f.start, encrypt: false)
+                try to.crypt(units: run, buffer: slice, base: f.start, encrypt: true)
+                try Sys.pwrite(outFD, slice.baseAddress!, slice.count, header + f.start)
+                run.removeAll(keepingCapacity: true)
+            }
+            for u in units {
+                if !u.tiny && isZero(buf.baseAddress! + Int(u.start - lo), Int(u.length)) { try flush(); continue }
+                run.append(u)
+            }
+            try flush()
+            pos = hi
+        }
+    }
+
+    func isZero(_ p: UnsafeRawPointer, _ n: Int) -> Bool {
+        var i = 0
+        while i + 8 <= n { if p.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }; i += 8 }
+        while i < n { if p.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }; i += 1 }
+        return true
+    }
+
+    // MARK: - symlinks
+
+    func reencryptSymlink(_ dirfd: Int32, _ name: String, _ st: stat, path: String) throws(SweepError) {
+        let raw: [UInt8]
+        do { raw = try Sys.readlinkat(dirfd, name) } catch { throw .system("readlink in \(path)", error) }
+        let stored = String(decoding: raw, as: UTF8.self)
+        var encoded = raw
+        var storeName: String?
+        if stored.hasPrefix(NameCodec.storedTargetPrefix) {
+            let s = String(stored.dropFirst(NameCodec.storedTargetPrefix.count))
+            guard let store = try? Sys.openPath(rootFD, NameCodec.linkStore, directory: true) else {
+                warnings.append("\(path): a stored symlink target, but no link store; left as it is"); return
+            }
+            defer { Sys.close(store) }
+            guard let bytes = try? Sys.readSmallFile(store, s, limit: 8192), NameCodec.storedTargetName(forEncoded: bytes) == s else {
+                warnings.append("\(path): stored symlink target \(s) is missing or damaged; left as it is"); return
+            }
+            encoded = bytes
+            storeName = s
+        }
+        if (try? NameCodec(keys: new).decryptTarget(encoded)) != nil { return }
+        guard let target = try? NameCodec(keys: old).decryptTarget(encoded) else {
+            warnings.append("\(path)\(name.prefix(20))…: symlink target decrypts under neither generation; left as it is"); return
+        }
+        do {
+            let e = try NameCodec(keys: new).encryptTarget(target)
+            var linkText = e
+            if e.utf8.count > NameCodec.maxBackingTarget {
+                let s = NameCodec.storedTargetName(forEncoded: Array(e.utf8))
+                let store = try openLinkStore()
+                defer { Sys.close(store) }
+                try Sys.atomicWrite(Array(e.utf8), at: store, s, mode: 0o444)
+                linkText = NameCodec.storedTargetPrefix + s
+            }
+            let tmp = RekeySweep.copyName(for: name) + ".tmp"
+            _ = Glibc.unlinkat(dirfd, tmp, 0)
+            try Sys.symlinkat(linkText, dirfd, tmp)
+            // The symlink's owner and times are the old one's.
+            if geteuid() == 0 { _ = fchownat(dirfd, tmp, st.st_uid, st.st_gid, AT_SYMLINK_NOFOLLOW) }
+            var times = (st.st_atim, st.st_mtim)
+            _ = withUnsafePointer(to: &times) { $0.withMemoryRebound(to: timespec.self, capacity: 2) { utimensat(dirfd, tmp, $0, AT_SYMLINK_NOFOLLOW) } }
+            try Sys.renameat(dirfd, tmp, dirfd, name)
+        } catch let e as SystemError { throw .system("rewrite symlink in \(path)", e) } catch { throw .damaged("symlink: \(error)") }
+        failpoint.step("symlink target re-encrypted in \(path)")
+        // The old stored target goes with the old symlink (unless another hard link still uses it).
+        if let s = storeName, st.st_nlink <= 1, let store = try? Sys.openPath(rootFD, NameCodec.linkStore, directory: true) {
+            _ = Glibc.unlinkat(store, s, 0)
+            Sys.close(store)
+        }
+    }
+
+    var rootFD: Int32 = -1
+
+    func openLinkStore() throws(SystemError) -> Int32 {
+        do { return try Sys.openPath(rootFD, NameCodec.linkStore, directory: true) } catch {
+            guard error.errno == ENOENT else { throw error }
+            try Sys.mkdirat(rootFD, NameCodec.linkStore, 0o700)
+            return try Sys.openPath(rootFD, NameCodec.linkStore, directory: true)
+        }
+    }
+
+    // MARK: - xattrs
+
+    func reencryptXattrs(_ fd: Int32, what: String) throws(SweepError) {
+        let names: [String]
+        do { names = try Sys.listxattr(pinned: fd) } catch {
+            if error.errno == EOPNOTSUPP || error.errno == ENOTSUP { return }
+            throw .system("listxattr \(what)", error)
+        }
+        let oldCodec = XattrCodec(keys: old), newCodec = XattrCodec(keys: new)
+        for name in names where name.hasPrefix(XattrCodec.namespace) {
+            if newCodec.decryptName(name) != nil { continue }
+            guard let plain = oldCodec.decryptName(name) else { continue }
+            do {
+                var buf = [UInt8](repeating: 0, count: 65536)
+                let n = try buf.withMutableBytes { (p) throws(SystemError) -> Int in try Sys.getxattr(pinned: fd, name, into: p) }
+                let value = try oldCodec.decryptValue(Array(buf[0..<n]), backingName: name)
+                guard let newName = try newCodec.encryptName(plain) else { continue }
+                try Sys.setxattr(pinned: fd, newName, try newCodec.encryptValue(value, backingName: newName), flags: 0)
+                failpoint.step("xattr re-encrypted (old name still there) of \(what)")
+                try Sys.removexattr(pinned: fd, name)
+            } catch let e as SystemError { throw .system("xattr of \(what)", e) } catch {
+                warnings.append("\(what): an xattr does not decrypt (\(error)); left as it is")
+            }
+        }
+    }
+
+    // MARK: - verification
+
+    /// Walks the whole volume read-only: every directory header, name, file header, symlink
+    /// target and xattr must be of the new generation. Returns what is still old (empty
+    /// when the old generation can go) and the link-store names in use.
+    func verify(_ dirfd: Int32, path: String, old found: inout [String], links: inout Set<String>) {
+        guard let header = try? dirHeader(dirfd), header.keyGeneration == new.generation else {
+            found.append("\(path): directory header not of the new generation"); return
+        }
+        guard let entries = try? Sys.listDirectory(dirfd) else { found.append("\(path): unreadable"); return }
+        let newNames = NameCodec(keys: new), oldNames = NameCodec(keys: old), newX = XattrCodec(keys: new), oldX = XattrCodec(keys: old)
+        for e in entries {
+            switch BackingEntry.classify(e.name) {
+            case .encryptedName:
+                if (try? newNames.decrypt(e.name, directoryID: header.directoryID)) == nil,
+                   (try? oldNames.decrypt(e.name, directoryID: header.directoryID)) != nil { found.append("\(path): an old-generation name") }
+            case .longName:
+                if let full = try? Sys.readSmallFile(dirfd, e.name + NameCodec.longSuffix, limit: 4096) {
+                    let s = String(decoding: full, as: UTF8.self)
+                    if (try? newNames.decrypt(s, directoryID: header.directoryID)) == nil,
+                       (try? oldNames.decrypt(s, directoryID: header.directoryID)) != nil { found.append("\(path): an old-generation long name") }
+                }
+            default:
+                if e.name.hasPrefix(RekeySweep.copyPrefix) { found.append("\(path): a rekey copy left over") }
+                continue
+            }
+            guard let st = try? Sys.fstatat(dirfd, e.name), let fd = try? Sys.openPath(dirfd, e.name, directory: (st.mode & S_IFMT) == S_IFDIR) else { continue }
+            defer { Sys.close(fd) }
+            if !st.isSymlink, let xs = try? Sys.listxattr(pinned: fd) {
+                for x in xs where x.hasPrefix(XattrCodec.namespace) && newX.decryptName(x) == nil && oldX.decryptName(x) != nil {
+                    found.append("\(path): an old-generation xattr")
+                }
+            }
+            if st.isDirectory {
+                verify(fd, path: path + e.name.prefix(12) + "…/", old: &found, links: &links)
+            } else if st.isRegular, st.st_size >= FileHeader.length {
+                guard let rfd = try? Sys.reopen(fd, O_RDONLY) else { continue }
+                defer { Sys.close(rfd) }
+                if let got = try? fileGeneration(rfd), got.gen == old.generation { found.append("\(path): an old-generation file") }
+            } else if st.isSymlink, let raw = try? Sys.readlinkat(dirfd, e.name) {
+                let s = String(decoding: raw, as: UTF8.self)
+                var encoded = raw
+                if s.hasPrefix(NameCodec.storedTargetPrefix) {
+                    let name = String(s.dropFirst(NameCodec.storedTargetPrefix.count))
+                    links.insert(name)
+                    guard let store = try? Sys.openPath(rootFD, NameCodec.linkStore, directory: true) else { continue }
+                    defer { Sys.close(store) }
+                    guard let b = try? Sys.readSmallFile(store, name, limit: 8192) else { continue }
+                    encoded = b
+                }
+                if (try? newNames.decryptTarget(encoded)) == nil, (try? oldNames.decryptTarget(encoded)) != nil { found.append("\(path): an old-generation symlink target") }
+            }
+        }
+    }
+}
+
+extension stat {
+    var mode: mode_t { st_mode }
+}

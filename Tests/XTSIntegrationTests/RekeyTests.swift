@@ -1,0 +1,245 @@
+import CSysShim
+import Foundation
+import XCTest
+import XTSFormat
+import XTSVolume
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Key rotation through the command line: KEK rotation between providers, header backup
+/// and restore, and the offline DEK rekey, killed at 20+ points and resumed, with the tree
+/// compared (contents, names, symlink targets, xattrs, hard links) after each.
+final class RekeyTests: VolumeTestCase {
+    var keyfile: String { scratch + "/key" }
+
+    @discardableResult
+    func xtsfs(_ args: [String], _ expected: ExitStatus = .success, file: StaticString = #filePath, line: UInt = #line) -> Harness.Result {
+        let r = Harness.run(args)
+        XCTAssertEqual(r.status, expected.rawValue, "xtsfs \(args.joined(separator: " ")): \(r.stderr)", file: file, line: line)
+        return r
+    }
+
+    /// Runs xtsfs with extra environment; returns (exit status or -signal, stderr).
+    func runEnv(_ args: [String], env: [String: String]) -> (Int32, String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Harness.binary)
+        p.arguments = args
+        p.environment = ProcessInfo.processInfo.environment.merging(env) { $1 }
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = FileHandle.nullDevice
+        p.standardInput = FileHandle.nullDevice
+        do { try p.run() } catch { return (-1000, "\(error)") }
+        let data = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        let status = p.terminationReason == .uncaughtSignal ? -p.terminationStatus : p.terminationStatus
+        return (status, String(decoding: data, as: UTF8.self))
+    }
+
+    static let repoRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+
+    /// Output of a shell command.
+    func sh(_ command: String) -> String {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", command]
+        let out = Pipe()
+        p.standardOutput = out
+        do { try p.run() } catch { return "cannot run: \(error)" }
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return String(decoding: data, as: UTF8.self)
+    }
+
+    func manifest(_ dir: String) -> String {
+        sh("python3 '\(Self.repoRoot)/scripts/tree-manifest.py' '\(dir)'")
+    }
+
+    func populate() throws {
+        let m = mnt
+        try FileManager.default.createDirectory(atPath: m + "/a/b/c", withIntermediateDirectories: true)
+        try write(m + "/empty", [])
+        try write(m + "/tiny", Array("hello".utf8))
+        try write(m + "/a/one-unit", pattern(4096, seed: 1))
+        try write(m + "/a/b/odd", pattern(8200, seed: 2))
+        try write(m + "/a/b/c/big", pattern(3 << 20 + 17, seed: 3))
+        XCTAssertEqual(link(m + "/a/one-unit", m + "/a/b/c/hardlink"), 0)
+        XCTAssertEqual(link(m + "/tiny", m + "/a/tiny-link"), 0)
+        // Sparse: a hole between two written regions, and a far end.
+        let fd = open(m + "/sparse", O_WRONLY | O_CREAT, 0o644)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        _ = pattern(5000, seed: 4).withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+        _ = pattern(100, seed: 5).withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 1 << 24) }
+        XCTAssertEqual(ftruncate(fd, 1 << 26), 0)
+        close(fd)
+        XCTAssertEqual(symlink("a/b/odd", m + "/short-link"), 0)
+        XCTAssertEqual(symlink(String(repeating: "x/", count: 1800) + "end", m + "/a/stored-link"), 0)
+        let long = String(repeating: "L", count: 250)
+        try write(m + "/a/" + long, pattern(100, seed: 6))
+        try FileManager.default.createDirectory(atPath: m + "/" + String(repeating: "d", count: 200), withIntermediateDirectories: false)
+        XCTAssertEqual(setxattr(m + "/a/one-unit", "user.color", "blue", 4, 0), 0)
+        XCTAssertEqual(setxattr(m + "/a/b", "user.dir-attr", "on a directory", 14, 0), 0)
+        XCTAssertEqual(mkfifo(m + "/a/fifo", 0o600), 0)
+        // A path of about 4000 bytes: 20 directories of 190-byte names.
+        var deep = m
+        for i in 0..<20 {
+            deep += "/" + String(repeating: Character(String(UnicodeScalar(UInt8(97 + i)))), count: 190)
+            XCTAssertEqual(Glibc.mkdir(deep, 0o755), 0, "mkdir at depth \(i)")
+        }
+        try write(deep + "/leaf", Array("deep".utf8))
+    }
+
+    func testKEKRotationBetweenKeyfileAndPassphrase() throws {
+        initVolume()
+        mount()
+        try write(mnt + "/f", pattern(10000, seed: 9))
+        unmount()
+        xtsfs(["keys", "generate", keyfile])
+        // Passphrase -> key file: the same slot index, and the old passphrase no longer opens.
+        let r = xtsfs(["rekey", cipher, "--kek", "--passfile", passfile, "--new-keyfile", keyfile])
+        XCTAssertTrue(r.stderr.contains("backup of the old header"), r.stderr)
+        let list = xtsfs(["keys", "list", cipher]).stdout
+        XCTAssertTrue(list.contains("keyfile") && !list.contains("passphrase"), list)
+        xtsfs(["mount", cipher, mnt, "--passfile", passfile], .wrongKey)
+        xtsfs(["mount", cipher, mnt, "--keyfile", keyfile])
+        XCTAssertEqual(try read(mnt + "/f"), pattern(10000, seed: 9))
+        unmount()
+        // Key file -> passphrase.
+        let pass2 = scratch + "/pass2"
+        try "another passphrase\n".write(toFile: pass2, atomically: true, encoding: .utf8)
+        xtsfs(["rekey", cipher, "--kek", "--keyfile", keyfile, "--new-passfile", pass2] + Self.cheapKDF)
+        xtsfs(["mount", cipher, mnt, "--keyfile", keyfile], .wrongKey)
+        xtsfs(["mount", cipher, mnt, "--passfile", pass2])
+        XCTAssertEqual(try read(mnt + "/f"), pattern(10000, seed: 9))
+        unmount()
+    }
+
+    func testHeaderBackupRestoreRoundTripAndForeignRefused() throws {
+        initVolume()
+        let backup = scratch + "/hdr.bak"
+        xtsfs(["header", "backup", cipher, backup])
+        xtsfs(["header", "backup", cipher, backup], .refused)
+        // Rotate the KEK: the backup still opens with the old passphrase, the volume does not.
+        xtsfs(["keys", "generate", keyfile])
+        xtsfs(["rekey", cipher, "--kek", "--passfile", passfile, "--new-keyfile", keyfile])
+        xtsfs(["mount", cipher, mnt, "--passfile", passfile], .wrongKey)
+        // Restore needs a key that opens the backup: the key file does not.
+        xtsfs(["header", "restore", cipher, backup, "--keyfile", keyfile], .wrongKey)
+        xtsfs(["header", "restore", cipher, backup, "--passfile", passfile])
+        mount()
+        unmount()
+        // Another volume's header is refused, and nothing changes.
+        let other = scratch + "/other"
+        XCTAssertEqual(Harness.run(["init", other, "--passfile", passfile] + Self.cheapKDF).status, 0)
+        let otherBackup = scratch + "/other.bak"
+        xtsfs(["header", "backup", other, otherBackup])
+        let before = try read(cipher + "/xtsfs.header")
+        let r = xtsfs(["header", "restore", cipher, otherBackup, "--passfile", passfile], .refused)
+        XCTAssertTrue(r.stderr.contains("another volume"), r.stderr)
+        XCTAssertEqual(try read(cipher + "/xtsfs.header"), before)
+        // A damaged file is bad input.
+        try write(scratch + "/junk", Array("not a header".utf8))
+        xtsfs(["header", "restore", cipher, scratch + "/junk", "--passfile", passfile], .badInput)
+    }
+
+    func testDEKRekeyOfEmptyVolume() throws {
+        initVolume()
+        xtsfs(["rekey", cipher, "--dek", "--passfile", passfile])
+        let status = xtsfs(["status", cipher]).stdout
+        XCTAssertTrue(status.contains("Key generation:  2"), status)
+        XCTAssertTrue(status.contains("Rekey:           none"), status)
+        mount()
+        try write(mnt + "/after", [1, 2, 3])
+        unmount()
+        xtsfs(["rekey", cipher, "--dek", "--passfile", passfile])
+        mount()
+        XCTAssertEqual(try read(mnt + "/after"), [1, 2, 3])
+        unmount()
+    }
+
+    func testDEKRekeyRefusesWhileMountedAndOtherSlots() throws {
+        initVolume()
+        mount()
+        xtsfs(["rekey", cipher, "--dek", "--passfile", passfile], .refused)
+        unmount()
+        xtsfs(["keys", "generate", keyfile])
+        xtsfs(["keys", "add", cipher, "--passfile", passfile, "--new-keyfile", keyfile])
+        let r = xtsfs(["rekey", cipher, "--dek", "--passfile", passfile], .refused)
+        XCTAssertTrue(r.stderr.contains("--remove-other-slots"), r.stderr)
+        xtsfs(["rekey", cipher, "--dek", "--passfile", passfile, "--remove-other-slots"])
+        xtsfs(["mount", cipher, mnt, "--keyfile", keyfile], .wrongKey)
+        mount()
+        unmount()
+    }
+
+    /// The whole tree rekeyed without interruption: every byte, name, target, xattr and hard
+    /// link unchanged; the backing files all changed; JSON progress events.
+    func testDEKRekeyPreservesTree() throws {
+        initVolume()
+        mount()
+        try populate()
+        let before = manifest(mnt)
+        unmount()
+        let oldBacking = Set(backingFiles().map(\.path))
+        let r = xtsfs(["rekey", cipher, "--dek", "--passfile", passfile, "--json"])
+        XCTAssertTrue(r.stdout.contains("\"event\":\"progress\""), r.stdout)
+        XCTAssertTrue(r.stdout.contains("\"event\":\"finished\""), r.stdout)
+        let newBacking = Set(backingFiles().map(\.path))
+        let encryptedNames = newBacking.filter { !$0.contains("xtsfs.") }
+        XCTAssertTrue(encryptedNames.isDisjoint(with: oldBacking), "some name was not re-encrypted")
+        XCTAssertFalse(newBacking.contains { $0.contains("xtsfs.rekey.") })
+        mount()
+        XCTAssertEqual(manifest(mnt), before)
+        var st = stat()
+        XCTAssertEqual(lstat(mnt + "/sparse", &st), 0)
+        XCTAssertLessThan(Int(st.st_blocks) * 512, 1 << 20, "the sparse file stayed sparse")
+        unmount()
+    }
+
+    /// Killed (SIGKILL) at 20+ distinct steps across every phase, rerun, compared.
+    func testDEKRekeyKilledAtManyPointsResumes() throws {
+        initVolume()
+        mount()
+        try populate()
+        let before = manifest(mnt)
+        unmount()
+        let template = scratch + "/template"
+        XCTAssertEqual(sh("cp -a '\(cipher)' '\(template)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
+        // Count and name the steps.
+        let (status, trace) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: ["XTSFS_REKEY_TRACE": "1"])
+        XCTAssertEqual(status, 0, trace)
+        let steps = trace.split(separator: "\n").filter { $0.hasPrefix("rekey step ") }
+        XCTAssertGreaterThanOrEqual(steps.count, 20, trace)
+        let kinds = Set(steps.map { $0.split(separator: ":", maxSplits: 1)[1].split(separator: " ").prefix(3).joined(separator: " ") })
+        // Every kind of step, and at least 24 points spread over the whole run.
+        var points = Set<Int>()
+        for k in kinds { if let i = steps.firstIndex(where: { $0.contains(k) }) { points.insert(i + 1) } }
+        let stride = max(1, steps.count / 24)
+        for i in Swift.stride(from: 1, through: steps.count, by: stride) { points.insert(i) }
+        points.insert(steps.count)      // the last header copy
+        points.insert(steps.count - 1)  // between the two header copies
+        XCTAssertGreaterThanOrEqual(points.count, 20)
+        for point in points.sorted() {
+            XCTAssertEqual(sh("rm -rf '\(cipher)' && cp -a '\(template)' '\(cipher)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
+            let (killed, err) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: ["XTSFS_REKEY_FAILPOINT": "\(point)"])
+            XCTAssertEqual(killed, -SIGKILL, "point \(point) (\(steps[point - 1])): not killed: \(err)")
+            // A status with no key shows the interrupted rekey (until the final header is whole).
+            if point < steps.count - 1 {
+                let s = Harness.run(["status", cipher]).stdout
+                XCTAssertTrue(s.contains("interrupted or running"), "point \(point): \(s)")
+                // Mounting is refused until the rekey is finished.
+                xtsfs(["mount", cipher, mnt, "--passfile", passfile], .refused)
+            }
+            let (again, err2) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: [:])
+            XCTAssertEqual(again, 0, "point \(point) (\(steps[point - 1])): rerun failed: \(err2)")
+            mount()
+            XCTAssertEqual(manifest(mnt), before, "point \(point) (\(steps[point - 1]))")
+            unmount()
+            // Killed once the final header was in place, the rekey was done: the rerun made another.
+            let s = Harness.run(["status", cipher]).stdout
+            let generation = point >= steps.count - 1 ? "Key generation:  3" : "Key generation:  2"
+            XCTAssertTrue(s.contains(generation) && s.contains("Rekey:           none"), "point \(point): \(s)")
+        }
+    }
+}
