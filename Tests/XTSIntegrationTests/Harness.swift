@@ -61,6 +61,17 @@ enum Harness {
         }
     }
 
+    /// PIDs of the unmount helpers of root daemons serving `mountpoint` (they detach the
+    /// mounts when their daemon dies).
+    static func unmountHelpers(_ mountpoint: String) -> [Int32] {
+        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
+        return entries.compactMap { Int32($0) }.filter { pid in
+            guard let raw = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+            let args = raw.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+            return args.contains("--unmount-helper") && args.contains(mountpoint)
+        }
+    }
+
     /// PIDs of mount daemons serving `mountpoint`.
     static func daemons(_ mountpoint: String) -> [Int32] {
         guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }

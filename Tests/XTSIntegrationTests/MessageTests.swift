@@ -50,9 +50,13 @@ final class MessageTests: VolumeTestCase {
     func testStaleMountIsNamedWithItsCure() throws {
         initVolume()
         mount()
+        // A root daemon's unmount helper detaches the mount when the daemon dies: a stale
+        // mount needs both gone at once (as after an OOM kill of the whole group).
+        for pid in Harness.unmountHelpers(mnt) { kill(pid, SIGKILL) }
         for pid in Harness.daemons(mnt) { kill(pid, SIGKILL) }
         let deadline = Date().addingTimeInterval(10)
-        while !Harness.daemons(mnt).isEmpty && Date() < deadline { usleep(20_000) }
+        while !(Harness.daemons(mnt).isEmpty && Harness.unmountHelpers(mnt).isEmpty) && Date() < deadline { usleep(20_000) }
+        guard Harness.isMounted(mnt) else { return XCTFail("the killed daemon's mount is gone: no stale mount to test") }
         let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile])
         XCTAssertEqual(r.status, ExitStatus.mountFailed.rawValue, r.stderr)
         XCTAssertTrue(r.stderr.contains("fusermount3 -u -z"), r.stderr)

@@ -26,14 +26,7 @@ final class PrivilegeTests: VolumeTestCase {
 
     func caps(_ fields: [String: String], _ key: String) -> UInt64? { fields[key].flatMap { UInt64($0, radix: 16) } }
 
-    func helpers(_ mountpoint: String) -> [Int32] {
-        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
-        return entries.compactMap { Int32($0) }.filter { pid in
-            guard let raw = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
-            let args = raw.split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
-            return args.contains("--unmount-helper") && args.contains(mountpoint)
-        }
-    }
+    func helpers(_ mountpoint: String) -> [Int32] { Harness.unmountHelpers(mountpoint) }
 
     func waitGone(_ what: () -> [Int32], file: StaticString = #filePath, line: UInt = #line) {
         let deadline = Date().addingTimeInterval(10)
