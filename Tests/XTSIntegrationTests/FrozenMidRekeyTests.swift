@@ -26,6 +26,15 @@ final class FrozenMidRekeyTests: VolumeTestCase {
         XCTAssertTrue(status.stdout.contains("rekey-in-progress"), status.stdout)
         // Mounting is refused until the rekey is finished.
         XCTAssertEqual(Harness.run(["mount", cipher, mnt, "--passfile", passfile]).status, 15)
+        // So is fsck (its own status 8), before it reads or changes anything: checked with one
+        // generation, the other's names would look lost, and a repair would quarantine them.
+        let before = backingFiles().map { $0.path }.sorted()
+        for args in [["fsck", cipher, "--passfile", passfile], ["fsck", cipher, "--repair", "--passfile", passfile]] {
+            let f = Harness.run(args)
+            XCTAssertEqual(f.status, 8, f.stdout + f.stderr)
+            XCTAssertTrue(f.stderr.contains("rekey"), f.stderr)
+        }
+        XCTAssertEqual(backingFiles().map { $0.path }.sorted(), before)
         let r = Harness.run(["rekey", cipher, "--dek", "--passfile", passfile])
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertTrue(r.stderr.contains("(resumed)"), r.stderr)
