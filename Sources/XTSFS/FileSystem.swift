@@ -14,12 +14,19 @@ public struct Caller {
     public var uid: uid_t
     public var gid: gid_t
     /// The caller's supplementary groups, asked for only when needed (it costs a read of
-    /// /proc); nil when unknown.
-    public var groups: (() -> [gid_t])?
-    public init(uid: uid_t, gid: gid_t, groups: (() -> [gid_t])? = nil) { self.uid = uid; self.gid = gid; self.groups = groups }
+    /// /proc): `groupsOf(context)`. A function that captures nothing and a context pointer
+    /// (the FUSE request) rather than a closure per request, which would be an allocation
+    /// on every write.
+    public var context: UnsafeRawPointer?
+    public var groupsOf: (@Sendable (UnsafeRawPointer) -> [gid_t])?
+    public init(uid: uid_t, gid: gid_t, context: UnsafeRawPointer? = nil, groupsOf: (@Sendable (UnsafeRawPointer) -> [gid_t])? = nil) {
+        self.uid = uid; self.gid = gid; self.context = context; self.groupsOf = groupsOf
+    }
 
     func isMember(of gid: gid_t) -> Bool {
-        gid == self.gid || (groups?().contains(gid) ?? false)
+        if gid == self.gid { return true }
+        guard let context, let groupsOf else { return false }
+        return groupsOf(context).contains(gid)
     }
 }
 

@@ -183,15 +183,19 @@ public final class FuseServer: @unchecked Sendable {
     /// only if the filesystem asks, while the request is being handled.
     static func caller(_ req: fuse_req_t?) -> Caller {
         let ctx = fuse_req_ctx(req)!.pointee
-        return Caller(uid: ctx.uid, gid: ctx.gid) {
-            var list = [gid_t](repeating: 0, count: 64)
-            var n = fuse_req_getgroups(req, Int32(list.count), &list)
-            if n > list.count {
-                list = [gid_t](repeating: 0, count: Int(n))
-                n = fuse_req_getgroups(req, Int32(list.count), &list)
-            }
-            return n > 0 ? Array(list.prefix(Int(min(n, Int32(list.count))))) : []
+        return Caller(uid: ctx.uid, gid: ctx.gid, context: req.map { UnsafeRawPointer($0) }, groupsOf: groupsOf)
+    }
+
+    /// Captures nothing: one function for every request.
+    static let groupsOf: @Sendable (UnsafeRawPointer) -> [gid_t] = { raw in
+        let req = fuse_req_t(raw)
+        var list = [gid_t](repeating: 0, count: 64)
+        var n = fuse_req_getgroups(req, Int32(list.count), &list)
+        if n > list.count {
+            list = [gid_t](repeating: 0, count: Int(n))
+            n = fuse_req_getgroups(req, Int32(list.count), &list)
         }
+        return n > 0 ? Array(list.prefix(Int(min(n, Int32(list.count))))) : []
     }
 
     static func fail(_ req: fuse_req_t?, _ error: FSError) {

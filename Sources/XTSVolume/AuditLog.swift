@@ -109,7 +109,7 @@ public struct AuditLog: Sendable {
     /// Every line of the log, in time order (the files of all hosts merged).
     public func read() throws(VolumeError) -> [String] {
         let t = target
-        var files: [(Int32, String)] = []
+        var files: [String] = []
         let dirfd: Int32
         do { dirfd = try Sys.open(t.dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC) } catch { throw .failure("cannot read the audit log: \(error)") }
         defer { Sys.close(dirfd) }
@@ -125,15 +125,15 @@ public struct AuditLog: Sendable {
                 throw .failure("cannot read the audit log: \(error)")
             }
             for n in names {
-                if let bytes = try? Sys.readSmallFile(logDir, n, limit: 8 << 20) { files.append((0, String(decoding: bytes, as: UTF8.self))) }
+                if let bytes = try? Sys.readSmallFile(logDir, n, limit: 8 << 20) { files.append(String(decoding: bytes, as: UTF8.self)) }
             }
         } else {
-            do { files.append((0, String(decoding: try Sys.readSmallFile(dirfd, t.name, limit: 8 << 20), as: UTF8.self))) } catch {
+            do { files.append(String(decoding: try Sys.readSmallFile(dirfd, t.name, limit: 8 << 20), as: UTF8.self)) } catch {
                 if error.errno == ENOENT { return [] }
                 throw .failure("cannot read the audit log: \(error)")
             }
         }
-        let lines = files.flatMap { $0.1.split(separator: "\n").map(String.init) }
+        let lines = files.flatMap { $0.split(separator: "\n").map(String.init) }
         // Lines start with {"time":"<ISO 8601 UTC>": sorting the text sorts by time.
         return lines.sorted()
     }
