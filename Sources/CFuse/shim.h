@@ -5,6 +5,71 @@
 #include <fuse_opt.h>
 #include <sys/stat.h>
 #include <errno.h>
+#include <fcntl.h>
+
+#include <unistd.h>
+#include <string.h>
+#include <stdlib.h>
+#include <stdint.h>
+
+// FUSE INIT with flags libfuse 3.14 cannot ask for. libfuse builds the INIT reply from
+// the capabilities it knows; HANDLE_KILLPRIV_V2 (kernel protocol 7.33) is not among them.
+// This reads the kernel's INIT request itself, lets libfuse process it with the session's
+// descriptor briefly pointed at a pipe (dup2: same number, other file), adds the wanted
+// flags that the kernel offered to libfuse's reply, and writes that to /dev/fuse.
+// Run once, after fuse_session_mount and before the session loop. Returns the flags
+// granted (0 if none; the session is then initialised as libfuse alone would) or -1 on a
+// failure that leaves the session unusable.
+#define XTSFS_FUSE_INIT_OPCODE 26
+#define XTSFS_FUSE_IN_HEADER 40
+#define XTSFS_FUSE_OUT_HEADER 16
+static inline int64_t xtsfs_session_init_with(struct fuse_session *se, uint32_t extra) {
+    int fd = fuse_session_fd(se);
+    size_t cap = 1 << 17;
+    char *in = (char *)malloc(cap);
+    if (!in) return -1;
+    ssize_t n;
+    do { n = read(fd, in, cap); } while (n < 0 && (errno == EINTR || errno == ENOENT));
+    if (n < XTSFS_FUSE_IN_HEADER + 16) { free(in); return -1; }
+    uint32_t opcode; memcpy(&opcode, in + 4, 4);
+    uint32_t offered = 0, minor = 0;
+    if (opcode == XTSFS_FUSE_INIT_OPCODE) {
+        memcpy(&minor, in + XTSFS_FUSE_IN_HEADER + 4, 4);
+        memcpy(&offered, in + XTSFS_FUSE_IN_HEADER + 12, 4);
+    }
+    uint32_t grant = extra & offered;
+    struct fuse_buf buf; memset(&buf, 0, sizeof buf);
+    buf.mem = in; buf.size = (size_t)n;
+    int p[2] = {-1, -1};
+    int saved = -1;
+    if (grant && pipe(p) == 0 && (saved = fcntl(fd, F_DUPFD_CLOEXEC, 0)) >= 0 && dup2(p[1], fd) >= 0) {
+        fuse_session_process_buf(se, &buf);
+        dup2(saved, fd);
+        fcntl(fd, F_SETFD, FD_CLOEXEC);
+        close(saved); close(p[1]);
+        char out[512];
+        ssize_t m = read(p[0], out, sizeof out);
+        close(p[0]);
+        free(in);
+        if (m < XTSFS_FUSE_OUT_HEADER) return -1;
+        int32_t err; memcpy(&err, out + 4, 4);
+        if (err == 0 && m >= XTSFS_FUSE_OUT_HEADER + 16) {
+            uint32_t flags; memcpy(&flags, out + XTSFS_FUSE_OUT_HEADER + 12, 4);
+            flags |= grant;
+            memcpy(out + XTSFS_FUSE_OUT_HEADER + 12, &flags, 4);
+        } else {
+            grant = 0;
+        }
+        ssize_t w;
+        do { w = write(fd, out, (size_t)m); } while (w < 0 && errno == EINTR);
+        return w == m ? (int64_t)grant : -1;
+    }
+    if (p[0] >= 0) { close(p[0]); close(p[1]); }
+    if (saved >= 0) { close(saved); }
+    fuse_session_process_buf(se, &buf);
+    free(in);
+    return 0;
+}
 
 // FUSE_ARGS_INIT is a macro that Swift does not import.
 static inline struct fuse_args xtsfs_fuse_args_init(int argc, char **argv) {

@@ -30,19 +30,19 @@ extension FileSystem {
         // fchmod/fchown/futimens come without a handle; an open handle of this node serves
         // them (and is the only way to an unlinked file).
         if let open = handle.flatMap({ h in files.withLock { $0[h] } }) {
-            try apply(c, toOpen: open, caller: caller)
+            try apply(c, toOpen: open, node: id, caller: caller)
         } else {
             do {
-                try withPinned(id) { (fd, st) throws(FSError) in try apply(c, toPinned: fd, st, caller: caller) }
+                try withPinned(id) { (fd, st) throws(FSError) in try apply(c, toPinned: fd, st, node: id, caller: caller) }
             } catch {
                 guard case .notFound = error, let open = anyOpenFile(of: id) else { throw error }
-                try apply(c, toOpen: open, caller: caller)
+                try apply(c, toOpen: open, node: id, caller: caller)
             }
         }
         return try getattr(id, handle: handle)
     }
 
-    private func apply(_ c: AttributeChanges, toOpen f: OpenFile, caller: Caller?) throws(FSError) {
+    private func apply(_ c: AttributeChanges, toOpen f: OpenFile, node: UInt64, caller: Caller?) throws(FSError) {
         do {
             if let mode = c.mode {
                 try Sys.fchmod(f.fd, mode & 0o7777)
@@ -50,9 +50,10 @@ extension FileSystem {
             }
             if c.uid != nil || c.gid != nil { try Sys.fchown(pinned: f.fd, c.uid ?? uid_t.max, c.gid ?? gid_t.max) }
         } catch { throw .system(error) }
+        if c.mode == nil && (c.uid != nil || c.gid != nil) { dropPrivileges(f.fd, f.state, node: node, for: caller, chown: true) }
         if let size = c.size {
             try truncate(fd: f.fd, state: f.state, size: size)
-            if let caller, c.mode == nil { dropSetgid(f.fd, f.state, for: caller) }
+            if c.mode == nil { dropPrivileges(f.fd, f.state, node: node, for: caller) }
         }
         if c.atime != nil || c.mtime != nil {
             do { try Sys.futimens(pinned: f.fd, c.atime ?? FileSystem.omit, c.mtime ?? FileSystem.omit) } catch { throw .system(error) }
@@ -60,7 +61,7 @@ extension FileSystem {
     }
 
     /// Changes through the pinned object itself: never a path, never a symlink followed.
-    private func apply(_ c: AttributeChanges, toPinned fd: Int32, _ st: stat, caller: Caller?) throws(FSError) {
+    private func apply(_ c: AttributeChanges, toPinned fd: Int32, _ st: stat, node: UInt64, caller: Caller?) throws(FSError) {
         do {
             if let mode = c.mode {
                 try Sys.fchmod(pinned: fd, mode & 0o7777)
@@ -68,6 +69,10 @@ extension FileSystem {
             }
             if c.uid != nil || c.gid != nil { try Sys.fchown(pinned: fd, c.uid ?? uid_t.max, c.gid ?? gid_t.max) }
         } catch { throw .system(error) }
+        if c.mode == nil && (c.uid != nil || c.gid != nil) && st.isRegular {
+            modeChanged(Identity(st))
+            dropPrivileges(fd, nil, node: node, for: caller, chown: true)
+        }
         if let size = c.size {
             guard st.isRegular else { throw st.isDirectory ? FSError.isDirectory : FSError.invalidArgument }
             let file: Int32
@@ -76,7 +81,7 @@ extension FileSystem {
             let (key, state) = try acquireState(st)
             defer { releaseState(key) }
             try truncate(fd: file, state: state, size: size)
-            if let caller, c.mode == nil { dropSetgid(file, state, for: caller) }
+            if c.mode == nil { dropPrivileges(file, state, node: node, for: caller) }
         }
         if c.atime != nil || c.mtime != nil {
             do { try Sys.futimens(pinned: fd, c.atime ?? FileSystem.omit, c.mtime ?? FileSystem.omit) } catch { throw .system(error) }

@@ -41,7 +41,7 @@ extension FileSystem {
                 continue
             }
             do {
-                out.append(DirectoryEntry(name: try names.decrypt(encoded, directoryID: dirID), type: e.type, ino: e.ino))
+                out.append(DirectoryEntry(name: try names.decrypt(encoded, directoryID: dirID), type: e.type, ino: e.ino, entry: e.name))
             } catch {
                 log("skipping undecryptable entry \(e.name) in directory node \(id): \(error)")
             }

@@ -91,7 +91,7 @@ extension FileSystem {
         return (acc == O_RDONLY ? O_RDONLY : O_RDWR) | (flags & (O_SYNC | O_DSYNC))
     }
 
-    public func open(_ id: UInt64, flags: Int32) throws(FSError) -> UInt64 {
+    public func open(_ id: UInt64, flags: Int32, caller: Caller? = nil) throws(FSError) -> UInt64 {
         let writing = flags & O_ACCMODE != O_RDONLY || flags & O_TRUNC != 0
         if writing { try checkWritable() }
         // Pinned first, so that only a regular file is ever opened (never a FIFO or device
@@ -110,6 +110,7 @@ extension FileSystem {
             if flags & O_TRUNC != 0 {
                 // libfuse's atomic O_TRUNC: empty the plaintext (the header goes with it).
                 try truncate(fd: f.fd, state: f.state, size: 0)
+                dropPrivileges(f.fd, f.state, node: id, for: caller)
             } else if !writeOnly && !f.state.lock.withReadLock({ f.state.loaded }) {
                 // Load the file's keys now, so a damaged header is an error at open. Later
                 // would be too late for a header cut short: the file then looks empty and
@@ -164,7 +165,7 @@ extension FileSystem {
         try checkWritable()
         guard offset >= 0, offset <= FileSystem.maxFileSize - Int64(data.count) else { throw .fileTooLarge }
         let f = try openFile(handle)
-        if let caller, caller.uid != 0 { dropSetgid(f.fd, f.state, for: caller) }
+        dropPrivileges(f.fd, f.state, node: f.node, for: caller)
         // O_APPEND needs nothing here: without the writeback cache the kernel sends such
         // writes at the current size, and page writeback (mmap) must keep its offset.
         return try withExclusive(f.fd, f.state) { (c, s) throws(FSError) -> Int in
@@ -177,18 +178,33 @@ extension FileSystem {
         }
     }
 
-    /// ext4 clears the setgid bit of a file without group execute when someone outside the
-    /// file's group (and not root) writes or truncates it. The kernel's FUSE side clears
-    /// setuid, and setgid with group execute, by itself; this case it leaves to us.
-    func dropSetgid(_ fd: Int32, _ state: FileState, for caller: Caller) {
-        guard caller.uid != 0 else { return }
-        let hint = state.lock.withReadLock { state.modeHint }
-        if let hint, hint & S_ISGID == 0 { return }
+    /// Clears setuid and setgid as ext4 does when a file is written, truncated or given
+    /// another owner, for the part the kernel leaves to us:
+    /// - write, truncate, open with O_TRUNC by anyone but root (`chown: false`): setuid,
+    ///   and setgid with group execute, when the FUSE layer took that job from the kernel
+    ///   (`killsPrivileges`, HANDLE_KILLPRIV_V2; root stands for CAP_FSETID);
+    /// - chown of a regular file by anyone (`chown: true`): the same two, under the same
+    ///   condition (the kernel then sends the owner change alone);
+    /// - always: setgid without group execute when the caller is neither root nor in the
+    ///   file's group (the kernel never does this one for FUSE).
+    /// `state` caches the mode, so a write to a file without these bits costs no fstat.
+    func dropPrivileges(_ fd: Int32, _ state: FileState?, node: UInt64, for caller: Caller?, chown: Bool = false) {
+        let root = caller?.uid ?? 0 == 0
+        if root && !chown { return }
+        if let state, let hint = state.lock.withReadLock({ state.modeHint }), hint & (S_ISUID | S_ISGID) == 0 { return }
         guard let st = try? Sys.fstat(fd) else { return }
-        state.lock.withWriteLock { state.modeHint = st.st_mode }
-        guard st.isRegular, st.st_mode & S_ISGID != 0, st.st_mode & S_IXGRP == 0, !caller.isMember(of: st.st_gid) else { return }
-        if (try? Sys.fchmod(fd, st.st_mode & 0o7777 & ~S_ISGID)) != nil {
-            state.lock.withWriteLock { state.modeHint = st.st_mode & ~S_ISGID }
+        if let state { state.lock.withWriteLock { state.modeHint = st.st_mode } }
+        guard st.isRegular, st.st_mode & (S_ISUID | S_ISGID) != 0 else { return }
+        var mode = st.st_mode & 0o7777
+        if killsPrivileges.load(ordering: .relaxed) {
+            mode &= ~S_ISUID
+            if mode & S_IXGRP != 0 { mode &= ~S_ISGID }
+        }
+        if mode & S_ISGID != 0, mode & S_IXGRP == 0, !root, let caller, !caller.isMember(of: st.st_gid) { mode &= ~S_ISGID }
+        guard mode != st.st_mode & 0o7777 else { return }
+        if (try? Sys.fchmod(fd, mode)) != nil || (try? Sys.fchmod(pinned: fd, mode)) != nil {
+            if let state { state.lock.withWriteLock { state.modeHint = (st.st_mode & ~0o7777) | mode } }
+            modeDropped?(node)
         }
     }
 

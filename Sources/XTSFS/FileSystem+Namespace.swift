@@ -15,6 +15,16 @@ extension FileSystem {
         return (id, translate(st, header: .entry(dir.fd, b.entryName)) { try? Sys.readlinkat(dir.fd, b.entryName) })
     }
 
+    /// `lookup` of an entry a directory listing just gave (READDIRPLUS): the backing name
+    /// is known, so the plaintext name is not encrypted again. nil when the entry is gone
+    /// or is not what it was listed as; the caller then lists it without attributes.
+    public func lookupListed(parent: UInt64, _ e: DirectoryEntry) -> (UInt64, stat)? {
+        guard !e.entry.isEmpty, let dir = try? dirHandle(parent), let st = try? Sys.fstatat(dir.fd, e.entry),
+              UInt64(st.st_ino) == e.ino else { return nil }
+        let id = table.withLock { $0.add(Link(parent: parent, name: e.name, entry: e.entry), identity: Identity(st), isDirectory: st.isDirectory) }
+        return (id, translate(st, header: .entry(dir.fd, e.entry)) { try? Sys.readlinkat(dir.fd, e.entry) })
+    }
+
     public func forget(_ id: UInt64, count: UInt64) {
         if table.withLock({ $0.forget(id, count) }) {
             dirCache.withLock { $0.remove(id) }

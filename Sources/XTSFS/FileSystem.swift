@@ -46,6 +46,8 @@ public struct DirectoryEntry: Sendable {
     public var name: [UInt8]
     public var type: UInt8
     public var ino: UInt64
+    /// The backing entry's name (empty for "." and ".."), for `lookupListed`.
+    public var entry: String = ""
 }
 
 /// The encrypted filesystem, in terms of node IDs and plaintext names, without FUSE.
@@ -92,6 +94,13 @@ public final class FileSystem: @unchecked Sendable {
     let removedDirs = Mutex<[UInt64: DirHandle]>([:])
     /// Integrity volumes: committed lengths read from file headers, by backing inode.
     let integritySizes = Mutex<[Identity: IntegritySize]>([:])
+    /// Whether clearing setuid/setgid on write, truncate and chown is ours (the FUSE layer
+    /// negotiated HANDLE_KILLPRIV_V2, which spares the kernel a `security.capability`
+    /// query per write) rather than the kernel's. Set before serving.
+    public let killsPrivileges = Atomic<Bool>(false)
+    /// Told the node whose mode this filesystem changed by itself (setuid/setgid cleared),
+    /// so that the kernel drops the attributes it cached. Set before serving.
+    public var modeDropped: (@Sendable (UInt64) -> Void)?
 
     /// `idBase`: node IDs and handles start above it, so that a filesystem replacing another
     /// on the same mount (a purged cache) never answers for an ID the kernel got from the

@@ -101,6 +101,7 @@ public final class FuseServer: @unchecked Sendable {
     /// `idBase` above every ID the old one gave out. Returns the old filesystem.
     @discardableResult
     public func replace(with new: FileSystem) -> FileSystem {
+        configure(new)
         let old = current.withLock { fs in
             let old = fs
             fs = new
@@ -123,6 +124,25 @@ public final class FuseServer: @unchecked Sendable {
             _ = fuse_lowlevel_notify_inval_inode(se, fuse_ino_t(FileSystem.rootID), 0, 0)
         }
         return old
+    }
+
+    /// FUSE_HANDLE_KILLPRIV_V2 (protocol 7.33), which libfuse 3.14 does not know.
+    static let handleKillprivV2: UInt32 = 1 << 28
+    /// Whether the kernel granted HANDLE_KILLPRIV_V2; set by `run` before serving.
+    private(set) var killsPrivileges = false
+
+    /// What a filesystem must know of the session before it serves requests.
+    func configure(_ fs: FileSystem) {
+        fs.killsPrivileges.store(killsPrivileges, ordering: .relaxed)
+        fs.modeDropped = { [weak self] id in self?.invalidateAttributes(id) }
+    }
+
+    /// Tells the kernel to drop the attributes it cached for node `id` (not its pages).
+    func invalidateAttributes(_ id: UInt64) {
+        notifySession.withLock { address in
+            guard let se = OpaquePointer(bitPattern: address) else { return }
+            _ = fuse_lowlevel_notify_inval_inode(se, fuse_ino_t(id), -1, 0)
+        }
     }
 
     /// Unmounts and tears down a session that was mounted but will never be served
@@ -165,6 +185,17 @@ public final class FuseServer: @unchecked Sendable {
         } else {
             Unmanaged<FuseServer>.fromOpaque(me).release()
         }
+        // INIT before the loop, so as to ask for what libfuse 3.14 cannot: HANDLE_KILLPRIV_V2
+        // (no `security.capability` query per write; setuid/setgid clearing is ours then).
+        let granted = xtsfs_session_init_with(se, FuseServer.handleKillprivV2)
+        if granted < 0 {
+            fuse_session_unmount(se)
+            fuse_session_destroy(se)
+            session = nil
+            return -1
+        }
+        killsPrivileges = granted & Int64(FuseServer.handleKillprivV2) != 0
+        configure(fs)
         let r = xtsfs_session_loop_mt(se, maxThreads)
         notifySession.withLock { $0 = 0 }
         fuse_session_unmount(se)
@@ -356,7 +387,7 @@ public final class FuseServer: @unchecked Sendable {
         ops.open = { req, ino, fi in
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EINVAL); return }
-            s.run(req, { () throws(FSError) in try s.fs.open(UInt64(ino), flags: fi.pointee.flags) }) { h in
+            s.run(req, { () throws(FSError) in try s.fs.open(UInt64(ino), flags: fi.pointee.flags, caller: caller(req)) }) { h in
                 s.used?(UInt64(ino))
                 fi.pointee.fh = h
                 // Only this daemon changes the files while mounted: cached pages stay valid.
@@ -397,8 +428,10 @@ public final class FuseServer: @unchecked Sendable {
             let s = server(req)
             s.used?(UInt64(ino))
             guard let fi, let data else { fuse_reply_err(req, EBADF); return }
+            // Page writeback (mmap) is no write by the caller: it kills no setuid bit.
+            let who = fi.pointee.writepage != 0 ? nil : caller(req)
             s.run(req, { () throws(FSError) in
-                try s.fs.write(handle: fi.pointee.fh, offset: Int64(off), data: UnsafeRawBufferPointer(start: data, count: size), caller: caller(req))
+                try s.fs.write(handle: fi.pointee.fh, offset: Int64(off), data: UnsafeRawBufferPointer(start: data, count: size), caller: who)
             }) { fuse_reply_write(req, $0) }
         }
         ops.flush = { req, _, _ in fuse_reply_err(req, 0) }
@@ -440,6 +473,43 @@ public final class FuseServer: @unchecked Sendable {
                     if need > size - used { return false }
                     used += need
                     return true
+                }
+            }) { fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), used) }
+        }
+        // With attributes: `ls -l`, `rm -rf` and `find` then send no LOOKUP per entry.
+        ops.readdirplus = { req, ino, size, off, fi in
+            let s = server(req)
+            guard let fi else { fuse_reply_err(req, EBADF); return }
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 8)
+            defer { buf.deallocate() }
+            var used = 0
+            let fs = s.fs
+            s.run(req, { () throws(FSError) in
+                try fs.readdir(handle: fi.pointee.fh, offset: Int(off)) { next, entry in
+                    var name = entry.name
+                    name.append(0)
+                    return name.withUnsafeBufferPointer { p in
+                        p.withMemoryRebound(to: CChar.self) { n in
+                            let at = buf.baseAddress!.assumingMemoryBound(to: CChar.self) + used
+                            // The size first: an entry that does not fit must not be looked up
+                            // (the kernel would never learn of that lookup).
+                            let need = fuse_add_direntry_plus(req, nil, 0, n.baseAddress, nil, off_t(next))
+                            if need > size - used { return false }
+                            var e = fuse_entry_param()
+                            if let (id, st) = fs.lookupListed(parent: UInt64(ino), entry) {
+                                e.ino = fuse_ino_t(id)
+                                e.attr = st
+                                e.attr_timeout = s.timeout
+                                e.entry_timeout = s.timeout
+                            } else {
+                                // "." and "..", or an entry gone since opendir: listed, not looked up.
+                                e.attr.st_ino = ino_t(entry.ino)
+                                e.attr.st_mode = mode_t(entry.type) << 12
+                            }
+                            used += fuse_add_direntry_plus(req, at, size - used, n.baseAddress, &e, off_t(next))
+                            return true
+                        }
+                    }
                 }
             }) { fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), used) }
         }

@@ -734,6 +734,8 @@ final class PosixTests: VolumeTestCase {
             (0o4777, "truncate -s 1 F", 0o777),
             (0o2777, "truncate -s 0 F", 0o777),
             (0o4777, "printf abc | dd of=F bs=1 seek=2 conv=notrunc 2>/dev/null", 0o777),
+            (0o6777, ": > F", 0o777),
+            (0o6767, "printf x > F", 0o767),
         ]
         for (i, c) in cases.enumerated() {
             var modes = [mode_t]()
