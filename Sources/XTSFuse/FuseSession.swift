@@ -49,8 +49,12 @@ public final class FuseServer: @unchecked Sendable {
     /// the kernel stop sending any (`-o noxattr`).
     let xattrs: Bool
 
-    public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, xattrs: Bool = true, debug: Bool = false, maxThreads: UInt32 = 16) {
+    /// Ask for the kernel's writeback cache (see `MountRequest.writebackCache`).
+    let writebackCache: Bool
+
+    public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, xattrs: Bool = true, writebackCache: Bool = true, debug: Bool = false, maxThreads: UInt32 = 16) {
         self.current = Mutex(fs)
+        self.writebackCache = writebackCache
         self.xattrs = xattrs
         self.timeout = cacheTimeout
         self.mountpoint = mountpoint
@@ -268,11 +272,20 @@ public final class FuseServer: @unchecked Sendable {
 
     static let operations: fuse_lowlevel_ops = {
         var ops = fuse_lowlevel_ops()
-        ops.`init` = { _, conn in
-            guard let conn else { return }
+        ops.`init` = { userdata, conn in
+            guard let conn, let userdata else { return }
+            let s = Unmanaged<FuseServer>.fromOpaque(userdata).takeUnretainedValue()
             // Keep libfuse's defaults; make sure O_TRUNC arrives with open (we truncate the plaintext).
             if conn.pointee.capable & UInt32(FUSE_CAP_ATOMIC_O_TRUNC) != 0 {
                 conn.pointee.want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC)
+            }
+            // Writes gather in the page cache and arrive as whole pages, in batches: one
+            // request for many small write(2) calls, and one 4 KiB unit re-encrypted once.
+            // The kernel then keeps size and times itself and may read a page before a
+            // partial write (backing files are always opened read-write); it sends O_APPEND
+            // writes at its own idea of the end, which is ours too (only we write CIPHERDIR).
+            if s.writebackCache, conn.pointee.capable & UInt32(FUSE_CAP_WRITEBACK_CACHE) != 0 {
+                conn.pointee.want |= UInt32(FUSE_CAP_WRITEBACK_CACHE)
             }
         }
         ops.lookup = { req, parent, name in
@@ -434,7 +447,11 @@ public final class FuseServer: @unchecked Sendable {
                 try s.fs.write(handle: fi.pointee.fh, offset: Int64(off), data: UnsafeRawBufferPointer(start: data, count: size), caller: who)
             }) { fuse_reply_write(req, $0) }
         }
-        ops.flush = { req, _, _ in fuse_reply_err(req, 0) }
+        // Nothing to flush here (writes reach the backing file as they come; the kernel
+        // writes its dirty pages back before it would send FLUSH). ENOSYS once makes the
+        // kernel stop sending FLUSH on every close(2), which the writeback cache otherwise
+        // sends whatever `noflush` says.
+        ops.flush = { req, _, _ in fuse_reply_err(req, ENOSYS) }
         ops.release = { req, _, fi in
             if let fi { server(req).fs.release(fi.pointee.fh) }
             fuse_reply_err(req, 0)

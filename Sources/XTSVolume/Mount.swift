@@ -42,6 +42,10 @@ public struct MountRequest: Sendable {
     /// `ls -l` (security.selinux, system.posix_acl_access).
     static let noXattrKey = "noxattr"
     public var xattrs: Bool { !options.contains(MountRequest.noXattrKey) }
+    static let noWritebackKey = "nowritecache"
+    /// The kernel's writeback cache: writes land in the page cache and reach the daemon in
+    /// page-aligned batches (`-o nowritecache`: every write(2) is a request).
+    public var writebackCache: Bool { !options.contains(MountRequest.noWritebackKey) }
 
     public func cacheTimeout() throws(VolumeError) -> Double {
         guard let opt = options.last(where: { $0.hasPrefix(MountRequest.cacheTimeoutKey) }) else { return MountRequest.defaultCacheTimeout }
@@ -64,7 +68,7 @@ public struct MountRequest: Sendable {
     func fuseOptions(fsname: String) -> [String] {
         var o = ["default_permissions", "fsname=" + fsname.replacingAll(",", with: "\\,"), "subtype=xtsfs"]
         if geteuid() == 0 && !options.contains("allow_other") { o.append("allow_other") }
-        o += options.filter { $0 != "nonempty" && $0 != MountRequest.noXattrKey && !$0.hasPrefix(MountRequest.cacheTimeoutKey) }
+        o += options.filter { $0 != "nonempty" && $0 != MountRequest.noXattrKey && $0 != MountRequest.noWritebackKey && !$0.hasPrefix(MountRequest.cacheTimeoutKey) }
         return o
     }
 }
@@ -225,7 +229,7 @@ public enum Mounter {
             ready(.failure(error))
             return error.exitStatus.rawValue
         }
-        var servers = [FuseServer(fs: fs, mountpoint: req.mountpoint, options: req.fuseOptions, cacheTimeout: timeout, xattrs: req.xattrs, debug: req.debug)]
+        var servers = [FuseServer(fs: fs, mountpoint: req.mountpoint, options: req.fuseOptions, cacheTimeout: timeout, xattrs: req.xattrs, writebackCache: req.writebackCache, debug: req.debug)]
         let areas: [Areas.Prepared]
         do { areas = try prepareAreas(req, keys: keys, log: log) } catch {
             ready(.failure(error))
@@ -241,7 +245,7 @@ public enum Mounter {
         for a in areas {
             do {
                 let afs = try FileSystem(cipherDir: a.rootPath, keys: a.keys, readOnly: false, log: log)
-                let server = FuseServer(fs: afs, mountpoint: a.mountpoint, options: req.fuseOptions(area: a.kind), cacheTimeout: timeout, xattrs: req.xattrs, debug: req.debug)
+                let server = FuseServer(fs: afs, mountpoint: a.mountpoint, options: req.fuseOptions(area: a.kind), cacheTimeout: timeout, xattrs: req.xattrs, writebackCache: req.writebackCache, debug: req.debug)
                 if a.kind == .cache {
                     control = CacheControl(cipherDir: req.cipherDir, area: a, volumeKeys: keys, server: server, log: log)
                 }
