@@ -287,6 +287,11 @@ public final class FuseServer: @unchecked Sendable {
             if s.writebackCache, conn.pointee.capable & UInt32(FUSE_CAP_WRITEBACK_CACHE) != 0 {
                 conn.pointee.want |= UInt32(FUSE_CAP_WRITEBACK_CACHE)
             }
+            // A symlink's target never changes in place (only we write CIPHERDIR, and a
+            // symlink is replaced, never rewritten): the kernel may keep it.
+            if conn.pointee.capable & UInt32(FUSE_CAP_CACHE_SYMLINKS) != 0 {
+                conn.pointee.want |= UInt32(FUSE_CAP_CACHE_SYMLINKS)
+            }
         }
         ops.lookup = { req, parent, name in
             let s = server(req)
