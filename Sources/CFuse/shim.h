@@ -88,4 +88,12 @@ static inline int xtsfs_session_loop_mt(struct fuse_session *se, unsigned int ma
     fuse_loop_cfg_destroy(cfg);
     return r;
 }
+// A relaxed atomic increment, for per-operation request counters.
+static inline void xtsfs_count(uint64_t *slots, int index, uint64_t n) {
+    __atomic_fetch_add(&slots[index], n, __ATOMIC_RELAXED);
+}
+static inline uint64_t xtsfs_count_load(const uint64_t *slots, int index) {
+    return __atomic_load_n(&slots[index], __ATOMIC_RELAXED);
+}
 #endif
+

@@ -210,6 +210,13 @@ public final class FuseServer: @unchecked Sendable {
 
     // MARK: - helpers shared by the callbacks
 
+    /// Requests served by this mount, by operation.
+    public let requests = RequestCounts()
+
+    static func count(_ req: fuse_req_t?, _ op: RequestCounts.Operation) {
+        server(req).requests.add(op)
+    }
+
     static func server(_ req: fuse_req_t?) -> FuseServer {
         Unmanaged<FuseServer>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
     }
@@ -294,19 +301,23 @@ public final class FuseServer: @unchecked Sendable {
             }
         }
         ops.lookup = { req, parent, name in
+            FuseServer.count(req, .lookup)
             let s = server(req)
             s.run(req, { () throws(FSError) in try s.fs.lookup(parent: UInt64(parent), name: FuseServer.name(name)) }) { s.replyEntry(req, $0.0, $0.1) }
         }
         ops.forget = { req, ino, n in
+            FuseServer.count(req, .forget)
             server(req).fs.forget(UInt64(ino), count: n)
             fuse_reply_none(req)
         }
         ops.forget_multi = { req, count, list in
+            FuseServer.count(req, .forgetMulti)
             let s = server(req)
             for i in 0..<count { s.fs.forget(UInt64(list![i].ino), count: list![i].nlookup) }
             fuse_reply_none(req)
         }
         ops.getattr = { req, ino, fi in
+            FuseServer.count(req, .getattr)
             let s = server(req)
             s.run(req, { () throws(FSError) in try s.fs.getattr(UInt64(ino), handle: fi.map { $0.pointee.fh }) }) { st in
                 var st = st
@@ -314,6 +325,7 @@ public final class FuseServer: @unchecked Sendable {
             }
         }
         ops.setattr = { req, ino, attr, toSet, fi in
+            FuseServer.count(req, .setattr)
             let s = server(req)
             guard let a = attr?.pointee else { fuse_reply_err(req, EINVAL); return }
             var c = AttributeChanges()
@@ -330,6 +342,7 @@ public final class FuseServer: @unchecked Sendable {
             }
         }
         ops.readlink = { req, ino in
+            FuseServer.count(req, .readlink)
             let s = server(req)
             s.run(req, { () throws(FSError) in try s.fs.readlink(UInt64(ino)) }) { target in
                 var t = target
@@ -340,36 +353,44 @@ public final class FuseServer: @unchecked Sendable {
             }
         }
         ops.mknod = { req, parent, name, mode, rdev in
+            FuseServer.count(req, .mknod)
             let s = server(req)
             s.run(req, { () throws(FSError) in try s.fs.mknod(parent: UInt64(parent), name: FuseServer.name(name), mode: mode, rdev: rdev, caller: caller(req)) }) { s.replyEntry(req, $0.0, $0.1) }
         }
         ops.mkdir = { req, parent, name, mode in
+            FuseServer.count(req, .mkdir)
             let s = server(req)
             s.run(req, { () throws(FSError) in try s.fs.mkdir(parent: UInt64(parent), name: FuseServer.name(name), mode: mode, caller: caller(req)) }) { s.replyEntry(req, $0.0, $0.1) }
         }
         ops.unlink = { req, parent, name in
+            FuseServer.count(req, .unlink)
             let s = server(req)
             s.run(req, { () throws(FSError) in try s.fs.unlink(parent: UInt64(parent), name: FuseServer.name(name)) }) { fuse_reply_err(req, 0) }
         }
         ops.rmdir = { req, parent, name in
+            FuseServer.count(req, .rmdir)
             let s = server(req)
             s.run(req, { () throws(FSError) in try s.fs.rmdir(parent: UInt64(parent), name: FuseServer.name(name)) }) { fuse_reply_err(req, 0) }
         }
         ops.symlink = { req, link, parent, name in
+            FuseServer.count(req, .symlink)
             let s = server(req)
             s.run(req, { () throws(FSError) in try s.fs.symlink(target: FuseServer.name(link), parent: UInt64(parent), name: FuseServer.name(name), caller: caller(req)) }) { s.replyEntry(req, $0.0, $0.1) }
         }
         ops.rename = { req, parent, name, newParent, newName, flags in
+            FuseServer.count(req, .rename)
             let s = server(req)
             s.run(req, { () throws(FSError) in
                 try s.fs.rename(parent: UInt64(parent), name: FuseServer.name(name), newParent: UInt64(newParent), newName: FuseServer.name(newName), flags: flags)
             }) { fuse_reply_err(req, 0) }
         }
         ops.link = { req, ino, newParent, newName in
+            FuseServer.count(req, .link)
             let s = server(req)
             s.run(req, { () throws(FSError) in try s.fs.link(UInt64(ino), newParent: UInt64(newParent), newName: FuseServer.name(newName)) }) { s.replyEntry(req, $0.0, $0.1) }
         }
         ops.getxattr = { req, ino, name, size in
+            FuseServer.count(req, .getxattr)
             let s = server(req)
             guard s.xattrs else { fuse_reply_err(req, ENOSYS); return }
             s.run(req, { () throws(FSError) in try s.fs.getxattr(UInt64(ino), name: FuseServer.name(name)) }) { value in
@@ -377,6 +398,7 @@ public final class FuseServer: @unchecked Sendable {
             }
         }
         ops.listxattr = { req, ino, size in
+            FuseServer.count(req, .listxattr)
             let s = server(req)
             guard s.xattrs else { fuse_reply_err(req, ENOSYS); return }
             s.run(req, { () throws(FSError) in try s.fs.listxattr(UInt64(ino)) }) { names in
@@ -384,6 +406,7 @@ public final class FuseServer: @unchecked Sendable {
             }
         }
         ops.setxattr = { req, ino, name, value, size, flags in
+            FuseServer.count(req, .setxattr)
             let s = server(req)
             guard s.xattrs else { fuse_reply_err(req, ENOSYS); return }
             let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: size)) } ?? []
@@ -391,11 +414,13 @@ public final class FuseServer: @unchecked Sendable {
             s.run(req, { () throws(FSError) in try s.fs.setxattr(UInt64(ino), name: FuseServer.name(name), value: bytes, flags: known) }) { fuse_reply_err(req, 0) }
         }
         ops.removexattr = { req, ino, name in
+            FuseServer.count(req, .removexattr)
             let s = server(req)
             guard s.xattrs else { fuse_reply_err(req, ENOSYS); return }
             s.run(req, { () throws(FSError) in try s.fs.removexattr(UInt64(ino), name: FuseServer.name(name)) }) { fuse_reply_err(req, 0) }
         }
         ops.fallocate = { req, _, mode, offset, length, fi in
+            FuseServer.count(req, .fallocate)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EBADF); return }
             s.run(req, { () throws(FSError) in
@@ -403,6 +428,7 @@ public final class FuseServer: @unchecked Sendable {
             }) { fuse_reply_err(req, 0) }
         }
         ops.open = { req, ino, fi in
+            FuseServer.count(req, .open)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EINVAL); return }
             s.run(req, { () throws(FSError) in try s.fs.open(UInt64(ino), flags: fi.pointee.flags, caller: caller(req)) }) { h in
@@ -417,6 +443,7 @@ public final class FuseServer: @unchecked Sendable {
             }
         }
         ops.create = { req, parent, name, mode, fi in
+            FuseServer.count(req, .create)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EINVAL); return }
             s.run(req, { () throws(FSError) in
@@ -435,14 +462,17 @@ public final class FuseServer: @unchecked Sendable {
             }
         }
         ops.read = { req, _, size, off, fi in
+            FuseServer.count(req, .read)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EBADF); return }
             let buf = ThreadScratch.buffer(.request, count: size)
             s.run(req, { () throws(FSError) in try s.fs.read(handle: fi.pointee.fh, offset: Int64(off), into: buf) }) { n in
+                s.requests.add(.bytesRead, UInt64(n))
                 fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), n)
             }
         }
         ops.write = { req, ino, data, size, off, fi in
+            FuseServer.count(req, .write)
             let s = server(req)
             s.used?(UInt64(ino))
             guard let fi, let data else { fuse_reply_err(req, EBADF); return }
@@ -450,23 +480,32 @@ public final class FuseServer: @unchecked Sendable {
             let who = fi.pointee.writepage != 0 ? nil : caller(req)
             s.run(req, { () throws(FSError) in
                 try s.fs.write(handle: fi.pointee.fh, offset: Int64(off), data: UnsafeRawBufferPointer(start: data, count: size), caller: who)
-            }) { fuse_reply_write(req, $0) }
+            }) { n in
+                s.requests.add(.bytesWritten, UInt64(n))
+                fuse_reply_write(req, n)
+            }
         }
         // Nothing to flush here (writes reach the backing file as they come; the kernel
         // writes its dirty pages back before it would send FLUSH). ENOSYS once makes the
         // kernel stop sending FLUSH on every close(2), which the writeback cache otherwise
         // sends whatever `noflush` says.
-        ops.flush = { req, _, _ in fuse_reply_err(req, ENOSYS) }
+        ops.flush = { req, _, _ in
+            FuseServer.count(req, .flush)
+            fuse_reply_err(req, ENOSYS)
+        }
         ops.release = { req, _, fi in
+            FuseServer.count(req, .release)
             if let fi { server(req).fs.release(fi.pointee.fh) }
             fuse_reply_err(req, 0)
         }
         ops.fsync = { req, _, datasync, fi in
+            FuseServer.count(req, .fsync)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EBADF); return }
             s.run(req, { () throws(FSError) in try s.fs.fsync(handle: fi.pointee.fh, dataOnly: datasync != 0) }) { fuse_reply_err(req, 0) }
         }
         ops.opendir = { req, ino, fi in
+            FuseServer.count(req, .opendir)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EINVAL); return }
             s.run(req, { () throws(FSError) in try s.fs.opendir(UInt64(ino)) }) { h in
@@ -475,6 +514,7 @@ public final class FuseServer: @unchecked Sendable {
             }
         }
         ops.readdir = { req, _, size, off, fi in
+            FuseServer.count(req, .readdir)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EBADF); return }
             let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 8)
@@ -500,6 +540,7 @@ public final class FuseServer: @unchecked Sendable {
         }
         // With attributes: `ls -l`, `rm -rf` and `find` then send no LOOKUP per entry.
         ops.readdirplus = { req, ino, size, off, fi in
+            FuseServer.count(req, .readdirplus)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EBADF); return }
             let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 8)
@@ -536,14 +577,17 @@ public final class FuseServer: @unchecked Sendable {
             }) { fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), used) }
         }
         ops.releasedir = { req, _, fi in
+            FuseServer.count(req, .releasedir)
             if let fi { server(req).fs.releasedir(fi.pointee.fh) }
             fuse_reply_err(req, 0)
         }
         ops.fsyncdir = { req, ino, _, _ in
+            FuseServer.count(req, .fsyncdir)
             let s = server(req)
             s.run(req, { () throws(FSError) in try s.fs.fsyncdir(UInt64(ino)) }) { fuse_reply_err(req, 0) }
         }
         ops.statfs = { req, _ in
+            FuseServer.count(req, .statfs)
             let s = server(req)
             s.run(req, { () throws(FSError) in try s.fs.statfs() }) { st in
                 var st = st

@@ -205,6 +205,10 @@ public enum Mounter {
     // MARK: - serving
 
     nonisolated(unsafe) static var servedMountpoints: [String] = []
+    /// Each served mount's request counters, logged on SIGUSR1; set before the signal
+    /// thread starts.
+    nonisolated(unsafe) static var servedRequests: [(String, RequestCounts)] = []
+    nonisolated(unsafe) static var serveLog: (@Sendable (String) -> Void)?
 
     /// Mounts and serves until unmounted: the data area, and the temp and cache areas when
     /// asked, each its own FUSE session in this one process. `ready` hears once whether
@@ -219,10 +223,11 @@ public enum Mounter {
             ready(.failure(.corruptHeader("cannot open the root directory: \(error)")))
             return ExitStatus.corruptHeader.rawValue
         }
-        // Signals go to one thread that unmounts; libfuse's workers never see them.
+        // Signals go to one thread that unmounts (or, for SIGUSR1, logs the request
+        // counts); libfuse's workers never see them.
         var set = sigset_t()
         sigemptyset(&set)
-        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
+        for s in [SIGINT, SIGTERM, SIGHUP, SIGUSR1] { sigaddset(&set, s) }
         pthread_sigmask(SIG_BLOCK, &set, nil)
         let timeout: Double
         do { timeout = try req.cacheTimeout() } catch {
@@ -270,6 +275,8 @@ public enum Mounter {
             }
         }
         servedMountpoints = servers.map(\.mountpoint)
+        servedRequests = servers.map { ($0.mountpoint, $0.requests) }
+        serveLog = log
         // The mounts are made: give up what serving does not need before any serving
         // thread exists (they inherit it). Unmounting is left to a helper started first.
         if !UnmountHelper.start(cipherDir: req.cipherDir, mountpoints: servedMountpoints) {
@@ -283,9 +290,15 @@ public enum Mounter {
         pthread_create(&thread, nil, { _ in
             var set = sigset_t()
             sigemptyset(&set)
-            for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
+            for s in [SIGINT, SIGTERM, SIGHUP, SIGUSR1] { sigaddset(&set, s) }
             var sig: Int32 = 0
-            sigwait(&set, &sig)
+            while sigwait(&set, &sig) == 0 && sig == SIGUSR1 {
+                for (mountpoint, counts) in Mounter.servedRequests {
+                    let line = "\(mountpoint): \(counts.summary)"
+                    Mounter.serveLog?(line)
+                    _ = (line + "\n").withCString { Glibc.write(2, $0, strlen($0)) }
+                }
+            }
             // Seen in the foreground (-f); the daemon's stderr is /dev/null.
             let note = "xtsfs: unmounting \(Mounter.servedMountpoints.joined(separator: ", ")); the daemon exits once no file in them is in use\n"
             _ = note.withCString { Glibc.write(2, $0, strlen($0)) }

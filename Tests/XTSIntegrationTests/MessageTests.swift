@@ -79,4 +79,29 @@ final class MessageTests: VolumeTestCase {
         XCTAssertTrue(log.contains("planted.sync-conflict-1"), log)
         try? FileManager.default.removeItem(atPath: file)
     }
+
+    /// `kill -USR1` on the daemon logs the requests it served, by operation.
+    func testSIGUSR1LogsRequestCounts() throws {
+        guard !DamageLog.syslogAvailable else { throw XCTSkip("this machine has syslog") }
+        initVolume()
+        let file = DamageLog.file(mountpoint: mnt)
+        try? FileManager.default.removeItem(atPath: file)
+        defer { try? FileManager.default.removeItem(atPath: file) }
+        mount()
+        for i in 0..<3 { try write(mnt + "/f\(i)", Array("file \(i)".utf8)) }
+        let pids = Harness.daemons(mnt)
+        XCTAssertEqual(pids.count, 1)
+        kill(pids[0], SIGUSR1)
+        var log = ""
+        let deadline = Date().addingTimeInterval(10)
+        while !log.contains("requests") && Date() < deadline {
+            usleep(50_000)
+            log = (try? String(contentsOfFile: file, encoding: .utf8)) ?? ""
+        }
+        XCTAssertTrue(log.contains("\(mnt): requests "), log)
+        XCTAssertTrue(log.contains("CREATE 3"), log)
+        XCTAssertTrue(log.contains("written 18 B"), log)
+        XCTAssertTrue(Harness.isMounted(mnt), "SIGUSR1 must not unmount")
+        unmount()
+    }
 }
