@@ -370,6 +370,7 @@ extension Fsck {
 
     func checkFile(_ dirfd: Int32, _ name: String, size: Int64, path: String, plainPath: String?) {
         if size == 0 { return }
+        if integrity { return checkAuthenticatedFile(dirfd, name, path: path, plainPath: plainPath) }
         if Layout.isDamagedSize(backingSize: size) {
             let i = add(.fileTruncatedInHeader, path, plain: plainPath, "\(size) bytes: its header is cut short and its content is gone; opening it fails with EIO")
             // Not truncated to an empty file here: that would turn a visible error into a
@@ -416,6 +417,47 @@ extension Fsck {
             } else if repair {
                 notRepaired(i, "kept as is: its key is lost, but the bytes may still matter to someone")
             }
+        }
+    }
+
+    /// Integrity volumes: reads the whole file through the same code the mount uses, so
+    /// every unit is checked against its tag and the length against the committed one.
+    /// Without the key nothing can be checked. Damage is reported, never repaired: the
+    /// tags say that a unit is wrong, not what it was (a backup has it).
+    func checkAuthenticatedFile(_ dirfd: Int32, _ name: String, path: String, plainPath: String?) {
+        guard let keys else { return }
+        let fd: Int32
+        do { (fd, _) = try Sys.openRegular(dirfd, name, O_RDONLY | O_NONBLOCK) } catch {
+            _ = add(.fileUnreadable, path, plain: plainPath, "cannot read it: \(error)")
+            return
+        }
+        defer { Sys.close(fd) }
+        let content = ContentFile(file: FDBackingFile(fd: fd), currentKeys: keys, integrity: true) { [keys] in $0 == keys.generation ? keys : nil }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
+        defer { buffer.deallocate() }
+        var offset: Int64 = 0
+        do throws(ContentError) {
+            let crypto = try content.loadCrypto()
+            let size = try content.plainSize()
+            while offset < size {
+                let n = try content.read(into: buffer, at: offset, crypto: crypto)
+                if n == 0 { break }
+                offset += Int64(n)
+            }
+            if offset < size {
+                _ = add(.fileAuthenticationFailed, path, plain: plainPath, "its committed length is \(size) bytes but only \(offset) can be read")
+            }
+        } catch {
+            let i: Int
+            switch error {
+            case .badHeader(let why):
+                i = add(.fileHeaderDamaged, path, plain: plainPath, "its header does not verify (\(why)): the file cannot be read")
+            case .authentication(let why):
+                i = add(.fileAuthenticationFailed, path, plain: plainPath, "from plaintext offset \(offset) on: \(why); reads there fail with EIO")
+            case .io, .crypto:
+                i = add(.fileUnreadable, path, plain: plainPath, "cannot read it: \(error)")
+            }
+            if repair { notRepaired(i, "kept as is: the tags tell that the contents changed, not what they were; restore the file from a backup") }
         }
     }
 

@@ -44,6 +44,8 @@ public final class Fsck {
     var root: Int32 = -1
     var rootDev: UInt64 = 0
     var keys: KeySet?
+    /// The volume authenticates file contents (init --integrity).
+    var integrity = false
     var names: NameCodec?
     /// The root directory's ID; nil when its header is damaged or no key was given.
     var rootDirID: [UInt8]?
@@ -87,13 +89,10 @@ public final class Fsck {
             throw VolumeError.failure("cannot open \(cipherDir): \(error)")
         }
         do { rootDev = UInt64(try Sys.fstat(root).st_dev) } catch { throw VolumeError.failure("\(error)") }
-        // Integrity volumes have files of another layout (FORMAT.md §12): checked as plain
-        // ones, every file would look damaged, and a repair could make it so. Refused
-        // before anything is read or changed, until fsck learns that layout.
+        // Integrity volumes have files of another layout (FORMAT.md §12): every unit is
+        // read and checked against its tag, and the length against the committed one.
         if let loaded = try? Volume.load(cipherDir) {
-            if loaded.candidates.contains(where: { $0.header.features.contains(.blockAuthentication) }) {
-                throw VolumeError.unsupported("fsck does not check volumes with authenticated contents (init --integrity) yet; nothing was read or changed")
-            }
+            integrity = loaded.candidates.contains(where: { $0.header.features.contains(.blockAuthentication) })
             // Mid-rekey, names and files of two key generations stand side by side: checked
             // with one, the other would look undecryptable, and a repair would quarantine
             // the rekey's own progress.

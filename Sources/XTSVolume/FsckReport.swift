@@ -33,6 +33,9 @@ public enum FsckDamage: String, Codable, Sendable, CaseIterable {
     /// A backing size beyond what the format serves (2^60 bytes of plaintext).
     case fileTooLarge
     case fileUnreadable
+    /// Integrity volumes: a unit that fails its tag, or a length that disagrees with the
+    /// committed one (tampered, moved, replayed, cut short or extended behind our back).
+    case fileAuthenticationFailed
     // Symlinks, the link store, extended attributes.
     case symlinkTargetUndecryptable
     case linkStoreMismatch

@@ -20,18 +20,13 @@ final class IntegrityMountTests: MountTests {
         XCTAssertTrue(json.stdout.contains("block-authentication"), json.stdout)
     }
 
-    /// fsck does not know this layout yet: it refuses (fsck(8)'s operational error) rather
-    /// than report every file damaged, and changes nothing.
-    func testFsckRefusesIntegrityVolumes() throws {
+    /// fsck of an untouched integrity volume: clean.
+    func testFsckOfAnIntegrityVolumeIsClean() throws {
         try write(mnt + "/f", pattern(10000, seed: 3))
+        try write(mnt + "/empty", [])
         unmount()
-        let before = backingFiles().map { $0.bytes }
-        for args in [["fsck", cipher, "--passfile", passfile], ["fsck", cipher, "--repair", "--passfile", passfile]] {
-            let r = Harness.run(args)
-            XCTAssertEqual(r.status, 8, r.stdout + r.stderr)
-            XCTAssertTrue(r.stderr.contains("authenticated contents"), r.stderr)
-        }
-        XCTAssertEqual(backingFiles().map { $0.bytes }, before)
+        let r = Harness.run(["fsck", cipher, "--passfile", passfile])
+        XCTAssertEqual(r.status, 0, r.stdout + r.stderr)
         mount()
     }
 }
@@ -166,6 +161,39 @@ final class IntegrityTamperTests: VolumeTestCase {
         assertEIO("a", "bit flip in a unit")
         assertEIO("b", "bit flip in its tag")
         assertEIO("c", "bit flip in the file header")
+    }
+
+    /// fsck reads every unit of every file: tampered units, tags and cut files are
+    /// reported (exit 4), a clean file is not, and --repair changes nothing.
+    func testFsckReportsTamperedFilesAndRepairsNothing() throws {
+        let a = try create("a", pattern(size, seed: 1))
+        let b = try create("b", pattern(size, seed: 2))
+        let c = try create("c", pattern(size, seed: 3))
+        let cut = try create("cut", pattern(size, seed: 4))
+        unmount()
+        XCTAssertEqual(Harness.run(["fsck", cipher, "--passfile", passfile]).status, 0, "before tampering")
+        try patch(a) { $0[dataOffset(4) + 77] ^= 0x01 }
+        try patch(b) { $0[entryOffset(4) + 5] ^= 0x01 }
+        XCTAssertEqual(truncate(cut, off_t(dataOffset(8))), 0)
+        let before = try [a, b, c, cut].map { try read($0) }
+        for extra in [[], ["--repair"]] {
+            let r = Harness.run(["fsck", cipher, "--json", "--passfile", passfile] + extra)
+            XCTAssertEqual(r.status, 4, r.stdout + r.stderr)
+            let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+            let findings = (json?["findings"] as? [[String: Any]]) ?? []
+            func kinds(_ path: String) -> [String] {
+                let name = (path as NSString).lastPathComponent
+                return findings.filter { ($0["backingPath"] as? String)?.hasSuffix(name) == true }.compactMap { $0["kind"] as? String }
+            }
+            XCTAssertEqual(kinds(a), ["fileAuthenticationFailed"], "bit flip in a unit \(extra)")
+            XCTAssertEqual(kinds(b), ["fileAuthenticationFailed"], "bit flip in a tag \(extra)")
+            XCTAssertEqual(kinds(cut), ["fileAuthenticationFailed"], "cut at a unit boundary \(extra)")
+            XCTAssertEqual(kinds(c), [], "untouched file \(extra)")
+            XCTAssertEqual(findings.count, 3, r.stdout)
+        }
+        XCTAssertEqual(try [a, b, c, cut].map { try read($0) }, before, "fsck --repair changed a tampered file")
+        mount()
+        assertEIO("a", "still EIO through the mount")
     }
 
     func testUnitMovedWithinAndBetweenFiles() throws {
