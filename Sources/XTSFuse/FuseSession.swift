@@ -52,7 +52,7 @@ public final class FuseServer: @unchecked Sendable {
     /// Ask for the kernel's writeback cache (see `MountRequest.writebackCache`).
     let writebackCache: Bool
 
-    public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, xattrs: Bool = true, writebackCache: Bool = true, debug: Bool = false, maxThreads: UInt32 = 16) {
+    public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, xattrs: Bool = true, writebackCache: Bool = true, debug: Bool = false, maxThreads: UInt32 = 8) {
         self.current = Mutex(fs)
         self.writebackCache = writebackCache
         self.xattrs = xattrs
