@@ -7,8 +7,7 @@ import Glibc
 
 /// Extended attributes. `user.*` are stored encrypted in the backing object's own `user.`
 /// attributes (EOPNOTSUPP where the backing filesystem has none). Other namespaces are
-/// answered as ext4 without SELinux or ACLs would, without a backing call: `ls -l` asks
-/// for two of them on every entry.
+/// not supported (EOPNOTSUPP), without a backing call: `ls -l` asks for two of them.
 extension FileSystem {
     /// setxattr's XATTR_CREATE and XATTR_REPLACE; both at once behave as on ext4 (an
     /// existing attribute is EEXIST, a missing one ENODATA): the backing filesystem decides.
@@ -32,9 +31,13 @@ extension FileSystem {
         }
     }
 
-    /// The value of `name`.
+    /// The value of `name`. Outside `user.` the answer is EOPNOTSUPP, as from a
+    /// filesystem without security labels or ACLs (ext4 mounted `noacl` answers so for
+    /// ACLs), not ENODATA: `ls -l` then remembers, for the whole filesystem, that there
+    /// are no labels or ACLs to ask for, instead of asking for both of every entry (two
+    /// FUSE round trips each). The kernel takes it as "no capabilities" on write.
     public func getxattr(_ id: UInt64, name: [UInt8]) throws(FSError) -> [UInt8] {
-        guard let backing = try backingXattrName(name) else { throw .noAttribute }
+        guard let backing = try backingXattrName(name) else { throw .notSupported }
         let stored = try withXattrTarget(id) { (fd) throws(SystemError) -> [UInt8] in
             while true {
                 let need = try Sys.getxattr(pinned: fd, backing, into: UnsafeMutableRawBufferPointer(start: nil, count: 0))
@@ -74,7 +77,7 @@ extension FileSystem {
 
     public func removexattr(_ id: UInt64, name: [UInt8]) throws(FSError) {
         try checkWritable()
-        guard let backing = try backingXattrName(name) else { throw .noAttribute }
+        guard let backing = try backingXattrName(name) else { throw .notSupported }
         try withXattrTarget(id) { (fd) throws(SystemError) in try Sys.removexattr(pinned: fd, backing) }
     }
 
