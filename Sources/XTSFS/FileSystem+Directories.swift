@@ -26,6 +26,8 @@ extension FileSystem {
         var out = [DirectoryEntry(name: Array(".".utf8), type: UInt8(DT_DIR), ino: selfIno),
                    DirectoryEntry(name: Array("..".utf8), type: UInt8(DT_DIR), ino: parentIno)]
         out.reserveCapacity(raw.count + 2)
+        // In the middle of a rekey, a name may be of any generation held (newest first).
+        let codecs = ring.all.map { NameCodec(keys: $0) }
         for e in raw {
             let encoded: String
             switch BackingEntry.classify(e.name) {
@@ -40,10 +42,15 @@ extension FileSystem {
             case .volumeHeader, .directoryHeader, .longNameRecord, .temporary, .linkStore, .auditLog, .tempArea, .cacheArea, .cacheKey, .rekeyCopy:
                 continue
             }
-            do {
-                out.append(DirectoryEntry(name: try names.decrypt(encoded, directoryID: dirID), type: e.type, ino: e.ino, entry: e.name))
-            } catch {
-                log("skipping undecryptable entry \(e.name) in directory node \(id): \(error)")
+            var failure: NameError?
+            var plain: [UInt8]?
+            for codec in codecs {
+                do { plain = try codec.decrypt(encoded, directoryID: dirID); break } catch { failure = failure ?? error }
+            }
+            if let plain {
+                out.append(DirectoryEntry(name: plain, type: e.type, ino: e.ino, entry: e.name))
+            } else {
+                log("skipping undecryptable entry \(e.name) in directory node \(id): \(failure.map { "\($0)" } ?? "no key")")
             }
         }
         let h = nextHandle.wrappingAdd(1, ordering: .relaxed).oldValue

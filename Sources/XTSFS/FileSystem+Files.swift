@@ -32,7 +32,8 @@ final class OpenFile: Sendable {
 
 extension FileSystem {
     func content(_ fd: Int32) -> ContentFile<FDBackingFile> {
-        ContentFile(file: FDBackingFile(fd: fd), currentKeys: keys, integrity: integrity, keys: keysByGeneration)
+        let ring = self.ring
+        return ContentFile(file: FDBackingFile(fd: fd), currentKeys: ring.newest, integrity: integrity, keys: { ring.keys($0) })
     }
 
     /// Runs `body` under the file's exclusive lock with its keys loaded.

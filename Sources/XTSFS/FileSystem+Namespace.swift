@@ -73,6 +73,7 @@ extension FileSystem {
 
     public func mkdir(parent: UInt64, name: [UInt8], mode: mode_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
         let header: [UInt8]
+        let keys = self.keys
         do { header = try DirHeader.random(keyGeneration: keys.generation).encode(macKey: keys.metadataMACKey) } catch { throw .damaged("\(error)") }
         return try newEntry(parent: parent, name: name, caller: caller, directory: true) { (dirfd, entry) throws(SystemError) in
             // Owner-writable until its header is in, then the mode asked for.

@@ -40,7 +40,12 @@ extension FileSystem {
 
     func decryptedTarget(_ raw: [UInt8]) throws(FSError) -> [UInt8] {
         let encoded = try encodedTarget(raw)
-        do { return try names.decryptTarget(encoded) } catch { throw .damaged("symlink target: \(error)") }
+        // AES-SIV is authenticated: at most one generation's key opens a target.
+        var failure: NameError?
+        for k in ring.all {
+            do { return try NameCodec(keys: k).decryptTarget(encoded) } catch { failure = failure ?? error }
+        }
+        throw .damaged("symlink target: \(failure.map { "\($0)" } ?? "no key")")
     }
 
     /// After the last name of a symlink is gone: drop its stored target, if it has one.

@@ -71,11 +71,16 @@ public final class FileSystem: @unchecked Sendable {
     /// Authenticated contents (feature `blockAuthentication`): files use `IntegrityLayout`,
     /// and their plaintext size is in their header rather than implied by their size.
     public let integrity: Bool
-    let keys: KeySet
-    let names: NameCodec
-    /// The keys of each DEK generation the volume holds (one until rekey exists); built once,
-    /// not per request.
-    let keysByGeneration: @Sendable (UInt32) -> KeySet?
+    /// The DEK generations the volume holds: one, or two in the middle of a DEK rekey
+    /// (FORMAT.md section 13). Objects of every generation held are read; new ones are
+    /// written with the newest. An online rekey adds a generation, and drops the old one
+    /// once its sweep is verified.
+    let generations: Mutex<KeyGenerations>
+    /// The generations as they are now (one lock, no copy of a key).
+    var ring: KeyGenerations { generations.withLock { $0 } }
+    /// The newest generation's keys: what new objects are written with.
+    var keys: KeySet { ring.newest }
+    var names: NameCodec { NameCodec(keys: ring.newest) }
     let chownToCaller: Bool
     let log: @Sendable (String) -> Void
     /// CIPHERDIR itself, opened once: everything else is reached from here.
@@ -105,14 +110,14 @@ public final class FileSystem: @unchecked Sendable {
     /// `idBase`: node IDs and handles start above it, so that a filesystem replacing another
     /// on the same mount (a purged cache) never answers for an ID the kernel got from the
     /// old one; 0 for a filesystem of its own.
-    public init(cipherDir: String, keys: KeySet, readOnly: Bool, integrity: Bool = false, dirCacheCapacity: Int = 1024, idBase: UInt64 = 0,
+    /// `olderKeys`: the generations still held besides `keys` (the newest), in the middle
+    /// of a DEK rekey.
+    public init(cipherDir: String, keys: KeySet, olderKeys: [KeySet] = [], readOnly: Bool, integrity: Bool = false, dirCacheCapacity: Int = 1024, idBase: UInt64 = 0,
                 log: @escaping @Sendable (String) -> Void) throws(FSError) {
         nextHandle = Atomic(idBase + 1)
         self.cipherDir = cipherDir
         self.integrity = integrity
-        self.keys = keys
-        self.names = NameCodec(keys: keys)
-        self.keysByGeneration = { [keys] gen in gen == keys.generation ? keys : nil }
+        self.generations = Mutex(KeyGenerations(newest: keys, older: olderKeys))
         self.readOnly = readOnly
         self.chownToCaller = geteuid() == 0
         self.log = log
@@ -252,18 +257,29 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     func directoryID(_ id: UInt64) throws(FSError) -> [UInt8] {
-        if let cached = table.withLock({ $0.nodes[id]?.directoryID }) { return cached }
+        try directoryInfo(id).id
+    }
+
+    /// A directory's ID and the generation its header names (that of its names; in the
+    /// middle of a rekey a directory of the old generation may also hold names of the new
+    /// one). Cached in the node: the ID never changes, and a generation seen old when it
+    /// is already new only costs a lookup under both.
+    func directoryInfo(_ id: UInt64) throws(FSError) -> (id: [UInt8], generation: UInt32) {
+        if let cached = table.withLock({ $0.nodes[id].flatMap { n in n.directoryID.map { ($0, n.directoryGeneration) } } }) { return cached }
         let dir = try dirHandle(id)
         let bytes: [UInt8]
         do { bytes = try Sys.readSmallFile(dir.fd, DirHeader.fileName, limit: 4096) } catch {
             throw .damaged("directory header \(DirHeader.fileName) of node \(id): \(error)")
         }
         let header: DirHeader
-        do { header = try DirHeader.decode(bytes, macKey: keys.metadataMACKey) } catch {
+        do { header = try DirHeader.decode(bytes, macKey: ring.keys(DirHeader.generation(of: bytes))?.metadataMACKey ?? keys.metadataMACKey) } catch {
             throw .damaged("directory header of node \(id): \(error)")
         }
-        table.withLock { $0.nodes[id]?.directoryID = header.directoryID }
-        return header.directoryID
+        table.withLock {
+            $0.nodes[id]?.directoryID = header.directoryID
+            $0.nodes[id]?.directoryGeneration = header.keyGeneration
+        }
+        return (header.directoryID, header.keyGeneration)
     }
 
     /// Keeps a removed directory reachable (a duplicate of `pinned`) while node `id` lives.
@@ -277,11 +293,24 @@ public final class FileSystem: @unchecked Sendable {
         removedDirs.withLock { $0[id] = DirHandle(fd: fd) }
     }
 
-    /// The backing directory and entry for `name` in directory `parent`.
+    /// The backing directory and entry for `name` in directory `parent`: the entry that
+    /// exists under any generation held, else the newest generation's (where a new entry
+    /// goes). With one generation, or in a directory whose header is of the newest, that
+    /// is one encryption and no stat; in a directory of an older generation during a
+    /// rekey, the names of each generation are looked for, newest first.
     func entry(_ parent: UInt64, _ name: [UInt8]) throws(FSError) -> (dir: DirHandle, backing: BackingName) {
-        let dirID = try directoryID(parent)
+        let (dirID, dirGeneration) = try directoryInfo(parent)
         let dir = try dirHandle(parent)
-        do { return (dir, try names.encrypt(name, directoryID: dirID)) } catch { throw FSError(error) }
+        let ring = self.ring
+        let newest: BackingName
+        do { newest = try NameCodec(keys: ring.newest).encrypt(name, directoryID: dirID) } catch { throw FSError(error) }
+        if ring.older.isEmpty || dirGeneration == ring.newest.generation { return (dir, newest) }
+        if (try? Sys.fstatat(dir.fd, newest.entryName)) != nil { return (dir, newest) }
+        for k in ring.older {
+            guard let b = try? NameCodec(keys: k).encrypt(name, directoryID: dirID) else { continue }
+            if (try? Sys.fstatat(dir.fd, b.entryName)) != nil { return (dir, b) }
+        }
+        return (dir, newest)
     }
 
     func writeLongNameFile(_ dir: DirHandle, _ b: BackingName) throws(FSError) {

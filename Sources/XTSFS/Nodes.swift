@@ -1,3 +1,4 @@
+import XTSKeys
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -30,6 +31,8 @@ struct Node {
     var lookups: UInt64
     /// Directory ID of a directory node, read from its `xtsfs.dir` on first use.
     var directoryID: [UInt8]?
+    /// The generation its `xtsfs.dir` named when `directoryID` was read.
+    var directoryGeneration: UInt32 = 0
 }
 
 struct NodeTable {
@@ -168,4 +171,21 @@ struct DirCache {
     }
 
     mutating func remove(_ id: UInt64) { entries[id] = nil }
+}
+
+/// The DEK generations a filesystem holds, newest first. Immutable: a change (an online
+/// rekey adding or dropping one) is a new value.
+public final class KeyGenerations: Sendable {
+    public let newest: KeySet
+    public let older: [KeySet]
+    public init(newest: KeySet, older: [KeySet] = []) {
+        self.newest = newest
+        self.older = older.filter { $0.generation != newest.generation }
+    }
+    /// Every generation, newest first.
+    public var all: [KeySet] { [newest] + older }
+    public func keys(_ generation: UInt32) -> KeySet? {
+        if generation == newest.generation { return newest }
+        return older.first { $0.generation == generation }
+    }
 }

@@ -100,6 +100,13 @@ public struct DirHeader: Sendable, Equatable {
         return b + (try truncatedMAC(DirHeader.macLabel, b, macKey, DirHeader.macLength))
     }
 
+    /// The generation field of encoded header bytes, read before the MAC is checked (the
+    /// MAC key depends on it); 0 when the bytes are too short to hold one.
+    public static func generation(of bytes: [UInt8]) -> UInt32 {
+        guard bytes.count >= 16 else { return 0 }
+        return UInt32(bytes[12]) | UInt32(bytes[13]) << 8 | UInt32(bytes[14]) << 16 | UInt32(bytes[15]) << 24
+    }
+
     public static func decode(_ bytes: [UInt8], macKey: SecretBytes) throws(FormatError) -> DirHeader {
         guard bytes.count == length else { throw bytes.count < length ? .truncated("directory header") : .invalid("directory header length") }
         guard Array(bytes[0..<8]) == magic else { throw .badMagic("directory header") }

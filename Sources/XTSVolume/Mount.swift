@@ -174,17 +174,22 @@ public enum Mounter {
                              mounted: @escaping @Sendable () -> Void = {}) throws(VolumeError) -> Int32 {
         let req = try preflight(request)
         let unlocked = try Volume.unlock(req.cipherDir, provider: provider, slot: slot, audit: audit, operation: "mount")
-        if unlocked.header.features.contains(.rekeyInProgress) {
-            throw .refused("an offline DEK rekey of \(req.cipherDir) was interrupted: finish it first (xtsfs rekey --dek \(req.cipherDir))")
+        var warnings = unlocked.warnings
+        // In the middle of a DEK rekey: both generations are served (new objects get the
+        // new one), once the copies an interrupted sweep left are finished.
+        let newer = try Rekey.pendingKeys(unlocked.header, old: unlocked.keys)
+        if let newer {
+            warnings += try Rekey.finishInterruptedCopies(cipherDir: req.cipherDir, old: unlocked.keys, new: newer)
+            warnings.append("a DEK rekey of \(req.cipherDir) (generation \(unlocked.keys.generation) -> \(newer.generation)) is unfinished: objects of both generations are served; finish it with xtsfs rekey --dek \(req.cipherDir)")
         }
         provider.release()
-        for w in unlocked.warnings { say("warning: " + w) }
+        for w in warnings { say("warning: " + w) }
         if geteuid() == 0, let why = DaemonPrivileges.othersCanChange(req.cipherDir) {
             say("warning: other users can change CIPHERDIR \(req.cipherDir) (\(why)); this root mount serves what they put there to every user of it")
         }
         if req.foreground {
             ProcessHardening.apply()
-            return serve(req, keys: unlocked.keys, features: unlocked.header.features, log: { say($0) }) { result in
+            return serve(req, keys: unlocked.keys, newer: newer, features: unlocked.header.features, log: { say($0) }) { result in
                 switch result {
                 case .success:
                     let areas = [req.areas.temp.map { "temp area on \($0)" }, req.areas.cache.map { "cache area on \($0)" }].compactMap { $0 }
@@ -216,10 +221,15 @@ public enum Mounter {
     /// on each, which is when libfuse rejects what it cannot do (`-o max_read=N` without a
     /// matching `max_read` in init()) and ends the session; mount(2) alone succeeding
     /// proves nothing. Unmounting the data area unmounts the others.
-    static func serve(_ req: MountRequest, keys: KeySet, features: Features, log: @escaping @Sendable (String) -> Void,
+    /// `keys`: the generation the header names (areas are keyed from it); `newer`: the new
+    /// generation of an unfinished DEK rekey, which the data area then writes with.
+    static func serve(_ req: MountRequest, keys: KeySet, newer: KeySet?, features: Features, log: @escaping @Sendable (String) -> Void,
                       ready: @escaping @Sendable (Result<Void, VolumeError>) -> Void) -> Int32 {
         let fs: FileSystem
-        do { fs = try FileSystem(cipherDir: req.cipherDir, keys: keys, readOnly: req.readOnly, integrity: features.contains(.blockAuthentication), log: log) } catch {
+        do {
+            fs = try FileSystem(cipherDir: req.cipherDir, keys: newer ?? keys, olderKeys: newer == nil ? [] : [keys], readOnly: req.readOnly,
+                                integrity: features.contains(.blockAuthentication), log: log)
+        } catch {
             ready(.failure(.corruptHeader("cannot open the root directory: \(error)")))
             return ExitStatus.corruptHeader.rawValue
         }
@@ -502,15 +512,16 @@ public enum Mounter {
             Sys.close(statusFD)
         }
         guard gotGen, gotKey else { report("E\(ExitStatus.failure.rawValue) no key from the parent process"); return ExitStatus.failure.rawValue }
-        let keys: KeySet, features: Features
+        let keys: KeySet, features: Features, newer: KeySet?
         do {
             let opened = try Volume.opened(request.cipherDir, dek: dek, generation: UInt32(littleEndian: gen))
             (keys, features) = (opened.keys, opened.header.features)
+            newer = try Rekey.pendingKeys(opened.header, old: keys)
         } catch {
             report("E\(error.exitStatus.rawValue) \(error)")
             return error.exitStatus.rawValue
         }
-        return serve(request, keys: keys, features: features, log: log) { result in
+        return serve(request, keys: keys, newer: newer, features: features, log: log) { result in
             switch result {
             case .success:
                 if DamageLog.destination(mountpoint: request.mountpoint) != nil {

@@ -35,6 +35,22 @@ public enum Rekey {
         } catch { throw .corruptHeader("the new key in the rekey record does not open: \(error)") }
     }
 
+    /// Before a volume in the middle of a DEK rekey is mounted: finishes the file copies
+    /// an interrupted sweep left (a file being overwritten in place is half old, half new
+    /// until its complete copy is copied over it again) and drops partial ones. Lists the
+    /// whole tree; changes nothing else. Returns warnings.
+    public static func finishInterruptedCopies(cipherDir: String, old: KeySet, new: KeySet) throws(VolumeError) -> [String] {
+        let rootFD: Int32
+        do { rootFD = try Sys.open(cipherDir, XTS_O_PATH | O_DIRECTORY) } catch { throw .failure("cannot open \(cipherDir): \(error)") }
+        defer { Sys.close(rootFD) }
+        let sweep = RekeySweep(old: old, new: new, failpoint: Failpoint(), report: { _ in })
+        sweep.rootFD = rootFD
+        do { try sweep.finishAllLeftovers(rootFD, path: "/") } catch {
+            throw .failure("cannot finish the file copies the interrupted rekey left: \(error)")
+        }
+        return sweep.warnings
+    }
+
     /// Refuses when CIPHERDIR is mounted on this host (an offline operation must be alone).
     public static func refuseIfMounted(_ cipherDir: String) throws(VolumeError) {
         guard let mine = realpath(cipherDir, nil) else { return }

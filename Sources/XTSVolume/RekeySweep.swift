@@ -92,7 +92,6 @@ final class RekeySweep {
 
     func count(_ dirfd: Int32) {
         guard let entries = try? Sys.listDirectory(dirfd) else { return }
-        if let h = try? dirHeader(dirfd), h.keyGeneration == new.generation { return }
         for e in entries {
             switch BackingEntry.classify(e.name) {
             case .encryptedName, .longName: break
@@ -141,21 +140,16 @@ final class RekeySweep {
 
     func sweep(_ dirfd: Int32, path: String) throws(SweepError) {
         let header = try dirHeader(dirfd)
-        if header.keyGeneration == new.generation { return }
+        // A directory already of the new generation is entered too: while the volume was
+        // mounted in the middle of the rekey, an object of the old generation may have
+        // been moved (or hard-linked) into it. Everything of the new generation is
+        // skipped at the cost of a look at its header.
+        let switched = header.keyGeneration == new.generation
         var entries: [(name: String, type: UInt8, ino: UInt64)]
         do { entries = try Sys.listDirectory(dirfd) } catch { throw .system("list \(path)", error) }
 
         // 1. Copies a crash left behind: a complete one is finished, a partial one dropped.
-        let byHash = Dictionary(entries.map { (RekeySweep.copyName(for: $0.name), $0.name) }, uniquingKeysWith: { a, _ in a })
-        for e in entries where e.name.hasPrefix(RekeySweep.copyPrefix) {
-            if e.name.hasSuffix(".tmp") { _ = Glibc.unlinkat(dirfd, e.name, 0); continue }
-            guard let target = byHash[e.name] else {
-                warnings.append("\(path): \(e.name) has no file to go to; removed")
-                _ = Glibc.unlinkat(dirfd, e.name, 0)
-                continue
-            }
-            try finishCopy(dirfd, copy: e.name, target: target, path: path)
-        }
+        try finishLeftovers(dirfd, entries, path: path)
         entries.removeAll { $0.name.hasPrefix(RekeySweep.copyPrefix) }
 
         // 2. Contents, xattrs and symlink targets; subdirectories recursively.
@@ -190,11 +184,47 @@ final class RekeySweep {
         try renameEntries(dirfd, header: header, path: path)
 
         // 4. The directory's own header, last: from here on the directory is complete.
+        if switched { return }
         do {
             let bytes = try DirHeader(keyGeneration: new.generation, directoryID: header.directoryID).encode(macKey: new.metadataMACKey)
             try Sys.atomicWrite(bytes, at: dirfd, DirHeader.fileName, mode: 0o444)
         } catch let e as SystemError { throw .system("write \(DirHeader.fileName) in \(path)", e) } catch { throw .damaged("\(error)") }
         failpoint.step("directory header of \(path) switched")
+    }
+
+    /// The copies a crash left in a directory: a complete one is copied over its file
+    /// (which may be half old, half new, and readable by nobody until then), a partial
+    /// one is dropped.
+    func finishLeftovers(_ dirfd: Int32, _ entries: [(name: String, type: UInt8, ino: UInt64)], path: String) throws(SweepError) {
+        guard entries.contains(where: { $0.name.hasPrefix(RekeySweep.copyPrefix) }) else { return }
+        let byHash = Dictionary(entries.map { (RekeySweep.copyName(for: $0.name), $0.name) }, uniquingKeysWith: { a, _ in a })
+        for e in entries where e.name.hasPrefix(RekeySweep.copyPrefix) {
+            if e.name.hasSuffix(".tmp") { _ = Glibc.unlinkat(dirfd, e.name, 0); continue }
+            guard let target = byHash[e.name] else {
+                warnings.append("\(path): \(e.name) has no file to go to; removed")
+                _ = Glibc.unlinkat(dirfd, e.name, 0)
+                continue
+            }
+            try finishCopy(dirfd, copy: e.name, target: target, path: path)
+        }
+    }
+
+    /// Before a volume in the middle of a rekey is mounted: every copy a crash left is
+    /// finished or dropped (the whole tree is listed; nothing else is changed), so that
+    /// no file is half old, half new while the filesystem serves it.
+    func finishAllLeftovers(_ dirfd: Int32, path: String) throws(SweepError) {
+        let entries: [(name: String, type: UInt8, ino: UInt64)]
+        do { entries = try Sys.listDirectory(dirfd) } catch { throw .system("list \(path)", error) }
+        try finishLeftovers(dirfd, entries, path: path)
+        for e in entries where e.type == UInt8(DT_DIR) || e.type == UInt8(DT_UNKNOWN) {
+            switch BackingEntry.classify(e.name) {
+            case .encryptedName, .longName: break
+            default: continue
+            }
+            guard let fd = try? Sys.openPath(dirfd, e.name, directory: true) else { continue }
+            defer { Sys.close(fd) }
+            try finishAllLeftovers(fd, path: path + e.name.prefix(12) + "…/")
+        }
     }
 
     // MARK: - names

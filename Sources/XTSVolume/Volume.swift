@@ -192,8 +192,11 @@ public enum Volume {
         let loaded = try load(cipherDir)
         for c in loaded.candidates {
             guard let keys = try? KeySet(dek: dek, generation: generation, volumeID: c.header.volumeID),
-                  (try? Keyring.verify(c.header, keys: keys)) != nil,
-                  (try? checkRootDirectory(cipherDir, keys: keys)) != nil else { continue }
+                  (try? Keyring.verify(c.header, keys: keys)) != nil else { continue }
+            // In the middle of a DEK rekey the root may already be of the new generation.
+            guard (try? checkRootDirectory(cipherDir, keys: keys)) != nil
+                    || (try? Rekey.pendingKeys(c.header, old: keys)).flatMap({ $0 }).map({ (try? checkRootDirectory(cipherDir, keys: $0)) != nil }) == true
+            else { continue }
             return (keys, c.header)
         }
         throw .wrongKey("the key does not match this volume's header")

@@ -24,9 +24,7 @@ final class FrozenMidRekeyTests: VolumeTestCase {
         XCTAssertEqual(status.status, 0, status.stderr)
         XCTAssertTrue(status.stdout.contains("generation 1 -> 2, re-encrypting"), status.stdout)
         XCTAssertTrue(status.stdout.contains("rekey-in-progress"), status.stdout)
-        // Mounting is refused until the rekey is finished.
-        XCTAssertEqual(Harness.run(["mount", cipher, mnt, "--passfile", passfile]).status, 15)
-        // So is fsck (its own status 8), before it reads or changes anything: checked with one
+        // fsck is refused (its own status 8), before it reads or changes anything: checked with one
         // generation, the other's names would look lost, and a repair would quarantine them.
         let before = backingFiles().map { $0.path }.sorted()
         for args in [["fsck", cipher, "--passfile", passfile], ["fsck", cipher, "--repair", "--passfile", passfile]] {
@@ -39,6 +37,14 @@ final class FrozenMidRekeyTests: VolumeTestCase {
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertTrue(r.stderr.contains("(resumed)"), r.stderr)
         mount(["-o", "ro"])
+        try checkFixtureTree()
+        unmount()
+        let after = Harness.run(["status", cipher]).stdout
+        XCTAssertTrue(after.contains("Key generation:  2") && after.contains("Rekey:           none"), after)
+    }
+
+    /// Every file, name and symlink target of the fixture, as it was written.
+    func checkFixtureTree() throws {
         func text(_ p: String) throws -> String { String(decoding: try read(mnt + "/" + p), as: UTF8.self) }
         XCTAssertEqual(try text("top.txt"), "root file\n")
         XCTAssertEqual(try text("dir/a.txt"), "hello, generation one\n")
@@ -50,6 +56,63 @@ final class FrozenMidRekeyTests: VolumeTestCase {
         XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: mnt + "/dir/sub/sym"), "../a.txt")
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: mnt + "/dir").sorted(),
                        ["a.txt", "b.txt", "c.txt", String(repeating: "n", count: 200), "sub"])
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: mnt + "/dir/sub").sorted(), ["a-link", "sym", "ten-thousand-x"])
+    }
+
+    /// Mounted in the middle of the rekey: objects of both generations read back (names of
+    /// both in one directory, old and new files, symlink targets), and writes of every kind
+    /// work: new objects in old and mixed directories, old objects renamed and hard-linked
+    /// into a directory of the new generation, an old name replaced by rename, extended
+    /// attributes on old files. Then the rekey resumes (entering the new directory, where
+    /// old objects now are) and the tree is exactly what the mount left.
+    func testFrozenMidRekeyVolumeMountsReadsAndWritesThenResumes() throws {
+        let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stderr.contains("rekey") && r.stderr.contains("unfinished"), r.stderr)
+        try checkFixtureTree()
+        let m = mnt
+        // Writes: a new file in the half-renamed directory, appends to old files.
+        try write(m + "/dir/sub/new.txt", Array("written mid-rekey\n".utf8))
+        let fd = open(m + "/dir/a.txt", O_WRONLY | O_APPEND)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        XCTAssertEqual(Glibc.write(fd, "appended\n", 9), 9)
+        close(fd)
+        // A directory of the new generation receives old objects.
+        XCTAssertEqual(Glibc.mkdir(m + "/fresh", 0o755), 0)
+        XCTAssertEqual(Glibc.rename(m + "/dir/b.txt", m + "/fresh/b.txt"), 0)
+        XCTAssertEqual(Glibc.rename(m + "/dir/sub/sym", m + "/fresh/sym"), 0)
+        XCTAssertEqual(link(m + "/dir/c.txt", m + "/fresh/c-link"), 0)
+        XCTAssertEqual(Glibc.rename(m + "/dir/sub", m + "/fresh/sub"), 0)
+        // An old name replaced by a rename, another removed.
+        try write(m + "/replacement", Array("replaced\n".utf8))
+        XCTAssertEqual(Glibc.rename(m + "/replacement", m + "/top.txt"), 0)
+        XCTAssertEqual(unlink(m + "/dir/" + String(repeating: "n", count: 200)), 0)
+        // Creating over an old name is EEXIST, never a second entry.
+        XCTAssertEqual(open(m + "/dir/c.txt", O_WRONLY | O_CREAT | O_EXCL, 0o644), -1)
+        XCTAssertEqual(errno, EEXIST)
+        // Extended attributes on an old file: set, replace, list, remove.
+        XCTAssertEqual(setxattr(m + "/dir/a.txt", "user.k", "v1", 2, 0), 0)
+        XCTAssertEqual(setxattr(m + "/dir/a.txt", "user.k", "v2", 2, XATTR_REPLACE), 0)
+        XCTAssertEqual(setxattr(m + "/dir/a.txt", "user.gone", "x", 1, 0), 0)
+        XCTAssertEqual(removexattr(m + "/dir/a.txt", "user.gone"), 0)
+        XCTAssertEqual(symlink("../dir/a.txt", m + "/fresh/new-sym"), 0)
+        func text(_ p: String) throws -> String { String(decoding: try read(m + "/" + p), as: UTF8.self) }
+        XCTAssertEqual(try text("dir/a.txt"), "hello, generation one\nappended\n")
+        XCTAssertEqual(try text("fresh/sub/a-link"), "hello, generation one\n")
+        XCTAssertEqual(try text("fresh/b.txt"), "second file\n")
+        XCTAssertEqual(try text("fresh/c-link"), "c\n")
+        XCTAssertEqual(try text("top.txt"), "replaced\n")
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: m).sorted(), ["dir", "fresh", "top.txt"])
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: m + "/dir").sorted(), ["a.txt", "c.txt"])
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: m + "/fresh/sub").sorted(), ["a-link", "new.txt", "ten-thousand-x"])
+        let before = RekeyTests.manifest(m)
+        XCTAssertTrue(before.contains("user.k"), before)
+        unmount()
+        let rekey = Harness.run(["rekey", cipher, "--dek", "--passfile", passfile])
+        XCTAssertEqual(rekey.status, 0, rekey.stderr)
+        XCTAssertTrue(rekey.stderr.contains("(resumed)"), rekey.stderr)
+        mount()
+        XCTAssertEqual(RekeyTests.manifest(m), before)
         unmount()
         let after = Harness.run(["status", cipher]).stdout
         XCTAssertTrue(after.contains("Key generation:  2") && after.contains("Rekey:           none"), after)
