@@ -25,8 +25,10 @@ final class OpenFile: Sendable {
     let node: UInt64
     let identity: Identity
     let state: FileState
-    init(fd: Int32, node: UInt64, identity: Identity, state: FileState) {
-        self.fd = fd; self.node = node; self.identity = identity; self.state = state
+    /// Opened for writing (or truncating): an online rekey leaves such a file for later.
+    let writable: Bool
+    init(fd: Int32, node: UInt64, identity: Identity, state: FileState, writable: Bool = true) {
+        self.fd = fd; self.node = node; self.identity = identity; self.state = state; self.writable = writable
     }
 }
 
@@ -68,10 +70,10 @@ extension FileSystem {
         }
     }
 
-    private func register(fd: Int32, stat st: stat, node: UInt64) throws(FSError) -> UInt64 {
+    private func register(fd: Int32, stat st: stat, node: UInt64, writable: Bool) throws(FSError) -> UInt64 {
         let (key, state) = try acquireState(st)
         let h = nextHandle.wrappingAdd(1, ordering: .relaxed).oldValue
-        files.withLock { $0[h] = OpenFile(fd: fd, node: node, identity: key, state: state) }
+        files.withLock { $0[h] = OpenFile(fd: fd, node: node, identity: key, state: state, writable: writable) }
         return h
     }
 
@@ -105,7 +107,7 @@ extension FileSystem {
             }
         }
         let h: UInt64
-        do throws(FSError) { h = try register(fd: fd, stat: st, node: id) } catch { Sys.close(fd); throw error }
+        do throws(FSError) { h = try register(fd: fd, stat: st, node: id, writable: writing) } catch { Sys.close(fd); throw error }
         let f = try openFile(h)
         do throws(FSError) {
             if flags & O_TRUNC != 0 {
@@ -125,6 +127,10 @@ extension FileSystem {
 
     public func create(parent: UInt64, name: [UInt8], mode: mode_t, flags: Int32, caller: Caller) throws(FSError) -> (UInt64, stat, UInt64) {
         try checkWritable()
+        return try withNamespace { () throws(FSError) in try createLocked(parent: parent, name: name, mode: mode, flags: flags, caller: caller) }
+    }
+
+    private func createLocked(parent: UInt64, name: [UInt8], mode: mode_t, flags: Int32, caller: Caller) throws(FSError) -> (UInt64, stat, UInt64) {
         let (dir, b) = try entry(parent, name)
         try writeLongNameFile(dir, b)
         let fd: Int32
@@ -139,7 +145,7 @@ extension FileSystem {
         let st: stat
         do { st = try Sys.fstat(fd) } catch { Sys.close(fd); throw .system(error) }
         let id = table.withLock { $0.add(Link(parent: parent, name: name, entry: b.entryName), identity: Identity(st), isDirectory: false) }
-        do { return (id, translate(st) { nil }, try register(fd: fd, stat: st, node: id)) } catch {
+        do { return (id, translate(st) { nil }, try register(fd: fd, stat: st, node: id, writable: true)) } catch {
             Sys.close(fd)
             forget(id, count: 1)
             throw error

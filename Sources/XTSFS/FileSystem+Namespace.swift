@@ -8,9 +8,16 @@ import Glibc
 
 extension FileSystem {
     public func lookup(parent: UInt64, name: [UInt8]) throws(FSError) -> (UInt64, stat) {
-        let (dir, b) = try entry(parent, name)
-        let st: stat
-        do { st = try Sys.fstatat(dir.fd, b.entryName) } catch { throw error.errno == ENOENT ? .notFound : .system(error) }
+        var (dir, b) = try entry(parent, name)
+        var st: stat
+        do { st = try Sys.fstatat(dir.fd, b.entryName) } catch {
+            guard error.errno == ENOENT else { throw .system(error) }
+            // An online rekey may have renamed the entry to its new-generation name since
+            // it was found (names only ever move to the newest): look once more.
+            guard !ring.older.isEmpty else { throw .notFound }
+            (dir, b) = try entry(parent, name)
+            do { st = try Sys.fstatat(dir.fd, b.entryName) } catch { throw error.errno == ENOENT ? .notFound : .system(error) }
+        }
         let id = table.withLock { $0.add(Link(parent: parent, name: name, entry: b.entryName), identity: Identity(st), isDirectory: st.isDirectory) }
         return (id, translate(st, header: .entry(dir.fd, b.entryName)) { try? Sys.readlinkat(dir.fd, b.entryName) })
     }
@@ -61,6 +68,10 @@ extension FileSystem {
     }
 
     public func mknod(parent: UInt64, name: [UInt8], mode: mode_t, rdev: dev_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
+        try withNamespace { () throws(FSError) in try mknodLocked(parent: parent, name: name, mode: mode, rdev: rdev, caller: caller) }
+    }
+
+    private func mknodLocked(parent: UInt64, name: [UInt8], mode: mode_t, rdev: dev_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
         try newEntry(parent: parent, name: name, caller: caller) { (dirfd, entry) throws(SystemError) in
             if mode & S_IFMT == S_IFREG || mode & S_IFMT == 0 {
                 let fd = try Sys.openat(dirfd, entry, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW, mode & 0o7777)
@@ -72,6 +83,10 @@ extension FileSystem {
     }
 
     public func mkdir(parent: UInt64, name: [UInt8], mode: mode_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
+        try withNamespace { () throws(FSError) in try mkdirLocked(parent: parent, name: name, mode: mode, caller: caller) }
+    }
+
+    private func mkdirLocked(parent: UInt64, name: [UInt8], mode: mode_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
         let header: [UInt8]
         let keys = self.keys
         do { header = try DirHeader.random(keyGeneration: keys.generation).encode(macKey: keys.metadataMACKey) } catch { throw .damaged("\(error)") }
@@ -99,6 +114,10 @@ extension FileSystem {
     }
 
     public func symlink(target: [UInt8], parent: UInt64, name: [UInt8], caller: Caller) throws(FSError) -> (UInt64, stat) {
+        try withNamespace { () throws(FSError) in try symlinkLocked(target: target, parent: parent, name: name, caller: caller) }
+    }
+
+    private func symlinkLocked(target: [UInt8], parent: UInt64, name: [UInt8], caller: Caller) throws(FSError) -> (UInt64, stat) {
         let encrypted: String
         do { encrypted = try names.encryptTarget(target) } catch { throw FSError(error) }
         let stored = try backingTarget(encrypted)
@@ -124,12 +143,18 @@ extension FileSystem {
     /// A hard link: one more backing name for the same backing file. The file's key is in
     /// its own header, so the link needs no crypto; both names are one node.
     public func link(_ id: UInt64, newParent: UInt64, newName: [UInt8]) throws(FSError) -> (UInt64, stat) {
+        try withNamespace { () throws(FSError) in try linkLocked(id, newParent: newParent, newName: newName) }
+    }
+
+    private func linkLocked(_ id: UInt64, newParent: UInt64, newName: [UInt8]) throws(FSError) -> (UInt64, stat) {
         try checkWritable()
         guard let loc = table.withLock({ $0.location(id) }) else { throw .notFound }
         if loc.isDirectory { throw .notPermitted }
-        guard let link = loc.link else { throw .notFound }
+        guard var link = loc.link else { throw .notFound }
         let (ddir, db) = try entry(newParent, newName)
         let sdir = try dirHandle(link.parent)
+        // A name renamed to its new-generation name by an online rekey is found again.
+        if (try? Sys.fstatat(sdir.fd, link.entry)) == nil, let fresh = refreshed(id, link) { link = fresh }
         try writeLongNameFile(ddir, db)
         do { try Sys.linkat(sdir.fd, link.entry, ddir.fd, db.entryName) } catch {
             if error.errno != EEXIST { removeLongNameFile(ddir, db) }
@@ -148,6 +173,10 @@ extension FileSystem {
     }
 
     public func unlink(parent: UInt64, name: [UInt8]) throws(FSError) {
+        try withNamespace { () throws(FSError) in try unlinkLocked(parent: parent, name: name) }
+    }
+
+    private func unlinkLocked(parent: UInt64, name: [UInt8]) throws(FSError) {
         try checkWritable()
         let (dir, b) = try entry(parent, name)
         let st = try? Sys.fstatat(dir.fd, b.entryName)
@@ -196,6 +225,10 @@ extension FileSystem {
     }
 
     public func rmdir(parent: UInt64, name: [UInt8]) throws(FSError) {
+        try withNamespace { () throws(FSError) in try rmdirLocked(parent: parent, name: name) }
+    }
+
+    private func rmdirLocked(parent: UInt64, name: [UInt8]) throws(FSError) {
         try checkWritable()
         let (dir, b) = try entry(parent, name)
         let pinned: Int32
@@ -219,6 +252,10 @@ extension FileSystem {
     }
 
     public func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32) throws(FSError) {
+        try withNamespace { () throws(FSError) in try renameLocked(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags) }
+    }
+
+    private func renameLocked(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32) throws(FSError) {
         try checkWritable()
         let exchange = UInt32(XTS_RENAME_EXCHANGE), noReplace = UInt32(XTS_RENAME_NOREPLACE)
         guard flags & ~(exchange | noReplace) == 0, flags & (exchange | noReplace) != (exchange | noReplace) else { throw .invalidArgument }

@@ -97,6 +97,11 @@ public final class FileSystem: @unchecked Sendable {
     /// them, reached through their handle until forgotten: fstat of an open descriptor of
     /// a removed directory still answers, as on ext4.
     let removedDirs = Mutex<[UInt64: DirHandle]>([:])
+    /// Held shared by operations that change entries or xattrs; exclusively by an online
+    /// rekey's steps that rename or replace them (FileSystem+Rekey.swift).
+    let namespaceLock = RWLock()
+    /// Set once a generation was added or dropped: node names may be stale since.
+    let generationsChanged = Atomic<Bool>(false)
     /// Integrity volumes: committed lengths read from file headers, by backing inode.
     let integritySizes = Mutex<[Identity: IntegritySize]>([:])
     /// Whether clearing setuid/setgid on write, truncate and chown is ours (the FUSE layer
@@ -172,6 +177,7 @@ public final class FileSystem: @unchecked Sendable {
             do { fd = try Sys.openPath(parent.fd, link.entry, directory: true) } catch {
                 // Gone, or something else (a file, a symlink) put in its place.
                 lastError = error.errno == ENOENT ? .notFound : (error.errno == ENOTDIR || error.errno == ELOOP) ? .stale : .system(error)
+                if error.errno == ENOENT, refreshed(id, link) != nil { continue }
                 if table.withLock({ $0.location(id)?.link }) == link { throw lastError }
                 continue
             }
@@ -210,6 +216,8 @@ public final class FileSystem: @unchecked Sendable {
             let fd: Int32
             do { fd = try Sys.openPath(dir.fd, link.entry, directory: loc.isDirectory) } catch {
                 if error.errno == ENOENT || error.errno == ENOTDIR {
+                    // Renamed to its new-generation name by an online rekey: follow it.
+                    if error.errno == ENOENT, refreshed(id, link) != nil { continue }
                     // That name is gone; another name of a hard-linked file may still lead there.
                     table.withLock { $0.dropLink(id, link) }
                     continue
@@ -245,6 +253,7 @@ public final class FileSystem: @unchecked Sendable {
             let st: stat
             do { st = try Sys.fstatat(dir.fd, link.entry) } catch {
                 if error.errno == ENOENT {
+                    if refreshed(id, link) != nil { continue }
                     table.withLock { $0.dropLink(id, link) }
                     continue
                 }
@@ -294,10 +303,10 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     /// The backing directory and entry for `name` in directory `parent`: the entry that
-    /// exists under any generation held, else the newest generation's (where a new entry
-    /// goes). With one generation, or in a directory whose header is of the newest, that
-    /// is one encryption and no stat; in a directory of an older generation during a
-    /// rekey, the names of each generation are looked for, newest first.
+    /// exists under an older generation held, else the newest generation's (where a new
+    /// entry goes). With one generation, or in a directory whose header is of the newest,
+    /// that is one encryption and no stat; in a directory of an older generation during a
+    /// rekey, a stat per older generation.
     func entry(_ parent: UInt64, _ name: [UInt8]) throws(FSError) -> (dir: DirHandle, backing: BackingName) {
         let (dirID, dirGeneration) = try directoryInfo(parent)
         let dir = try dirHandle(parent)
@@ -305,7 +314,8 @@ public final class FileSystem: @unchecked Sendable {
         let newest: BackingName
         do { newest = try NameCodec(keys: ring.newest).encrypt(name, directoryID: dirID) } catch { throw FSError(error) }
         if ring.older.isEmpty || dirGeneration == ring.newest.generation { return (dir, newest) }
-        if (try? Sys.fstatat(dir.fd, newest.entryName)) != nil { return (dir, newest) }
+        // Older names first: an online rekey only ever renames an entry from an older name
+        // to the newest, so looking in this order never misses an entry it moves meanwhile.
         for k in ring.older {
             guard let b = try? NameCodec(keys: k).encrypt(name, directoryID: dirID) else { continue }
             if (try? Sys.fstatat(dir.fd, b.entryName)) != nil { return (dir, b) }

@@ -128,6 +128,15 @@ struct NodeTable {
         return (n.links.first, n.identity, n.isDirectory)
     }
 
+    /// The object of a node was replaced by another under the same names (an online
+    /// rekey re-encrypting a symlink): the node follows it.
+    mutating func replaceIdentity(_ old: Identity, with new: Identity) {
+        guard let id = byIdentity[old] else { return }
+        byIdentity[old] = nil
+        nodes[id]?.identity = new
+        byIdentity[new] = id
+    }
+
     /// A name of `id` other than `failed` (which did not lead to it), forgetting `failed`.
     mutating func dropLink(_ id: UInt64, _ failed: Link) {
         nodes[id]?.links.removeAll { $0 == failed }

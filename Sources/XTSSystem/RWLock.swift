@@ -23,6 +23,10 @@ public final class RWLock: @unchecked Sendable {
         lock.deallocate()
     }
 
+    /// For a holder that cannot keep to one scope (a lock held across several steps).
+    public func lockWrite() { pthread_rwlock_wrlock(lock) }
+    public func unlock() { pthread_rwlock_unlock(lock) }
+
     public func withReadLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         pthread_rwlock_rdlock(lock)
         defer { pthread_rwlock_unlock(lock) }

@@ -252,7 +252,11 @@ public enum Mounter {
         }
         var eviction: CacheEviction?
         var control: CacheControl?
+        // Online DEK rekey through the daemon (not of a read-only mount, nor of an
+        // integrity volume, which rekey --dek does not support).
+        let rekeyControl = req.readOnly || features.contains(.blockAuthentication) ? nil : RekeyControl(cipherDir: req.cipherDir, keys: keys, fs: fs, log: log)
         defer {
+            rekeyControl?.stop()
             control?.stop()
             eviction?.stop()
             finishAreas(areas, log: log)
@@ -329,6 +333,7 @@ public enum Mounter {
         readiness.forEach { $0.startWaiting() }
         eviction?.start()
         control?.start()
+        rekeyControl?.start()
         var areaThreads: [(Int, FuseServerThread)] = []
         for i in servers.indices.dropFirst() {
             if let t = FuseServerThread.start(servers[i]) { areaThreads.append((i, t)) } else {

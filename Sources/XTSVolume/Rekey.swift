@@ -53,10 +53,15 @@ public enum Rekey {
 
     /// Refuses when CIPHERDIR is mounted on this host (an offline operation must be alone).
     public static func refuseIfMounted(_ cipherDir: String) throws(VolumeError) {
-        guard let mine = realpath(cipherDir, nil) else { return }
+        if let mp = mountpoint(of: cipherDir) { throw .refused("\(cipherDir) is mounted on \(mp): unmount it first (offline rekey)") }
+    }
+
+    /// Where CIPHERDIR's data area is mounted on this host, if it is.
+    public static func mountpoint(of cipherDir: String) -> String? {
+        guard let mine = realpath(cipherDir, nil) else { return nil }
         let me = String(cString: mine)
         free(mine)
-        guard let raw = try? Sys.readFile("/proc/self/mountinfo", limit: 16 << 20) else { return }
+        guard let raw = try? Sys.readFile("/proc/self/mountinfo", limit: 16 << 20) else { return nil }
         for line in String(decoding: raw, as: UTF8.self).split(separator: "\n") {
             // id parent maj:min root mountpoint options [optional...] - fstype source superoptions
             let f = line.split(separator: " ")
@@ -65,8 +70,9 @@ public enum Rekey {
             guard let r = realpath(source, nil) else { continue }
             let other = String(cString: r)
             free(r)
-            if other == me { throw .refused("\(cipherDir) is mounted on \(f[4]): unmount it first (offline rekey)") }
+            if other == me { return String(f[4]) }
         }
+        return nil
     }
 
     // MARK: - KEK
@@ -110,11 +116,18 @@ public enum Rekey {
     /// the old generation removed from the header. Resumes an interrupted run. The slot that
     /// opens is rewrapped with the new DEK; other slots cannot be (their secrets are not
     /// here) and are removed at the end, which needs `removeOtherSlots`.
+    ///
+    /// When CIPHERDIR is mounted on this host, the daemon serving it sweeps (online, see
+    /// `RekeyControl`): this writes the rekey record, hands the daemon the final header and
+    /// reports its progress until the sweep is verified and the final header written.
     public static func rotateDEK(cipherDir: String, provider: any KeyProvider, slot: UInt16?, removeOtherSlots: Bool,
                                  audit: AuditLog?, progress: @escaping (RekeyProgress) -> Void) throws(VolumeError) -> Summary {
-        try refuseIfMounted(cipherDir)
+        let realDir = Mounter.absolute(cipherDir)
+        let online = mountpoint(of: realDir) != nil
         let failpoint = Failpoint()
         let u = try Volume.unlock(cipherDir, provider: provider, slot: slot, audit: audit, operation: "unlock for rekey dek")
+        // The offline sweep must be alone: refused if a mount came up since.
+        if !online { try refuseIfMounted(cipherDir) }
         var header = u.header
         let old = u.keys
         // Integrity volumes' files have another layout (tags, committed lengths): the sweep
@@ -147,6 +160,11 @@ public enum Rekey {
                                 detail: "generation \(old.generation) -> \(new.generation)"))
         }
 
+        if online {
+            return try rotateDEKOnline(cipherDir: realDir, provider: provider, unlocked: u, header: header, old: old, new: new, resumed: resumed,
+                                       others: others, audit: audit, progress: progress)
+        }
+
         let rootFD: Int32
         do { rootFD = try Sys.open(cipherDir, XTS_O_PATH | O_DIRECTORY) } catch { throw .failure("cannot open \(cipherDir): \(error)") }
         defer { Sys.close(rootFD) }
@@ -175,24 +193,69 @@ public enum Rekey {
         }
         failpoint.step("sweep verified")
 
-        // The final header: the new generation only. The slot that opened is rewrapped with
-        // the new DEK (same provider, same costs); nothing else holds the old one.
+        let final = try finalHeader(header, slot: u.slot, provider: provider, new: new)
+        try KeySlots.write(cipherDir, final, keys: new) { copy in failpoint.step("final header written to copy \(copy)") }
+        audit?.record(.init(operation: "rekey dek finished", volumeID: header.volumeID, slot: u.slot, provider: provider.type.description, ok: true,
+                            detail: "generation \(new.generation); removed slots: \(others.map { "\($0.index)" }.joined(separator: ","))"))
+        return Summary(oldGeneration: old.generation, newGeneration: new.generation, resumed: resumed, files: sweep.progress.filesDone,
+                       bytes: sweep.progress.bytesDone, removedSlots: others.map(\.index), warnings: u.warnings + sweep.warnings)
+    }
+
+    /// The final header: the new generation only. The slot that opened is rewrapped with
+    /// the new DEK (same provider, same costs); nothing else holds the old one.
+    static func finalHeader(_ header: VolumeHeader, slot: UInt16, provider: any KeyProvider, new: KeySet) throws(VolumeError) -> VolumeHeader {
         var final = header
-        let opened = header.keyslots.first { $0.index == u.slot }!
+        let opened = header.keyslots.first { $0.index == slot }!
         let rewrapped: Keyslot
         do {
-            rewrapped = try Keyring.makeSlot(index: u.slot, keys: new, volumeID: header.volumeID,
+            rewrapped = try Keyring.makeSlot(index: slot, keys: new, volumeID: header.volumeID,
                                              provider: Rewrap.provider(provider, like: opened), now: Volume.now())
         } catch { throw VolumeError(error, context: "cannot wrap the new key") }
         final.keyslots = [rewrapped]
         final.keyGeneration = new.generation
         final.rekeyRecord = []
         final.features.remove(.rekeyInProgress)
-        try KeySlots.write(cipherDir, final, keys: new) { copy in failpoint.step("final header written to copy \(copy)") }
-        audit?.record(.init(operation: "rekey dek finished", volumeID: header.volumeID, slot: u.slot, provider: provider.type.description, ok: true,
-                            detail: "generation \(new.generation); removed slots: \(others.map { "\($0.index)" }.joined(separator: ","))"))
-        return Summary(oldGeneration: old.generation, newGeneration: new.generation, resumed: resumed, files: sweep.progress.filesDone,
-                       bytes: sweep.progress.bytesDone, removedSlots: others.map(\.index), warnings: u.warnings + sweep.warnings)
+        return final
+    }
+
+    /// How often the command asks the daemon how its sweep goes.
+    static let pollInterval: UInt32 = 200_000
+
+    /// The online rekey, once the rekey record is in the header: the daemon is handed the
+    /// final header (sealed with the new key) and sweeps; its progress is polled until it
+    /// is done. Interrupting this leaves the daemon sweeping; running it again polls the
+    /// same sweep (or, after the daemon was killed and the volume remounted, resumes).
+    static func rotateDEKOnline(cipherDir: String, provider: any KeyProvider, unlocked u: Volume.Unlocked, header: VolumeHeader,
+                                old: KeySet, new: KeySet, resumed: Bool, others: [Keyslot], audit: AuditLog?,
+                                progress: @escaping (RekeyProgress) -> Void) throws(VolumeError) -> Summary {
+        var final = try finalHeader(header, slot: u.slot, provider: provider, new: new)
+        let bytes: [UInt8]
+        do {
+            final = try Keyring.seal(final, keys: new)
+            bytes = try final.encode()
+        } catch { throw .failure("cannot seal the final header: \(error)") }
+        try RekeyControl.start(cipherDir: cipherDir, final: bytes)
+        var last = RekeyProgress(phase: "scan", filesDone: 0, filesTotal: 0, bytesDone: 0, bytesTotal: 0)
+        while true {
+            let s = try RekeyControl.status(cipherDir: cipherDir)
+            last = s.progress
+            switch s.phase {
+            case .done:
+                progress(last)
+                audit?.record(.init(operation: "rekey dek finished", volumeID: header.volumeID, slot: u.slot, provider: provider.type.description, ok: true,
+                                    detail: "online; generation \(new.generation); removed slots: \(others.map { "\($0.index)" }.joined(separator: ","))"))
+                return Summary(oldGeneration: old.generation, newGeneration: new.generation, resumed: resumed, files: last.filesDone,
+                               bytes: last.bytesDone, removedSlots: others.map(\.index), warnings: u.warnings)
+            case .failed:
+                audit?.record(.init(operation: "rekey dek", volumeID: header.volumeID, slot: u.slot, provider: nil, ok: false, detail: "online: " + (s.failure ?? "")))
+                throw .failure("online rekey stopped: \(s.failure ?? "no reason given") (run the same command again to resume)")
+            case .idle:
+                throw .failure("the daemon serving \(cipherDir) is not rekeying (remounted meanwhile?); run the same command again")
+            case .running:
+                progress(last)
+                usleep(pollInterval)
+            }
+        }
     }
 
     // MARK: - header backup and restore

@@ -2,6 +2,7 @@ import CSysShim
 import XTSContent
 import XTSCrypto
 import XTSFormat
+import XTSFS
 import XTSKeys
 import XTSSystem
 #if canImport(Glibc)
@@ -66,6 +67,16 @@ final class RekeySweep {
     /// Inodes of regular files already done in this run (hard links are visited once per name).
     var seen = Set<UInt64>()
     var countedInodes = Set<UInt64>()
+    /// Online: the filesystem serving the volume while the sweep runs (nil offline). Files
+    /// are then leased from it (never while open for writing), and steps that rename or
+    /// replace entries or xattrs hold its namespace lock (FileSystem+Rekey.swift).
+    var fs: FileSystem?
+    var online: Bool { fs != nil }
+    /// Online: objects left for a later pass in this one (open for writing, changed or
+    /// gone under the sweep).
+    var deferred = 0
+    /// Online: asked to stop (the volume is being unmounted).
+    var shouldStop: () -> Bool = { false }
 
     init(old: KeySet, new: KeySet, failpoint: Failpoint, report: @escaping (RekeyProgress) -> Void) {
         self.old = old
@@ -80,12 +91,21 @@ final class RekeySweep {
     enum SweepError: Error, CustomStringConvertible {
         case system(String, SystemError)
         case damaged(String)
+        case stopped
         var description: String {
             switch self {
             case .system(let what, let e): return "\(what): \(e)"
             case .damaged(let s): return s
+            case .stopped: return "stopped (the volume is being unmounted)"
             }
         }
+    }
+
+    /// Runs `body` exclusive of the namespace changes of the filesystem serving the
+    /// volume (online); as is offline.
+    func exclusive<R>(_ body: () throws(SweepError) -> R) throws(SweepError) -> R {
+        guard let fs else { return try body() }
+        return try fs.withNamespaceExclusive(body)
     }
 
     // MARK: - counting (for the progress display)
@@ -149,7 +169,8 @@ final class RekeySweep {
         do { entries = try Sys.listDirectory(dirfd) } catch { throw .system("list \(path)", error) }
 
         // 1. Copies a crash left behind: a complete one is finished, a partial one dropped.
-        try finishLeftovers(dirfd, entries, path: path)
+        // (Online, the mount finished them before serving: any copy is the sweep's own.)
+        if !online { try finishLeftovers(dirfd, entries, path: path) }
         entries.removeAll { $0.name.hasPrefix(RekeySweep.copyPrefix) }
 
         // 2. Contents, xattrs and symlink targets; subdirectories recursively.
@@ -158,10 +179,25 @@ final class RekeySweep {
             case .encryptedName, .longName: break
             default: continue
             }
+            if shouldStop() { try flush(dirfd, path: path); throw .stopped }
             let st: stat
-            do { st = try Sys.fstatat(dirfd, e.name) } catch { throw .system("stat in \(path)", error) }
+            do { st = try Sys.fstatat(dirfd, e.name) } catch {
+                // Online, an entry may go (or be renamed) between the listing and now.
+                if online && error.errno == ENOENT { continue }
+                throw .system("stat in \(path)", error)
+            }
             if st.isRegular {
-                if let job = try prepareFile(dirfd, e.name, st, path: path) {
+                var lease: RekeyLease?
+                if let fs {
+                    guard let l = fs.leaseForRekey(st) else { deferred += 1; continue }
+                    lease = l
+                }
+                let job: Job?
+                do { job = try prepareFile(dirfd, e.name, st, path: path, lease: lease) } catch {
+                    if let fs, let lease { fs.endLease(lease) }
+                    throw error
+                }
+                if let job {
                     batch.append(job)
                     batchBytes += Int64(st.st_size)
                     if batch.count >= 256 || batchBytes >= 64 << 20 { try flush(dirfd, path: path) }
@@ -172,24 +208,39 @@ final class RekeySweep {
                 let fd: Int32
                 do { fd = try Sys.openPath(dirfd, e.name, directory: true) } catch { throw .system("open directory in \(path)", error) }
                 defer { Sys.close(fd) }
-                try sweep(fd, path: path + e.name.prefix(12) + "…/")
-                try reencryptXattrs(fd, what: path + e.name)
+                do {
+                    try sweep(fd, path: path + e.name.prefix(12) + "…/")
+                    try exclusive { () throws(SweepError) in try reencryptXattrs(fd, what: path + e.name) }
+                } catch {
+                    // Online, a directory removed or changed under the sweep is seen again
+                    // in the next pass (if it is still there).
+                    guard online, case .system = error else { throw error }
+                    warnings.append("\(path)\(e.name.prefix(12))…: \(error); tried again in the next pass")
+                    deferred += 1
+                }
             } else if st.isSymlink {
-                try reencryptSymlink(dirfd, e.name, st, path: path)
+                try exclusive { () throws(SweepError) in
+                    // Online: only if the name still leads to the symlink listed.
+                    if online, (try? Sys.fstatat(dirfd, e.name)).map({ $0.st_ino == st.st_ino && $0.st_dev == st.st_dev }) != true { deferred += 1; return }
+                    try reencryptSymlink(dirfd, e.name, st, path: path)
+                }
             }
         }
         try flush(dirfd, path: path)
 
-        // 3. Names: each entry renamed to its new-generation name (atomic, one by one).
-        try renameEntries(dirfd, header: header, path: path)
-
-        // 4. The directory's own header, last: from here on the directory is complete.
-        if switched { return }
-        do {
-            let bytes = try DirHeader(keyGeneration: new.generation, directoryID: header.directoryID).encode(macKey: new.metadataMACKey)
-            try Sys.atomicWrite(bytes, at: dirfd, DirHeader.fileName, mode: 0o444)
-        } catch let e as SystemError { throw .system("write \(DirHeader.fileName) in \(path)", e) } catch { throw .damaged("\(error)") }
-        failpoint.step("directory header of \(path) switched")
+        // 3. Names: each entry renamed to its new-generation name (atomic, one by one),
+        // and 4. the directory's own header, last: from here on its names are new.
+        try exclusive { () throws(SweepError) in
+            try renameEntries(dirfd, header: header, path: path)
+            if switched { return }
+            // Online: an rmdir may have taken the directory (its header first) meanwhile.
+            if online, (try? Sys.fstatat(dirfd, DirHeader.fileName)) == nil { deferred += 1; return }
+            do {
+                let bytes = try DirHeader(keyGeneration: new.generation, directoryID: header.directoryID).encode(macKey: new.metadataMACKey)
+                try Sys.atomicWrite(bytes, at: dirfd, DirHeader.fileName, mode: 0o444)
+            } catch let e as SystemError { throw .system("write \(DirHeader.fileName) in \(path)", e) } catch { throw .damaged("\(error)") }
+            failpoint.step("directory header of \(path) switched")
+        }
     }
 
     /// The copies a crash left in a directory: a complete one is copied over its file
@@ -266,7 +317,10 @@ final class RekeySweep {
                     try Sys.atomicWrite(Array(full.utf8), at: dirfd, hashed + NameCodec.longSuffix, mode: 0o444)
                 }
                 try Sys.renameat(dirfd, e.name, dirfd, target.entryName, flags: UInt32(XTS_RENAME_NOREPLACE))
-            } catch { throw .system("rename in \(path)", error) }
+            } catch {
+                if online && error.errno == ENOENT { continue }
+                throw .system("rename in \(path)", error)
+            }
             failpoint.step("entry renamed in \(path)")
             if case .longName = BackingEntry.classify(e.name) {
                 _ = Glibc.unlinkat(dirfd, e.name + NameCodec.longSuffix, 0)
@@ -290,6 +344,10 @@ final class RekeySweep {
         var stat: stat
         var from: FileCrypto
         var to: FileCrypto
+        /// Online: the file, open read-write since its lease was taken (the name may
+        /// change meanwhile, the inode does not), and the lease.
+        var fd: Int32 = -1
+        var lease: RekeyLease?
     }
     var batch: [Job] = []
     var batchBytes: Int64 = 0
@@ -305,11 +363,33 @@ final class RekeySweep {
 
     /// Re-encrypts the file's xattrs; returns the work for its contents if it is still of
     /// the old generation (nil for an empty, new or damaged file).
-    func prepareFile(_ dirfd: Int32, _ name: String, _ st: stat, path: String) throws(SweepError) -> Job? {
+    /// Online (`lease` given): the lease is ended here unless a job is returned, which
+    /// keeps it and the file open until its batch is done.
+    func prepareFile(_ dirfd: Int32, _ name: String, _ st: stat, path: String, lease: RekeyLease? = nil) throws(SweepError) -> Job? {
         let fd: Int32
-        do { fd = try Sys.openRegular(dirfd, name, O_RDONLY).fd } catch { throw .system("open file in \(path)", error) }
-        defer { Sys.close(fd) }
-        try reencryptXattrs(fd, what: path + name)
+        do {
+            let (f, fst) = try Sys.openRegular(dirfd, name, online ? O_RDWR : O_RDONLY)
+            fd = f
+            // Online: the name may lead to another file by now; that one is for the next pass.
+            if online, fst.st_ino != st.st_ino || fst.st_dev != st.st_dev || fst.st_size != st.st_size {
+                Sys.close(fd)
+                if let fs, let lease { fs.endLease(lease) }
+                deferred += 1
+                return nil
+            }
+        } catch {
+            if let fs, let lease { fs.endLease(lease) }
+            if online && error.errno == ENOENT { deferred += 1; return nil }
+            throw .system("open file in \(path)", error)
+        }
+        var keep = false
+        defer {
+            if !keep {
+                Sys.close(fd)
+                if let fs, let lease { fs.endLease(lease) }
+            }
+        }
+        try exclusive { () throws(SweepError) in try reencryptXattrs(fd, what: path + name) }
         guard st.st_size > 0 else { counted(st); return nil }
         guard let found = try fileGeneration(fd) else {
             warnings.append("\(path)\(name.prefix(20))…: backing file shorter than its header; left as it is")
@@ -326,8 +406,14 @@ final class RekeySweep {
             return nil
         }
         do {
-            return Job(name: name, stat: st, from: try FileCrypto(keys: old, header: oldHeader),
-                       to: try FileCrypto(keys: new, header: try FileHeader.random(keyGeneration: new.generation)))
+            var job = Job(name: name, stat: st, from: try FileCrypto(keys: old, header: oldHeader),
+                          to: try FileCrypto(keys: new, header: try FileHeader.random(keyGeneration: new.generation)))
+            if online {
+                job.fd = fd
+                job.lease = lease
+                keep = true
+            }
+            return job
         } catch { throw .damaged("\(error)") }
     }
 
@@ -338,12 +424,42 @@ final class RekeySweep {
     /// leaves .tmp files (dropped by the rerun); from round 2 on, a complete copy is what
     /// the rerun copies over its file again.
     func flush(_ dirfd: Int32, path: String) throws(SweepError) {
-        let jobs = batch
+        var jobs = batch
         batch.removeAll()
         batchBytes = 0
         guard !jobs.isEmpty else { return }
+        if let fs {
+            // Online: every file stays leased (and open) until its batch is done.
+            defer {
+                for j in jobs {
+                    Sys.close(j.fd)
+                    if let l = j.lease { fs.endLease(l) }
+                }
+            }
+            for j in jobs { try writeCopy(dirfd, j, path: path) }
+            try syncAll(dirfd, path: path)
+            try exclusive { () throws(SweepError) in
+                // A file whose name was renamed, removed or given to another file since its
+                // lease was taken waits for the next pass; its copy goes.
+                let moved = jobs.filter { j in (try? Sys.fstatat(dirfd, j.name)).map { $0.st_ino == j.stat.st_ino && $0.st_dev == j.stat.st_dev } != true }
+                for j in moved {
+                    _ = Glibc.unlinkat(dirfd, RekeySweep.copyName(for: j.name) + ".tmp", 0)
+                    Sys.close(j.fd)
+                    if let l = j.lease { fs.endLease(l) }
+                    deferred += 1
+                }
+                jobs.removeAll { j in moved.contains { $0.name == j.name } }
+                try completeCopies(dirfd, jobs, path: path)
+            }
+            return
+        }
         for j in jobs { try writeCopy(dirfd, j, path: path) }
         try syncAll(dirfd, path: path)
+        try completeCopies(dirfd, jobs, path: path)
+    }
+
+    /// Rounds 2 to 4 of a batch whose copies are written and synced.
+    func completeCopies(_ dirfd: Int32, _ jobs: [Job], path: String) throws(SweepError) {
         for j in jobs {
             let copy = RekeySweep.copyName(for: j.name)
             do { try Sys.renameat(dirfd, copy + ".tmp", dirfd, copy) } catch { throw .system("rename copy in \(path)", error) }
@@ -351,7 +467,7 @@ final class RekeySweep {
         }
         do { try Sys.fsyncDirectory(dirfd) } catch { throw .system("fsync \(path)", error) }
         for j in jobs {
-            try copyOver(dirfd, copy: RekeySweep.copyName(for: j.name), target: j.name, path: path, sync: false)
+            try copyOver(dirfd, copy: RekeySweep.copyName(for: j.name), target: j.name, path: path, sync: false, targetFD: j.fd)
         }
         try syncAll(dirfd, path: path)
         for j in jobs {
@@ -373,8 +489,8 @@ final class RekeySweep {
         _ = Glibc.unlinkat(dirfd, tmp, 0)
         let size = Layout.plainSize(backingSize: Int64(j.stat.st_size))
         do {
-            let (fd, _) = try Sys.openRegular(dirfd, j.name, O_RDONLY)
-            defer { Sys.close(fd) }
+            let fd = j.fd >= 0 ? j.fd : try Sys.openRegular(dirfd, j.name, O_RDONLY).fd
+            defer { if j.fd < 0 { Sys.close(fd) } }
             let out = try Sys.openat(dirfd, tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
             defer { Sys.close(out) }
             let headerBytes = try j.to.header.encode(macKey: new.metadataMACKey)
@@ -393,12 +509,13 @@ final class RekeySweep {
     }
 
     /// Copies a complete copy over its file, in place (made durable only with `sync`).
-    func copyOver(_ dirfd: Int32, copy: String, target: String, path: String, sync: Bool) throws(SweepError) {
+    /// `targetFD`: the file already open (online: by inode, whatever its name is now).
+    func copyOver(_ dirfd: Int32, copy: String, target: String, path: String, sync: Bool, targetFD: Int32 = -1) throws(SweepError) {
         do {
             let (src, sst) = try Sys.openRegular(dirfd, copy, O_RDONLY)
             defer { Sys.close(src) }
-            let (dst, dstSt) = try Sys.openRegular(dirfd, target, O_RDWR)
-            defer { Sys.close(dst) }
+            let (dst, dstSt) = targetFD >= 0 ? (targetFD, try Sys.fstat(targetFD)) : try Sys.openRegular(dirfd, target, O_RDWR)
+            defer { if targetFD < 0 { Sys.close(dst) } }
             guard sst.st_size == dstSt.st_size else {
                 throw SweepError.damaged("\(path): the rekey copy \(copy) is \(sst.st_size) bytes, its file \(dstSt.st_size): the file changed during the rekey; both are left as they are")
             }
@@ -526,6 +643,8 @@ final class RekeySweep {
             var times = (st.st_atim, st.st_mtim)
             _ = withUnsafePointer(to: &times) { $0.withMemoryRebound(to: timespec.self, capacity: 2) { utimensat(dirfd, tmp, $0, AT_SYMLINK_NOFOLLOW) } }
             try Sys.renameat(dirfd, tmp, dirfd, name)
+            // Online: the node the kernel knows for the symlink follows the new one.
+            if let fs, let now = try? Sys.fstatat(dirfd, name) { fs.objectReplaced(old: st, new: now) }
         } catch let e as SystemError { throw .system("rewrite symlink in \(path)", e) } catch { throw .damaged("symlink: \(error)") }
         failpoint.step("symlink target re-encrypted in \(path)")
         // The old stored target goes with the old symlink (unless another hard link still uses it).
@@ -562,7 +681,10 @@ final class RekeySweep {
                 let n = try buf.withMutableBytes { (p) throws(SystemError) -> Int in try Sys.getxattr(pinned: fd, name, into: p) }
                 let value = try oldCodec.decryptValue(Array(buf[0..<n]), backingName: name)
                 guard let newName = try newCodec.encryptName(plain) else { continue }
-                try Sys.setxattr(pinned: fd, newName, try newCodec.encryptValue(value, backingName: newName), flags: 0)
+                do {
+                    // Online, a value set through the mount since (under the new name) wins.
+                    try Sys.setxattr(pinned: fd, newName, try newCodec.encryptValue(value, backingName: newName), flags: online ? XTS_XATTR_CREATE : 0)
+                } catch let e as SystemError where online && e.errno == EEXIST {}
                 failpoint.step("xattr re-encrypted (old name still there) of \(what)")
                 try Sys.removexattr(pinned: fd, name)
             } catch let e as SystemError { throw .system("xattr of \(what)", e) } catch {
