@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
 """Print a manifest of a directory tree, one line per entry, sorted: type, path, and
 SHA-256 of the contents / symlink target / xattrs, size, mode, hard-link group.
-Used by the rekey tests (and by hand) to compare a tree before and after."""
+Used by the rekey tests (and by hand) to compare a tree before and after.
+Usage: tree-manifest.py DIR [--exclude NAME]"""
 import hashlib, os, sys
 
 root = sys.argv[1]
+# --exclude NAME: leave out the top-level entry NAME (a directory others write in meanwhile).
+exclude = sys.argv[3] if len(sys.argv) > 3 and sys.argv[2] == "--exclude" else None
 groups = {}
 lines = []
 for dirpath, dirnames, filenames in os.walk(root):
+    if exclude and dirpath == root:
+        dirnames[:] = [d for d in dirnames if d != exclude]
+        filenames = [f for f in filenames if f != exclude]
     for name in sorted(dirnames + filenames):
         p = os.path.join(dirpath, name)
         rel = os.path.relpath(p, root)

@@ -126,8 +126,9 @@ public enum Rekey {
         let online = mountpoint(of: realDir) != nil
         let failpoint = Failpoint()
         let u = try Volume.unlock(cipherDir, provider: provider, slot: slot, audit: audit, operation: "unlock for rekey dek")
-        // The offline sweep must be alone: refused if a mount came up since.
-        if !online { try refuseIfMounted(cipherDir) }
+        // The offline sweep must be alone: refused if a mount came up since. Online, the
+        // daemon must answer before anything is written.
+        if online { _ = try RekeyControl.status(cipherDir: realDir) } else { try refuseIfMounted(cipherDir) }
         var header = u.header
         let old = u.keys
         // Integrity volumes' files have another layout (tags, committed lengths): the sweep

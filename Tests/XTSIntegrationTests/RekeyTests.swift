@@ -62,40 +62,6 @@ final class RekeyTests: VolumeTestCase {
         sh("python3 '\(Self.repoRoot)/scripts/tree-manifest.py' '\(dir)'")
     }
 
-    func populate() throws {
-        let m = mnt
-        try FileManager.default.createDirectory(atPath: m + "/a/b/c", withIntermediateDirectories: true)
-        try write(m + "/empty", [])
-        try write(m + "/tiny", Array("hello".utf8))
-        try write(m + "/a/one-unit", pattern(4096, seed: 1))
-        try write(m + "/a/b/odd", pattern(8200, seed: 2))
-        try write(m + "/a/b/c/big", pattern(3 << 20 + 17, seed: 3))
-        XCTAssertEqual(link(m + "/a/one-unit", m + "/a/b/c/hardlink"), 0)
-        XCTAssertEqual(link(m + "/tiny", m + "/a/tiny-link"), 0)
-        // Sparse: a hole between two written regions, and a far end.
-        let fd = open(m + "/sparse", O_WRONLY | O_CREAT, 0o644)
-        XCTAssertGreaterThanOrEqual(fd, 0)
-        _ = pattern(5000, seed: 4).withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
-        _ = pattern(100, seed: 5).withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 1 << 24) }
-        XCTAssertEqual(ftruncate(fd, 1 << 26), 0)
-        close(fd)
-        XCTAssertEqual(symlink("a/b/odd", m + "/short-link"), 0)
-        XCTAssertEqual(symlink(String(repeating: "x/", count: 1800) + "end", m + "/a/stored-link"), 0)
-        let long = String(repeating: "L", count: 250)
-        try write(m + "/a/" + long, pattern(100, seed: 6))
-        try FileManager.default.createDirectory(atPath: m + "/" + String(repeating: "d", count: 200), withIntermediateDirectories: false)
-        XCTAssertEqual(setxattr(m + "/a/one-unit", "user.color", "blue", 4, 0), 0)
-        XCTAssertEqual(setxattr(m + "/a/b", "user.dir-attr", "on a directory", 14, 0), 0)
-        XCTAssertEqual(mkfifo(m + "/a/fifo", 0o600), 0)
-        // A path of about 4000 bytes: 20 directories of 190-byte names.
-        var deep = m
-        for i in 0..<20 {
-            deep += "/" + String(repeating: Character(String(UnicodeScalar(UInt8(97 + i)))), count: 190)
-            XCTAssertEqual(Glibc.mkdir(deep, 0o755), 0, "mkdir at depth \(i)")
-        }
-        try write(deep + "/leaf", Array("deep".utf8))
-    }
-
     func testKEKRotationBetweenKeyfileAndPassphrase() throws {
         initVolume()
         mount()
@@ -184,7 +150,7 @@ final class RekeyTests: VolumeTestCase {
     func testDEKRekeyPreservesTree() throws {
         initVolume()
         mount()
-        try populate()
+        try populateRekeyTree()
         let before = manifest(mnt)
         unmount()
         let oldBacking = Set(backingFiles().map(\.path))
@@ -207,7 +173,7 @@ final class RekeyTests: VolumeTestCase {
     func testDEKRekeyKilledAtManyPointsResumes() throws {
         initVolume()
         mount()
-        try populate()
+        try populateRekeyTree()
         let before = manifest(mnt)
         unmount()
         let template = scratch + "/template"
@@ -249,5 +215,44 @@ final class RekeyTests: VolumeTestCase {
             let generation = point >= steps.count - 1 ? "Key generation:  3" : "Key generation:  2"
             XCTAssertTrue(s.contains(generation) && s.contains("Rekey:           none"), "point \(point): \(s)")
         }
+    }
+}
+
+extension VolumeTestCase {
+    /// The tree the rekey tests rekey: empty, small, unit-sized and odd-sized files, a 3 MiB
+    /// one, hard links across directories, a sparse file, short and link-store symlinks,
+    /// long names, xattrs on a file and a directory, a FIFO, a 4,000-byte path.
+    func populateRekeyTree() throws {
+        let m = mnt
+        try FileManager.default.createDirectory(atPath: m + "/a/b/c", withIntermediateDirectories: true)
+        try write(m + "/empty", [])
+        try write(m + "/tiny", Array("hello".utf8))
+        try write(m + "/a/one-unit", pattern(4096, seed: 1))
+        try write(m + "/a/b/odd", pattern(8200, seed: 2))
+        try write(m + "/a/b/c/big", pattern(3 << 20 + 17, seed: 3))
+        XCTAssertEqual(link(m + "/a/one-unit", m + "/a/b/c/hardlink"), 0)
+        XCTAssertEqual(link(m + "/tiny", m + "/a/tiny-link"), 0)
+        // Sparse: a hole between two written regions, and a far end.
+        let fd = open(m + "/sparse", O_WRONLY | O_CREAT, 0o644)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        _ = pattern(5000, seed: 4).withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+        _ = pattern(100, seed: 5).withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 1 << 24) }
+        XCTAssertEqual(ftruncate(fd, 1 << 26), 0)
+        close(fd)
+        XCTAssertEqual(symlink("a/b/odd", m + "/short-link"), 0)
+        XCTAssertEqual(symlink(String(repeating: "x/", count: 1800) + "end", m + "/a/stored-link"), 0)
+        let long = String(repeating: "L", count: 250)
+        try write(m + "/a/" + long, pattern(100, seed: 6))
+        try FileManager.default.createDirectory(atPath: m + "/" + String(repeating: "d", count: 200), withIntermediateDirectories: false)
+        XCTAssertEqual(setxattr(m + "/a/one-unit", "user.color", "blue", 4, 0), 0)
+        XCTAssertEqual(setxattr(m + "/a/b", "user.dir-attr", "on a directory", 14, 0), 0)
+        XCTAssertEqual(mkfifo(m + "/a/fifo", 0o600), 0)
+        // A path of about 4000 bytes: 20 directories of 190-byte names.
+        var deep = m
+        for i in 0..<20 {
+            deep += "/" + String(repeating: Character(String(UnicodeScalar(UInt8(97 + i)))), count: 190)
+            XCTAssertEqual(Glibc.mkdir(deep, 0o755), 0, "mkdir at depth \(i)")
+        }
+        try write(deep + "/leaf", Array("deep".utf8))
     }
 }
