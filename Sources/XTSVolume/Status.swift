@@ -68,14 +68,23 @@ public struct StatusReport: Codable, Sendable {
             blockSize: Int(h.blockSize), keyGeneration: Int(h.keyGeneration), features: features,
             headerCopies: copies,
             keyslots: h.keyslots.map(slotReport),
-            rekey: rekeyState(h), warnings: warnings, areas: AreaStatus.make(cipherDir))
+            rekey: rekeyState(h, cipherDir: cipherDir), warnings: warnings, areas: AreaStatus.make(cipherDir))
     }
 
     /// The rekey record as the user reads it; never a key.
-    static func rekeyState(_ h: VolumeHeader) -> String {
+    /// A rekey running online (in the daemon serving the volume on this machine) is shown
+    /// with its progress.
+    static func rekeyState(_ h: VolumeHeader, cipherDir: String) -> String {
         if h.rekeyRecord.isEmpty { return "none" }
         guard let r = try? RekeyRecord.decode(h.rekeyRecord) else { return "in progress (record not readable by this version)" }
-        return "interrupted or running: generation \(r.oldGeneration) -> \(r.newGeneration), \(r.state), started \(r.started) (resume with xtsfs rekey --dek)"
+        let generations = "generation \(r.oldGeneration) -> \(r.newGeneration)"
+        let dir = Mounter.absolute(cipherDir)
+        if Rekey.mountpoint(of: dir) != nil, let s = try? RekeyControl.status(cipherDir: dir), s.phase == .running {
+            let p = s.progress
+            return "running online in the daemon serving it: \(generations), pass \(s.pass), \(p.phase), \(p.filesDone)/\(p.filesTotal) files, " +
+                   "\(p.bytesDone)/\(p.bytesTotal) bytes, started \(r.started) (xtsfs rekey --dek shows its progress)"
+        }
+        return "interrupted or running: \(generations), \(r.state), started \(r.started) (resume with xtsfs rekey --dek)"
     }
 
     static func hex(_ bytes: [UInt8]) -> String { bytes.map { String($0, radix: 16).leftPad(2) }.joined() }

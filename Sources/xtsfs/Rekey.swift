@@ -9,12 +9,14 @@ import Glibc
 
 struct Rekey: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Rotate keys: --kek rewraps the volume key under a new key (header only); --dek re-encrypts everything under a new volume key (offline, resumable).",
+        abstract: "Rotate keys: --kek rewraps the volume key under a new key (header only); --dek re-encrypts everything under a new volume key (offline or through the mount's daemon, resumable).",
         discussion: """
         --kek replaces the keyslot that opens (or --slot N) by one of the new key (--new-passfile, --new-keyfile, --new-extpass, --new-pkcs11, \
         --new-kmip, --new-recovery-key; default: a new passphrase asked twice). A backup of the old header still opens with the old key.
-        --dek needs the volume unmounted. Every file, name, symlink target and xattr is re-encrypted; an interrupted run (crash, kill -9) \
-        is resumed by running the same command again. Slots other than the one that opens cannot be rewrapped and are removed at the end \
+        --dek re-encrypts every file, name, symlink target and xattr; an interrupted run (crash, kill -9) is resumed by running the same \
+        command again. Unmounted, this command does it; mounted (read-write, on this machine), the daemon serving the mount does it in the \
+        background while the mount is in use, and this command shows its progress until it is done (interrupting it leaves the daemon \
+        sweeping; xtsfs status shows it). Slots other than the one that opens cannot be rewrapped and are removed at the end \
         (--remove-other-slots); add them again with xtsfs keys add.
         """)
 

@@ -159,6 +159,8 @@ final class OnlineRekeyTests: VolumeTestCase {
                     // pass complete in the middle of the rekey.
                     let n = number(count)
                     _ = waitFor("a reader pass during the rekey") { number(count) > n || !reader.isRunning }
+                    let status = Harness.run(["status", cipher]).stdout
+                    XCTAssertTrue(status.contains("running online"), status)
                     _ = FileManager.default.createFile(atPath: scratch + "/release", contents: nil)
                     released = true
                 }
@@ -209,6 +211,66 @@ final class OnlineRekeyTests: VolumeTestCase {
         XCTAssertTrue(status.contains("Key generation:  2") && status.contains("Rekey:           none"), status)
         mount()
         try checkTree("after a remount")
+        unmount()
+    }
+
+    /// Events of a `rekey --json` until one contains `marker` (or the command ends).
+    func readEvents(_ out: Pipe, until marker: String) -> String {
+        var events = ""
+        var buffer = Data()
+        while !events.contains(marker) {
+            let chunk = out.fileHandleForReading.availableData
+            if chunk.isEmpty { break }
+            buffer.append(chunk)
+            while let nl = buffer.firstIndex(of: UInt8(ascii: "\n")) {
+                events += String(decoding: buffer[buffer.startIndex..<nl], as: UTF8.self) + "\n"
+                buffer.removeSubrange(buffer.startIndex...nl)
+            }
+        }
+        return events
+    }
+
+    /// Interrupting the command (Ctrl-C) leaves the daemon's sweep running: it finishes by
+    /// itself, writes the final header, and `status` shows it running, then done.
+    func testOnlineRekeyGoesOnWhenTheCommandIsInterrupted() throws {
+        initVolume()
+        mount()
+        try populateRekeyTree()
+        let before = manifest(mnt)
+        // Something open for writing holds the sweep back until released.
+        let holder = scratch + "/holder.py"
+        try """
+        import os, sys, time
+        f = open(sys.argv[1], "ab")
+        open(sys.argv[2] + "/holding", "w").close()
+        while not os.path.exists(sys.argv[2] + "/release"):
+            time.sleep(0.01)
+        f.close()
+        """.write(toFile: holder, atomically: true, encoding: .utf8)
+        let held = try spawn("/usr/bin/python3", [holder, mnt + "/tiny", scratch])
+        defer {
+            _ = FileManager.default.createFile(atPath: scratch + "/release", contents: nil)
+            held.waitUntilExit()
+        }
+        guard waitFor("the holder", { FileManager.default.fileExists(atPath: scratch + "/holding") }) else { return }
+        let out = Pipe()
+        let rekey = try spawn(Harness.binary, ["rekey", cipher, "--dek", "--passfile", passfile, "--json"], stdout: out)
+        let events = readEvents(out, until: "waiting for")
+        XCTAssertTrue(events.contains("waiting for"), events)
+        kill(rekey.processIdentifier, SIGINT)
+        rekey.waitUntilExit()
+        XCTAssertEqual(rekey.terminationReason, .uncaughtSignal)
+        let running = Harness.run(["status", cipher]).stdout
+        XCTAssertTrue(running.contains("running online"), running)
+        _ = FileManager.default.createFile(atPath: scratch + "/release", contents: nil)
+        held.waitUntilExit()
+        _ = waitFor("the daemon to finish the rekey by itself") { Harness.run(["status", cipher]).stdout.contains("Rekey:           none") }
+        XCTAssertEqual(manifest(mnt), before)
+        unmount()
+        let status = Harness.run(["status", cipher]).stdout
+        XCTAssertTrue(status.contains("Key generation:  2"), status)
+        mount()
+        XCTAssertEqual(manifest(mnt), before)
         unmount()
     }
 
