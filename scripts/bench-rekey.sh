@@ -1,5 +1,6 @@
 #!/bin/sh
-# DEK rekey against cp -a of the same backing data, side by side in one run.
+# DEK rekey, offline and online (through the mount, nothing else using it), against
+# cp -a of the same backing data, side by side in one run.
 # Usage: scripts/bench-rekey.sh [XTSFS_BINARY] [MiB of large files] [number of small files]
 set -eu
 BIN=${1:-.build/debug/xtsfs}
@@ -24,8 +25,15 @@ cpsync_s=$(echo "$t1 - $t0" | bc)
 rm -rf "$W/copy1" "$W/copy2"; sync
 t0=$(date +%s.%N); "$BIN" rekey "$W/cipher" --dek --passfile "$W/pass" >/dev/null 2>&1; t1=$(date +%s.%N)
 rk_s=$(echo "$t1 - $t0" | bc)
+"$BIN" mount "$W/cipher" "$W/mnt" --passfile "$W/pass" 2>/dev/null
+sync
+t0=$(date +%s.%N); "$BIN" rekey "$W/cipher" --dek --passfile "$W/pass" >/dev/null 2>&1; t1=$(date +%s.%N)
+on_s=$(echo "$t1 - $t0" | bc)
+"$BIN" unmount "$W/mnt"
 echo "data: $bytes bytes ($((BIG / 32)) x 32 MiB + $SMALL files of 4-64 KiB)"
 printf 'cp -a:          %6.2f s  %7.1f MB/s\n' "$cp_s" "$(echo "$bytes / $cp_s / 1000000" | bc -l)"
 printf 'cp -a; sync:    %6.2f s  %7.1f MB/s\n' "$cpsync_s" "$(echo "$bytes / $cpsync_s / 1000000" | bc -l)"
 printf 'rekey --dek:    %6.2f s  %7.1f MB/s\n' "$rk_s" "$(echo "$bytes / $rk_s / 1000000" | bc -l)"
+printf 'rekey online:   %6.2f s  %7.1f MB/s\n' "$on_s" "$(echo "$bytes / $on_s / 1000000" | bc -l)"
 printf 'rekey / cp -a speed: %.2f (cp -a; sync: %.2f)\n' "$(echo "$cp_s / $rk_s" | bc -l)" "$(echo "$cpsync_s / $rk_s" | bc -l)"
+printf 'online / cp -a speed: %.2f (cp -a; sync: %.2f)\n' "$(echo "$cp_s / $on_s" | bc -l)" "$(echo "$cpsync_s / $on_s" | bc -l)"

@@ -44,7 +44,8 @@ public struct RekeyProgress: Sendable {
 }
 
 /// The re-encryption of every object of a volume from one key generation to the next,
-/// offline, resumable: each step is atomic on the backing filesystem, and whether an
+/// offline or online (`fs` set: in the daemon, beside the requests it serves), resumable:
+/// each step is atomic on the backing filesystem, and whether an
 /// object still needs work is read from the object itself (the generation in its header,
 /// or which generation's key opens it), so a rerun after a crash at any instant picks
 /// up where the last run stopped. See FORMAT.md section 13.
@@ -53,7 +54,8 @@ public struct RekeyProgress: Sendable {
 /// file's contents (in place, same inode) and xattrs and every symlink's target, recurse
 /// into subdirectories, rename every entry to its new-generation name, re-encrypt the
 /// directory's own xattrs, and last replace its `xtsfs.dir` with one of the new
-/// generation. A directory whose `xtsfs.dir` is already new is complete, with all below it.
+/// generation. A directory whose `xtsfs.dir` is already new has only new names, but is
+/// still entered: old objects may have been moved into it by a mount meanwhile.
 final class RekeySweep {
     static let copyPrefix = BackingEntry.rekeyCopyPrefix
     static let chunk = 1 << 20
