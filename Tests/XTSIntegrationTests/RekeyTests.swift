@@ -132,9 +132,20 @@ final class RekeyTests: VolumeTestCase {
 
     func testDEKRekeyRefusesWhileMountedAndOtherSlots() throws {
         initVolume()
-        mount()
+        // Mounted read-write the rekey goes online (OnlineRekeyTests); read-only, the
+        // offline sweep is refused.
+        mount(["-o", "ro"])
         xtsfs(["rekey", cipher, "--dek", "--passfile", passfile], .refused)
         unmount()
+        // Other slots are refused before anything is written, online too.
+        mount()
+        xtsfs(["keys", "generate", scratch + "/other-key"])
+        xtsfs(["keys", "add", cipher, "--passfile", passfile, "--new-keyfile", scratch + "/other-key"])
+        let online = xtsfs(["rekey", cipher, "--dek", "--passfile", passfile], .refused)
+        XCTAssertTrue(online.stderr.contains("--remove-other-slots"), online.stderr)
+        XCTAssertTrue(Harness.run(["status", cipher]).stdout.contains("Rekey:           none"))
+        unmount()
+        xtsfs(["keys", "remove", cipher, "1", "--passfile", passfile])
         xtsfs(["keys", "generate", keyfile])
         xtsfs(["keys", "add", cipher, "--passfile", passfile, "--new-keyfile", keyfile])
         let r = xtsfs(["rekey", cipher, "--dek", "--passfile", passfile], .refused)
