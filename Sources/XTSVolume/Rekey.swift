@@ -45,9 +45,11 @@ public enum Rekey {
         defer { Sys.close(rootFD) }
         let sweep = RekeySweep(old: old, new: new, failpoint: Failpoint(), report: { _ in })
         sweep.rootFD = rootFD
-        do { try sweep.finishAllLeftovers(rootFD, path: "/") } catch {
-            throw .failure("cannot finish the file copies the interrupted rekey left: \(error)")
+        var failure: RekeySweep.SweepError?
+        LargeStack.run {
+            do throws(RekeySweep.SweepError) { try sweep.finishAllLeftovers(rootFD, path: "/") } catch { failure = error }
         }
+        if let failure { throw .failure("cannot finish the file copies the interrupted rekey left: \(failure)") }
         return sweep.warnings
     }
 
@@ -171,18 +173,21 @@ public enum Rekey {
         defer { Sys.close(rootFD) }
         let sweep = RekeySweep(old: old, new: new, failpoint: failpoint, report: progress)
         sweep.rootFD = rootFD
-        do {
-            try sweep.run(root: rootFD)
-            try sweep.reencryptXattrs(rootFD, what: "/")
-        } catch {
+        var failure: RekeySweep.SweepError?
+        var found: [String] = []
+        var links = Set<String>()
+        LargeStack.run {
+            do throws(RekeySweep.SweepError) {
+                try sweep.run(root: rootFD)
+                try sweep.reencryptXattrs(rootFD, what: "/")
+            } catch { failure = error; return }
+            // Verified: nothing of the old generation is left.
+            sweep.verify(rootFD, path: "/", old: &found, links: &links)
+        }
+        if let error = failure {
             audit?.record(.init(operation: "rekey dek", volumeID: header.volumeID, slot: u.slot, provider: nil, ok: false, detail: error.description))
             throw .failure("rekey stopped: \(error) (run the same command again to resume)")
         }
-
-        // Verified: nothing of the old generation is left.
-        var found: [String] = []
-        var links = Set<String>()
-        sweep.verify(rootFD, path: "/", old: &found, links: &links)
         guard found.isEmpty else {
             throw .failure("rekey did not complete: \(found.count) objects are still of generation \(old.generation) (" +
                            found.prefix(5).joined(separator: "; ") + "); run the command again")

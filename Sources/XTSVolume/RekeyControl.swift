@@ -46,6 +46,7 @@ final class RekeyControl: @unchecked Sendable {
     /// Steps with pauses between passes; longer waits are cut short by `stop`.
     static let passPause: UInt32 = 1_000_000
     static let maxPasses = 10_000
+    static let stackSize = 256 << 20
 
     enum Phase: String { case idle, running, done, failed }
 
@@ -205,7 +206,13 @@ final class RekeyControl: @unchecked Sendable {
         let job = SweepJob(control: self, old: current, new: new, final: final)
         let arg = Unmanaged.passRetained(job).toOpaque()
         if sweepStarted.load(ordering: .acquiring) { pthread_join(sweepThread, nil) }
-        guard pthread_create(&sweepThread, nil, { arg in
+        // The walk recurses once per directory level (up to RekeySweep.maxDepth): a stack
+        // of its own, larger than a thread's default.
+        var attr = pthread_attr_t()
+        pthread_attr_init(&attr)
+        defer { pthread_attr_destroy(&attr) }
+        pthread_attr_setstacksize(&attr, RekeyControl.stackSize)
+        guard pthread_create(&sweepThread, &attr, { arg in
             let job = Unmanaged<SweepJob>.fromOpaque(arg!).takeRetainedValue()
             job.control.runSweep(job)
             return nil

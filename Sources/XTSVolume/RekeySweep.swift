@@ -79,6 +79,10 @@ final class RekeySweep {
     var deferred = 0
     /// Online: asked to stop (the volume is being unmounted).
     var shouldStop: () -> Bool = { false }
+    /// How deep the walk is: CIPHERDIR is hostile input, and a tree nested deeper than
+    /// `maxDepth` (made to exhaust the stack) is refused rather than followed.
+    var depth = 0
+    static let maxDepth = 4096
 
     init(old: KeySet, new: KeySet, failpoint: Failpoint, report: @escaping (RekeyProgress) -> Void) {
         self.old = old
@@ -113,7 +117,9 @@ final class RekeySweep {
     // MARK: - counting (for the progress display)
 
     func count(_ dirfd: Int32) {
-        guard let entries = try? Sys.listDirectory(dirfd) else { return }
+        guard depth < RekeySweep.maxDepth, let entries = try? Sys.listDirectory(dirfd) else { return }
+        depth += 1
+        defer { depth -= 1 }
         for e in entries {
             switch BackingEntry.classify(e.name) {
             case .encryptedName, .longName: break
@@ -161,6 +167,9 @@ final class RekeySweep {
     }
 
     func sweep(_ dirfd: Int32, path: String) throws(SweepError) {
+        guard depth < RekeySweep.maxDepth else { throw .damaged("\(path): directories nested deeper than \(RekeySweep.maxDepth) levels; left as they are") }
+        depth += 1
+        defer { depth -= 1 }
         let header = try dirHeader(dirfd)
         // A directory already of the new generation is entered too: while the volume was
         // mounted in the middle of the rekey, an object of the old generation may have
@@ -266,6 +275,9 @@ final class RekeySweep {
     /// finished or dropped (the whole tree is listed; nothing else is changed), so that
     /// no file is half old, half new while the filesystem serves it.
     func finishAllLeftovers(_ dirfd: Int32, path: String) throws(SweepError) {
+        guard depth < RekeySweep.maxDepth else { throw .damaged("\(path): directories nested deeper than \(RekeySweep.maxDepth) levels") }
+        depth += 1
+        defer { depth -= 1 }
         let entries: [(name: String, type: UInt8, ino: UInt64)]
         do { entries = try Sys.listDirectory(dirfd) } catch { throw .system("list \(path)", error) }
         try finishLeftovers(dirfd, entries, path: path)
@@ -701,6 +713,9 @@ final class RekeySweep {
     /// target and xattr must be of the new generation. Returns what is still old (empty
     /// when the old generation can go) and the link-store names in use.
     func verify(_ dirfd: Int32, path: String, old found: inout [String], links: inout Set<String>) {
+        guard depth < RekeySweep.maxDepth else { found.append("\(path): directories nested deeper than \(RekeySweep.maxDepth) levels"); return }
+        depth += 1
+        defer { depth -= 1 }
         guard let header = try? dirHeader(dirfd), header.keyGeneration == new.generation else {
             found.append("\(path): directory header not of the new generation"); return
         }
@@ -753,4 +768,34 @@ final class RekeySweep {
 
 extension stat {
     var mode: mode_t { st_mode }
+}
+
+/// Runs `body` on a thread with a large stack and waits for it: the sweep's walk recurses
+/// once per directory level (up to `RekeySweep.maxDepth`), more than a default stack holds.
+enum LargeStack {
+    static let size = 256 << 20
+
+    final class Box: @unchecked Sendable {
+        let body: () -> Void
+        init(_ body: @escaping () -> Void) { self.body = body }
+    }
+
+    static func run(_ body: () -> Void) {
+        withoutActuallyEscaping(body) { escapable in
+            let box = Unmanaged.passRetained(Box(escapable)).toOpaque()
+            var attr = pthread_attr_t()
+            pthread_attr_init(&attr)
+            defer { pthread_attr_destroy(&attr) }
+            pthread_attr_setstacksize(&attr, size)
+            var thread = pthread_t()
+            if pthread_create(&thread, &attr, { arg in
+                Unmanaged<Box>.fromOpaque(arg!).takeRetainedValue().body()
+                return nil
+            }, box) == 0 {
+                pthread_join(thread, nil)
+            } else {
+                Unmanaged<Box>.fromOpaque(box).takeRetainedValue().body()
+            }
+        }
+    }
 }
