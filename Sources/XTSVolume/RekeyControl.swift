@@ -274,6 +274,7 @@ final class RekeyControl: @unchecked Sendable {
                 try sweep.run(root: rootFD)
                 try sweep.exclusive { () throws(RekeySweep.SweepError) in try sweep.reencryptXattrs(rootFD, what: "/") }
             } catch {
+                sweep.abandonBatch()
                 throw Failure(description: "\(error)")
             }
             let deferred = sweep.deferred

@@ -431,6 +431,17 @@ final class RekeySweep {
         } catch { throw .damaged("\(error)") }
     }
 
+    /// Online, after an error: the files of a batch not yet written are let go (their
+    /// leases hold requests for them).
+    func abandonBatch() {
+        for j in batch {
+            if j.fd >= 0 { Sys.close(j.fd) }
+            if let fs, let l = j.lease { fs.endLease(l) }
+        }
+        batch.removeAll()
+        batchBytes = 0
+    }
+
     /// The batch's files, in four rounds with one sync between rounds instead of one per
     /// file: (1) each file's new ciphertext to `xtsfs.rekey.<H>.tmp`; sync; (2) each renamed
     /// to `xtsfs.rekey.<H>` (complete from now on); fsync of the directory; (3) each copied
