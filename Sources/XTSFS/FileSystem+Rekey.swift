@@ -23,6 +23,16 @@ extension FileSystem {
         try namespaceLock.withReadLock(body)
     }
 
+    /// Sets an extended attribute, shared with the other changes of names: an online
+    /// rekey moves an object's xattrs exclusively.
+    public func setxattr(_ id: UInt64, name: [UInt8], value: [UInt8], flags: XattrFlags = []) throws(FSError) {
+        try withNamespace { () throws(FSError) in try setxattrUnlocked(id, name: name, value: value, flags: flags) }
+    }
+
+    public func removexattr(_ id: UInt64, name: [UInt8]) throws(FSError) {
+        try withNamespace { () throws(FSError) in try removexattrUnlocked(id, name: name) }
+    }
+
     /// Runs `body` with no namespace change or xattr change of this filesystem under way.
     public func withNamespaceExclusive<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
         try namespaceLock.withWriteLock(body)

@@ -76,7 +76,8 @@ extension FileSystem {
         }
     }
 
-    public func setxattr(_ id: UInt64, name: [UInt8], value: [UInt8], flags: XattrFlags = []) throws(FSError) {
+    /// (Under the namespace lock: see `setxattr` in FileSystem+Rekey.swift.)
+    func setxattrUnlocked(_ id: UInt64, name: [UInt8], value: [UInt8], flags: XattrFlags) throws(FSError) {
         try checkWritable()
         let ring = self.ring
         guard let backing = try backingXattrName(name, ring.newest) else {
@@ -113,7 +114,8 @@ extension FileSystem {
         return all.compactMap { b in codecs.lazy.compactMap { $0.decryptName(b) }.first }.filter { seen.insert($0).inserted }
     }
 
-    public func removexattr(_ id: UInt64, name: [UInt8]) throws(FSError) {
+    /// (Under the namespace lock: see `removexattr` in FileSystem+Rekey.swift.)
+    func removexattrUnlocked(_ id: UInt64, name: [UInt8]) throws(FSError) {
         try checkWritable()
         let ring = self.ring
         guard let backing = try backingXattrName(name, ring.newest) else { throw .notSupported }

@@ -338,9 +338,12 @@ public final class FileSystem: @unchecked Sendable {
     /// `header` opens a regular file for reading (integrity volumes keep the size in there).
     func translate(_ st: stat, header: HeaderSource = .none, target: () -> [UInt8]?) -> stat {
         var out = st
-        if st.isRegular {
+        // The mode is tested by hand: with `st.isRegular` here the Swift 6.3 compiler fails
+        // this file now and then ("value of type 'stat' has no member 'isRegular'").
+        let type = st.st_mode & S_IFMT
+        if type == S_IFREG {
             out.st_size = off_t(integrity ? integritySize(st, header) : Layout.plainSize(backingSize: Int64(st.st_size)))
-        } else if st.isSymlink, let raw = target(), let plain = try? decryptedTarget(raw) {
+        } else if type == S_IFLNK, let raw = target(), let plain = try? decryptedTarget(raw) {
             out.st_size = off_t(plain.count)
         }
         return out
