@@ -1,3 +1,4 @@
+import XTSSystem
 import XTSCrypto
 import XTSFormat
 
@@ -28,7 +29,8 @@ public enum BackingEntry: Equatable, Sendable {
     case cacheArea
     /// `xtsfs.cache.key`: the cache area's key, wrapped under a key derived from the DEK.
     case cacheKey
-    /// `NAME.tmp` of one of our files: left by an interrupted atomic replacement.
+    /// `NAME.tmp.RANDOM` (16 hex digits; `NAME.tmp` from older versions) of one of our
+    /// files: left by an interrupted atomic replacement, or one in progress on another host.
     case temporary(of: String)
     /// `xtsfs.rekey.<H>`: the re-encrypted copy of the entry whose backing name hashes to
     /// `<H>`, made by a DEK rekey and copied over that entry in place (FORMAT.md section 13).
@@ -57,8 +59,7 @@ public enum BackingEntry: Equatable, Sendable {
             if name == cacheAreaName || name == purgedCacheAreaName { return .cacheArea }
             if name == cacheKeyName { return .cacheKey }
             if let copy = HeaderStore.fileNames.firstIndex(of: name) { return .volumeHeader(copy: copy) }
-            if name.hasSuffix(temporarySuffix) {
-                let base = String(name.dropLast(temporarySuffix.count))
+            if let base = temporaryBase(name) {
                 return classify(base) == .foreign ? .foreign : .temporary(of: base)
             }
             if name.hasPrefix(rekeyCopyPrefix) {
@@ -76,6 +77,19 @@ public enum BackingEntry: Equatable, Sendable {
             return .foreign
         }
         return isEncodedName(name) ? .encryptedName(name) : .foreign
+    }
+
+    /// The name a temporary replaces: `NAME` of `NAME.tmp.` + 16 lowercase hex digits (what
+    /// `Sys.temporaryName` makes), or of `NAME.tmp` (older versions); nil for anything else.
+    public static func temporaryBase(_ name: String) -> String? {
+        if name.hasSuffix(temporarySuffix) { return String(name.dropLast(temporarySuffix.count)) }
+        let u = Array(name.utf8)
+        let digits = Sys.temporaryRandomDigits, infix = Array(Sys.temporaryInfix.utf8)
+        guard u.count > digits + infix.count else { return nil }
+        let cut = u.count - digits - infix.count
+        guard Array(u[cut..<(cut + infix.count)]) == infix,
+              u[(cut + infix.count)...].allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }) else { return nil }
+        return String(decoding: u[..<cut], as: UTF8.self)
     }
 
     /// The base64url SHA-256 of a long name: 43 characters.

@@ -73,7 +73,7 @@ public enum Rekey {
             throw VolumeError(error, context: "cannot make the new keyslot")
         }
         header.keyslots = header.keyslots.map { $0.index == u.slot ? newSlot : $0 }
-        try KeySlots.write(cipherDir, header, keys: u.keys)
+        try KeySlots.write(cipherDir, header, keys: u.keys, base: u.newestSequence)
         audit?.record(.init(operation: "rekey kek", volumeID: header.volumeID, slot: u.slot, provider: newProvider.type.description, ok: true))
         return u.slot
     }
@@ -100,6 +100,7 @@ public enum Rekey {
         let failpoint = Failpoint()
         let u = try Volume.unlock(cipherDir, provider: provider, slot: slot, audit: audit, operation: "unlock for rekey dek")
         var header = u.header
+        var base = u.newestSequence
         let old = u.keys
         // Integrity volumes' files have another layout (tags, committed lengths): the sweep
         // re-encrypts plain files only, and would ruin those.
@@ -126,7 +127,7 @@ public enum Rekey {
                 header.rekeyRecord = try record.encode()
             } catch { throw .failure("cannot make the new key: \(error)") }
             header.features.insert(.rekeyInProgress)
-            try KeySlots.write(cipherDir, header, keys: old) { copy in failpoint.step("rekey record written to header copy \(copy)") }
+            base = try KeySlots.write(cipherDir, header, keys: old, base: base) { copy in failpoint.step("rekey record written to header copy \(copy)") }
             audit?.record(.init(operation: "rekey dek started", volumeID: header.volumeID, slot: u.slot, provider: provider.type.description, ok: true,
                                 detail: "generation \(old.generation) -> \(new.generation)"))
         }
@@ -172,7 +173,7 @@ public enum Rekey {
         final.keyGeneration = new.generation
         final.rekeyRecord = []
         final.features.remove(.rekeyInProgress)
-        try KeySlots.write(cipherDir, final, keys: new) { copy in failpoint.step("final header written to copy \(copy)") }
+        try KeySlots.write(cipherDir, final, keys: new, base: base) { copy in failpoint.step("final header written to copy \(copy)") }
         audit?.record(.init(operation: "rekey dek finished", volumeID: header.volumeID, slot: u.slot, provider: provider.type.description, ok: true,
                             detail: "generation \(new.generation); removed slots: \(others.map { "\($0.index)" }.joined(separator: ","))"))
         return Summary(oldGeneration: old.generation, newGeneration: new.generation, resumed: resumed, files: sweep.progress.filesDone,
@@ -217,9 +218,13 @@ public enum Rekey {
         }
         var restored = backup
         let loaded = try? Volume.load(cipherDir)
-        restored.sequence = max(backup.sequence, (loaded?.candidates.map(\.header.sequence).max() ?? 0)) + 1
+        let onDisk = loaded?.candidates.map(\.header.sequence).max()
+        restored.sequence = max(backup.sequence, onDisk ?? 0) + 1
         do { restored = try Keyring.seal(restored, keys: keys) } catch { throw VolumeError(error, context: "cannot seal the header") }
-        do { try HeaderStore(directory: cipherDir).write(restored) } catch { throw .failure("cannot write the header: \(error)") }
+        do { try HeaderStore(directory: cipherDir).write(restored, expectedSequence: onDisk) } catch {
+            if case .concurrentChange = error { throw .refused("\(error)") }
+            throw .failure("cannot write the header: \(error)")
+        }
         audit?.record(.init(operation: "header restore", volumeID: backup.volumeID, slot: nil, provider: provider.type.description, ok: true))
     }
 }
