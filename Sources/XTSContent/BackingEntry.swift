@@ -21,6 +21,9 @@ public enum BackingEntry: Equatable, Sendable {
     /// `xtsfs.audit`: the audit log of key operations, one JSON-lines file per host
     /// (meaningful in the root directory only).
     case auditLog
+    /// `xtsfs.hosts`: one presence record per mount, from every host that has the volume
+    /// mounted (meaningful in the root directory only).
+    case presence
     /// `xtsfs.temp`: the temp area's ciphertext, under its own per-mount key (meaningful
     /// in the root directory only; a mount with `--tmp` empties it).
     case tempArea
@@ -42,6 +45,8 @@ public enum BackingEntry: Equatable, Sendable {
     static let temporarySuffix = ".tmp"
     /// The audit log directory (XTSVolume's `AuditLog` writes it).
     public static let auditLogName = "xtsfs.audit"
+    /// The presence records (XTSVolume's `Presence` writes them).
+    public static let presenceName = "xtsfs.hosts"
     /// The temp and cache areas (XTSVolume's `Areas` writes them).
     public static let tempAreaName = "xtsfs.temp"
     public static let cacheAreaName = "xtsfs.cache"
@@ -55,6 +60,7 @@ public enum BackingEntry: Equatable, Sendable {
             if name == DirHeader.fileName { return .directoryHeader }
             if name == NameCodec.linkStore { return .linkStore }
             if name == auditLogName { return .auditLog }
+            if name == presenceName { return .presence }
             if name == tempAreaName { return .tempArea }
             if name == cacheAreaName || name == purgedCacheAreaName { return .cacheArea }
             if name == cacheKeyName { return .cacheKey }

@@ -42,10 +42,15 @@ public struct MountRequest: Sendable {
     /// `ls -l` (security.selinux, system.posix_acl_access).
     static let noXattrKey = "noxattr"
     public var xattrs: Bool { !options.contains(MountRequest.noXattrKey) }
+    /// `-o shared`: CIPHERDIR is on storage other hosts mount too; nothing another host can
+    /// change is trusted from a cache without revalidation (README, "Several hosts").
+    static let sharedKey = "shared"
+    public var shared: Bool { options.contains(MountRequest.sharedKey) }
     static let noWritebackKey = "nowritecache"
     /// The kernel's writeback cache: writes land in the page cache and reach the daemon in
-    /// page-aligned batches (`-o nowritecache`: every write(2) is a request).
-    public var writebackCache: Bool { !options.contains(MountRequest.noWritebackKey) }
+    /// page-aligned batches (`-o nowritecache`: every write(2) is a request). Never with
+    /// `-o shared`: the kernel would trust its own idea of size and times.
+    public var writebackCache: Bool { !options.contains(MountRequest.noWritebackKey) && !shared }
 
     public func cacheTimeout() throws(VolumeError) -> Double {
         guard let opt = options.last(where: { $0.hasPrefix(MountRequest.cacheTimeoutKey) }) else { return MountRequest.defaultCacheTimeout }
@@ -68,7 +73,7 @@ public struct MountRequest: Sendable {
     func fuseOptions(fsname: String) -> [String] {
         var o = ["default_permissions", "fsname=" + fsname.replacingAll(",", with: "\\,"), "subtype=xtsfs"]
         if geteuid() == 0 && !options.contains("allow_other") { o.append("allow_other") }
-        o += options.filter { $0 != "nonempty" && $0 != MountRequest.noXattrKey && $0 != MountRequest.noWritebackKey && !$0.hasPrefix(MountRequest.cacheTimeoutKey) }
+        o += options.filter { $0 != "nonempty" && $0 != MountRequest.noXattrKey && $0 != MountRequest.noWritebackKey && $0 != MountRequest.sharedKey && !$0.hasPrefix(MountRequest.cacheTimeoutKey) }
         return o
     }
 }
@@ -325,7 +330,11 @@ public enum Mounter {
                 readiness[i].report(.failure(.mountFailed("cannot start a thread to serve \(servers[i].mountpoint)")))
             }
         }
+        // Other hosts see this mount (xtsfs status, and offline operations refuse) until it ends.
+        let presence = Presence(cipherDir: req.cipherDir, mountpoint: req.mountpoint, shared: req.shared, log: log)
+        presence.start()
         let r = servers[0].run()
+        presence.stop()
         // The data area is gone (unmounted, or INIT refused): the areas go with it. libfuse
         // unmounts when a session ends by itself (INIT refused), but no longer may.
         let left = servers.indices.filter { i in

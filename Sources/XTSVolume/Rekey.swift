@@ -95,8 +95,10 @@ public enum Rekey {
     /// opens is rewrapped with the new DEK; other slots cannot be (their secrets are not
     /// here) and are removed at the end, which needs `removeOtherSlots`.
     public static func rotateDEK(cipherDir: String, provider: any KeyProvider, slot: UInt16?, removeOtherSlots: Bool,
+                                 ignoreOtherHosts: Bool = false,
                                  audit: AuditLog?, progress: @escaping (RekeyProgress) -> Void) throws(VolumeError) -> Summary {
         try refuseIfMounted(cipherDir)
+        try Presence.refuseIfHeld(cipherDir, operation: "rekey --dek", force: ignoreOtherHosts)
         let failpoint = Failpoint()
         let u = try Volume.unlock(cipherDir, provider: provider, slot: slot, audit: audit, operation: "unlock for rekey dek")
         var header = u.header
@@ -197,8 +199,9 @@ public enum Rekey {
     /// header of this very volume (same volume ID) and that `provider` unlocks it (slot,
     /// header MAC, root directory header). Nothing is written before both checks pass.
     public static func restoreHeader(cipherDir: String, from file: String, provider: any KeyProvider, slot: UInt16?,
-                                     audit: AuditLog?) throws(VolumeError) {
+                                     ignoreOtherHosts: Bool = false, audit: AuditLog?) throws(VolumeError) {
         try refuseIfMounted(cipherDir)
+        try Presence.refuseIfHeld(cipherDir, operation: "header restore", force: ignoreOtherHosts)
         let bytes: [UInt8]
         do { bytes = try Sys.readFile(file, limit: VolumeHeader.maxLength + 1) } catch { throw .badInput("cannot read \(file): \(error)") }
         let backup: VolumeHeader

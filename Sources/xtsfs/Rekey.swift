@@ -13,7 +13,7 @@ struct Rekey: ParsableCommand {
         discussion: """
         --kek replaces the keyslot that opens (or --slot N) by one of the new key (--new-passfile, --new-keyfile, --new-extpass, --new-pkcs11, \
         --new-kmip, --new-recovery-key; default: a new passphrase asked twice). A backup of the old header still opens with the old key.
-        --dek needs the volume unmounted. Every file, name, symlink target and xattr is re-encrypted; an interrupted run (crash, kill -9) \
+        --dek needs the volume unmounted, here and on every other host (presence records in CIPHERDIR/xtsfs.hosts; --force ignores them). Every file, name, symlink target and xattr is re-encrypted; an interrupted run (crash, kill -9) \
         is resumed by running the same command again. Slots other than the one that opens cannot be rewrapped and are removed at the end \
         (--remove-other-slots); add them again with xtsfs keys add.
         """)
@@ -31,6 +31,8 @@ struct Rekey: ParsableCommand {
     var removeOtherSlots = false
     @Flag(help: "With --dek: progress as JSON lines on standard output.")
     var json = false
+    @Flag(help: "With --dek: go on although another host's presence record says it has the volume mounted (only if that host is known to be gone).")
+    var force = false
 
     func validate() throws {
         guard kek != dek else { throw ValidationError("give exactly one of --kek and --dek") }
@@ -55,7 +57,7 @@ struct Rekey: ParsableCommand {
         let opener = try key.provider(auditing: cipherDir, operation: "unlock for rekey dek")
         let display = ProgressDisplay(json: json)
         let s = try XTSVolume.Rekey.rotateDEK(cipherDir: cipherDir, provider: opener, slot: key.slot, removeOtherSlots: removeOtherSlots,
-                                             audit: audit, progress: { display.update($0) })
+                                             ignoreOtherHosts: force, audit: audit, progress: { display.update($0) })
         display.finish()
         for w in s.warnings { say("xtsfs: warning: \(w)") }
         if json {

@@ -1,5 +1,7 @@
 import Foundation
+import Synchronization
 import XCTest
+import CSysShim
 import XTSCrypto
 import XTSFormat
 import XTSKeys
@@ -12,6 +14,33 @@ import Glibc
 /// Several hosts on one CIPHERDIR (issue 19): header changes that never lose another
 /// host's change.
 final class SharedHostsTests: VolumeTestCase {
+    /// The second mount of the same CIPHERDIR: another "host".
+    var mnt2: String { scratch + "/mnt2" }
+
+    override func setUpWithError() throws {
+        try super.setUpWithError()
+        try FileManager.default.createDirectory(atPath: mnt2, withIntermediateDirectories: true)
+    }
+
+    override func tearDown() {
+        Harness.forceUnmount(mnt2)
+        XCTAssertFalse(Harness.isMounted(mnt2), "mount left behind on \(mnt2)")
+        super.tearDown()
+    }
+
+    /// Mounts CIPHERDIR on `mnt` and on `mnt2`, each its own daemon.
+    func mountTwice(_ options: [String] = ["-o", "shared"], file: StaticString = #filePath, line: UInt = #line) {
+        mount(options, file: file, line: line)
+        let r = Harness.run(["mount", cipher, mnt2, "--passfile", passfile] + options)
+        XCTAssertEqual(r.status, 0, "second mount failed: \(r.stderr)", file: file, line: line)
+        XCTAssertTrue(Harness.isMounted(mnt2), file: file, line: line)
+    }
+
+    func unmountBoth(file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertEqual(Harness.run(["unmount", mnt2]).status, 0, file: file, line: line)
+        unmount(file: file, line: line)
+    }
+
     var provider: PassphraseProvider { PassphraseProvider(passphrase: SecretBytes(copying: Array(Self.passphrase.utf8))) }
 
     /// Host A reads the header, host B adds a keyslot, then A writes its change made to
@@ -36,5 +65,125 @@ final class SharedHostsTests: VolumeTestCase {
         try KeySlots.remove(cipherDir: cipher, index: added, provider: provider, force: false, audit: nil)
         XCTAssertEqual(try Volume.load(cipher).newest.sequence, b.newestSequence + 1)
         XCTAssertFalse(try FileManager.default.contentsOfDirectory(atPath: cipher).contains { $0.contains(".tmp") })
+    }
+
+    // MARK: - presence records
+
+    var hostsDir: String { cipher + "/xtsfs.hosts" }
+
+    /// A record as another host writes it.
+    func plantRecord(_ name: String, host: String = "otherhost", hostID: String = "00112233445566ff", pid: Int32 = 4242,
+                     expires: Int64 = Int64(time(nil)) + 100) throws {
+        try FileManager.default.createDirectory(atPath: hostsDir, withIntermediateDirectories: true)
+        let now = Int64(time(nil))
+        let text = "xtsfs-presence 1\nhost=\(host)\nhostID=\(hostID)\npid=\(pid)\nmountpoint=/mnt/there\nmounted=\(now - 50)\nrefreshed=\(now - 10)\nexpires=\(expires)\nshared=1\n"
+        try text.write(toFile: hostsDir + "/" + name, atomically: false, encoding: .utf8)
+    }
+
+    func statusRecords() throws -> [[String: Any]] {
+        let r = Harness.run(["status", cipher, "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let obj = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        return obj?["mountedBy"] as? [[String: Any]] ?? []
+    }
+
+    func testMountLeavesAPresenceRecordThatStatusListsAndUnmountRemoves() throws {
+        initVolume()
+        mount(["-o", "shared"])
+        let daemons = Harness.daemons(mnt)
+        XCTAssertEqual(daemons.count, 1)
+        let files = try FileManager.default.contentsOfDirectory(atPath: hostsDir)
+        XCTAssertEqual(files.count, 1, "\(files)")
+        XCTAssertTrue(files[0].hasSuffix(".\(daemons[0])"), "named HOSTID.PID of the daemon: \(files[0])")
+        let records = try statusRecords()
+        XCTAssertEqual(records.count, 1)
+        XCTAssertEqual(records.first?["state"] as? String, "live")
+        XCTAssertEqual(records.first?["mountpoint"] as? String, mnt)
+        XCTAssertEqual(records.first?["shared"] as? Bool, true)
+        XCTAssertEqual((records.first?["pid"] as? Int).map(Int32.init), daemons.first)
+        XCTAssertTrue(Harness.run(["status", cipher]).stdout.contains("Mounted by:      "))
+        // The mount itself does not count as another host for what it serves, and is hidden.
+        XCTAssertFalse(try FileManager.default.contentsOfDirectory(atPath: mnt).contains { $0.contains("xtsfs") })
+        unmount()
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: hostsDir), [], "removed on a clean unmount")
+        XCTAssertEqual(try statusRecords().count, 0)
+        XCTAssertTrue(Harness.run(["status", cipher]).stdout.contains("Mounted by:      nobody"))
+    }
+
+    func testOfflineOperationsRefuseWhileAnotherHostHoldsTheVolume() throws {
+        initVolume()
+        let backup = scratch + "/header.bak"
+        XCTAssertEqual(Harness.run(["header", "backup", cipher, backup]).status, 0)
+        try plantRecord("00112233445566ff.4242")
+        let before = backingFiles().map { "\($0.path) \($0.bytes)" }
+        let rekey = Harness.run(["rekey", "--dek", cipher, "--passfile", passfile])
+        XCTAssertEqual(rekey.status, 15, rekey.stderr)
+        XCTAssertTrue(rekey.stderr.contains("otherhost") && rekey.stderr.contains("mounted elsewhere") && rekey.stderr.contains("--force"), rekey.stderr)
+        let restore = Harness.run(["header", "restore", cipher, backup, "--passfile", passfile])
+        XCTAssertEqual(restore.status, 15, restore.stderr)
+        XCTAssertTrue(restore.stderr.contains("header restore must not run"), restore.stderr)
+        let fsck = Harness.run(["fsck", "--repair", cipher, "--passfile", passfile])
+        XCTAssertEqual(fsck.status, 8, fsck.stderr)
+        XCTAssertTrue(fsck.stderr.contains("fsck --repair must not run"), fsck.stderr)
+        XCTAssertEqual(backingFiles().map { "\($0.path) \($0.bytes)" }, before, "nothing changed")
+        // A check without repair runs, and says why findings may be transient.
+        let check = Harness.run(["fsck", cipher, "--passfile", passfile])
+        XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
+        XCTAssertTrue(check.stdout.contains("mounted on another host"), check.stdout)
+        // --force: that host is known to be gone.
+        XCTAssertEqual(Harness.run(["header", "restore", cipher, backup, "--passfile", passfile, "--force"]).status, 0)
+        let forced = Harness.run(["rekey", "--dek", cipher, "--passfile", passfile, "--force"])
+        XCTAssertEqual(forced.status, 0, forced.stderr)
+        // An expired record (a host cut off, not refreshed) does not hold the volume.
+        try plantRecord("00112233445566ff.4242", expires: Int64(time(nil)) - 5)
+        XCTAssertEqual(try statusRecords().first?["state"] as? String, "expired")
+        XCTAssertEqual(Harness.run(["fsck", "--repair", cipher, "--passfile", passfile]).status, 0)
+        // A record of this machine whose daemon is gone is dead at once, and a mount removes it.
+        try FileManager.default.removeItem(atPath: hostsDir + "/00112233445566ff.4242")
+        mount()
+        let mine = try FileManager.default.contentsOfDirectory(atPath: hostsDir)
+        XCTAssertEqual(mine.count, 1)
+        let hostID = String(mine[0].split(separator: ".")[0])
+        unmount()
+        let child = Process()
+        child.executableURL = URL(fileURLWithPath: "/bin/true")
+        try child.run()
+        child.waitUntilExit()
+        let dead = child.processIdentifier
+        try plantRecord(hostID + ".\(dead)", host: "me", hostID: hostID, pid: dead)
+        XCTAssertEqual(try statusRecords().first?["state"] as? String, "dead")
+        XCTAssertEqual(Harness.run(["fsck", "--repair", cipher, "--passfile", passfile]).status, 0)
+        mount()
+        XCTAssertFalse(try FileManager.default.contentsOfDirectory(atPath: hostsDir).contains(hostID + ".\(dead)"), "a mount removes this machine's dead records")
+        unmount()
+    }
+
+    /// Presence records are hostile input: a FIFO, a symlink out, a huge file, a directory
+    /// and garbage are skipped (never opened, never followed, never read whole); status
+    /// and the refusals work on.
+    func testHostilePresenceRecordsAreIgnored() throws {
+        initVolume()
+        try FileManager.default.createDirectory(atPath: hostsDir, withIntermediateDirectories: true)
+        XCTAssertEqual(mkfifo(hostsDir + "/fifo", 0o644), 0)
+        XCTAssertEqual(symlink("/etc/passwd", hostsDir + "/link"), 0)
+        try FileManager.default.createDirectory(atPath: hostsDir + "/dir", withIntermediateDirectories: true)
+        try Data(repeating: 0x41, count: 1 << 20).write(to: URL(fileURLWithPath: hostsDir + "/huge"))
+        try "xtsfs-presence 1\nhost=x\npid=notanumber\n".write(toFile: hostsDir + "/garbage", atomically: false, encoding: .utf8)
+        try "xtsfs-presence 1\nhost=x\nhostID=y\npid=1\nmountpoint=/m\nmounted=1\nrefreshed=1\nexpires=99999999999\n".write(
+            toFile: hostsDir + "/xtsfs.hosts.tmp.0123456789abcdef", atomically: false, encoding: .utf8)
+        XCTAssertEqual(try statusRecords().count, 0)
+        mount()
+        XCTAssertEqual(try statusRecords().count, 1, "only the mount's own record")
+        unmount()
+        let fsck = Harness.run(["fsck", "--repair", cipher, "--passfile", passfile])
+        XCTAssertEqual(fsck.status, 0, fsck.stdout + fsck.stderr)
+        // CIPHERDIR/xtsfs.hosts itself a symlink out: never followed.
+        try FileManager.default.removeItem(atPath: hostsDir)
+        let outside = scratch + "/outside"
+        try FileManager.default.createDirectory(atPath: outside, withIntermediateDirectories: true)
+        XCTAssertEqual(symlink(outside, hostsDir), 0)
+        mount()
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: outside), [], "nothing written through the symlink")
+        unmount()
     }
 }
