@@ -92,6 +92,9 @@ public final class FileSystem: @unchecked Sendable {
     /// them, reached through their handle until forgotten: fstat of an open descriptor of
     /// a removed directory still answers, as on ext4.
     let removedDirs = Mutex<[UInt64: DirHandle]>([:])
+    /// POSIX locks forwarded to the backing files: one backing descriptor per (file, lock
+    /// owner), holding that owner's open-file-description locks (FileSystem+Locks).
+    let lockFDs = Mutex<[LockOwner: LockHolder]>([:])
     /// Integrity volumes: committed lengths read from file headers, by backing inode.
     let integritySizes = Mutex<[Identity: IntegritySize]>([:])
     /// Whether clearing setuid/setgid on write, truncate and chown is ours (the FUSE layer

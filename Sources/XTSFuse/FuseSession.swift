@@ -52,9 +52,16 @@ public final class FuseServer: @unchecked Sendable {
     /// Ask for the kernel's writeback cache (see `MountRequest.writebackCache`).
     let writebackCache: Bool
 
-    public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, xattrs: Bool = true, writebackCache: Bool = true, debug: Bool = false, maxThreads: UInt32 = 8) {
+    /// POSIX and BSD locks taken on the backing files (`-o shared`), so that other mounts of
+    /// CIPHERDIR see them; otherwise the kernel keeps them, local to this mount, and closes
+    /// need no FLUSH round trip.
+    let forwardLocks: Bool
+
+    public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, xattrs: Bool = true, writebackCache: Bool = true,
+                forwardLocks: Bool = false, debug: Bool = false, maxThreads: UInt32 = 8) {
         self.current = Mutex(fs)
         self.writebackCache = writebackCache
+        self.forwardLocks = forwardLocks
         self.xattrs = xattrs
         self.timeout = cacheTimeout
         self.mountpoint = mountpoint
@@ -275,6 +282,36 @@ public final class FuseServer: @unchecked Sendable {
         do { reply(try body()) } catch { FuseServer.fail(req, error) }
     }
 
+    /// A lock request: one attempt here; if the lock is held elsewhere and the caller waits
+    /// (F_SETLKW, flock without LOCK_NB), a thread of its own retries until it is acquired
+    /// or the request is interrupted (EINTR), so that waiters never hold the session's
+    /// worker threads. Without waiting, a held lock is EAGAIN.
+    func lockRequest(_ req: fuse_req_t?, wait: Bool, _ attempt: @escaping @Sendable () throws(FSError) -> FileSystem.LockWait) {
+        func once() -> Int32? {
+            do throws(FSError) {
+                switch try attempt() {
+                case .acquired: return 0
+                case .busy: return nil
+                }
+            } catch { return error.errno }
+        }
+        if let r = once() { fuse_reply_err(req, r); return }
+        guard wait else { fuse_reply_err(req, EAGAIN); return }
+        let waiter = LockWaiter(req: Int(bitPattern: UnsafeRawPointer(req)), attempt: once)
+        let box = Unmanaged.passRetained(waiter).toOpaque()
+        var thread = pthread_t()
+        if pthread_create(&thread, nil, { arg in
+            let w = Unmanaged<LockWaiter>.fromOpaque(arg!).takeRetainedValue()
+            w.run()
+            return nil
+        }, box) == 0 {
+            pthread_detach(thread)
+        } else {
+            Unmanaged<LockWaiter>.fromOpaque(box).release()
+            fuse_reply_err(req, ENOLCK)
+        }
+    }
+
     // MARK: - the operations table
 
     static let operations: fuse_lowlevel_ops = {
@@ -282,6 +319,11 @@ public final class FuseServer: @unchecked Sendable {
         ops.`init` = { userdata, conn in
             guard let conn, let userdata else { return }
             let s = Unmanaged<FuseServer>.fromOpaque(userdata).takeUnretainedValue()
+            // libfuse asks for remote locks because the handlers exist; without -o shared the
+            // kernel keeps them (local to this mount).
+            if !s.forwardLocks {
+                conn.pointee.want &= ~UInt32(FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS)
+            }
             // Keep libfuse's defaults; make sure O_TRUNC arrives with open (we truncate the plaintext).
             if conn.pointee.capable & UInt32(FUSE_CAP_ATOMIC_O_TRUNC) != 0 {
                 conn.pointee.want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC)
@@ -437,8 +479,9 @@ public final class FuseServer: @unchecked Sendable {
                 // Only this daemon changes the files while mounted: cached pages stay valid.
                 fi.pointee.keep_cache = 1
                 // Writes go straight to the backing file, so close(2) has nothing to flush:
-                // spare the kernel a FLUSH round trip per close.
-                fi.pointee.noflush = 1
+                // spare the kernel a FLUSH round trip per close. Forwarded POSIX locks need
+                // it: a close releases the closer's locks.
+                fi.pointee.noflush = s.forwardLocks ? 0 : 1
                 if fuse_reply_open(req, fi) != 0 { s.fs.release(h) }
             }
         }
@@ -452,7 +495,7 @@ public final class FuseServer: @unchecked Sendable {
                 s.used?(id)
                 fi.pointee.fh = h
                 fi.pointee.keep_cache = 1
-                fi.pointee.noflush = 1
+                fi.pointee.noflush = s.forwardLocks ? 0 : 1
                 var e = fuse_entry_param()
                 e.ino = fuse_ino_t(id)
                 e.attr = st
@@ -488,14 +531,42 @@ public final class FuseServer: @unchecked Sendable {
         // Nothing to flush here (writes reach the backing file as they come; the kernel
         // writes its dirty pages back before it would send FLUSH). ENOSYS once makes the
         // kernel stop sending FLUSH on every close(2), which the writeback cache otherwise
-        // sends whatever `noflush` says.
-        ops.flush = { req, _, _ in
+        // sends whatever `noflush` says. Forwarded POSIX locks need it: a close releases
+        // the closer's locks.
+        ops.flush = { req, _, fi in
             FuseServer.count(req, .flush)
-            fuse_reply_err(req, ENOSYS)
+            let s = server(req)
+            guard s.forwardLocks else { fuse_reply_err(req, ENOSYS); return }
+            if let fi { s.fs.releaseLocks(handle: fi.pointee.fh, owner: fi.pointee.lock_owner) }
+            fuse_reply_err(req, 0)
+        }
+        ops.getlk = { req, _, fi, lock in
+            let s = server(req)
+            guard let fi, let lock else { fuse_reply_err(req, EBADF); return }
+            var l = lock.pointee
+            s.run(req, { () throws(FSError) in try s.fs.getLock(handle: fi.pointee.fh, owner: fi.pointee.lock_owner, &l) }) {
+                _ = fuse_reply_lock(req, &l)
+            }
+        }
+        ops.setlk = { req, _, fi, lock, sleep in
+            let s = server(req)
+            guard let fi, let lock else { fuse_reply_err(req, EBADF); return }
+            let l = lock.pointee, fh = fi.pointee.fh, owner = fi.pointee.lock_owner
+            s.lockRequest(req, wait: sleep != 0) { () throws(FSError) in try s.fs.setLock(handle: fh, owner: owner, l) }
+        }
+        ops.flock = { req, _, fi, op in
+            let s = server(req)
+            guard let fi else { fuse_reply_err(req, EBADF); return }
+            let fh = fi.pointee.fh
+            s.lockRequest(req, wait: op & Sys.lockNonBlocking == 0) { () throws(FSError) in try s.fs.flockHandle(fh, operation: op) }
         }
         ops.release = { req, _, fi in
             FuseServer.count(req, .release)
-            if let fi { server(req).fs.release(fi.pointee.fh) }
+            let s = server(req)
+            if let fi {
+                if s.forwardLocks { s.fs.releaseLocks(handle: fi.pointee.fh) }
+                s.fs.release(fi.pointee.fh)
+            }
             fuse_reply_err(req, 0)
         }
         ops.fsync = { req, _, datasync, fi in
@@ -596,4 +667,23 @@ public final class FuseServer: @unchecked Sendable {
         }
         return ops
     }()
+}
+
+/// One waiting lock request: retried with growing pauses (1 ms to 50 ms) until the lock
+/// is acquired, fails, or the kernel interrupts the request (the caller got a signal).
+final class LockWaiter: @unchecked Sendable {
+    let req: Int
+    let attempt: () -> Int32?
+    init(req: Int, attempt: @escaping () -> Int32?) { self.req = req; self.attempt = attempt }
+
+    func run() {
+        let r = fuse_req_t(bitPattern: req)
+        var pause: UInt32 = 1000
+        while true {
+            if fuse_req_interrupted(r) != 0 { fuse_reply_err(r, EINTR); return }
+            usleep(pause)
+            pause = min(pause * 2, 50_000)
+            if let e = attempt() { fuse_reply_err(r, e); return }
+        }
+    }
 }

@@ -239,7 +239,8 @@ public enum Mounter {
             ready(.failure(error))
             return error.exitStatus.rawValue
         }
-        var servers = [FuseServer(fs: fs, mountpoint: req.mountpoint, options: req.fuseOptions, cacheTimeout: timeout, xattrs: req.xattrs, writebackCache: req.writebackCache, debug: req.debug)]
+        var servers = [FuseServer(fs: fs, mountpoint: req.mountpoint, options: req.fuseOptions, cacheTimeout: timeout, xattrs: req.xattrs, writebackCache: req.writebackCache,
+                                  forwardLocks: req.shared, debug: req.debug)]
         let areas: [Areas.Prepared]
         do { areas = try prepareAreas(req, keys: keys, log: log) } catch {
             ready(.failure(error))

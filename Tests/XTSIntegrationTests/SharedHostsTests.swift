@@ -186,4 +186,108 @@ final class SharedHostsTests: VolumeTestCase {
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: outside), [], "nothing written through the symlink")
         unmount()
     }
+
+    // MARK: - locks
+
+    func ofdLock(_ fd: Int32, _ type: Int32, _ start: Int, _ len: Int, wait: Bool = false) -> Int32 {
+        var l = flock()
+        l.l_type = Int16(type)
+        l.l_whence = Int16(SEEK_SET)
+        l.l_start = off_t(start)
+        l.l_len = off_t(len)
+        return fcntl(fd, wait ? XTS_F_OFD_SETLKW : XTS_F_OFD_SETLK, &l) == 0 ? 0 : errno
+    }
+
+    /// Two mounts of one CIPHERDIR with -o shared: a lock taken through one blocks the
+    /// other (fcntl byte ranges, F_GETLK, flock), waiters wake when it goes, and closing the
+    /// descriptor releases it.
+    func testLocksHeldOnOneMountExcludeTheOther() throws {
+        initVolume()
+        mountTwice()
+        try write(mnt + "/f", pattern(100, seed: 1))
+        let fa = open(mnt + "/f", O_RDWR), fb = open(mnt2 + "/f", O_RDWR)
+        XCTAssertTrue(fa >= 0 && fb >= 0)
+        // fcntl byte ranges (open-file-description locks: FUSE setlk with an owner per descriptor).
+        XCTAssertEqual(ofdLock(fa, F_WRLCK, 0, 10), 0)
+        XCTAssertEqual(ofdLock(fb, F_WRLCK, 5, 10), EAGAIN, "overlapping range locked on the other mount")
+        XCTAssertEqual(ofdLock(fb, F_RDLCK, 0, 1), EAGAIN)
+        XCTAssertEqual(ofdLock(fb, F_WRLCK, 20, 10), 0, "a disjoint range is free")
+        var probe = flock()
+        probe.l_type = Int16(F_WRLCK)
+        probe.l_whence = Int16(SEEK_SET)
+        probe.l_start = 0
+        probe.l_len = 5
+        XCTAssertEqual(fcntl(fb, XTS_F_OFD_GETLK, &probe), 0)
+        XCTAssertEqual(Int32(probe.l_type), F_WRLCK, "F_GETLK sees the other mount's lock")
+        XCTAssertEqual(probe.l_start, 0)
+        XCTAssertEqual(probe.l_len, 10)
+        XCTAssertEqual(ofdLock(fb, F_UNLCK, 0, 100), 0)
+        let released = Atomic<Bool>(false)
+        // flock: exclusive on A, refused on B; a blocked waiter on B gets it once A closes.
+        XCTAssertEqual(xts_flock(fa, XTS_LOCK_EX | XTS_LOCK_NB), 0)
+        XCTAssertEqual(xts_flock(fb, XTS_LOCK_EX | XTS_LOCK_NB), -1)
+        XCTAssertEqual(errno, EWOULDBLOCK)
+        XCTAssertEqual(xts_flock(fb, XTS_LOCK_SH | XTS_LOCK_NB), -1, "shared is refused against exclusive")
+        let acquiredAfterRelease = Mutex<Bool?>(nil)
+        let waiter = Thread { [fb] in
+            let r = xts_flock(fb, XTS_LOCK_EX)
+            acquiredAfterRelease.withLock { $0 = r == 0 && released.load(ordering: .sequentiallyConsistent) }
+        }
+        waiter.start()
+        usleep(200_000)
+        XCTAssertNil(acquiredAfterRelease.withLock { $0 }, "the waiter must still wait while A holds the lock")
+        released.store(true, ordering: .sequentiallyConsistent)
+        close(fa)  // releases A's flock and its fcntl range
+        let deadline = Date().addingTimeInterval(30)
+        while acquiredAfterRelease.withLock({ $0 }) == nil && Date() < deadline { usleep(10_000) }
+        XCTAssertEqual(acquiredAfterRelease.withLock { $0 }, true, "B's waiter got the lock once A let it go")
+        XCTAssertEqual(ofdLock(fb, F_WRLCK, 0, 10), 0, "A's fcntl range went with its descriptor")
+        // Through A again, now B holds both.
+        let fa2 = open(mnt + "/f", O_RDWR)
+        XCTAssertEqual(xts_flock(fa2, XTS_LOCK_EX | XTS_LOCK_NB), -1)
+        XCTAssertEqual(ofdLock(fa2, F_RDLCK, 0, 1), EAGAIN)
+        close(fa2)
+        XCTAssertEqual(xts_flock(fb, XTS_LOCK_UN), 0)
+        close(fb)
+        unmountBoth()
+    }
+
+    /// A waiter killed while it waits (a signal interrupts the FUSE request) neither
+    /// hangs the daemon nor keeps a lock it never got.
+    func testKilledLockWaiterLeavesNothingHeld() throws {
+        initVolume()
+        mountTwice()
+        try write(mnt + "/f", [1, 2, 3])
+        let fa = open(mnt + "/f", O_RDWR)
+        XCTAssertEqual(xts_flock(fa, XTS_LOCK_EX), 0)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/flock")
+        p.arguments = ["-x", mnt2 + "/f", "-c", "true"]
+        try p.run()
+        usleep(300_000)
+        XCTAssertTrue(p.isRunning, "flock through the other mount waits")
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        XCTAssertEqual(xts_flock(fa, XTS_LOCK_UN), 0)
+        XCTAssertEqual(Harness.shell("flock -n -x '\(mnt2)/f' -c true"), 0, "the killed waiter holds nothing")
+        close(fa)
+        unmountBoth()
+    }
+
+    /// Without -o shared the kernel keeps locks, local to each mount (documented): two
+    /// mounts do not see each other's.
+    func testWithoutSharedLocksAreLocalToEachMount() throws {
+        initVolume()
+        mountTwice([])
+        try write(mnt + "/f", [1])
+        let fa = open(mnt + "/f", O_RDWR), fb = open(mnt2 + "/f", O_RDWR)
+        XCTAssertEqual(xts_flock(fa, XTS_LOCK_EX | XTS_LOCK_NB), 0)
+        XCTAssertEqual(xts_flock(fb, XTS_LOCK_EX | XTS_LOCK_NB), 0)
+        let fa2 = open(mnt + "/f", O_RDWR)
+        XCTAssertEqual(xts_flock(fa2, XTS_LOCK_EX | XTS_LOCK_NB), -1, "within one mount they still exclude")
+        close(fa2)
+        close(fa)
+        close(fb)
+        unmountBoth()
+    }
 }
