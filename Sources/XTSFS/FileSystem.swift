@@ -92,6 +92,10 @@ public final class FileSystem: @unchecked Sendable {
     /// them, reached through their handle until forgotten: fstat of an open descriptor of
     /// a removed directory still answers, as on ext4.
     let removedDirs = Mutex<[UInt64: DirHandle]>([:])
+    /// `-o shared`: other hosts change CIPHERDIR too. Cached directory handles and IDs are
+    /// revalidated, and a file's keys are checked against its header before each read and
+    /// write (FileSystem+Shared). Set before serving.
+    public var sharedStorage = false
     /// POSIX locks forwarded to the backing files: one backing descriptor per (file, lock
     /// owner), holding that owner's open-file-description locks (FileSystem+Locks).
     let lockFDs = Mutex<[LockOwner: LockHolder]>([:])
@@ -158,7 +162,10 @@ public final class FileSystem: @unchecked Sendable {
     /// The directory descriptor of directory node `id`, opened from its parent's if not cached.
     func dirHandle(_ id: UInt64) throws(FSError) -> DirHandle {
         if id == FileSystem.rootID { return root }
-        if let h = dirCache.withLock({ $0.get(id) }) { return h }
+        if let h = dirCache.withLock({ $0.get(id) }) {
+            guard sharedStorage, !cachedDirectoryIsGone(h) else { return h }
+            dirCache.withLock { $0.remove(id) }
+        }
         // A rename may move the directory between reading its name and opening it: try again.
         var lastError = FSError.stale
         for _ in 0..<3 {
@@ -255,7 +262,7 @@ public final class FileSystem: @unchecked Sendable {
     }
 
     func directoryID(_ id: UInt64) throws(FSError) -> [UInt8] {
-        if let cached = table.withLock({ $0.nodes[id]?.directoryID }) { return cached }
+        if let cached = table.withLock({ $0.nodes[id]?.directoryID }), !sharedStorage { return cached }
         let dir = try dirHandle(id)
         let bytes: [UInt8]
         do { bytes = try Sys.readSmallFile(dir.fd, DirHeader.fileName, limit: 4096) } catch {

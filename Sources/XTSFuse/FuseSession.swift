@@ -57,11 +57,20 @@ public final class FuseServer: @unchecked Sendable {
     /// need no FLUSH round trip.
     let forwardLocks: Bool
 
+    /// `-o shared`: other hosts change the files, so the kernel keeps a file's cached pages
+    /// across opens only while its backing file provably did not change (`contentStamp`).
+    let shared: Bool
+    /// By node: the content stamp the kernel's cached pages of the file agree with.
+    private let cachedStamps = Mutex<[UInt64: [UInt8]]>([:])
+    /// By handle: its node and the content stamp at open.
+    private let openStamps = Mutex<[UInt64: (node: UInt64, stamp: [UInt8])]>([:])
+
     public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, xattrs: Bool = true, writebackCache: Bool = true,
-                forwardLocks: Bool = false, debug: Bool = false, maxThreads: UInt32 = 8) {
+                forwardLocks: Bool = false, shared: Bool = false, debug: Bool = false, maxThreads: UInt32 = 8) {
         self.current = Mutex(fs)
         self.writebackCache = writebackCache
         self.forwardLocks = forwardLocks
+        self.shared = shared
         self.xattrs = xattrs
         self.timeout = cacheTimeout
         self.mountpoint = mountpoint
@@ -215,6 +224,39 @@ public final class FuseServer: @unchecked Sendable {
         return r
     }
 
+    // MARK: - page cache across opens
+
+    /// Whether the kernel may keep the cached pages of node `id` opened as `handle`: always
+    /// without -o shared (only this daemon changes the files); with it, only if the backing
+    /// file's stamp is the one those pages were read under.
+    func keepCache(node id: UInt64, handle: UInt64) -> Bool {
+        guard shared else { return true }
+        guard let now = fs.contentStamp(handle: handle) else {
+            cachedStamps.withLock { _ = $0.removeValue(forKey: id) }
+            return false
+        }
+        openStamps.withLock { $0[handle] = (id, now) }
+        return cachedStamps.withLock { table in
+            let keep = table[id] == now
+            table[id] = now
+            return keep
+        }
+    }
+
+    /// At release: if the file changed while this handle was open (here or on another host),
+    /// the pages cached meanwhile may be of either version: the next open drops them.
+    func closed(handle: UInt64) {
+        guard shared, let (id, then) = openStamps.withLock({ $0.removeValue(forKey: handle) }) else { return }
+        if fs.contentStamp(handle: handle) != then {
+            cachedStamps.withLock { _ = $0.removeValue(forKey: id) }
+        }
+    }
+
+    func forgotten(node id: UInt64) {
+        guard shared else { return }
+        cachedStamps.withLock { _ = $0.removeValue(forKey: id) }
+    }
+
     // MARK: - helpers shared by the callbacks
 
     /// Requests served by this mount, by operation.
@@ -349,13 +391,18 @@ public final class FuseServer: @unchecked Sendable {
         }
         ops.forget = { req, ino, n in
             FuseServer.count(req, .forget)
-            server(req).fs.forget(UInt64(ino), count: n)
+            let s = server(req)
+            s.fs.forget(UInt64(ino), count: n)
+            s.forgotten(node: UInt64(ino))
             fuse_reply_none(req)
         }
         ops.forget_multi = { req, count, list in
             FuseServer.count(req, .forgetMulti)
             let s = server(req)
-            for i in 0..<count { s.fs.forget(UInt64(list![i].ino), count: list![i].nlookup) }
+            for i in 0..<count {
+                s.fs.forget(UInt64(list![i].ino), count: list![i].nlookup)
+                s.forgotten(node: UInt64(list![i].ino))
+            }
             fuse_reply_none(req)
         }
         ops.getattr = { req, ino, fi in
@@ -476,8 +523,9 @@ public final class FuseServer: @unchecked Sendable {
             s.run(req, { () throws(FSError) in try s.fs.open(UInt64(ino), flags: fi.pointee.flags, caller: caller(req)) }) { h in
                 s.used?(UInt64(ino))
                 fi.pointee.fh = h
-                // Only this daemon changes the files while mounted: cached pages stay valid.
-                fi.pointee.keep_cache = 1
+                // Only this daemon changes the files while mounted: cached pages stay valid
+                // (with -o shared, only while the backing file did not change).
+                fi.pointee.keep_cache = s.keepCache(node: UInt64(ino), handle: h) ? 1 : 0
                 // Writes go straight to the backing file, so close(2) has nothing to flush:
                 // spare the kernel a FLUSH round trip per close. Forwarded POSIX locks need
                 // it: a close releases the closer's locks.
@@ -494,7 +542,7 @@ public final class FuseServer: @unchecked Sendable {
             }) { (id, st, h) in
                 s.used?(id)
                 fi.pointee.fh = h
-                fi.pointee.keep_cache = 1
+                fi.pointee.keep_cache = s.keepCache(node: id, handle: h) ? 1 : 0
                 fi.pointee.noflush = s.forwardLocks ? 0 : 1
                 var e = fuse_entry_param()
                 e.ino = fuse_ino_t(id)
@@ -565,6 +613,7 @@ public final class FuseServer: @unchecked Sendable {
             let s = server(req)
             if let fi {
                 if s.forwardLocks { s.fs.releaseLocks(handle: fi.pointee.fh) }
+                s.closed(handle: fi.pointee.fh)
                 s.fs.release(fi.pointee.fh)
             }
             fuse_reply_err(req, 0)

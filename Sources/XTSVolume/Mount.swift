@@ -53,10 +53,12 @@ public struct MountRequest: Sendable {
     public var writebackCache: Bool { !options.contains(MountRequest.noWritebackKey) && !shared }
 
     public func cacheTimeout() throws(VolumeError) -> Double {
-        guard let opt = options.last(where: { $0.hasPrefix(MountRequest.cacheTimeoutKey) }) else { return MountRequest.defaultCacheTimeout }
+        guard let opt = options.last(where: { $0.hasPrefix(MountRequest.cacheTimeoutKey) }) else { return shared ? 0 : MountRequest.defaultCacheTimeout }
         guard let v = Double(opt.dropFirst(MountRequest.cacheTimeoutKey.count)), v >= 0, v <= 86400 else {
             throw .usage("-o \(opt): give a number of seconds from 0 to 86400")
         }
+        // Other hosts change names and attributes: the kernel must ask every time.
+        if shared && v > 0 { throw .usage("-o \(opt) with -o shared: names and attributes another host can change are never cached (cache_timeout=0)") }
         return v
     }
 
@@ -228,6 +230,7 @@ public enum Mounter {
             ready(.failure(.corruptHeader("cannot open the root directory: \(error)")))
             return ExitStatus.corruptHeader.rawValue
         }
+        fs.sharedStorage = req.shared
         // Signals go to one thread that unmounts (or, for SIGUSR1, logs the request
         // counts); libfuse's workers never see them.
         var set = sigset_t()
@@ -240,7 +243,7 @@ public enum Mounter {
             return error.exitStatus.rawValue
         }
         var servers = [FuseServer(fs: fs, mountpoint: req.mountpoint, options: req.fuseOptions, cacheTimeout: timeout, xattrs: req.xattrs, writebackCache: req.writebackCache,
-                                  forwardLocks: req.shared, debug: req.debug)]
+                                  forwardLocks: req.shared, shared: req.shared, debug: req.debug)]
         let areas: [Areas.Prepared]
         do { areas = try prepareAreas(req, keys: keys, log: log) } catch {
             ready(.failure(error))

@@ -290,4 +290,174 @@ final class SharedHostsTests: VolumeTestCase {
         close(fb)
         unmountBoth()
     }
+
+    // MARK: - -o shared: what one mount changes, the other sees
+
+    func readAll(_ path: String) -> [UInt8]? {
+        try? read(path)
+    }
+
+    func pwriteFile(_ path: String, _ bytes: [UInt8], at offset: Int, flags: Int32 = O_WRONLY) {
+        let fd = open(path, flags)
+        XCTAssertTrue(fd >= 0, "open \(path): \(errno)")
+        XCTAssertEqual(bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }, bytes.count)
+        close(fd)
+    }
+
+    func append(_ path: String, _ bytes: [UInt8]) {
+        let fd = open(path, O_WRONLY | O_APPEND)
+        XCTAssertTrue(fd >= 0)
+        XCTAssertEqual(bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }, bytes.count)
+        close(fd)
+    }
+
+    func exists(_ path: String) -> Bool {
+        var st = stat()
+        return lstat(path, &st) == 0
+    }
+
+    /// Every kind of change made and closed on `a` is seen with the right bytes on `b`,
+    /// which has read (cached) the old state first.
+    func checkChangesSeen(from a: String, on b: String, _ tag: String) throws {
+        let p1 = pattern(20_000, seed: 11), p2 = pattern(20_000, seed: 12)
+        // create
+        try write(a + "/f", p1)
+        XCTAssertEqual(readAll(b + "/f"), p1, "\(tag): create")
+        // write in place, same size
+        var expected = p1
+        let patch = [UInt8](repeating: 0xAA, count: 100)
+        pwriteFile(a + "/f", patch, at: 5000)
+        expected.replaceSubrange(5000..<5100, with: patch)
+        XCTAssertEqual(readAll(b + "/f"), expected, "\(tag): write in place")
+        // O_TRUNC rewrite, same size: a new file header and key
+        try write(a + "/f", p2)
+        XCTAssertEqual(readAll(b + "/f"), p2, "\(tag): O_TRUNC rewrite")
+        // append
+        append(a + "/f", [1, 2, 3])
+        XCTAssertEqual(readAll(b + "/f"), p2 + [1, 2, 3], "\(tag): append")
+        // rename
+        XCTAssertEqual(rename(a + "/f", a + "/g"), 0)
+        XCTAssertFalse(exists(b + "/f"), "\(tag): renamed away")
+        XCTAssertEqual(readAll(b + "/g"), p2 + [1, 2, 3], "\(tag): rename")
+        // rename over an existing file
+        try write(a + "/h", p1)
+        _ = readAll(b + "/h")
+        XCTAssertEqual(rename(a + "/h", a + "/g"), 0)
+        XCTAssertEqual(readAll(b + "/g"), p1, "\(tag): rename over")
+        XCTAssertFalse(exists(b + "/h"))
+        // unlink
+        XCTAssertEqual(unlink(a + "/g"), 0)
+        XCTAssertFalse(exists(b + "/g"), "\(tag): unlink")
+        // mkdir, a file in it
+        XCTAssertEqual(mkdir(a + "/d", 0o755), 0)
+        try write(a + "/d/x", [7, 7, 7])
+        XCTAssertEqual(readAll(b + "/d/x"), [7, 7, 7], "\(tag): mkdir")
+        // rmdir + mkdir of the same name: what b then creates there, a reads
+        XCTAssertEqual(unlink(a + "/d/x"), 0)
+        XCTAssertEqual(rmdir(a + "/d"), 0)
+        XCTAssertEqual(mkdir(a + "/d", 0o700), 0)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: b + "/d"), [], "\(tag): the new directory is empty")
+        try write(b + "/d/y", [9, 8, 7])
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: a + "/d"), ["y"], "\(tag): rmdir + mkdir")
+        XCTAssertEqual(readAll(a + "/d/y"), [9, 8, 7])
+        // symlink
+        XCTAssertEqual(symlink("some/target", a + "/s"), 0)
+        XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: b + "/s"), "some/target", "\(tag): symlink")
+        // chmod
+        var st = stat()
+        XCTAssertEqual(stat(b + "/d/y", &st), 0)
+        XCTAssertEqual(chmod(a + "/d/y", 0o640), 0)
+        XCTAssertEqual(stat(b + "/d/y", &st), 0)
+        XCTAssertEqual(st.st_mode & 0o7777, 0o640, "\(tag): chmod")
+        // directory rename
+        XCTAssertEqual(rename(a + "/d", a + "/e"), 0)
+        XCTAssertFalse(exists(b + "/d"), "\(tag): directory renamed away")
+        XCTAssertEqual(readAll(b + "/e/y"), [9, 8, 7], "\(tag): directory rename")
+        // clean up for the other direction
+        XCTAssertEqual(unlink(b + "/e/y"), 0)
+        XCTAssertEqual(rmdir(b + "/e"), 0)
+        XCTAssertEqual(unlink(b + "/s"), 0)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: a), [], "\(tag): everything removed from the other side")
+    }
+
+    func testEveryChangeOnOneMountIsSeenOnTheOther() throws {
+        initVolume()
+        mountTwice()
+        try checkChangesSeen(from: mnt, on: mnt2, "A to B")
+        try checkChangesSeen(from: mnt2, on: mnt, "B to A")
+        unmountBoth()
+        XCTAssertEqual(Harness.run(["fsck", cipher, "--passfile", passfile]).status, 0, "fsck finds nothing wrong")
+    }
+
+    /// 300 creates from each mount at once in one directory: all 600 appear on both, each
+    /// with its bytes.
+    func testConcurrentCreatesFromBothMounts() throws {
+        initVolume()
+        mountTwice()
+        XCTAssertEqual(mkdir(mnt + "/dir", 0o755), 0)
+        let failures = Mutex<[String]>([])
+        let roots = [mnt + "/dir/", mnt2 + "/dir/"]
+        DispatchQueue.concurrentPerform(iterations: 2) { side in
+            let root = roots[side]
+            for i in 0..<300 {
+                let name = (side == 0 ? "a" : "b") + "\(i)"
+                let fd = open(root + name, O_WRONLY | O_CREAT | O_EXCL, 0o644)
+                guard fd >= 0 else { failures.withLock { $0.append("\(name): \(errno)") }; continue }
+                let bytes = Array("\(name) content".utf8)
+                if bytes.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, $0.count) }) != bytes.count { failures.withLock { $0.append("\(name): write") } }
+                close(fd)
+            }
+        }
+        XCTAssertEqual(failures.withLock { $0 }, [])
+        let expected = Set((0..<300).flatMap { ["a\($0)", "b\($0)"] })
+        for m in [mnt, mnt2] {
+            XCTAssertEqual(Set(try FileManager.default.contentsOfDirectory(atPath: m + "/dir")), expected, "\(m) lists all 600")
+            for name in expected where readAll(m + "/dir/" + name) != Array("\(name) content".utf8) {
+                XCTFail("\(m)/dir/\(name) has the wrong bytes")
+            }
+        }
+        unmountBoth()
+        let fsck = Harness.run(["fsck", cipher, "--passfile", passfile])
+        XCTAssertEqual(fsck.status, 0, fsck.stdout)
+    }
+
+    /// A file open (and cached) on B, rewritten by A with a new key: B's open descriptor
+    /// reads the new bytes, never plaintext decrypted with the old key, and a new open
+    /// does not serve the old pages.
+    func testFileRewrittenWhileOpenOnTheOtherMount() throws {
+        initVolume()
+        mountTwice()
+        let old = pattern(50_000, seed: 21), new = pattern(50_000, seed: 22), shorter = pattern(7_000, seed: 23)
+        try write(mnt + "/f", old)
+        let fb = open(mnt2 + "/f", O_RDONLY)
+        XCTAssertTrue(fb >= 0)
+        func preadAll(_ fd: Int32) -> [UInt8] {
+            var buf = [UInt8](repeating: 0, count: 100_000)
+            let n = buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+            return n < 0 ? [] : Array(buf[0..<n])
+        }
+        XCTAssertEqual(preadAll(fb), old)
+        try write(mnt + "/f", new)   // O_TRUNC and new contents: a new header, a new key
+        XCTAssertEqual(preadAll(fb), new, "the open descriptor reads the new file with its new key")
+        XCTAssertEqual(readAll(mnt2 + "/f"), new, "a new open reads the new bytes")
+        try write(mnt + "/f", shorter)
+        XCTAssertEqual(preadAll(fb), shorter)
+        XCTAssertEqual(readAll(mnt2 + "/f"), shorter)
+        // And the other way round while A has it open.
+        let fa = open(mnt + "/f", O_RDONLY)
+        XCTAssertEqual(preadAll(fa), shorter)
+        try write(mnt2 + "/f", old)
+        XCTAssertEqual(preadAll(fa), old)
+        close(fa)
+        close(fb)
+        unmountBoth()
+    }
+
+    func testSharedRefusesANameAndAttributeCache() throws {
+        initVolume()
+        let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile, "-o", "shared,cache_timeout=5"])
+        XCTAssertEqual(r.status, 2, r.stderr)
+        XCTAssertTrue(r.stderr.contains("cache_timeout=0"), r.stderr)
+        XCTAssertFalse(Harness.isMounted(mnt))
+    }
 }

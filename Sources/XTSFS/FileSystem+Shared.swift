@@ -1,0 +1,59 @@
+import XTSContent
+import XTSFormat
+import XTSSystem
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `-o shared` (README, "Several hosts"): CIPHERDIR is changed by other hosts too, so
+/// nothing they can change is trusted from a cache without revalidation.
+///
+/// - A file's keys: before each read and write, the key-bearing bytes of its header on disk
+///   are compared with those its keys were loaded from (`FileState.headerStamp`); another
+///   host's rewrite (a new header, a new key) makes the keys load again, so nothing is
+///   ever decrypted or encrypted with a stale key. One pread of 32 bytes per request.
+/// - Directories: a cached directory handle whose directory is gone (removed by another
+///   host: no links left, or no longer reachable) is dropped and the directory found again
+///   by name, checked against its identity; its directory ID is read again from its
+///   `xtsfs.dir` at each use, so a directory removed and made again under the same name
+///   (even on the same inode number) is never addressed with the old ID.
+extension FileSystem {
+    /// The bytes of the file header that decide the key: the whole plain header (32), or
+    /// version, flags, key generation and nonce of an integrity header (24; its length
+    /// field changes with every write). Empty for an empty file.
+    func headerStamp(_ fd: Int32) -> [UInt8] {
+        let n = integrity ? 24 : FileHeader.length
+        var buf = [UInt8](repeating: 0, count: n)
+        let got = buf.withUnsafeMutableBytes { (try? Sys.pread(fd, $0.baseAddress!, n, 0)) ?? -1 }
+        // Unreadable (a write-only descriptor): a stamp that never matches, so keys load as usual.
+        return got < 0 ? [0xff] : Array(buf[0..<got])
+    }
+
+    /// Under the file's write lock: forgets keys loaded from another header than the one on
+    /// disk now.
+    func dropStaleKeys(_ fd: Int32, _ state: FileState) {
+        guard state.loaded, state.headerStamp != headerStamp(fd) else { return }
+        state.loaded = false
+        state.crypto = nil
+    }
+
+    /// A cached directory descriptor whose directory was removed behind our back.
+    func cachedDirectoryIsGone(_ h: DirHandle) -> Bool {
+        guard let st = try? Sys.fstat(h.fd) else { return true }
+        return st.st_nlink == 0
+    }
+
+    /// What must not have changed for the kernel to keep a file's cached pages: its inode,
+    /// size, modification and change times (to the nanosecond, where the backing filesystem
+    /// keeps them) and the key-bearing bytes of its header. nil if it cannot be read.
+    public func contentStamp(handle: UInt64) -> [UInt8]? {
+        guard let f = try? openFile(handle), let st = try? Sys.fstat(f.fd) else { return nil }
+        var out: [UInt8] = []
+        for v in [UInt64(st.st_dev), UInt64(st.st_ino), UInt64(bitPattern: Int64(st.st_size)),
+                  UInt64(bitPattern: Int64(st.st_mtim.tv_sec)), UInt64(st.st_mtim.tv_nsec),
+                  UInt64(bitPattern: Int64(st.st_ctim.tv_sec)), UInt64(st.st_ctim.tv_nsec)] {
+            withUnsafeBytes(of: v.littleEndian) { out += $0 }
+        }
+        return out + headerStamp(f.fd)
+    }
+}
