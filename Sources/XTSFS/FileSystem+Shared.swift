@@ -57,3 +57,29 @@ extension FileSystem {
         return out + headerStamp(f.fd)
     }
 }
+
+extension FileSystem {
+    /// `open(O_CREAT)` without O_EXCL whose create lost a race with another host creating
+    /// the same name: opens the file that won, as a local create would have, after the
+    /// permission check the kernel would have made on it (mode bits against the caller;
+    /// root may read and write anything). The caller's reply counts as a lookup.
+    public func openExisting(parent: UInt64, name: [UInt8], flags: Int32, caller: Caller) throws(FSError) -> (UInt64, stat, UInt64) {
+        let (id, st) = try lookup(parent: parent, name: name)
+        do throws(FSError) {
+            guard st.st_mode & S_IFMT != S_IFDIR else { throw FSError.isDirectory }
+            guard st.st_mode & S_IFMT == S_IFREG else { throw FSError.exists }
+            let acc = flags & O_ACCMODE
+            let want: mode_t = (acc == O_RDONLY ? 4 : acc == O_WRONLY ? 2 : 6) | (flags & O_TRUNC != 0 ? 2 : 0)
+            if caller.uid != 0 {
+                let bits: mode_t
+                if caller.uid == st.st_uid { bits = (st.st_mode >> 6) & 7 } else if caller.gid == st.st_gid || caller.isMember(of: st.st_gid) { bits = (st.st_mode >> 3) & 7 } else { bits = st.st_mode & 7 }
+                guard bits & want == want else { throw FSError.system(SystemError(EACCES, "open")) }
+            }
+            let h = try open(id, flags: flags & ~(O_CREAT | O_EXCL))
+            return (id, st, h)
+        } catch {
+            forget(id, count: 1)
+            throw error
+        }
+    }
+}

@@ -537,8 +537,13 @@ public final class FuseServer: @unchecked Sendable {
             FuseServer.count(req, .create)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EINVAL); return }
-            s.run(req, { () throws(FSError) in
-                try s.fs.create(parent: UInt64(parent), name: FuseServer.name(name), mode: mode, flags: fi.pointee.flags, caller: caller(req))
+            let flags = fi.pointee.flags
+            s.run(req, { () throws(FSError) -> (UInt64, stat, UInt64) in
+                do throws(FSError) { return try s.fs.create(parent: UInt64(parent), name: FuseServer.name(name), mode: mode, flags: flags, caller: caller(req)) } catch {
+                    // Another host created the name since the kernel's lookup (-o shared): open it.
+                    guard s.shared, case .exists = error, flags & O_EXCL == 0 else { throw error }
+                    return try s.fs.openExisting(parent: UInt64(parent), name: FuseServer.name(name), flags: flags, caller: caller(req))
+                }
             }) { (id, st, h) in
                 s.used?(id)
                 fi.pointee.fh = h

@@ -453,6 +453,31 @@ final class SharedHostsTests: VolumeTestCase {
         unmountBoth()
     }
 
+    /// Both mounts open(O_CREAT) without O_EXCL the same 300 names at once: every open
+    /// succeeds (one creates, the other opens what won), and each file holds one whole write.
+    func testCreatesOfTheSameNamesRacingOnBothMounts() throws {
+        initVolume()
+        mountTwice()
+        XCTAssertEqual(mkdir(mnt + "/dir", 0o755), 0)
+        let failures = Mutex<[String]>([])
+        let roots = [mnt + "/dir/", mnt2 + "/dir/"]
+        DispatchQueue.concurrentPerform(iterations: 2) { side in
+            for i in 0..<300 {
+                let fd = open(roots[side] + "f\(i)", O_WRONLY | O_CREAT, 0o644)
+                guard fd >= 0 else { failures.withLock { $0.append("side \(side) f\(i): errno \(errno)") }; continue }
+                let bytes = Array("side \(side)".utf8)
+                _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+                close(fd)
+            }
+        }
+        XCTAssertEqual(failures.withLock { $0 }, [])
+        for i in 0..<300 {
+            let got = readAll(mnt2 + "/dir/f\(i)")
+            XCTAssertTrue(got == Array("side 0".utf8) || got == Array("side 1".utf8), "f\(i): \(String(describing: got))")
+        }
+        unmountBoth()
+    }
+
     func testSharedRefusesANameAndAttributeCache() throws {
         initVolume()
         let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile, "-o", "shared,cache_timeout=5"])
