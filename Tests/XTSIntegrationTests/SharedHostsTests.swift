@@ -17,21 +17,36 @@ final class SharedHostsTests: VolumeTestCase {
     /// The second mount of the same CIPHERDIR: another "host".
     var mnt2: String { scratch + "/mnt2" }
 
+    /// CIPHERDIR as mount B reaches it: the same directory, or (scripts/gluster-test) the
+    /// same directory through another client of a distributed filesystem.
+    var cipher2 = ""
+
     override func setUpWithError() throws {
         try super.setUpWithError()
         try FileManager.default.createDirectory(atPath: mnt2, withIntermediateDirectories: true)
+        cipher2 = cipher
+        // XTSFS_SHARED_BACKING=DIR1:DIR2: two clients' views of one shared filesystem.
+        if let shared = ProcessInfo.processInfo.environment["XTSFS_SHARED_BACKING"] {
+            let parts = shared.split(separator: ":").map(String.init)
+            guard parts.count == 2 else { throw XCTSkip("XTSFS_SHARED_BACKING must be DIR1:DIR2") }
+            let name = "vol-" + URL(fileURLWithPath: scratch).lastPathComponent
+            cipher = parts[0] + "/" + name
+            cipher2 = parts[1] + "/" + name
+        }
     }
 
     override func tearDown() {
         Harness.forceUnmount(mnt2)
         XCTAssertFalse(Harness.isMounted(mnt2), "mount left behind on \(mnt2)")
+        Harness.forceUnmount(mnt)
+        if cipher != scratch + "/cipher" { try? FileManager.default.removeItem(atPath: cipher) }
         super.tearDown()
     }
 
     /// Mounts CIPHERDIR on `mnt` and on `mnt2`, each its own daemon.
     func mountTwice(_ options: [String] = ["-o", "shared"], file: StaticString = #filePath, line: UInt = #line) {
         mount(options, file: file, line: line)
-        let r = Harness.run(["mount", cipher, mnt2, "--passfile", passfile] + options)
+        let r = Harness.run(["mount", cipher2, mnt2, "--passfile", passfile] + options)
         XCTAssertEqual(r.status, 0, "second mount failed: \(r.stderr)", file: file, line: line)
         XCTAssertTrue(Harness.isMounted(mnt2), file: file, line: line)
     }
