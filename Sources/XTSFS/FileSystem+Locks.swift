@@ -99,7 +99,17 @@ extension FileSystem {
     public func releaseLocks(handle: UInt64, owner: UInt64) {
         guard let f = try? openFile(handle) else { return }
         let key = LockOwner(identity: f.identity, owner: owner)
-        if let h = lockFDs.withLock({ $0.removeValue(forKey: key) }) { Sys.close(h.fd) }
+        if let h = lockFDs.withLock({ $0.removeValue(forKey: key) }) { unlockAndClose(h.fd) }
+    }
+
+    /// Some backing filesystems (GlusterFS) keep an open-file-description lock past the
+    /// close of its descriptor: unlock it all first.
+    func unlockAndClose(_ fd: Int32) {
+        var l = flock()
+        l.l_type = Int16(F_UNLCK)
+        l.l_whence = Int16(SEEK_SET)
+        _ = fcntl(fd, XTS_F_OFD_SETLK, &l)
+        Sys.close(fd)
     }
 
     /// RELEASE of `handle` (its last descriptor closed): the POSIX locks of every owner that
@@ -109,7 +119,7 @@ extension FileSystem {
             let keys = table.filter { $0.value.handles.contains(handle) }.map(\.key)
             return keys.compactMap { table.removeValue(forKey: $0)?.fd }
         }
-        for fd in gone { Sys.close(fd) }
+        for fd in gone { unlockAndClose(fd) }
     }
 
     /// flock(2) on the handle's backing descriptor (one attempt; `operation` without

@@ -8,6 +8,8 @@ import Glibc
 /// `-o shared` (README, "Several hosts"): CIPHERDIR is changed by other hosts too, so
 /// nothing they can change is trusted from a cache without revalidation.
 ///
+/// - The backing file's own page cache is dropped before each read (`dropBackingCache`):
+///   on a network filesystem it may hold another host's replaced ciphertext.
 /// - A file's keys: before each read and write, the key-bearing bytes of its header on disk
 ///   are compared with those its keys were loaded from (`FileState.headerStamp`); another
 ///   host's rewrite (a new header, a new key) makes the keys load again, so nothing is
@@ -23,10 +25,20 @@ extension FileSystem {
     /// field changes with every write). Empty for an empty file.
     func headerStamp(_ fd: Int32) -> [UInt8] {
         let n = integrity ? 24 : FileHeader.length
+        dropBackingCache(fd)
         var buf = [UInt8](repeating: 0, count: n)
         let got = buf.withUnsafeMutableBytes { (try? Sys.pread(fd, $0.baseAddress!, n, 0)) ?? -1 }
         // Unreadable (a write-only descriptor): a stamp that never matches, so keys load as usual.
         return got < 0 ? [0xff] : Array(buf[0..<got])
+    }
+
+    /// Drops what the kernel caches of the backing file itself (clean pages only), so that
+    /// the next read of it asks the backing filesystem: on a network filesystem those
+    /// pages may hold ciphertext another host has since replaced, which read with the
+    /// file's current key would be garbage. Costs the backing filesystem's own caching
+    /// of the file (xtsfs's page cache above it stays, as `keepCache` allows).
+    func dropBackingCache(_ fd: Int32) {
+        _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
     }
 
     /// Under the file's write lock: forgets keys loaded from another header than the one on

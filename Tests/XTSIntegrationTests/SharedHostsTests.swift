@@ -239,30 +239,36 @@ final class SharedHostsTests: VolumeTestCase {
         XCTAssertEqual(ofdLock(fb, F_UNLCK, 0, 100), 0)
         let released = Atomic<Bool>(false)
         // flock: exclusive on A, refused on B; a blocked waiter on B gets it once A closes.
-        XCTAssertEqual(xts_flock(fa, XTS_LOCK_EX | XTS_LOCK_NB), 0)
-        XCTAssertEqual(xts_flock(fb, XTS_LOCK_EX | XTS_LOCK_NB), -1)
+        // (On another file: on GlusterFS, as on NFS, flock and fcntl locks conflict.)
+        try write(mnt + "/g", [1])
+        let ga = open(mnt + "/g", O_RDWR), gb = open(mnt2 + "/g", O_RDWR)
+        XCTAssertEqual(xts_flock(ga, XTS_LOCK_EX | XTS_LOCK_NB), 0)
+        XCTAssertEqual(xts_flock(gb, XTS_LOCK_EX | XTS_LOCK_NB), -1)
         XCTAssertEqual(errno, EWOULDBLOCK)
-        XCTAssertEqual(xts_flock(fb, XTS_LOCK_SH | XTS_LOCK_NB), -1, "shared is refused against exclusive")
+        XCTAssertEqual(xts_flock(gb, XTS_LOCK_SH | XTS_LOCK_NB), -1, "shared is refused against exclusive")
         let acquiredAfterRelease = Mutex<Bool?>(nil)
-        let waiter = Thread { [fb] in
-            let r = xts_flock(fb, XTS_LOCK_EX)
+        let waiter = Thread { [gb] in
+            let r = xts_flock(gb, XTS_LOCK_EX)
             acquiredAfterRelease.withLock { $0 = r == 0 && released.load(ordering: .sequentiallyConsistent) }
         }
         waiter.start()
         usleep(200_000)
         XCTAssertNil(acquiredAfterRelease.withLock { $0 }, "the waiter must still wait while A holds the lock")
         released.store(true, ordering: .sequentiallyConsistent)
-        close(fa)  // releases A's flock and its fcntl range
+        close(ga)  // releases A's flock
+        close(fa)  // and its fcntl range
         let deadline = Date().addingTimeInterval(30)
         while acquiredAfterRelease.withLock({ $0 }) == nil && Date() < deadline { usleep(10_000) }
         XCTAssertEqual(acquiredAfterRelease.withLock { $0 }, true, "B's waiter got the lock once A let it go")
         XCTAssertEqual(ofdLock(fb, F_WRLCK, 0, 10), 0, "A's fcntl range went with its descriptor")
         // Through A again, now B holds both.
-        let fa2 = open(mnt + "/f", O_RDWR)
-        XCTAssertEqual(xts_flock(fa2, XTS_LOCK_EX | XTS_LOCK_NB), -1)
+        let fa2 = open(mnt + "/f", O_RDWR), ga2 = open(mnt + "/g", O_RDWR)
+        XCTAssertEqual(xts_flock(ga2, XTS_LOCK_EX | XTS_LOCK_NB), -1)
         XCTAssertEqual(ofdLock(fa2, F_RDLCK, 0, 1), EAGAIN)
         close(fa2)
-        XCTAssertEqual(xts_flock(fb, XTS_LOCK_UN), 0)
+        close(ga2)
+        XCTAssertEqual(xts_flock(gb, XTS_LOCK_UN), 0)
+        close(gb)
         close(fb)
         unmountBoth()
     }
@@ -312,6 +318,14 @@ final class SharedHostsTests: VolumeTestCase {
         try? read(path)
     }
 
+    /// Compares bytes without printing megabytes of them: the sizes and the first difference.
+    func assertBytes(_ got: [UInt8]?, _ expected: [UInt8], _ message: String = "bytes", file: StaticString = #filePath, line: UInt = #line) {
+        guard let got else { return XCTFail("\(message): unreadable", file: file, line: line) }
+        guard got != expected else { return }
+        let first = zip(got, expected).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? min(got.count, expected.count)
+        XCTFail("\(message): \(got.count) bytes, expected \(expected.count); first difference at \(first)", file: file, line: line)
+    }
+
     func pwriteFile(_ path: String, _ bytes: [UInt8], at offset: Int, flags: Int32 = O_WRONLY) {
         let fd = open(path, flags)
         XCTAssertTrue(fd >= 0, "open \(path): \(errno)")
@@ -337,28 +351,28 @@ final class SharedHostsTests: VolumeTestCase {
         let p1 = pattern(20_000, seed: 11), p2 = pattern(20_000, seed: 12)
         // create
         try write(a + "/f", p1)
-        XCTAssertEqual(readAll(b + "/f"), p1, "\(tag): create")
+        assertBytes(readAll(b + "/f"), p1, "\(tag): create")
         // write in place, same size
         var expected = p1
         let patch = [UInt8](repeating: 0xAA, count: 100)
         pwriteFile(a + "/f", patch, at: 5000)
         expected.replaceSubrange(5000..<5100, with: patch)
-        XCTAssertEqual(readAll(b + "/f"), expected, "\(tag): write in place")
+        assertBytes(readAll(b + "/f"), expected, "\(tag): write in place")
         // O_TRUNC rewrite, same size: a new file header and key
         try write(a + "/f", p2)
-        XCTAssertEqual(readAll(b + "/f"), p2, "\(tag): O_TRUNC rewrite")
+        assertBytes(readAll(b + "/f"), p2, "\(tag): O_TRUNC rewrite")
         // append
         append(a + "/f", [1, 2, 3])
-        XCTAssertEqual(readAll(b + "/f"), p2 + [1, 2, 3], "\(tag): append")
+        assertBytes(readAll(b + "/f"), p2 + [1, 2, 3], "\(tag): append")
         // rename
         XCTAssertEqual(rename(a + "/f", a + "/g"), 0)
         XCTAssertFalse(exists(b + "/f"), "\(tag): renamed away")
-        XCTAssertEqual(readAll(b + "/g"), p2 + [1, 2, 3], "\(tag): rename")
+        assertBytes(readAll(b + "/g"), p2 + [1, 2, 3], "\(tag): rename")
         // rename over an existing file
         try write(a + "/h", p1)
         _ = readAll(b + "/h")
         XCTAssertEqual(rename(a + "/h", a + "/g"), 0)
-        XCTAssertEqual(readAll(b + "/g"), p1, "\(tag): rename over")
+        assertBytes(readAll(b + "/g"), p1, "\(tag): rename over")
         XCTAssertFalse(exists(b + "/h"))
         // unlink
         XCTAssertEqual(unlink(a + "/g"), 0)
@@ -366,7 +380,7 @@ final class SharedHostsTests: VolumeTestCase {
         // mkdir, a file in it
         XCTAssertEqual(mkdir(a + "/d", 0o755), 0)
         try write(a + "/d/x", [7, 7, 7])
-        XCTAssertEqual(readAll(b + "/d/x"), [7, 7, 7], "\(tag): mkdir")
+        assertBytes(readAll(b + "/d/x"), [7, 7, 7], "\(tag): mkdir")
         // rmdir + mkdir of the same name: what b then creates there, a reads
         XCTAssertEqual(unlink(a + "/d/x"), 0)
         XCTAssertEqual(rmdir(a + "/d"), 0)
@@ -374,7 +388,7 @@ final class SharedHostsTests: VolumeTestCase {
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: b + "/d"), [], "\(tag): the new directory is empty")
         try write(b + "/d/y", [9, 8, 7])
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: a + "/d"), ["y"], "\(tag): rmdir + mkdir")
-        XCTAssertEqual(readAll(a + "/d/y"), [9, 8, 7])
+        assertBytes(readAll(a + "/d/y"), [9, 8, 7])
         // symlink
         XCTAssertEqual(symlink("some/target", a + "/s"), 0)
         XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: b + "/s"), "some/target", "\(tag): symlink")
@@ -387,7 +401,7 @@ final class SharedHostsTests: VolumeTestCase {
         // directory rename
         XCTAssertEqual(rename(a + "/d", a + "/e"), 0)
         XCTAssertFalse(exists(b + "/d"), "\(tag): directory renamed away")
-        XCTAssertEqual(readAll(b + "/e/y"), [9, 8, 7], "\(tag): directory rename")
+        assertBytes(readAll(b + "/e/y"), [9, 8, 7], "\(tag): directory rename")
         // clean up for the other direction
         XCTAssertEqual(unlink(b + "/e/y"), 0)
         XCTAssertEqual(rmdir(b + "/e"), 0)
@@ -451,18 +465,19 @@ final class SharedHostsTests: VolumeTestCase {
             let n = buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
             return n < 0 ? [] : Array(buf[0..<n])
         }
-        XCTAssertEqual(preadAll(fb), old)
+        assertBytes(preadAll(fb), old, "B reads the file")
         try write(mnt + "/f", new)   // O_TRUNC and new contents: a new header, a new key
-        XCTAssertEqual(preadAll(fb), new, "the open descriptor reads the new file with its new key")
-        XCTAssertEqual(readAll(mnt2 + "/f"), new, "a new open reads the new bytes")
+        let seen = preadAll(fb)
+        assertBytes(seen, new, "the open descriptor reads the new file with its new key" + (seen == old ? " (it read the old file: stale, not garbage)" : ""))
+        assertBytes(readAll(mnt2 + "/f"), new, "a new open reads the new bytes")
         try write(mnt + "/f", shorter)
-        XCTAssertEqual(preadAll(fb), shorter)
-        XCTAssertEqual(readAll(mnt2 + "/f"), shorter)
+        assertBytes(preadAll(fb), shorter, "shorter, through the open descriptor")
+        assertBytes(readAll(mnt2 + "/f"), shorter, "shorter, a new open")
         // And the other way round while A has it open.
         let fa = open(mnt + "/f", O_RDONLY)
-        XCTAssertEqual(preadAll(fa), shorter)
+        assertBytes(preadAll(fa), shorter, "A reads its own file")
         try write(mnt2 + "/f", old)
-        XCTAssertEqual(preadAll(fa), old)
+        assertBytes(preadAll(fa), old, "A open across B's rewrite")
         close(fa)
         close(fb)
         unmountBoth()
