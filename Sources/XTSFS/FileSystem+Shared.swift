@@ -87,7 +87,7 @@ extension FileSystem {
                 if caller.uid == st.st_uid { bits = (st.st_mode >> 6) & 7 } else if caller.gid == st.st_gid || caller.isMember(of: st.st_gid) { bits = (st.st_mode >> 3) & 7 } else { bits = st.st_mode & 7 }
                 guard bits & want == want else { throw FSError.system(SystemError(EACCES, "open")) }
             }
-            let h = try open(id, flags: flags & ~(O_CREAT | O_EXCL))
+            let h = try open(id, flags: flags & ~(O_CREAT | O_EXCL), caller: caller)
             return (id, st, h)
         } catch {
             forget(id, count: 1)
