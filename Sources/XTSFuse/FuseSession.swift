@@ -60,6 +60,10 @@ public final class FuseServer: @unchecked Sendable {
     /// `-o shared`: other hosts change the files, so the kernel keeps a file's cached pages
     /// across opens only while its backing file provably did not change (`contentStamp`).
     let shared: Bool
+    /// Lock requests waiting on threads of their own (`lockRequest`), and whether the
+    /// session is ending (they then answer EINTR at once).
+    let lockWaiters = Atomic<Int>(0)
+    let ending = Atomic<Bool>(false)
     /// By node: the content stamp the kernel's cached pages of the file agree with.
     private let cachedStamps = Mutex<[UInt64: [UInt8]]>([:])
     /// By handle: its node and the content stamp at open.
@@ -217,6 +221,9 @@ public final class FuseServer: @unchecked Sendable {
         killsPrivileges = granted & Int64(FuseServer.handleKillprivV2) != 0
         configure(fs)
         let r = xtsfs_session_loop_mt(se, maxThreads)
+        // Lock waiters answer (EINTR) and go before the session they answer through does.
+        ending.store(true, ordering: .sequentiallyConsistent)
+        while lockWaiters.load(ordering: .sequentiallyConsistent) > 0 { usleep(1000) }
         notifySession.withLock { $0 = 0 }
         fuse_session_unmount(se)
         fuse_session_destroy(se)
@@ -339,7 +346,8 @@ public final class FuseServer: @unchecked Sendable {
         }
         if let r = once() { fuse_reply_err(req, r); return }
         guard wait else { fuse_reply_err(req, EAGAIN); return }
-        let waiter = LockWaiter(req: Int(bitPattern: UnsafeRawPointer(req)), attempt: once)
+        let waiter = LockWaiter(req: Int(bitPattern: UnsafeRawPointer(req)), server: self, attempt: once)
+        lockWaiters.add(1, ordering: .sequentiallyConsistent)
         let box = Unmanaged.passRetained(waiter).toOpaque()
         var thread = pthread_t()
         if pthread_create(&thread, nil, { arg in
@@ -350,6 +358,7 @@ public final class FuseServer: @unchecked Sendable {
             pthread_detach(thread)
         } else {
             Unmanaged<LockWaiter>.fromOpaque(box).release()
+            lockWaiters.subtract(1, ordering: .sequentiallyConsistent)
             fuse_reply_err(req, ENOLCK)
         }
     }
@@ -725,16 +734,19 @@ public final class FuseServer: @unchecked Sendable {
 
 /// One waiting lock request: retried with growing pauses (1 ms to 50 ms) until the lock
 /// is acquired, fails, or the kernel interrupts the request (the caller got a signal).
+/// Counted in its server's `lockWaiters` until it has answered.
 final class LockWaiter: @unchecked Sendable {
     let req: Int
+    let server: FuseServer
     let attempt: () -> Int32?
-    init(req: Int, attempt: @escaping () -> Int32?) { self.req = req; self.attempt = attempt }
+    init(req: Int, server: FuseServer, attempt: @escaping () -> Int32?) { self.req = req; self.server = server; self.attempt = attempt }
 
     func run() {
+        defer { server.lockWaiters.subtract(1, ordering: .sequentiallyConsistent) }
         let r = fuse_req_t(bitPattern: req)
         var pause: UInt32 = 1000
         while true {
-            if fuse_req_interrupted(r) != 0 { fuse_reply_err(r, EINTR); return }
+            if fuse_req_interrupted(r) != 0 || server.ending.load(ordering: .sequentiallyConsistent) { fuse_reply_err(r, EINTR); return }
             usleep(pause)
             pause = min(pause * 2, 50_000)
             if let e = attempt() { fuse_reply_err(r, e); return }
