@@ -26,6 +26,14 @@ extern ssize_t getxattr(const char *path, const char *name, void *value, size_t 
 extern int setxattr(const char *path, const char *name, const void *value, size_t size, int flags);
 extern ssize_t listxattr(const char *path, char *list, size_t size);
 extern int removexattr(const char *path, const char *name);
+// flock(2): Swift sees only `struct flock` under that name.
+extern int flock(int fd, int operation);
+static inline int xts_flock(int fd, int operation) { return flock(fd, operation); }
+static const int XTS_LOCK_SH = 1, XTS_LOCK_EX = 2, XTS_LOCK_NB = 4, XTS_LOCK_UN = 8;
+// Open file description locks (fcntl.h hides them without _GNU_SOURCE).
+static const int XTS_F_OFD_GETLK = 36, XTS_F_OFD_SETLK = 37, XTS_F_OFD_SETLKW = 38;
+// <sys/random.h> (the temporaries' random suffixes).
+extern ssize_t getrandom(void *buf, size_t buflen, unsigned int flags);
 
 #ifndef AT_EMPTY_PATH
 #define AT_EMPTY_PATH 0x1000

@@ -1,3 +1,4 @@
+import XTSSystem
 import XTSCrypto
 import XTSFormat
 
@@ -20,6 +21,9 @@ public enum BackingEntry: Equatable, Sendable {
     /// `xtsfs.audit`: the audit log of key operations, one JSON-lines file per host
     /// (meaningful in the root directory only).
     case auditLog
+    /// `xtsfs.hosts`: one presence record per mount, from every host that has the volume
+    /// mounted (meaningful in the root directory only).
+    case presence
     /// `xtsfs.temp`: the temp area's ciphertext, under its own per-mount key (meaningful
     /// in the root directory only; a mount with `--tmp` empties it).
     case tempArea
@@ -28,7 +32,8 @@ public enum BackingEntry: Equatable, Sendable {
     case cacheArea
     /// `xtsfs.cache.key`: the cache area's key, wrapped under a key derived from the DEK.
     case cacheKey
-    /// `NAME.tmp` of one of our files: left by an interrupted atomic replacement.
+    /// `NAME.tmp.RANDOM` (16 hex digits; `NAME.tmp` from older versions) of one of our
+    /// files: left by an interrupted atomic replacement, or one in progress on another host.
     case temporary(of: String)
     /// `xtsfs.rekey.<H>`: the re-encrypted copy of the entry whose backing name hashes to
     /// `<H>`, made by a DEK rekey and copied over that entry in place (FORMAT.md section 13).
@@ -40,6 +45,8 @@ public enum BackingEntry: Equatable, Sendable {
     static let temporarySuffix = ".tmp"
     /// The audit log directory (XTSVolume's `AuditLog` writes it).
     public static let auditLogName = "xtsfs.audit"
+    /// The presence records (XTSVolume's `Presence` writes them).
+    public static let presenceName = "xtsfs.hosts"
     /// The temp and cache areas (XTSVolume's `Areas` writes them).
     public static let tempAreaName = "xtsfs.temp"
     public static let cacheAreaName = "xtsfs.cache"
@@ -53,12 +60,12 @@ public enum BackingEntry: Equatable, Sendable {
             if name == DirHeader.fileName { return .directoryHeader }
             if name == NameCodec.linkStore { return .linkStore }
             if name == auditLogName { return .auditLog }
+            if name == presenceName { return .presence }
             if name == tempAreaName { return .tempArea }
             if name == cacheAreaName || name == purgedCacheAreaName { return .cacheArea }
             if name == cacheKeyName { return .cacheKey }
             if let copy = HeaderStore.fileNames.firstIndex(of: name) { return .volumeHeader(copy: copy) }
-            if name.hasSuffix(temporarySuffix) {
-                let base = String(name.dropLast(temporarySuffix.count))
+            if let base = temporaryBase(name) {
                 return classify(base) == .foreign ? .foreign : .temporary(of: base)
             }
             if name.hasPrefix(rekeyCopyPrefix) {
@@ -76,6 +83,19 @@ public enum BackingEntry: Equatable, Sendable {
             return .foreign
         }
         return isEncodedName(name) ? .encryptedName(name) : .foreign
+    }
+
+    /// The name a temporary replaces: `NAME` of `NAME.tmp.` + 16 lowercase hex digits (what
+    /// `Sys.temporaryName` makes), or of `NAME.tmp` (older versions); nil for anything else.
+    public static func temporaryBase(_ name: String) -> String? {
+        if name.hasSuffix(temporarySuffix) { return String(name.dropLast(temporarySuffix.count)) }
+        let u = Array(name.utf8)
+        let digits = Sys.temporaryRandomDigits, infix = Array(Sys.temporaryInfix.utf8)
+        guard u.count > digits + infix.count else { return nil }
+        let cut = u.count - digits - infix.count
+        guard Array(u[cut..<(cut + infix.count)]) == infix,
+              u[(cut + infix.count)...].allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }) else { return nil }
+        return String(decoding: u[..<cut], as: UTF8.self)
     }
 
     /// The base64url SHA-256 of a long name: 43 characters.

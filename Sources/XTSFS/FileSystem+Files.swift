@@ -17,6 +17,9 @@ final class FileState: @unchecked Sendable {
     /// The file's mode as last seen, to spare an fstat per write when it has no setgid bit;
     /// nil when unknown (first write, or after a chmod through this mount). Under `lock`.
     var modeHint: mode_t?
+    /// `-o shared`: the key-bearing bytes of the file header `crypto` was loaded from (empty
+    /// for an empty file); a different header on disk means another host rewrote the file.
+    var headerStamp: [UInt8]?
 }
 
 /// An open backing file.
@@ -42,10 +45,12 @@ extension FileSystem {
     func withExclusive<R>(_ fd: Int32, _ state: FileState, loadKeys: Bool = true, _ body: (ContentFile<FDBackingFile>, FileState) throws(FSError) -> R) throws(FSError) -> R {
         let c = content(fd)
         return try state.lock.withWriteLock { () throws(FSError) -> R in
+            if sharedStorage { dropStaleKeys(fd, state) }
             if !state.loaded && loadKeys {
                 do throws(ContentError) { state.crypto = try c.loadCrypto() } catch { throw FSError(error) }
                 state.loaded = true
             }
+            defer { if sharedStorage { state.headerStamp = headerStamp(fd) } }
             return try body(c, state)
         }
     }
@@ -160,7 +165,7 @@ extension FileSystem {
         // under the exclusive lock first.
         while true {
             let n = try f.state.lock.withReadLock { () throws(FSError) -> Int? in
-                guard f.state.loaded else { return nil }
+                guard f.state.loaded, !sharedStorage || f.state.headerStamp == headerStamp(f.fd) else { return nil }
                 do throws(ContentError) { return try c.read(into: buffer, at: offset, crypto: f.state.crypto) } catch { throw naming(FSError(error), f.node) }
             }
             if let n { return n }

@@ -102,6 +102,13 @@ public final class FileSystem: @unchecked Sendable {
     let namespaceLock = RWLock()
     /// Set once a generation was added or dropped: node names may be stale since.
     let generationsChanged = Atomic<Bool>(false)
+    /// `-o shared`: other hosts change CIPHERDIR too. Cached directory handles and IDs are
+    /// revalidated, and a file's keys are checked against its header before each read and
+    /// write (FileSystem+Shared). Set before serving.
+    public var sharedStorage = false
+    /// POSIX locks forwarded to the backing files: one backing descriptor per (file, lock
+    /// owner), holding that owner's open-file-description locks (FileSystem+Locks).
+    let lockFDs = Mutex<[LockOwner: LockHolder]>([:])
     /// Integrity volumes: committed lengths read from file headers, by backing inode.
     let integritySizes = Mutex<[Identity: IntegritySize]>([:])
     /// Whether clearing setuid/setgid on write, truncate and chown is ours (the FUSE layer
@@ -165,7 +172,10 @@ public final class FileSystem: @unchecked Sendable {
     /// The directory descriptor of directory node `id`, opened from its parent's if not cached.
     func dirHandle(_ id: UInt64) throws(FSError) -> DirHandle {
         if id == FileSystem.rootID { return root }
-        if let h = dirCache.withLock({ $0.get(id) }) { return h }
+        if let h = dirCache.withLock({ $0.get(id) }) {
+            guard sharedStorage, !cachedDirectoryIsGone(h) else { return h }
+            dirCache.withLock { $0.remove(id) }
+        }
         // A rename may move the directory between reading its name and opening it: try again.
         var lastError = FSError.stale
         for _ in 0..<3 {
@@ -272,9 +282,10 @@ public final class FileSystem: @unchecked Sendable {
     /// A directory's ID and the generation its header names (that of its names; in the
     /// middle of a rekey a directory of the old generation may also hold names of the new
     /// one). Cached in the node: the ID never changes, and a generation seen old when it
-    /// is already new only costs a lookup under both.
+    /// is already new only costs a lookup under both. With -o shared it is read again at
+    /// each use (another host may have replaced the directory).
     func directoryInfo(_ id: UInt64) throws(FSError) -> (id: [UInt8], generation: UInt32) {
-        if let cached = table.withLock({ $0.nodes[id].flatMap { n in n.directoryID.map { ($0, n.directoryGeneration) } } }) { return cached }
+        if !sharedStorage, let cached = table.withLock({ $0.nodes[id].flatMap { n in n.directoryID.map { ($0, n.directoryGeneration) } } }) { return cached }
         let dir = try dirHandle(id)
         let bytes: [UInt8]
         do { bytes = try Sys.readSmallFile(dir.fd, DirHeader.fileName, limit: 4096) } catch {

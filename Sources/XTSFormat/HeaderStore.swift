@@ -78,12 +78,17 @@ public struct HeaderStore: Sendable {
     public enum WriteError: Error, Sendable, CustomStringConvertible {
         /// A copy on disk is a valid header of another volume: never overwritten.
         case foreignCopy(file: String, volumeID: [UInt8])
+        /// The header on disk is no longer the one the change was made to (another host or
+        /// process wrote sequence `found` since `expected` was read): nothing was written.
+        case concurrentChange(expected: UInt64, found: UInt64)
         case system(SystemError)
 
         public var description: String {
             switch self {
             case .foreignCopy(let file, let id):
                 return "\(file) holds the header of another volume (ID \(id.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined())); refusing to overwrite it"
+            case .concurrentChange(let expected, let found):
+                return "the volume header changed while this command ran (sequence \(expected) was read, \(found) is on disk now: another host or command changed it); nothing was written, run the command again"
             case .system(let e): return "\(e)"
             }
         }
@@ -95,13 +100,30 @@ public struct HeaderStore: Sendable {
     /// the right one here is for a human (or a command that unlocked both) to decide.
     /// A missing or damaged copy is overwritten: that is the repair.
     /// `afterCopy` runs after each copy is in place (the rekey's fault injection).
-    public func write(_ header: VolumeHeader, afterCopy: ((Int) -> Void)? = nil) throws(WriteError) {
+    ///
+    /// With `expectedSequence` (the sequence of the header the change was made to), the
+    /// copies are re-read under an exclusive lock on CIPHERDIR and the write is refused
+    /// (`concurrentChange`) unless the newest copy of this volume still has that sequence:
+    /// a change another host made in the meantime is never silently overwritten. The lock is
+    /// advisory and as shared as the backing filesystem makes `flock`; the sequence check
+    /// holds without it, except for two writers within the same instant.
+    public func write(_ header: VolumeHeader, expectedSequence: UInt64? = nil, afterCopy: ((Int) -> Void)? = nil) throws(WriteError) {
         let bytes: [UInt8]
         do { bytes = try header.encode() } catch { throw .system(SystemError(EINVAL, "encode header: \(error)")) }
+        let lockFD = expectedSequence == nil ? -1 : Glibc.open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        defer { if lockFD >= 0 { _ = Glibc.close(lockFD) } }
+        if lockFD >= 0 {
+            try? Sys.flock(lockFD, Sys.lockExclusive)
+        }
+        var newest: UInt64?
         for copy in 0..<HeaderStore.fileNames.count {
             guard let existing = try? Sys.readFile(path(copy), limit: VolumeHeader.maxLength + 1),
                   let other = try? VolumeHeader.decode(existing) else { continue }
             if other.volumeID != header.volumeID { throw .foreignCopy(file: path(copy), volumeID: other.volumeID) }
+            newest = max(newest ?? 0, other.sequence)
+        }
+        if let expectedSequence, let newest, newest != expectedSequence {
+            throw .concurrentChange(expected: expectedSequence, found: newest)
         }
         for copy in 0..<HeaderStore.fileNames.count {
             do { try Sys.atomicWrite(bytes, to: path(copy), mode: 0o400) } catch { throw .system(error) }

@@ -52,9 +52,29 @@ public final class FuseServer: @unchecked Sendable {
     /// Ask for the kernel's writeback cache (see `MountRequest.writebackCache`).
     let writebackCache: Bool
 
-    public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, xattrs: Bool = true, writebackCache: Bool = true, debug: Bool = false, maxThreads: UInt32 = 8) {
+    /// POSIX and BSD locks taken on the backing files (`-o shared`), so that other mounts of
+    /// CIPHERDIR see them; otherwise the kernel keeps them, local to this mount, and closes
+    /// need no FLUSH round trip.
+    let forwardLocks: Bool
+
+    /// `-o shared`: other hosts change the files, so the kernel keeps a file's cached pages
+    /// across opens only while its backing file provably did not change (`contentStamp`).
+    let shared: Bool
+    /// Lock requests waiting on threads of their own (`lockRequest`), and whether the
+    /// session is ending (they then answer EINTR at once).
+    let lockWaiters = Atomic<Int>(0)
+    let ending = Atomic<Bool>(false)
+    /// By node: the content stamp the kernel's cached pages of the file agree with.
+    private let cachedStamps = Mutex<[UInt64: [UInt8]]>([:])
+    /// By handle: its node and the content stamp at open.
+    private let openStamps = Mutex<[UInt64: (node: UInt64, stamp: [UInt8])]>([:])
+
+    public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, xattrs: Bool = true, writebackCache: Bool = true,
+                forwardLocks: Bool = false, shared: Bool = false, debug: Bool = false, maxThreads: UInt32 = 8) {
         self.current = Mutex(fs)
         self.writebackCache = writebackCache
+        self.forwardLocks = forwardLocks
+        self.shared = shared
         self.xattrs = xattrs
         self.timeout = cacheTimeout
         self.mountpoint = mountpoint
@@ -201,11 +221,47 @@ public final class FuseServer: @unchecked Sendable {
         killsPrivileges = granted & Int64(FuseServer.handleKillprivV2) != 0
         configure(fs)
         let r = xtsfs_session_loop_mt(se, maxThreads)
+        // Lock waiters answer (EINTR) and go before the session they answer through does.
+        ending.store(true, ordering: .sequentiallyConsistent)
+        while lockWaiters.load(ordering: .sequentiallyConsistent) > 0 { usleep(1000) }
         notifySession.withLock { $0 = 0 }
         fuse_session_unmount(se)
         fuse_session_destroy(se)
         session = nil
         return r
+    }
+
+    // MARK: - page cache across opens
+
+    /// Whether the kernel may keep the cached pages of node `id` opened as `handle`: always
+    /// without -o shared (only this daemon changes the files); with it, only if the backing
+    /// file's stamp is the one those pages were read under.
+    func keepCache(node id: UInt64, handle: UInt64) -> Bool {
+        guard shared else { return true }
+        guard let now = fs.contentStamp(handle: handle) else {
+            cachedStamps.withLock { _ = $0.removeValue(forKey: id) }
+            return false
+        }
+        openStamps.withLock { $0[handle] = (id, now) }
+        return cachedStamps.withLock { table in
+            let keep = table[id] == now
+            table[id] = now
+            return keep
+        }
+    }
+
+    /// At release: if the file changed while this handle was open (here or on another host),
+    /// the pages cached meanwhile may be of either version: the next open drops them.
+    func closed(handle: UInt64) {
+        guard shared, let (id, then) = openStamps.withLock({ $0.removeValue(forKey: handle) }) else { return }
+        if fs.contentStamp(handle: handle) != then {
+            cachedStamps.withLock { _ = $0.removeValue(forKey: id) }
+        }
+    }
+
+    func forgotten(node id: UInt64) {
+        guard shared else { return }
+        cachedStamps.withLock { _ = $0.removeValue(forKey: id) }
     }
 
     // MARK: - helpers shared by the callbacks
@@ -275,6 +331,38 @@ public final class FuseServer: @unchecked Sendable {
         do { reply(try body()) } catch { FuseServer.fail(req, error) }
     }
 
+    /// A lock request: one attempt here; if the lock is held elsewhere and the caller waits
+    /// (F_SETLKW, flock without LOCK_NB), a thread of its own retries until it is acquired
+    /// or the request is interrupted (EINTR), so that waiters never hold the session's
+    /// worker threads. Without waiting, a held lock is EAGAIN.
+    func lockRequest(_ req: fuse_req_t?, wait: Bool, _ attempt: @escaping @Sendable () throws(FSError) -> FileSystem.LockWait) {
+        func once() -> Int32? {
+            do throws(FSError) {
+                switch try attempt() {
+                case .acquired: return 0
+                case .busy: return nil
+                }
+            } catch { return error.errno }
+        }
+        if let r = once() { fuse_reply_err(req, r); return }
+        guard wait else { fuse_reply_err(req, EAGAIN); return }
+        let waiter = LockWaiter(req: Int(bitPattern: UnsafeRawPointer(req)), server: self, attempt: once)
+        lockWaiters.add(1, ordering: .sequentiallyConsistent)
+        let box = Unmanaged.passRetained(waiter).toOpaque()
+        var thread = pthread_t()
+        if pthread_create(&thread, nil, { arg in
+            let w = Unmanaged<LockWaiter>.fromOpaque(arg!).takeRetainedValue()
+            w.run()
+            return nil
+        }, box) == 0 {
+            pthread_detach(thread)
+        } else {
+            Unmanaged<LockWaiter>.fromOpaque(box).release()
+            lockWaiters.subtract(1, ordering: .sequentiallyConsistent)
+            fuse_reply_err(req, ENOLCK)
+        }
+    }
+
     // MARK: - the operations table
 
     static let operations: fuse_lowlevel_ops = {
@@ -282,6 +370,11 @@ public final class FuseServer: @unchecked Sendable {
         ops.`init` = { userdata, conn in
             guard let conn, let userdata else { return }
             let s = Unmanaged<FuseServer>.fromOpaque(userdata).takeUnretainedValue()
+            // libfuse asks for remote locks because the handlers exist; without -o shared the
+            // kernel keeps them (local to this mount).
+            if !s.forwardLocks {
+                conn.pointee.want &= ~UInt32(FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS)
+            }
             // Keep libfuse's defaults; make sure O_TRUNC arrives with open (we truncate the plaintext).
             if conn.pointee.capable & UInt32(FUSE_CAP_ATOMIC_O_TRUNC) != 0 {
                 conn.pointee.want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC)
@@ -295,8 +388,9 @@ public final class FuseServer: @unchecked Sendable {
                 conn.pointee.want |= UInt32(FUSE_CAP_WRITEBACK_CACHE)
             }
             // A symlink's target never changes in place (only we write CIPHERDIR, and a
-            // symlink is replaced, never rewritten): the kernel may keep it.
-            if conn.pointee.capable & UInt32(FUSE_CAP_CACHE_SYMLINKS) != 0 {
+            // symlink is replaced, never rewritten): the kernel may keep it. Not with
+            // -o shared: another host's new symlink may reuse a removed one's inode number.
+            if !s.shared, conn.pointee.capable & UInt32(FUSE_CAP_CACHE_SYMLINKS) != 0 {
                 conn.pointee.want |= UInt32(FUSE_CAP_CACHE_SYMLINKS)
             }
         }
@@ -307,13 +401,18 @@ public final class FuseServer: @unchecked Sendable {
         }
         ops.forget = { req, ino, n in
             FuseServer.count(req, .forget)
-            server(req).fs.forget(UInt64(ino), count: n)
+            let s = server(req)
+            s.fs.forget(UInt64(ino), count: n)
+            s.forgotten(node: UInt64(ino))
             fuse_reply_none(req)
         }
         ops.forget_multi = { req, count, list in
             FuseServer.count(req, .forgetMulti)
             let s = server(req)
-            for i in 0..<count { s.fs.forget(UInt64(list![i].ino), count: list![i].nlookup) }
+            for i in 0..<count {
+                s.fs.forget(UInt64(list![i].ino), count: list![i].nlookup)
+                s.forgotten(node: UInt64(list![i].ino))
+            }
             fuse_reply_none(req)
         }
         ops.getattr = { req, ino, fi in
@@ -434,11 +533,13 @@ public final class FuseServer: @unchecked Sendable {
             s.run(req, { () throws(FSError) in try s.fs.open(UInt64(ino), flags: fi.pointee.flags, caller: caller(req)) }) { h in
                 s.used?(UInt64(ino))
                 fi.pointee.fh = h
-                // Only this daemon changes the files while mounted: cached pages stay valid.
-                fi.pointee.keep_cache = 1
+                // Only this daemon changes the files while mounted: cached pages stay valid
+                // (with -o shared, only while the backing file did not change).
+                fi.pointee.keep_cache = s.keepCache(node: UInt64(ino), handle: h) ? 1 : 0
                 // Writes go straight to the backing file, so close(2) has nothing to flush:
-                // spare the kernel a FLUSH round trip per close.
-                fi.pointee.noflush = 1
+                // spare the kernel a FLUSH round trip per close. Forwarded POSIX locks need
+                // it: a close releases the closer's locks.
+                fi.pointee.noflush = s.forwardLocks ? 0 : 1
                 if fuse_reply_open(req, fi) != 0 { s.fs.release(h) }
             }
         }
@@ -446,13 +547,18 @@ public final class FuseServer: @unchecked Sendable {
             FuseServer.count(req, .create)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EINVAL); return }
-            s.run(req, { () throws(FSError) in
-                try s.fs.create(parent: UInt64(parent), name: FuseServer.name(name), mode: mode, flags: fi.pointee.flags, caller: caller(req))
+            let flags = fi.pointee.flags
+            s.run(req, { () throws(FSError) -> (UInt64, stat, UInt64) in
+                do throws(FSError) { return try s.fs.create(parent: UInt64(parent), name: FuseServer.name(name), mode: mode, flags: flags, caller: caller(req)) } catch {
+                    // Another host created the name since the kernel's lookup (-o shared): open it.
+                    guard s.shared, case .exists = error, flags & O_EXCL == 0 else { throw error }
+                    return try s.fs.openExisting(parent: UInt64(parent), name: FuseServer.name(name), flags: flags, caller: caller(req))
+                }
             }) { (id, st, h) in
                 s.used?(id)
                 fi.pointee.fh = h
-                fi.pointee.keep_cache = 1
-                fi.pointee.noflush = 1
+                fi.pointee.keep_cache = s.keepCache(node: id, handle: h) ? 1 : 0
+                fi.pointee.noflush = s.forwardLocks ? 0 : 1
                 var e = fuse_entry_param()
                 e.ino = fuse_ino_t(id)
                 e.attr = st
@@ -488,14 +594,43 @@ public final class FuseServer: @unchecked Sendable {
         // Nothing to flush here (writes reach the backing file as they come; the kernel
         // writes its dirty pages back before it would send FLUSH). ENOSYS once makes the
         // kernel stop sending FLUSH on every close(2), which the writeback cache otherwise
-        // sends whatever `noflush` says.
-        ops.flush = { req, _, _ in
+        // sends whatever `noflush` says. Forwarded POSIX locks need it: a close releases
+        // the closer's locks.
+        ops.flush = { req, _, fi in
             FuseServer.count(req, .flush)
-            fuse_reply_err(req, ENOSYS)
+            let s = server(req)
+            guard s.forwardLocks else { fuse_reply_err(req, ENOSYS); return }
+            if let fi { s.fs.releaseLocks(handle: fi.pointee.fh, owner: fi.pointee.lock_owner) }
+            fuse_reply_err(req, 0)
+        }
+        ops.getlk = { req, _, fi, lock in
+            let s = server(req)
+            guard let fi, let lock else { fuse_reply_err(req, EBADF); return }
+            var l = lock.pointee
+            s.run(req, { () throws(FSError) in try s.fs.getLock(handle: fi.pointee.fh, owner: fi.pointee.lock_owner, &l) }) {
+                _ = fuse_reply_lock(req, &l)
+            }
+        }
+        ops.setlk = { req, _, fi, lock, sleep in
+            let s = server(req)
+            guard let fi, let lock else { fuse_reply_err(req, EBADF); return }
+            let l = lock.pointee, fh = fi.pointee.fh, owner = fi.pointee.lock_owner
+            s.lockRequest(req, wait: sleep != 0) { () throws(FSError) in try s.fs.setLock(handle: fh, owner: owner, l) }
+        }
+        ops.flock = { req, _, fi, op in
+            let s = server(req)
+            guard let fi else { fuse_reply_err(req, EBADF); return }
+            let fh = fi.pointee.fh
+            s.lockRequest(req, wait: op & Sys.lockNonBlocking == 0) { () throws(FSError) in try s.fs.flockHandle(fh, operation: op) }
         }
         ops.release = { req, _, fi in
             FuseServer.count(req, .release)
-            if let fi { server(req).fs.release(fi.pointee.fh) }
+            let s = server(req)
+            if let fi {
+                if s.forwardLocks { s.fs.releaseLocks(handle: fi.pointee.fh) }
+                s.closed(handle: fi.pointee.fh)
+                s.fs.release(fi.pointee.fh)
+            }
             fuse_reply_err(req, 0)
         }
         ops.fsync = { req, _, datasync, fi in
@@ -596,4 +731,26 @@ public final class FuseServer: @unchecked Sendable {
         }
         return ops
     }()
+}
+
+/// One waiting lock request: retried with growing pauses (1 ms to 50 ms) until the lock
+/// is acquired, fails, or the kernel interrupts the request (the caller got a signal).
+/// Counted in its server's `lockWaiters` until it has answered.
+final class LockWaiter: @unchecked Sendable {
+    let req: Int
+    let server: FuseServer
+    let attempt: () -> Int32?
+    init(req: Int, server: FuseServer, attempt: @escaping () -> Int32?) { self.req = req; self.server = server; self.attempt = attempt }
+
+    func run() {
+        defer { server.lockWaiters.subtract(1, ordering: .sequentiallyConsistent) }
+        let r = fuse_req_t(bitPattern: req)
+        var pause: UInt32 = 1000
+        while true {
+            if fuse_req_interrupted(r) != 0 || server.ending.load(ordering: .sequentiallyConsistent) { fuse_reply_err(r, EINTR); return }
+            usleep(pause)
+            pause = min(pause * 2, 50_000)
+            if let e = attempt() { fuse_reply_err(r, e); return }
+        }
+    }
 }

@@ -180,16 +180,19 @@ public extension Sys {
         try fsync(fd)
     }
 
-    /// Replaces `name` in `dirfd` so that a crash leaves the old or the new file: write
-    /// `name.tmp`, fsync, rename over, fsync the directory.
+    /// Replaces `name` in `dirfd` so that a crash leaves the old or the new file: write a
+    /// temporary of a name no other writer uses (`temporaryName`), fsync, rename over, fsync
+    /// the directory.
     static func atomicWrite(_ bytes: [UInt8], at dirfd: Int32, _ name: String, mode: mode_t) throws(SystemError) {
-        let tmp = name + ".tmp"
-        _ = Glibc.unlinkat(dirfd, tmp, 0)
+        let tmp = temporaryName(for: name)
         do { try writeNewFile(bytes, at: dirfd, tmp, mode: mode) } catch {
+            if error.errno != EEXIST { _ = Glibc.unlinkat(dirfd, tmp, 0) }
+            throw error
+        }
+        do { try renameat(dirfd, tmp, dirfd, name) } catch {
             _ = Glibc.unlinkat(dirfd, tmp, 0)
             throw error
         }
-        try renameat(dirfd, tmp, dirfd, name)
         try fsyncDirectory(dirfd)
     }
 

@@ -181,29 +181,59 @@ public enum Sys {
     }
 
     /// Replaces `path` with `bytes` so that a crash at any point leaves either the old or the
-    /// new file: write a temporary file, fsync it, rename it over, fsync the directory.
+    /// new file: write a temporary file of a name no other writer uses (`temporaryName`),
+    /// fsync it, rename it over, fsync the directory. Two hosts replacing the same file at
+    /// once each write their own temporary; the last rename wins, whole.
     public static func atomicWrite(_ bytes: [UInt8], to path: String, mode: mode_t = 0o600) throws(SystemError) {
         let dir = parentDirectory(of: path)
-        let tmp = path + ".tmp"
-        // A leftover from a crash may be read-only: start afresh.
-        _ = Glibc.unlink(tmp)
+        let tmp = temporaryName(for: path)
         do { try writeNewFile(bytes, to: tmp, mode: mode) } catch {
+            if error.errno != EEXIST { _ = Glibc.unlink(tmp) }
+            throw error
+        }
+        do { try rename(tmp, path) } catch {
             _ = Glibc.unlink(tmp)
             throw error
         }
-        try rename(tmp, path)
         try fsyncDirectory(dir)
     }
 
-    /// Creates `path` (which must not exist) with `bytes`, fsynced.
+    /// The suffix of an atomic replacement's temporary: `NAME.tmp.` and 16 random lowercase
+    /// hex digits. Older versions used `NAME.tmp` alone; readers recognise both.
+    public static let temporaryInfix = ".tmp."
+    public static let temporaryRandomDigits = 16
+
+    /// `name` + `.tmp.` + 16 random hex digits: unique among hosts and processes, so that
+    /// concurrent replacements never share (and never truncate or rename) one temporary.
+    public static func temporaryName(for name: String) -> String {
+        var r: UInt64 = 0
+        let n = withUnsafeMutableBytes(of: &r) { CSysShim.getrandom($0.baseAddress, 8, 0) }
+        if n != 8 {
+            // No entropy source (a very old kernel): the pid, time and a counter are unique enough here.
+            var ts = timespec()
+            clock_gettime(CLOCK_REALTIME, &ts)
+            r = UInt64(UInt32(bitPattern: getpid())) << 40 ^ UInt64(ts.tv_nsec) ^ UInt64(ts.tv_sec) << 20
+        }
+        let hex = String(r, radix: 16)
+        return name + temporaryInfix + String(repeating: "0", count: temporaryRandomDigits - hex.count) + hex
+    }
+
+    /// Creates `path` (which must not exist, and is never a symlink followed) with `bytes`, fsynced.
     public static func writeNewFile(_ bytes: [UInt8], to path: String, mode: mode_t) throws(SystemError) {
-        let fd = try open(path, O_WRONLY | O_CREAT | O_EXCL, mode)
+        let fd = try open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode)
         defer { close(fd) }
         try bytes.withBytes { (p) throws(SystemError) in
             if p.count > 0 { try pwrite(fd, p.baseAddress!, p.count, 0) }
         }
         try fsync(fd)
     }
+
+    /// flock(2) on `fd`, retrying EINTR; `operation` is LOCK_SH or LOCK_EX (blocking), with
+    /// LOCK_NB or LOCK_UN as flock takes them (the `XTS_LOCK_*` values).
+    public static func flock(_ fd: Int32, _ operation: Int32) throws(SystemError) {
+        _ = try check("flock") { xts_flock(fd, operation) }
+    }
+    public static let lockShared = XTS_LOCK_SH, lockExclusive = XTS_LOCK_EX, lockNonBlocking = XTS_LOCK_NB, lockRelease = XTS_LOCK_UN
 
     public static func parentDirectory(of path: String) -> String {
         guard let slash = path.lastIndex(of: "/") else { return "." }

@@ -132,7 +132,8 @@ public enum Areas {
     /// from then on the cache's ciphertext cannot be read.
     static func discardCacheKey(_ parentFD: Int32) throws(SystemError) -> Bool {
         var had = false
-        for name in [BackingEntry.cacheKeyName, BackingEntry.cacheKeyName + ".tmp"] {
+        let leftovers = ((try? Sys.listDirectory(parentFD)) ?? []).map(\.name).filter { BackingEntry.temporaryBase($0) == BackingEntry.cacheKeyName }
+        for name in [BackingEntry.cacheKeyName] + leftovers {
             if (try? Sys.fstatat(parentFD, name)) != nil {
                 had = true
                 do { try Sys.unlinkat(parentFD, name) } catch { if error.errno != ENOENT { throw error } }

@@ -48,7 +48,7 @@ extension Fsck {
             switch BackingEntry.classify(e.name) {
             case .directoryHeader:
                 continue
-            case .volumeHeader, .linkStore, .auditLog, .tempArea, .cacheArea, .cacheKey:
+            case .volumeHeader, .linkStore, .auditLog, .presence, .tempArea, .cacheArea, .cacheKey:
                 if isRoot { continue }
                 _ = add(.foreignEntry, .warning, path, "an xtsfs internal name outside CIPHERDIR's top level; ignored by xtsfs")
             case .rekeyCopy:

@@ -37,7 +37,7 @@ public enum KeySlots {
         }
         header.keyslots.append(newSlot)
         header.keyslots.sort { $0.index < $1.index }
-        try write(cipherDir, header, keys: u.keys)
+        try write(cipherDir, header, keys: u.keys, base: u.newestSequence)
         audit?.record(.init(operation: "keys add", volumeID: header.volumeID, slot: index, provider: newProvider.type.description, ok: true))
         return index
     }
@@ -55,23 +55,28 @@ public enum KeySlots {
             throw .refused("keyslot \(index) is the last one: without it the volume can never be opened again (use --force if that is what you want)")
         }
         header.keyslots.removeAll { $0.index == index }
-        try write(cipherDir, header, keys: u.keys)
+        try write(cipherDir, header, keys: u.keys, base: u.newestSequence)
         audit?.record(.init(operation: "keys remove", volumeID: header.volumeID, slot: index, provider: victim.provider?.description, ok: true))
     }
 
-    /// A new header numbered above both copies on disk, sealed, written to both copies one
-    /// after the other by the writer that never replaces another volume's copy.
-    static func write(_ cipherDir: String, _ header: VolumeHeader, keys: KeySet, afterCopy: ((Int) -> Void)? = nil) throws(VolumeError) {
+    /// `header` as the next header after sequence `base` (the newest on disk when the change
+    /// was made to what was read): numbered `base + 1`, sealed, written to both copies one after the other by the writer that
+    /// never replaces another volume's copy, and refused when the header on disk is no longer
+    /// `base` (another host changed it meanwhile: its change is never lost, and the command
+    /// says so). Returns the sequence written: the base of a further change.
+    @discardableResult
+    static func write(_ cipherDir: String, _ header: VolumeHeader, keys: KeySet, base: UInt64,
+                      afterCopy: ((Int) -> Void)? = nil) throws(VolumeError) -> UInt64 {
         var h = header
-        let loaded = try Volume.load(cipherDir)
-        h.sequence = (loaded.candidates.map(\.header.sequence).max() ?? h.sequence) + 1
+        h.sequence = base + 1
         do { h = try Keyring.seal(h, keys: keys) } catch { throw VolumeError(error, context: "cannot seal the header") }
-        do { try HeaderStore(directory: cipherDir).write(h, afterCopy: afterCopy) } catch {
+        do { try HeaderStore(directory: cipherDir).write(h, expectedSequence: base, afterCopy: afterCopy) } catch {
             switch error {
-            case .foreignCopy: throw .refused("\(error)")
+            case .foreignCopy, .concurrentChange: throw .refused("\(error)")
             case .system: throw .failure("cannot write the volume header: \(error)")
             }
         }
+        return h.sequence
     }
 
     /// Writes a new key file of `count` random bytes, mode 0400; never overwrites anything

@@ -42,16 +42,23 @@ public struct MountRequest: Sendable {
     /// `ls -l` (security.selinux, system.posix_acl_access).
     static let noXattrKey = "noxattr"
     public var xattrs: Bool { !options.contains(MountRequest.noXattrKey) }
+    /// `-o shared`: CIPHERDIR is on storage other hosts mount too; nothing another host can
+    /// change is trusted from a cache without revalidation (README, "Several hosts").
+    static let sharedKey = "shared"
+    public var shared: Bool { options.contains(MountRequest.sharedKey) }
     static let noWritebackKey = "nowritecache"
     /// The kernel's writeback cache: writes land in the page cache and reach the daemon in
-    /// page-aligned batches (`-o nowritecache`: every write(2) is a request).
-    public var writebackCache: Bool { !options.contains(MountRequest.noWritebackKey) }
+    /// page-aligned batches (`-o nowritecache`: every write(2) is a request). Never with
+    /// `-o shared`: the kernel would trust its own idea of size and times.
+    public var writebackCache: Bool { !options.contains(MountRequest.noWritebackKey) && !shared }
 
     public func cacheTimeout() throws(VolumeError) -> Double {
-        guard let opt = options.last(where: { $0.hasPrefix(MountRequest.cacheTimeoutKey) }) else { return MountRequest.defaultCacheTimeout }
+        guard let opt = options.last(where: { $0.hasPrefix(MountRequest.cacheTimeoutKey) }) else { return shared ? 0 : MountRequest.defaultCacheTimeout }
         guard let v = Double(opt.dropFirst(MountRequest.cacheTimeoutKey.count)), v >= 0, v <= 86400 else {
             throw .usage("-o \(opt): give a number of seconds from 0 to 86400")
         }
+        // Other hosts change names and attributes: the kernel must ask every time.
+        if shared && v > 0 { throw .usage("-o \(opt) with -o shared: names and attributes another host can change are never cached (cache_timeout=0)") }
         return v
     }
 
@@ -68,7 +75,7 @@ public struct MountRequest: Sendable {
     func fuseOptions(fsname: String) -> [String] {
         var o = ["default_permissions", "fsname=" + fsname.replacingAll(",", with: "\\,"), "subtype=xtsfs"]
         if geteuid() == 0 && !options.contains("allow_other") { o.append("allow_other") }
-        o += options.filter { $0 != "nonempty" && $0 != MountRequest.noXattrKey && $0 != MountRequest.noWritebackKey && !$0.hasPrefix(MountRequest.cacheTimeoutKey) }
+        o += options.filter { $0 != "nonempty" && $0 != MountRequest.noXattrKey && $0 != MountRequest.noWritebackKey && $0 != MountRequest.sharedKey && !$0.hasPrefix(MountRequest.cacheTimeoutKey) }
         return o
     }
 }
@@ -233,6 +240,7 @@ public enum Mounter {
             ready(.failure(.corruptHeader("cannot open the root directory: \(error)")))
             return ExitStatus.corruptHeader.rawValue
         }
+        fs.sharedStorage = req.shared
         // Signals go to one thread that unmounts (or, for SIGUSR1, logs the request
         // counts); libfuse's workers never see them.
         var set = sigset_t()
@@ -244,7 +252,8 @@ public enum Mounter {
             ready(.failure(error))
             return error.exitStatus.rawValue
         }
-        var servers = [FuseServer(fs: fs, mountpoint: req.mountpoint, options: req.fuseOptions, cacheTimeout: timeout, xattrs: req.xattrs, writebackCache: req.writebackCache, debug: req.debug)]
+        var servers = [FuseServer(fs: fs, mountpoint: req.mountpoint, options: req.fuseOptions, cacheTimeout: timeout, xattrs: req.xattrs, writebackCache: req.writebackCache,
+                                  forwardLocks: req.shared, shared: req.shared, debug: req.debug)]
         let areas: [Areas.Prepared]
         do { areas = try prepareAreas(req, keys: keys, log: log) } catch {
             ready(.failure(error))
@@ -340,7 +349,11 @@ public enum Mounter {
                 readiness[i].report(.failure(.mountFailed("cannot start a thread to serve \(servers[i].mountpoint)")))
             }
         }
+        // Other hosts see this mount (xtsfs status, and offline operations refuse) until it ends.
+        let presence = Presence(cipherDir: req.cipherDir, mountpoint: req.mountpoint, shared: req.shared, log: log)
+        presence.start()
         let r = servers[0].run()
+        presence.stop()
         // The data area is gone (unmounted, or INIT refused): the areas go with it. libfuse
         // unmounts when a session ends by itself (INIT refused), but no longer may.
         let left = servers.indices.filter { i in

@@ -97,7 +97,7 @@ public enum Rekey {
             throw VolumeError(error, context: "cannot make the new keyslot")
         }
         header.keyslots = header.keyslots.map { $0.index == u.slot ? newSlot : $0 }
-        try KeySlots.write(cipherDir, header, keys: u.keys)
+        try KeySlots.write(cipherDir, header, keys: u.keys, base: u.newestSequence)
         audit?.record(.init(operation: "rekey kek", volumeID: header.volumeID, slot: u.slot, provider: newProvider.type.description, ok: true))
         return u.slot
     }
@@ -123,15 +123,20 @@ public enum Rekey {
     /// `RekeyControl`): this writes the rekey record, hands the daemon the final header and
     /// reports its progress until the sweep is verified and the final header written.
     public static func rotateDEK(cipherDir: String, provider: any KeyProvider, slot: UInt16?, removeOtherSlots: Bool,
+                                 ignoreOtherHosts: Bool = false,
                                  audit: AuditLog?, progress: @escaping (RekeyProgress) -> Void) throws(VolumeError) -> Summary {
         let realDir = Mounter.absolute(cipherDir)
         let online = mountpoint(of: realDir) != nil
+        // Another host's mount: neither an offline sweep nor this machine's daemon may
+        // re-encrypt under it (that host would go on writing with the old key).
+        try Presence.refuseIfHeld(cipherDir, operation: "rekey --dek", force: ignoreOtherHosts, otherHostsOnly: online)
         let failpoint = Failpoint()
         let u = try Volume.unlock(cipherDir, provider: provider, slot: slot, audit: audit, operation: "unlock for rekey dek")
         // The offline sweep must be alone: refused if a mount came up since. Online, the
         // daemon must answer before anything is written.
         if online { _ = try RekeyControl.status(cipherDir: realDir) } else { try refuseIfMounted(cipherDir) }
         var header = u.header
+        var base = u.newestSequence
         let old = u.keys
         // Integrity volumes' files have another layout (tags, committed lengths): the sweep
         // re-encrypts plain files only, and would ruin those.
@@ -158,12 +163,15 @@ public enum Rekey {
                 header.rekeyRecord = try record.encode()
             } catch { throw .failure("cannot make the new key: \(error)") }
             header.features.insert(.rekeyInProgress)
-            try KeySlots.write(cipherDir, header, keys: old) { copy in failpoint.step("rekey record written to header copy \(copy)") }
+            base = try KeySlots.write(cipherDir, header, keys: old, base: base) { copy in failpoint.step("rekey record written to header copy \(copy)") }
             audit?.record(.init(operation: "rekey dek started", volumeID: header.volumeID, slot: u.slot, provider: provider.type.description, ok: true,
                                 detail: "generation \(old.generation) -> \(new.generation)"))
         }
 
         if online {
+            // The daemon writes the final header as the next after this one (and refuses if
+            // another host changed the header meanwhile).
+            header.sequence = base
             return try rotateDEKOnline(cipherDir: realDir, provider: provider, unlocked: u, header: header, old: old, new: new, resumed: resumed,
                                        others: others, audit: audit, progress: progress)
         }
@@ -200,7 +208,7 @@ public enum Rekey {
         failpoint.step("sweep verified")
 
         let final = try finalHeader(header, slot: u.slot, provider: provider, new: new)
-        try KeySlots.write(cipherDir, final, keys: new) { copy in failpoint.step("final header written to copy \(copy)") }
+        try KeySlots.write(cipherDir, final, keys: new, base: base) { copy in failpoint.step("final header written to copy \(copy)") }
         audit?.record(.init(operation: "rekey dek finished", volumeID: header.volumeID, slot: u.slot, provider: provider.type.description, ok: true,
                             detail: "generation \(new.generation); removed slots: \(others.map { "\($0.index)" }.joined(separator: ","))"))
         return Summary(oldGeneration: old.generation, newGeneration: new.generation, resumed: resumed, files: sweep.progress.filesDone,
@@ -281,8 +289,9 @@ public enum Rekey {
     /// header of this very volume (same volume ID) and that `provider` unlocks it (slot,
     /// header MAC, root directory header). Nothing is written before both checks pass.
     public static func restoreHeader(cipherDir: String, from file: String, provider: any KeyProvider, slot: UInt16?,
-                                     audit: AuditLog?) throws(VolumeError) {
+                                     ignoreOtherHosts: Bool = false, audit: AuditLog?) throws(VolumeError) {
         try refuseIfMounted(cipherDir)
+        try Presence.refuseIfHeld(cipherDir, operation: "header restore", force: ignoreOtherHosts)
         let bytes: [UInt8]
         do { bytes = try Sys.readFile(file, limit: VolumeHeader.maxLength + 1) } catch { throw .badInput("cannot read \(file): \(error)") }
         let backup: VolumeHeader
@@ -302,9 +311,13 @@ public enum Rekey {
         }
         var restored = backup
         let loaded = try? Volume.load(cipherDir)
-        restored.sequence = max(backup.sequence, (loaded?.candidates.map(\.header.sequence).max() ?? 0)) + 1
+        let onDisk = loaded?.candidates.map(\.header.sequence).max()
+        restored.sequence = max(backup.sequence, onDisk ?? 0) + 1
         do { restored = try Keyring.seal(restored, keys: keys) } catch { throw VolumeError(error, context: "cannot seal the header") }
-        do { try HeaderStore(directory: cipherDir).write(restored) } catch { throw .failure("cannot write the header: \(error)") }
+        do { try HeaderStore(directory: cipherDir).write(restored, expectedSequence: onDisk) } catch {
+            if case .concurrentChange = error { throw .refused("\(error)") }
+            throw .failure("cannot write the header: \(error)")
+        }
         audit?.record(.init(operation: "header restore", volumeID: backup.volumeID, slot: nil, provider: provider.type.description, ok: true))
     }
 }

@@ -236,7 +236,8 @@ final class RekeyControl: @unchecked Sendable {
     func runSweep(_ job: SweepJob) {
         do {
             try sweepUntilVerified(job)
-            try KeySlots.write(cipherDir, job.final, keys: job.new)
+            // The command numbered the final header after the rekey record's header.
+            try KeySlots.write(cipherDir, job.final, keys: job.new, base: job.final.sequence)
             fs.dropOlderGenerations()
             state.withLock { s in
                 s.current = job.new

@@ -36,6 +36,8 @@ public struct StatusReport: Codable, Sendable {
     public var warnings: [String]
     /// The temp and cache areas (in CIPHERDIR, and mounted here).
     public var areas: AreaStatus?
+    /// Who has the volume mounted: the presence records in `xtsfs.hosts`, with their state.
+    public var mountedBy: [Presence.Record] = []
 
     public static func make(_ cipherDir: String) throws(VolumeError) -> StatusReport {
         let loaded = try Volume.load(cipherDir)
@@ -68,7 +70,8 @@ public struct StatusReport: Codable, Sendable {
             blockSize: Int(h.blockSize), keyGeneration: Int(h.keyGeneration), features: features,
             headerCopies: copies,
             keyslots: h.keyslots.map(slotReport),
-            rekey: rekeyState(h, cipherDir: cipherDir), warnings: warnings, areas: AreaStatus.make(cipherDir))
+            rekey: rekeyState(h, cipherDir: cipherDir), warnings: warnings, areas: AreaStatus.make(cipherDir),
+            mountedBy: Presence.list(cipherDir))
     }
 
     /// The rekey record as the user reads it; never a key.

@@ -72,6 +72,10 @@ public enum Volume {
         public var copy: Int
         public var slot: UInt16
         public var warnings: [String]
+        /// The highest sequence of any valid copy when the volume was read: a header change
+        /// made from this unlock is written as the next one, and refused if the disk has
+        /// moved on meanwhile (`KeySlots.write`).
+        public var newestSequence: UInt64 = 0
     }
 
     /// Opens the volume and writes nothing: a mount must never be able to damage a header
@@ -160,7 +164,8 @@ public enum Volume {
             where other.header.volumeID != candidate.header.volumeID {
                 warnings.append("header copy \(HeaderStore.fileNames[other.copy]) belongs to another volume; left as it is (see xtsfs status)")
             }
-            return Unlocked(keys: keys, header: candidate.header, copy: candidate.copy, slot: slot.index, warnings: warnings)
+            return Unlocked(keys: keys, header: candidate.header, copy: candidate.copy, slot: slot.index, warnings: warnings,
+                            newestSequence: loaded.candidates.map(\.header.sequence).max() ?? candidate.header.sequence)
         }
         if !opened && !wrongKey.isEmpty {
             throw .wrongKey(wrongKey[0].why + (failures.isEmpty ? "" : " (also: " + failures.joined(separator: "; ") + ")"))

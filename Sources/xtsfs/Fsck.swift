@@ -28,6 +28,9 @@ struct Fsck: ParsableCommand {
     @Flag(help: "Repair what is safe: restore a header copy from the verified one, remove orphaned side files and .tmp leftovers, quarantine unreadable entries into /lost+found.")
     var repair = false
 
+    @Flag(help: "With --repair: go on although another host's presence record says it has the volume mounted (only if that host is known to be gone).")
+    var force = false
+
     @Flag(help: "Print the report as JSON.")
     var json = false
 
@@ -55,6 +58,19 @@ struct Fsck: ParsableCommand {
             }
             mountedNote = "the volume is mounted on \(m.mountpoint): checked read-only, and what the mount is changing may show as damage"
             if !json { printError("warning: " + mountedNote!) }
+        }
+        // Mounted on another host (its presence record is live): the same, across hosts.
+        let elsewhere = Presence.list(dir).filter { $0.state == "live" }
+        if mountedNote == nil, !elsewhere.isEmpty {
+            if repair && !force {
+                do { try Presence.refuseIfHeld(dir, operation: "fsck --repair", force: false) } catch { printError("\(error)") }
+                return FsckExit.operationalError.rawValue
+            }
+            if !repair {
+                mountedNote = "the volume is mounted on another host (" + elsewhere.map { Presence.describe($0) }.joined(separator: "; ") +
+                              "): what it is changing may show as damage"
+                if !json { printError("warning: " + mountedNote!) }
+            }
         }
         var provider: (any KeyProvider)?
         if !noKey {

@@ -22,14 +22,16 @@ struct Header: ParsableCommand {
     struct Restore: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Replace both header copies with the backup in FILE, after checking it is this volume's and that a key opens it.",
-            discussion: "Refused for a header of another volume (volume ID) and when the key given does not open the backup; nothing is written before both checks pass. A restored header brings back its keyslots: keys removed or rotated since the backup open the volume again.")
+            discussion: "Refused while the volume is mounted, here or on another host (presence records; --force ignores those of other hosts). Refused for a header of another volume (volume ID) and when the key given does not open the backup; nothing is written before both checks pass. A restored header brings back its keyslots: keys removed or rotated since the backup open the volume again.")
         @Argument(help: "The volume's directory.") var cipherDir: String
         @Argument(help: "The backup file.") var file: String
         @OptionGroup var key: KeyOptions
+        @Flag(help: "Go on although another host's presence record says it has the volume mounted (only if that host is known to be gone).")
+        var force = false
         func run() throws {
             ProcessHardening.apply()
             let opener = try key.provider(auditing: cipherDir, operation: "unlock for header restore")
-            try XTSVolume.Rekey.restoreHeader(cipherDir: cipherDir, from: file, provider: opener, slot: key.slot, audit: key.audit(cipherDir))
+            try XTSVolume.Rekey.restoreHeader(cipherDir: cipherDir, from: file, provider: opener, slot: key.slot, ignoreOtherHosts: force, audit: key.audit(cipherDir))
             say("Restored the header of \(cipherDir) from \(file). Its keyslots are back, including any removed since the backup.")
         }
     }

@@ -16,7 +16,8 @@ struct Rekey: ParsableCommand {
         --dek re-encrypts every file, name, symlink target and xattr; an interrupted run (crash, kill -9) is resumed by running the same \
         command again. Unmounted, this command does it; mounted (read-write, on this machine), the daemon serving the mount does it in the \
         background while the mount is in use, and this command shows its progress until it is done (interrupting it leaves the daemon \
-        sweeping; xtsfs status shows it). Slots other than the one that opens cannot be rewrapped and are removed at the end \
+        sweeping; xtsfs status shows it). Either way it is refused while another host has the volume mounted (presence records in \
+        CIPHERDIR/xtsfs.hosts; --force ignores them). Slots other than the one that opens cannot be rewrapped and are removed at the end \
         (--remove-other-slots); add them again with xtsfs keys add.
         """)
 
@@ -33,6 +34,8 @@ struct Rekey: ParsableCommand {
     var removeOtherSlots = false
     @Flag(help: "With --dek: progress as JSON lines on standard output.")
     var json = false
+    @Flag(help: "With --dek: go on although another host's presence record says it has the volume mounted (only if that host is known to be gone).")
+    var force = false
 
     func validate() throws {
         guard kek != dek else { throw ValidationError("give exactly one of --kek and --dek") }
@@ -57,7 +60,7 @@ struct Rekey: ParsableCommand {
         let opener = try key.provider(auditing: cipherDir, operation: "unlock for rekey dek")
         let display = ProgressDisplay(json: json)
         let s = try XTSVolume.Rekey.rotateDEK(cipherDir: cipherDir, provider: opener, slot: key.slot, removeOtherSlots: removeOtherSlots,
-                                             audit: audit, progress: { display.update($0) })
+                                             ignoreOtherHosts: force, audit: audit, progress: { display.update($0) })
         display.finish()
         for w in s.warnings { say("xtsfs: warning: \(w)") }
         if json {

@@ -51,6 +51,9 @@ struct Status: ParsableCommand {
             print("  \(s.index): \(s.provider)  \(params)")
             print("     wrap \(s.wrap), key generation \(s.keyGeneration), created \(date(s.created)), last used \(s.lastUsed.map(date) ?? "never")")
         }
+        let now = Int64(Date().timeIntervalSince1970)
+        if r.mountedBy.isEmpty { print("Mounted by:      nobody (no presence record)") }
+        for m in r.mountedBy { print("Mounted by:      " + Presence.describe(m, now: now)) }
         if let a = r.areas {
             print("Cache area:      " + (a.cacheKey ? "key present, \(a.cacheBytes) bytes of ciphertext" : "none (made by the first mount with --cache)"))
             print("Temp area:       " + (a.tempInCipherDir ? "present in CIPHERDIR (mounted, or left by a crash: unreadable, removed by the next --tmp mount)" : "none in CIPHERDIR"))

@@ -1,5 +1,6 @@
 import CSysShim
 import Foundation
+import Synchronization
 import XCTest
 import XTSContent
 import XTSCrypto
@@ -212,6 +213,53 @@ final class BackingAccessTests: XCTestCase {
         XCTAssertEqual(BackingEntry.classify("xtsfs.cache.purged"), .cacheArea)
         XCTAssertEqual(BackingEntry.classify("xtsfs.cache.key"), .cacheKey)
         XCTAssertEqual(BackingEntry.classify("xtsfs.cache.key.tmp"), .temporary(of: "xtsfs.cache.key"))
+        // Temporaries with a random suffix (what every atomic replacement writes now).
+        XCTAssertEqual(BackingEntry.classify("xtsfs.dir.tmp.0123456789abcdef"), .temporary(of: "xtsfs.dir"))
+        XCTAssertEqual(BackingEntry.classify("xtsfs.header2.tmp.ffffffffffffffff"), .temporary(of: "xtsfs.header2"))
+        XCTAssertEqual(BackingEntry.classify("xtsfs.long." + hash + ".name.tmp.00000000000000a0"), .temporary(of: "xtsfs.long." + hash + ".name"))
+        XCTAssertEqual(BackingEntry.classify("xtsfs.dir.tmp.0123456789ABCDEF"), .foreign, "upper-case digits are not ours")
+        XCTAssertEqual(BackingEntry.classify("xtsfs.dir.tmp.0123456789abcde"), .foreign, "15 digits")
+        XCTAssertEqual(BackingEntry.classify("xtsfs.dir.tmp.0123456789abcdef0"), .foreign, "17 digits")
+        XCTAssertEqual(BackingEntry.classify("xtsfs.unknown.tmp.0123456789abcdef"), .foreign)
+        XCTAssertEqual(BackingEntry.classify(".tmp.0123456789abcdef"), .foreign)
+        // What the writers make is what the classifier recognises.
+        for base in ["xtsfs.dir", "xtsfs.header", "xtsfs.cache.key"] {
+            XCTAssertEqual(BackingEntry.classify(Sys.temporaryName(for: base)), .temporary(of: base))
+        }
+    }
+
+    func testTemporaryNamesAreUniqueAndAtomicWritesLeaveNone() throws {
+        let names = (0..<2000).map { _ in Sys.temporaryName(for: "xtsfs.dir") }
+        XCTAssertEqual(Set(names).count, names.count)
+        var template = Array("/tmp/xtsfs-tmpnames-XXXXXX".utf8CString)
+        let dir = String(cString: mkdtemp(&template)!)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        // An old-style leftover that is a symlink out of the directory is neither followed,
+        // nor written, nor needed any more.
+        let outside = dir + "-outside"
+        XCTAssertTrue(FileManager.default.createFile(atPath: outside, contents: Data("untouched".utf8)))
+        defer { unlink(outside) }
+        XCTAssertEqual(symlink(outside, dir + "/xtsfs.dir.tmp"), 0)
+        // Eight threads replace the same file 50 times each: every write is whole, no
+        // temporary is left, none collides (each would throw EEXIST).
+        let failures = Mutex<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: 8) { t in
+            let fd = open(dir, O_RDONLY | O_DIRECTORY)
+            defer { close(fd) }
+            for i in 0..<50 {
+                let bytes = Array(repeating: UInt8(t), count: 100 + i)
+                do { try Sys.atomicWrite(bytes, at: fd, "xtsfs.dir", mode: 0o444) } catch { failures.withLock { $0.append("\(error)") } }
+                do { try Sys.atomicWrite(bytes, to: dir + "/xtsfs.header", mode: 0o400) } catch { failures.withLock { $0.append("\(error)") } }
+            }
+        }
+        XCTAssertEqual(failures.withLock { $0 }, [])
+        let left = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
+        XCTAssertEqual(left, ["xtsfs.dir", "xtsfs.dir.tmp", "xtsfs.header"])
+        for name in ["xtsfs.dir", "xtsfs.header"] {
+            let bytes = try Sys.readFile(dir + "/" + name)
+            XCTAssertTrue(bytes.count >= 100 && bytes.allSatisfy { $0 == bytes[0] }, "\(name) is one writer's whole bytes")
+        }
+        XCTAssertEqual(try String(contentsOfFile: outside, encoding: .utf8), "untouched")
     }
 
     // MARK: - hard links

@@ -192,4 +192,38 @@ final class HeaderTests: XCTestCase {
         XCTAssertEqual(try Sys.readFile(store.path(0), limit: 1 << 16), before)
         XCTAssertEqual(try Sys.readFile(store.path(1), limit: 1 << 16), foreignBytes)
     }
+
+    func testHeaderStoreRefusesAWriteBasedOnAnOutdatedSequence() throws {
+        var template = Array("/tmp/xtsfs-format-XXXXXX".utf8CString)
+        let dir = String(cString: mkdtemp(&template)!)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let store = HeaderStore(directory: dir)
+        var h = Self.fixedHeader()
+        try store.write(h)
+        // Based on what is on disk (7): written.
+        h.sequence = 8
+        try store.write(h, expectedSequence: 7)
+        // Another host writes 9 meanwhile; a change made to 8 is refused, nothing written.
+        var other = h
+        other.sequence = 9
+        other.keyslots = []
+        try store.write(other, expectedSequence: 8)
+        let before = try (0..<2).map { try Sys.readFile(store.path($0), limit: 1 << 16) }
+        h.sequence = 9
+        XCTAssertThrowsError(try store.write(h, expectedSequence: 8)) { error in
+            guard case .concurrentChange(let expected, let found) = error as? HeaderStore.WriteError else { return XCTFail("\(error)") }
+            XCTAssertEqual(expected, 8)
+            XCTAssertEqual(found, 9)
+            XCTAssertTrue("\(error)".contains("another host"))
+        }
+        XCTAssertEqual(try (0..<2).map { try Sys.readFile(store.path($0), limit: 1 << 16) }, before)
+        XCTAssertEqual(try store.load().newest.keyslots.count, 0, "the other host's change stays")
+        // Half-written (one copy newer after a crash): the newest copy is the base.
+        h.sequence = 10
+        try Sys.atomicWrite(try h.encode(), to: store.path(0))
+        h.sequence = 11
+        try store.write(h, expectedSequence: 10)
+        XCTAssertEqual(try store.load().candidates.map(\.header.sequence), [11, 11])
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir).sorted(), HeaderStore.fileNames, "no temporary left")
+    }
 }

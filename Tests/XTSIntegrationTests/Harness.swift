@@ -194,12 +194,13 @@ class VolumeTestCase: XCTestCase {
     }
 
     /// Every regular file's bytes and every name under the backing directory, less the
-    /// audit log (which every unlock, failed or not, appends to).
+    /// audit log (which every unlock, failed or not, appends to) and the presence records
+    /// (which every mount writes and its unmount removes).
     func backingFiles() -> [(path: String, bytes: [UInt8])] {
         var out: [(String, [UInt8])] = []
         let e = FileManager.default.enumerator(atPath: cipher)
         while let rel = e?.nextObject() as? String {
-            if rel == "xtsfs.audit" || rel.hasPrefix("xtsfs.audit/") { continue }
+            if rel == "xtsfs.audit" || rel.hasPrefix("xtsfs.audit/") || rel == "xtsfs.hosts" || rel.hasPrefix("xtsfs.hosts/") { continue }
             let full = cipher + "/" + rel
             var st = stat()
             guard lstat(full, &st) == 0 else { continue }

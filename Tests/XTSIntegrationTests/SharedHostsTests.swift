@@ -1,0 +1,518 @@
+import Foundation
+import Synchronization
+import XCTest
+import CSysShim
+import XTSCrypto
+import XTSFormat
+import XTSKeys
+import XTSSystem
+@testable import XTSVolume
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Several hosts on one CIPHERDIR (issue 19): header changes that never lose another
+/// host's change.
+final class SharedHostsTests: VolumeTestCase {
+    /// The second mount of the same CIPHERDIR: another "host".
+    var mnt2: String { scratch + "/mnt2" }
+
+    /// CIPHERDIR as mount B reaches it: the same directory, or (scripts/gluster-test) the
+    /// same directory through another client of a distributed filesystem.
+    var cipher2 = ""
+
+    override func setUpWithError() throws {
+        try super.setUpWithError()
+        try FileManager.default.createDirectory(atPath: mnt2, withIntermediateDirectories: true)
+        cipher2 = cipher
+        // XTSFS_SHARED_BACKING=DIR1:DIR2: two clients' views of one shared filesystem.
+        if let shared = ProcessInfo.processInfo.environment["XTSFS_SHARED_BACKING"] {
+            let parts = shared.split(separator: ":").map(String.init)
+            guard parts.count == 2 else { throw XCTSkip("XTSFS_SHARED_BACKING must be DIR1:DIR2") }
+            let name = "vol-" + URL(fileURLWithPath: scratch).lastPathComponent
+            cipher = parts[0] + "/" + name
+            cipher2 = parts[1] + "/" + name
+        }
+    }
+
+    override func tearDown() {
+        Harness.forceUnmount(mnt2)
+        XCTAssertFalse(Harness.isMounted(mnt2), "mount left behind on \(mnt2)")
+        Harness.forceUnmount(mnt)
+        if cipher != scratch + "/cipher" { try? FileManager.default.removeItem(atPath: cipher) }
+        super.tearDown()
+    }
+
+    /// Mounts CIPHERDIR on `mnt` and on `mnt2`, each its own daemon.
+    func mountTwice(_ options: [String] = ["-o", "shared"], file: StaticString = #filePath, line: UInt = #line) {
+        mount(options, file: file, line: line)
+        let r = Harness.run(["mount", cipher2, mnt2, "--passfile", passfile] + options)
+        XCTAssertEqual(r.status, 0, "second mount failed: \(r.stderr)", file: file, line: line)
+        XCTAssertTrue(Harness.isMounted(mnt2), file: file, line: line)
+    }
+
+    func unmountBoth(file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertEqual(Harness.run(["unmount", mnt2]).status, 0, file: file, line: line)
+        unmount(file: file, line: line)
+    }
+
+    var provider: PassphraseProvider { PassphraseProvider(passphrase: SecretBytes(copying: Array(Self.passphrase.utf8))) }
+
+    /// Host A reads the header, host B adds a keyslot, then A writes its change made to
+    /// what it read: refused with a clear error, and B's slot is still there.
+    func testHeaderChangeMadeToAnOutdatedHeaderIsRefused() throws {
+        initVolume()
+        let a = try Volume.unlock(cipher, provider: provider, audit: nil, operation: "test")
+        let keyfile = scratch + "/key"
+        try KeySlots.generateKeyfile(keyfile)
+        let added = try KeySlots.add(cipherDir: cipher, provider: provider, newProvider: KeyfileProvider(contents: SecretBytes(copying: Array(try Sys.readFile(keyfile)))), audit: nil)
+        var changed = a.header
+        changed.keyslots.removeAll { $0.index != a.slot }
+        XCTAssertThrowsError(try KeySlots.write(cipher, changed, keys: a.keys, base: a.newestSequence)) { error in
+            guard case .refused(let why) = error as? VolumeError else { return XCTFail("\(error)") }
+            XCTAssertTrue(why.contains("changed while this command ran"), why)
+        }
+        let now = try Volume.load(cipher)
+        XCTAssertTrue(now.newest.keyslots.contains { $0.index == added }, "the other host's slot is kept")
+        XCTAssertEqual(Set(now.candidates.map(\.header.sequence)).count, 1)
+        // Made to the current header, the same change goes through.
+        let b = try Volume.unlock(cipher, provider: provider, audit: nil, operation: "test")
+        try KeySlots.remove(cipherDir: cipher, index: added, provider: provider, force: false, audit: nil)
+        XCTAssertEqual(try Volume.load(cipher).newest.sequence, b.newestSequence + 1)
+        XCTAssertFalse(try FileManager.default.contentsOfDirectory(atPath: cipher).contains { $0.contains(".tmp") })
+    }
+
+    // MARK: - presence records
+
+    var hostsDir: String { cipher + "/xtsfs.hosts" }
+
+    /// A record as another host writes it.
+    func plantRecord(_ name: String, host: String = "otherhost", hostID: String = "00112233445566ff", pid: Int32 = 4242,
+                     expires: Int64 = Int64(time(nil)) + 100) throws {
+        try FileManager.default.createDirectory(atPath: hostsDir, withIntermediateDirectories: true)
+        let now = Int64(time(nil))
+        let text = "xtsfs-presence 1\nhost=\(host)\nhostID=\(hostID)\npid=\(pid)\nmountpoint=/mnt/there\nmounted=\(now - 50)\nrefreshed=\(now - 10)\nexpires=\(expires)\nshared=1\n"
+        try text.write(toFile: hostsDir + "/" + name, atomically: false, encoding: .utf8)
+    }
+
+    func statusRecords() throws -> [[String: Any]] {
+        let r = Harness.run(["status", cipher, "--json"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let obj = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        return obj?["mountedBy"] as? [[String: Any]] ?? []
+    }
+
+    func testMountLeavesAPresenceRecordThatStatusListsAndUnmountRemoves() throws {
+        initVolume()
+        mount(["-o", "shared"])
+        let daemons = Harness.daemons(mnt)
+        XCTAssertEqual(daemons.count, 1)
+        let files = try FileManager.default.contentsOfDirectory(atPath: hostsDir)
+        XCTAssertEqual(files.count, 1, "\(files)")
+        XCTAssertTrue(files[0].hasSuffix(".\(daemons[0])"), "named HOSTID.PID of the daemon: \(files[0])")
+        let records = try statusRecords()
+        XCTAssertEqual(records.count, 1)
+        XCTAssertEqual(records.first?["state"] as? String, "live")
+        XCTAssertEqual(records.first?["mountpoint"] as? String, mnt)
+        XCTAssertEqual(records.first?["shared"] as? Bool, true)
+        XCTAssertEqual((records.first?["pid"] as? Int).map(Int32.init), daemons.first)
+        XCTAssertTrue(Harness.run(["status", cipher]).stdout.contains("Mounted by:      "))
+        // The mount itself does not count as another host for what it serves, and is hidden.
+        XCTAssertFalse(try FileManager.default.contentsOfDirectory(atPath: mnt).contains { $0.contains("xtsfs") })
+        unmount()
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: hostsDir), [], "removed on a clean unmount")
+        XCTAssertEqual(try statusRecords().count, 0)
+        XCTAssertTrue(Harness.run(["status", cipher]).stdout.contains("Mounted by:      nobody"))
+    }
+
+    func testOfflineOperationsRefuseWhileAnotherHostHoldsTheVolume() throws {
+        initVolume()
+        let backup = scratch + "/header.bak"
+        XCTAssertEqual(Harness.run(["header", "backup", cipher, backup]).status, 0)
+        try plantRecord("00112233445566ff.4242")
+        let before = backingFiles().map { "\($0.path) \($0.bytes)" }
+        let rekey = Harness.run(["rekey", "--dek", cipher, "--passfile", passfile])
+        XCTAssertEqual(rekey.status, 15, rekey.stderr)
+        XCTAssertTrue(rekey.stderr.contains("otherhost") && rekey.stderr.contains("mounted elsewhere") && rekey.stderr.contains("--force"), rekey.stderr)
+        let restore = Harness.run(["header", "restore", cipher, backup, "--passfile", passfile])
+        XCTAssertEqual(restore.status, 15, restore.stderr)
+        XCTAssertTrue(restore.stderr.contains("header restore must not run"), restore.stderr)
+        let fsck = Harness.run(["fsck", "--repair", cipher, "--passfile", passfile])
+        XCTAssertEqual(fsck.status, 8, fsck.stderr)
+        XCTAssertTrue(fsck.stderr.contains("fsck --repair must not run"), fsck.stderr)
+        XCTAssertEqual(backingFiles().map { "\($0.path) \($0.bytes)" }, before, "nothing changed")
+        // A check without repair runs, and says why findings may be transient.
+        let check = Harness.run(["fsck", cipher, "--passfile", passfile])
+        XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
+        XCTAssertTrue(check.stdout.contains("mounted on another host"), check.stdout)
+        // --force: that host is known to be gone.
+        XCTAssertEqual(Harness.run(["header", "restore", cipher, backup, "--passfile", passfile, "--force"]).status, 0)
+        let forced = Harness.run(["rekey", "--dek", cipher, "--passfile", passfile, "--force"])
+        XCTAssertEqual(forced.status, 0, forced.stderr)
+        // An expired record (a host cut off, not refreshed) does not hold the volume.
+        try plantRecord("00112233445566ff.4242", expires: Int64(time(nil)) - 5)
+        XCTAssertEqual(try statusRecords().first?["state"] as? String, "expired")
+        XCTAssertEqual(Harness.run(["fsck", "--repair", cipher, "--passfile", passfile]).status, 0)
+        // A record of this machine whose daemon is gone is dead at once, and a mount removes it.
+        try FileManager.default.removeItem(atPath: hostsDir + "/00112233445566ff.4242")
+        mount()
+        let mine = try FileManager.default.contentsOfDirectory(atPath: hostsDir)
+        XCTAssertEqual(mine.count, 1)
+        let hostID = String(mine[0].split(separator: ".")[0])
+        unmount()
+        let child = Process()
+        child.executableURL = URL(fileURLWithPath: "/bin/true")
+        try child.run()
+        child.waitUntilExit()
+        let dead = child.processIdentifier
+        try plantRecord(hostID + ".\(dead)", host: "me", hostID: hostID, pid: dead)
+        XCTAssertEqual(try statusRecords().first?["state"] as? String, "dead")
+        XCTAssertEqual(Harness.run(["fsck", "--repair", cipher, "--passfile", passfile]).status, 0)
+        mount()
+        XCTAssertFalse(try FileManager.default.contentsOfDirectory(atPath: hostsDir).contains(hostID + ".\(dead)"), "a mount removes this machine's dead records")
+        unmount()
+    }
+
+    /// Presence records are hostile input: a FIFO, a symlink out, a huge file, a directory
+    /// and garbage are skipped (never opened, never followed, never read whole); status
+    /// and the refusals work on.
+    func testHostilePresenceRecordsAreIgnored() throws {
+        initVolume()
+        try FileManager.default.createDirectory(atPath: hostsDir, withIntermediateDirectories: true)
+        XCTAssertEqual(mkfifo(hostsDir + "/fifo", 0o644), 0)
+        XCTAssertEqual(symlink("/etc/passwd", hostsDir + "/link"), 0)
+        try FileManager.default.createDirectory(atPath: hostsDir + "/dir", withIntermediateDirectories: true)
+        try Data(repeating: 0x41, count: 1 << 20).write(to: URL(fileURLWithPath: hostsDir + "/huge"))
+        try "xtsfs-presence 1\nhost=x\npid=notanumber\n".write(toFile: hostsDir + "/garbage", atomically: false, encoding: .utf8)
+        try "xtsfs-presence 1\nhost=x\nhostID=y\npid=1\nmountpoint=/m\nmounted=1\nrefreshed=1\nexpires=99999999999\n".write(
+            toFile: hostsDir + "/xtsfs.hosts.tmp.0123456789abcdef", atomically: false, encoding: .utf8)
+        XCTAssertEqual(try statusRecords().count, 0)
+        mount()
+        XCTAssertEqual(try statusRecords().count, 1, "only the mount's own record")
+        unmount()
+        let fsck = Harness.run(["fsck", "--repair", cipher, "--passfile", passfile])
+        XCTAssertEqual(fsck.status, 0, fsck.stdout + fsck.stderr)
+        // CIPHERDIR/xtsfs.hosts itself a symlink out: never followed.
+        try FileManager.default.removeItem(atPath: hostsDir)
+        let outside = scratch + "/outside"
+        try FileManager.default.createDirectory(atPath: outside, withIntermediateDirectories: true)
+        XCTAssertEqual(symlink(outside, hostsDir), 0)
+        mount()
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: outside), [], "nothing written through the symlink")
+        unmount()
+    }
+
+    // MARK: - locks
+
+    func ofdLock(_ fd: Int32, _ type: Int32, _ start: Int, _ len: Int, wait: Bool = false) -> Int32 {
+        var l = flock()
+        l.l_type = Int16(type)
+        l.l_whence = Int16(SEEK_SET)
+        l.l_start = off_t(start)
+        l.l_len = off_t(len)
+        return fcntl(fd, wait ? XTS_F_OFD_SETLKW : XTS_F_OFD_SETLK, &l) == 0 ? 0 : errno
+    }
+
+    /// Two mounts of one CIPHERDIR with -o shared: a lock taken through one blocks the
+    /// other (fcntl byte ranges, F_GETLK, flock), waiters wake when it goes, and closing the
+    /// descriptor releases it.
+    func testLocksHeldOnOneMountExcludeTheOther() throws {
+        initVolume()
+        mountTwice()
+        try write(mnt + "/f", pattern(100, seed: 1))
+        let fa = open(mnt + "/f", O_RDWR), fb = open(mnt2 + "/f", O_RDWR)
+        XCTAssertTrue(fa >= 0 && fb >= 0)
+        // fcntl byte ranges (open-file-description locks: FUSE setlk with an owner per descriptor).
+        XCTAssertEqual(ofdLock(fa, F_WRLCK, 0, 10), 0)
+        XCTAssertEqual(ofdLock(fb, F_WRLCK, 5, 10), EAGAIN, "overlapping range locked on the other mount")
+        XCTAssertEqual(ofdLock(fb, F_RDLCK, 0, 1), EAGAIN)
+        XCTAssertEqual(ofdLock(fb, F_WRLCK, 20, 10), 0, "a disjoint range is free")
+        var probe = flock()
+        probe.l_type = Int16(F_WRLCK)
+        probe.l_whence = Int16(SEEK_SET)
+        probe.l_start = 0
+        probe.l_len = 5
+        XCTAssertEqual(fcntl(fb, XTS_F_OFD_GETLK, &probe), 0)
+        XCTAssertEqual(Int32(probe.l_type), F_WRLCK, "F_GETLK sees the other mount's lock")
+        XCTAssertEqual(probe.l_start, 0)
+        XCTAssertEqual(probe.l_len, 10)
+        XCTAssertEqual(ofdLock(fb, F_UNLCK, 0, 100), 0)
+        let released = Atomic<Bool>(false)
+        // flock: exclusive on A, refused on B; a blocked waiter on B gets it once A closes.
+        // (On another file: on GlusterFS, as on NFS, flock and fcntl locks conflict.)
+        try write(mnt + "/g", [1])
+        let ga = open(mnt + "/g", O_RDWR), gb = open(mnt2 + "/g", O_RDWR)
+        XCTAssertEqual(xts_flock(ga, XTS_LOCK_EX | XTS_LOCK_NB), 0)
+        XCTAssertEqual(xts_flock(gb, XTS_LOCK_EX | XTS_LOCK_NB), -1)
+        XCTAssertEqual(errno, EWOULDBLOCK)
+        XCTAssertEqual(xts_flock(gb, XTS_LOCK_SH | XTS_LOCK_NB), -1, "shared is refused against exclusive")
+        let acquiredAfterRelease = Mutex<Bool?>(nil)
+        let waiter = Thread { [gb] in
+            let r = xts_flock(gb, XTS_LOCK_EX)
+            acquiredAfterRelease.withLock { $0 = r == 0 && released.load(ordering: .sequentiallyConsistent) }
+        }
+        waiter.start()
+        usleep(200_000)
+        XCTAssertNil(acquiredAfterRelease.withLock { $0 }, "the waiter must still wait while A holds the lock")
+        released.store(true, ordering: .sequentiallyConsistent)
+        close(ga)  // releases A's flock
+        close(fa)  // and its fcntl range
+        let deadline = Date().addingTimeInterval(30)
+        while acquiredAfterRelease.withLock({ $0 }) == nil && Date() < deadline { usleep(10_000) }
+        XCTAssertEqual(acquiredAfterRelease.withLock { $0 }, true, "B's waiter got the lock once A let it go")
+        XCTAssertEqual(ofdLock(fb, F_WRLCK, 0, 10), 0, "A's fcntl range went with its descriptor")
+        // Through A again, now B holds both.
+        let fa2 = open(mnt + "/f", O_RDWR), ga2 = open(mnt + "/g", O_RDWR)
+        XCTAssertEqual(xts_flock(ga2, XTS_LOCK_EX | XTS_LOCK_NB), -1)
+        XCTAssertEqual(ofdLock(fa2, F_RDLCK, 0, 1), EAGAIN)
+        close(fa2)
+        close(ga2)
+        XCTAssertEqual(xts_flock(gb, XTS_LOCK_UN), 0)
+        close(gb)
+        close(fb)
+        unmountBoth()
+    }
+
+    /// A waiter killed while it waits (a signal interrupts the FUSE request) neither
+    /// hangs the daemon nor keeps a lock it never got.
+    func testKilledLockWaiterLeavesNothingHeld() throws {
+        initVolume()
+        mountTwice()
+        try write(mnt + "/f", [1, 2, 3])
+        let fa = open(mnt + "/f", O_RDWR)
+        XCTAssertEqual(xts_flock(fa, XTS_LOCK_EX), 0)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/flock")
+        p.arguments = ["-x", mnt2 + "/f", "-c", "true"]
+        try p.run()
+        usleep(300_000)
+        XCTAssertTrue(p.isRunning, "flock through the other mount waits")
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        XCTAssertEqual(xts_flock(fa, XTS_LOCK_UN), 0)
+        XCTAssertEqual(Harness.shell("flock -n -x '\(mnt2)/f' -c true"), 0, "the killed waiter holds nothing")
+        close(fa)
+        unmountBoth()
+    }
+
+    /// Without -o shared the kernel keeps locks, local to each mount (documented): two
+    /// mounts do not see each other's.
+    func testWithoutSharedLocksAreLocalToEachMount() throws {
+        initVolume()
+        mountTwice([])
+        try write(mnt + "/f", [1])
+        let fa = open(mnt + "/f", O_RDWR), fb = open(mnt2 + "/f", O_RDWR)
+        XCTAssertEqual(xts_flock(fa, XTS_LOCK_EX | XTS_LOCK_NB), 0)
+        XCTAssertEqual(xts_flock(fb, XTS_LOCK_EX | XTS_LOCK_NB), 0)
+        let fa2 = open(mnt + "/f", O_RDWR)
+        XCTAssertEqual(xts_flock(fa2, XTS_LOCK_EX | XTS_LOCK_NB), -1, "within one mount they still exclude")
+        close(fa2)
+        close(fa)
+        close(fb)
+        unmountBoth()
+    }
+
+    // MARK: - -o shared: what one mount changes, the other sees
+
+    func readAll(_ path: String) -> [UInt8]? {
+        try? read(path)
+    }
+
+    /// Compares bytes without printing megabytes of them: the sizes and the first difference.
+    func assertBytes(_ got: [UInt8]?, _ expected: [UInt8], _ message: String = "bytes", file: StaticString = #filePath, line: UInt = #line) {
+        guard let got else { return XCTFail("\(message): unreadable", file: file, line: line) }
+        guard got != expected else { return }
+        let first = zip(got, expected).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? min(got.count, expected.count)
+        XCTFail("\(message): \(got.count) bytes, expected \(expected.count); first difference at \(first)", file: file, line: line)
+    }
+
+    func pwriteFile(_ path: String, _ bytes: [UInt8], at offset: Int, flags: Int32 = O_WRONLY) {
+        let fd = open(path, flags)
+        XCTAssertTrue(fd >= 0, "open \(path): \(errno)")
+        XCTAssertEqual(bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }, bytes.count)
+        close(fd)
+    }
+
+    func append(_ path: String, _ bytes: [UInt8]) {
+        let fd = open(path, O_WRONLY | O_APPEND)
+        XCTAssertTrue(fd >= 0)
+        XCTAssertEqual(bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }, bytes.count)
+        close(fd)
+    }
+
+    func exists(_ path: String) -> Bool {
+        var st = stat()
+        return lstat(path, &st) == 0
+    }
+
+    /// Every kind of change made and closed on `a` is seen with the right bytes on `b`,
+    /// which has read (cached) the old state first.
+    func checkChangesSeen(from a: String, on b: String, _ tag: String) throws {
+        let p1 = pattern(20_000, seed: 11), p2 = pattern(20_000, seed: 12)
+        // create
+        try write(a + "/f", p1)
+        assertBytes(readAll(b + "/f"), p1, "\(tag): create")
+        // write in place, same size
+        var expected = p1
+        let patch = [UInt8](repeating: 0xAA, count: 100)
+        pwriteFile(a + "/f", patch, at: 5000)
+        expected.replaceSubrange(5000..<5100, with: patch)
+        assertBytes(readAll(b + "/f"), expected, "\(tag): write in place")
+        // O_TRUNC rewrite, same size: a new file header and key
+        try write(a + "/f", p2)
+        assertBytes(readAll(b + "/f"), p2, "\(tag): O_TRUNC rewrite")
+        // append
+        append(a + "/f", [1, 2, 3])
+        assertBytes(readAll(b + "/f"), p2 + [1, 2, 3], "\(tag): append")
+        // rename
+        XCTAssertEqual(rename(a + "/f", a + "/g"), 0)
+        XCTAssertFalse(exists(b + "/f"), "\(tag): renamed away")
+        assertBytes(readAll(b + "/g"), p2 + [1, 2, 3], "\(tag): rename")
+        // rename over an existing file
+        try write(a + "/h", p1)
+        _ = readAll(b + "/h")
+        XCTAssertEqual(rename(a + "/h", a + "/g"), 0)
+        assertBytes(readAll(b + "/g"), p1, "\(tag): rename over")
+        XCTAssertFalse(exists(b + "/h"))
+        // unlink
+        XCTAssertEqual(unlink(a + "/g"), 0)
+        XCTAssertFalse(exists(b + "/g"), "\(tag): unlink")
+        // mkdir, a file in it
+        XCTAssertEqual(mkdir(a + "/d", 0o755), 0)
+        try write(a + "/d/x", [7, 7, 7])
+        assertBytes(readAll(b + "/d/x"), [7, 7, 7], "\(tag): mkdir")
+        // rmdir + mkdir of the same name: what b then creates there, a reads
+        XCTAssertEqual(unlink(a + "/d/x"), 0)
+        XCTAssertEqual(rmdir(a + "/d"), 0)
+        XCTAssertEqual(mkdir(a + "/d", 0o700), 0)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: b + "/d"), [], "\(tag): the new directory is empty")
+        try write(b + "/d/y", [9, 8, 7])
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: a + "/d"), ["y"], "\(tag): rmdir + mkdir")
+        assertBytes(readAll(a + "/d/y"), [9, 8, 7])
+        // symlink
+        XCTAssertEqual(symlink("some/target", a + "/s"), 0)
+        XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: b + "/s"), "some/target", "\(tag): symlink")
+        // chmod
+        var st = stat()
+        XCTAssertEqual(stat(b + "/d/y", &st), 0)
+        XCTAssertEqual(chmod(a + "/d/y", 0o640), 0)
+        XCTAssertEqual(stat(b + "/d/y", &st), 0)
+        XCTAssertEqual(st.st_mode & 0o7777, 0o640, "\(tag): chmod")
+        // directory rename
+        XCTAssertEqual(rename(a + "/d", a + "/e"), 0)
+        XCTAssertFalse(exists(b + "/d"), "\(tag): directory renamed away")
+        assertBytes(readAll(b + "/e/y"), [9, 8, 7], "\(tag): directory rename")
+        // clean up for the other direction
+        XCTAssertEqual(unlink(b + "/e/y"), 0)
+        XCTAssertEqual(rmdir(b + "/e"), 0)
+        XCTAssertEqual(unlink(b + "/s"), 0)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: a), [], "\(tag): everything removed from the other side")
+    }
+
+    func testEveryChangeOnOneMountIsSeenOnTheOther() throws {
+        initVolume()
+        mountTwice()
+        try checkChangesSeen(from: mnt, on: mnt2, "A to B")
+        try checkChangesSeen(from: mnt2, on: mnt, "B to A")
+        unmountBoth()
+        XCTAssertEqual(Harness.run(["fsck", cipher, "--passfile", passfile]).status, 0, "fsck finds nothing wrong")
+    }
+
+    /// 300 creates from each mount at once in one directory: all 600 appear on both, each
+    /// with its bytes.
+    func testConcurrentCreatesFromBothMounts() throws {
+        initVolume()
+        mountTwice()
+        XCTAssertEqual(mkdir(mnt + "/dir", 0o755), 0)
+        let failures = Mutex<[String]>([])
+        let roots = [mnt + "/dir/", mnt2 + "/dir/"]
+        DispatchQueue.concurrentPerform(iterations: 2) { side in
+            let root = roots[side]
+            for i in 0..<300 {
+                let name = (side == 0 ? "a" : "b") + "\(i)"
+                let fd = open(root + name, O_WRONLY | O_CREAT | O_EXCL, 0o644)
+                guard fd >= 0 else { failures.withLock { $0.append("\(name): \(errno)") }; continue }
+                let bytes = Array("\(name) content".utf8)
+                if bytes.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, $0.count) }) != bytes.count { failures.withLock { $0.append("\(name): write") } }
+                close(fd)
+            }
+        }
+        XCTAssertEqual(failures.withLock { $0 }, [])
+        let expected = Set((0..<300).flatMap { ["a\($0)", "b\($0)"] })
+        for m in [mnt, mnt2] {
+            XCTAssertEqual(Set(try FileManager.default.contentsOfDirectory(atPath: m + "/dir")), expected, "\(m) lists all 600")
+            for name in expected where readAll(m + "/dir/" + name) != Array("\(name) content".utf8) {
+                XCTFail("\(m)/dir/\(name) has the wrong bytes")
+            }
+        }
+        unmountBoth()
+        let fsck = Harness.run(["fsck", cipher, "--passfile", passfile])
+        XCTAssertEqual(fsck.status, 0, fsck.stdout)
+    }
+
+    /// A file open (and cached) on B, rewritten by A with a new key: B's open descriptor
+    /// reads the new bytes, never plaintext decrypted with the old key, and a new open
+    /// does not serve the old pages.
+    func testFileRewrittenWhileOpenOnTheOtherMount() throws {
+        initVolume()
+        mountTwice()
+        let old = pattern(50_000, seed: 21), new = pattern(50_000, seed: 22), shorter = pattern(7_000, seed: 23)
+        try write(mnt + "/f", old)
+        let fb = open(mnt2 + "/f", O_RDONLY)
+        XCTAssertTrue(fb >= 0)
+        func preadAll(_ fd: Int32) -> [UInt8] {
+            var buf = [UInt8](repeating: 0, count: 100_000)
+            let n = buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+            return n < 0 ? [] : Array(buf[0..<n])
+        }
+        assertBytes(preadAll(fb), old, "B reads the file")
+        try write(mnt + "/f", new)   // O_TRUNC and new contents: a new header, a new key
+        let seen = preadAll(fb)
+        assertBytes(seen, new, "the open descriptor reads the new file with its new key" + (seen == old ? " (it read the old file: stale, not garbage)" : ""))
+        assertBytes(readAll(mnt2 + "/f"), new, "a new open reads the new bytes")
+        try write(mnt + "/f", shorter)
+        assertBytes(preadAll(fb), shorter, "shorter, through the open descriptor")
+        assertBytes(readAll(mnt2 + "/f"), shorter, "shorter, a new open")
+        // And the other way round while A has it open.
+        let fa = open(mnt + "/f", O_RDONLY)
+        assertBytes(preadAll(fa), shorter, "A reads its own file")
+        try write(mnt2 + "/f", old)
+        assertBytes(preadAll(fa), old, "A open across B's rewrite")
+        close(fa)
+        close(fb)
+        unmountBoth()
+    }
+
+    /// Both mounts open(O_CREAT) without O_EXCL the same 300 names at once: every open
+    /// succeeds (one creates, the other opens what won), and each file holds one whole write.
+    func testCreatesOfTheSameNamesRacingOnBothMounts() throws {
+        initVolume()
+        mountTwice()
+        XCTAssertEqual(mkdir(mnt + "/dir", 0o755), 0)
+        let failures = Mutex<[String]>([])
+        let roots = [mnt + "/dir/", mnt2 + "/dir/"]
+        DispatchQueue.concurrentPerform(iterations: 2) { side in
+            for i in 0..<300 {
+                let fd = open(roots[side] + "f\(i)", O_WRONLY | O_CREAT, 0o644)
+                guard fd >= 0 else { failures.withLock { $0.append("side \(side) f\(i): errno \(errno)") }; continue }
+                let bytes = Array("side \(side)".utf8)
+                _ = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+                close(fd)
+            }
+        }
+        XCTAssertEqual(failures.withLock { $0 }, [])
+        for i in 0..<300 {
+            let got = readAll(mnt2 + "/dir/f\(i)")
+            XCTAssertTrue(got == Array("side 0".utf8) || got == Array("side 1".utf8), "f\(i): \(String(describing: got))")
+        }
+        unmountBoth()
+    }
+
+    func testSharedRefusesANameAndAttributeCache() throws {
+        initVolume()
+        let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile, "-o", "shared,cache_timeout=5"])
+        XCTAssertEqual(r.status, 2, r.stderr)
+        XCTAssertTrue(r.stderr.contains("cache_timeout=0"), r.stderr)
+        XCTAssertFalse(Harness.isMounted(mnt))
+    }
+}
