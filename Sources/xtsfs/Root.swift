@@ -11,7 +11,7 @@ struct XTSFSCommand: ParsableCommand {
         abstract: "An encrypted directory: AES-XTS-256 file contents, encrypted names, keyslots.",
         discussion: "Exit codes: 0 success, 1 other error, 2 usage, 10 not a volume, 11 corrupt header, 12 wrong key, 13 unsupported format, 14 mount failed, 15 refused, 16 bad input, 17 key provider failed. See xtsfs(1).",
         version: "0.1.0",
-        subcommands: [Init.self, Mount.self, Unmount.self, Status.self, Keys.self, Rekey.self, Header.self, Audit.self, Fsck.self, Cache.self]
+        subcommands: [Init.self, Mount.self, Unmount.self, Status.self, Keys.self, Rekey.self, Header.self, Audit.self, Fsck.self, Cache.self, BenchmarkCommand.self]
     )
 
     /// Our own exit codes; the argument parser's usage errors become 2.
