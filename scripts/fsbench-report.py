@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Turns the raw measurements of scripts/fsbench into a table, a chart and JSON.
+
+    fsbench-report.py DIR
+
+Reads DIR/raw.csv (round,filesystem,metric,value) and DIR/meta.json; writes
+DIR/results.md (Markdown: medians with min-max ranges, the best peer of each row, and
+the ratios of every xtsfs mount to the plain directory and to the best peer),
+DIR/results.json (the same numbers) and DIR/chart.svg (one panel per workload, a bar
+per filesystem with its range; standard library only).
+
+A ratio above 1 always means xtsfs did better: for throughput it is xtsfs / reference,
+for times, CPU and memory it is reference / xtsfs.
+"""
+import csv
+import html
+import json
+import math
+import os
+import statistics
+import sys
+
+PEERS = ["gocryptfs", "securefs", "cryfs", "encfs"]
+# metric, label, unit, higher is better, decimals
+ROWS = [
+    ("seqwrite", "seqwrite {size} dd + fdatasync", "MB/s", True, 0),
+    ("seqread", "seqread after drop_caches", "MB/s", True, 0),
+    ("cached", "seqread again (page cache)", "MB/s", True, 0),
+    ("randread", "fio 4 KiB randread", "IOPS", True, 0),
+    ("randwrite", "fio 4 KiB randwrite + final fsync", "IOPS", True, 0),
+    ("untar", "untar {tree}", "s", False, 2),
+    ("ls", "ls -lR", "s", False, 2),
+    ("read", "read every file (md5sum)", "s", False, 2),
+    ("rm", "rm -rf", "s", False, 2),
+    ("cpu_seqwrite", "daemon CPU per GiB, seqwrite", "s", False, 2),
+    ("cpu_seqread", "daemon CPU per GiB, seqread", "s", False, 2),
+    ("rss_peak_mib", "daemon peak RSS (VmHWM)", "MiB", False, 0),
+]
+COLORS = {"plain": "#9e9e9e", "xtsfs": "#1565c0", "integrity": "#42a5f5", "gocryptfs": "#ef6c00",
+          "securefs": "#2e7d32", "cryfs": "#8e24aa", "encfs": "#c62828"}
+EXTRA_COLORS = ["#00838f", "#5d4037", "#283593", "#827717"]
+
+
+def number(v, decimals):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if decimals == 0:
+        return f"{v:,.0f}"
+    return f"{v:,.{decimals}f}"
+
+
+def ratio(x, ref, higher):
+    if x is None or ref is None or x <= 0 or ref <= 0:
+        return None
+    return x / ref if higher else ref / x
+
+
+def ratio_text(r):
+    if r is None:
+        return "–"
+    return f"{r:.2f}×" if r < 10 else f"{r:.0f}×"
+
+
+def main():
+    out = sys.argv[1]
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    values = {}
+    with open(os.path.join(out, "raw.csv")) as f:
+        for row in csv.DictReader(f):
+            try:
+                v = float(row["value"])
+            except ValueError:
+                continue
+            if math.isnan(v):
+                continue
+            values.setdefault((row["filesystem"], row["metric"]), []).append(v)
+
+    order = meta["order"]
+    measured = {fs for fs, _ in values}
+    xts = [fs for fs in order if fs not in PEERS and fs != "plain" and fs in measured]
+    peers = [fs for fs in order if fs in PEERS]
+    size = meta["size_mib"]
+    size_text = f"{size // 1024} GiB" if size % 1024 == 0 else f"{size} MiB"
+    tree = meta["tree"].split(",")
+    tree_text = f"{tree[0]} / {tree[1].strip()} ({tree[2].strip()})" if len(tree) == 3 else meta["tree"]
+
+    rows = []
+    for metric, label, unit, higher, decimals in ROWS:
+        stats = {}
+        for fs in order:
+            vs = values.get((fs, metric))
+            if vs:
+                stats[fs] = {"median": statistics.median(vs), "min": min(vs), "max": max(vs), "n": len(vs)}
+        if not stats:
+            continue
+        pick = max if higher else min
+        ranked = [fs for fs in peers if fs in stats]
+        best = pick(ranked, key=lambda fs: stats[fs]["median"]) if ranked else None
+        ratios = {}
+        for fs in xts:
+            if fs not in stats:
+                continue
+            m = stats[fs]["median"]
+            ratios[fs] = {
+                "vs_plain": ratio(m, stats.get("plain", {}).get("median"), higher),
+                "vs_best_peer": ratio(m, stats[best]["median"], higher) if best else None,
+            }
+        rows.append({"metric": metric, "label": label.format(size=size_text, tree=tree_text), "unit": unit,
+                     "higher_is_better": higher, "decimals": decimals, "values": stats, "best_peer": best,
+                     "ratios": ratios})
+
+    json.dump({"meta": meta, "rows": rows}, open(os.path.join(out, "results.json"), "w"), indent=2)
+
+    # Markdown
+    lines = []
+    rounds = meta["rounds"]
+    lines.append(f"fsbench, {meta['date']}: {meta['host_cores']} cores ({meta['cpu']}), kernel {meta['kernel']}, "
+                 f"backing filesystem {meta['backing']}; {rounds} interleaved round{'s' if rounds != 1 else ''}, "
+                 f"order rotated each round; median (min–max); load average before the run {meta['load_before']}; "
+                 f"{meta['seconds']} s.")
+    lines.append("")
+    head = ["workload", "unit"] + order + ["best peer"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|---|---|" + "---:|" * len(order) + "---|")
+    for r in rows:
+        cells = [r["label"], r["unit"] + (" ↑" if r["higher_is_better"] else " ↓")]
+        for fs in order:
+            s = r["values"].get(fs)
+            if not s:
+                cells.append("–")
+            elif s["n"] > 1 and s["min"] != s["max"]:
+                cells.append(f"{number(s['median'], r['decimals'])} ({number(s['min'], r['decimals'])}–{number(s['max'], r['decimals'])})")
+            else:
+                cells.append(number(s["median"], r["decimals"]))
+        cells.append(r["best_peer"] or "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("↑ higher is better, ↓ lower is better. CPU is the daemon's utime+stime per GiB moved; "
+                 "RSS is the daemon's peak resident set at the end of the run (the plain directory has no daemon).")
+    if xts:
+        lines.append("")
+        lines.append("Ratios of the medians (above 1: xtsfs did better; for times, CPU and RSS the reference divided by xtsfs's figure):")
+        lines.append("")
+        head = ["workload"]
+        for fs in xts:
+            head += [f"{fs} ÷ plain", f"{fs} ÷ best peer"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|---|" + "---:|" * (2 * len(xts)))
+        for r in rows:
+            cells = [r["label"]]
+            for fs in xts:
+                q = r["ratios"].get(fs, {})
+                cells += [ratio_text(q.get("vs_plain")), ratio_text(q.get("vs_best_peer"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Versions: " + "; ".join(f"{fs}: {meta['versions'].get(fs, '?')}" for fs in order) + ".")
+    if meta.get("missing"):
+        lines.append("")
+        lines.append("Missing (could not be set up or failed during the run): " +
+                     "; ".join(f"{fs} ({why.strip()})" for fs, why in meta["missing"].items()) + ".")
+    open(os.path.join(out, "results.md"), "w").write("\n".join(lines) + "\n")
+
+    write_svg(os.path.join(out, "chart.svg"), rows, order, meta)
+
+
+def write_svg(path, rows, order, meta):
+    colors = {}
+    extra = iter(EXTRA_COLORS * 4)
+    for fs in order:
+        colors[fs] = COLORS.get(fs) or next(extra)
+    panels = [r for r in rows if r["metric"] not in ("cpu_seqread",)]
+    cols = 2
+    panel_w, bar_h, gap = 470, 16, 4
+    label_w, value_w = 80, 120
+    panel_h = 34 + len(order) * (bar_h + gap)
+    title_h = 54
+    width = cols * panel_w + 20
+    height = title_h + math.ceil(len(panels) / cols) * (panel_h + 16) + 10
+    e = html.escape
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Arial, sans-serif" font-size="11">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="10" y="20" font-size="15" font-weight="bold">xtsfs and peers: scripts/fsbench, {e(meta["date"][:10])}</text>',
+           f'<text x="10" y="38" fill="#555">{meta["host_cores"]} cores, kernel {e(meta["kernel"])}, '
+           f'median of {meta["rounds"]} interleaved round(s); the whisker is the min–max range; '
+           f'bars are scaled to the largest value of their panel.</text>']
+    for i, r in enumerate(panels):
+        x0 = 10 + (i % cols) * panel_w
+        y0 = title_h + (i // cols) * (panel_h + 16)
+        better = "higher is better" if r["higher_is_better"] else "lower is better"
+        svg.append(f'<text x="{x0}" y="{y0 + 12}" font-weight="bold">{e(r["label"])}</text>')
+        svg.append(f'<text x="{x0}" y="{y0 + 25}" fill="#555">{e(r["unit"])}, {better}</text>')
+        vals = r["values"]
+        top = max([s["max"] for s in vals.values()] + [1e-9])
+        span = panel_w - label_w - value_w - 10
+        for j, fs in enumerate(order):
+            y = y0 + 32 + j * (bar_h + gap)
+            svg.append(f'<text x="{x0 + label_w - 6}" y="{y + bar_h - 4}" text-anchor="end">{e(fs)}</text>')
+            s = vals.get(fs)
+            if not s:
+                svg.append(f'<text x="{x0 + label_w}" y="{y + bar_h - 4}" fill="#999">–</text>')
+                continue
+            w = max(1.0, span * s["median"] / top)
+            svg.append(f'<rect x="{x0 + label_w}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{colors[fs]}"/>')
+            if s["n"] > 1 and s["max"] > s["min"]:
+                a = x0 + label_w + span * s["min"] / top
+                b = x0 + label_w + span * s["max"] / top
+                ym = y + bar_h / 2
+                svg.append(f'<path d="M{a:.1f} {ym:.1f}H{b:.1f}M{a:.1f} {y + 3}V{y + bar_h - 3}M{b:.1f} {y + 3}V{y + bar_h - 3}" '
+                           f'stroke="#222" stroke-width="1" fill="none"/>')
+            mark = " ★" if fs == r["best_peer"] else ""
+            svg.append(f'<text x="{x0 + label_w + max(w, span * s["max"] / top) + 4:.1f}" y="{y + bar_h - 4}">'
+                       f'{number(s["median"], r["decimals"])}{mark}</text>')
+    svg.append(f'<text x="10" y="{height - 4}" fill="#555">★ best peer of the row (gocryptfs, securefs, cryfs, encfs)</text>')
+    svg.append("</svg>")
+    open(path, "w").write("\n".join(svg) + "\n")
+
+
+if __name__ == "__main__":
+    main()
