@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Turns the raw measurements of scripts/fsbench into a table, a chart and JSON.
 
-    fsbench-report.py DIR
+    fsbench-report.py DIR [--publish REPO]
 
 Reads DIR/raw.csv (round,filesystem,metric,value) and DIR/meta.json; writes
 DIR/results.md (Markdown: medians with min-max ranges, the best peer of each row, and
 the ratios of every xtsfs mount to the plain directory and to the best peer),
-DIR/results.json (the same numbers) and DIR/chart.svg (one panel per workload, a bar
-per filesystem with its range; standard library only).
+DIR/summary.md (xtsfs, the plain directory and the best peer only), DIR/results.json
+(the same numbers) and DIR/chart.svg (one panel per workload, a bar per filesystem with
+its range; standard library only). --publish REPO copies the chart to REPO/docs/fsbench.svg
+and the tables into REPO/docs/BENCHMARKS.md and REPO/README.md between their
+"fsbench results" markers.
 
 A ratio above 1 always means xtsfs did better: for throughput it is xtsfs / reference,
 for times, CPU and memory it is reference / xtsfs.
@@ -17,6 +20,7 @@ import html
 import json
 import math
 import os
+import re
 import statistics
 import sys
 
@@ -81,8 +85,8 @@ def main():
     peers = [fs for fs in order if fs in PEERS]
     size = meta["size_mib"]
     size_text = f"{size // 1024} GiB" if size % 1024 == 0 else f"{size} MiB"
-    tree = meta["tree"].split(",")
-    tree_text = f"{tree[0]} / {tree[1].strip()} ({tree[2].strip()})" if len(tree) == 3 else meta["tree"]
+    m = re.fullmatch(r"([\d,]+ files), ([\d,]+ directories), (\d+ MiB)", meta["tree"])
+    tree_text = f"{m[1]} / {m[2]} ({m[3]})" if m else meta["tree"]
 
     rows = []
     for metric, label, unit, higher, decimals in ROWS:
@@ -160,7 +164,47 @@ def main():
                      "; ".join(f"{fs} ({why.strip()})" for fs, why in meta["missing"].items()) + ".")
     open(os.path.join(out, "results.md"), "w").write("\n".join(lines) + "\n")
 
+    # The short form for README.md: xtsfs's mounts, the plain directory, the best peer.
+    short = []
+    head = ["workload", "plain"] + xts + ["best peer"] + [f"{fs} ÷ best peer" for fs in xts]
+    short.append("| " + " | ".join(head) + " |")
+    short.append("|---|" + "---:|" * (1 + len(xts)) + "---|" + "---:|" * len(xts))
+    for r in rows:
+        cells = [f"{r['label']}, {r['unit']}"]
+        for fs in ["plain"] + xts:
+            s = r["values"].get(fs)
+            cells.append(number(s["median"], r["decimals"]) if s else "–")
+        b = r["best_peer"]
+        cells.append(f"{number(r['values'][b]['median'], r['decimals'])} ({b})" if b else "–")
+        cells += [ratio_text(r["ratios"].get(fs, {}).get("vs_best_peer")) for fs in xts]
+        short.append("| " + " | ".join(cells) + " |")
+    open(os.path.join(out, "summary.md"), "w").write("\n".join(short) + "\n")
+
     write_svg(os.path.join(out, "chart.svg"), rows, order, meta)
+    if len(sys.argv) > 3 and sys.argv[2] == "--publish":
+        publish(out, sys.argv[3], meta)
+
+
+def replace_between(path, begin, end, text):
+    doc = open(path).read()
+    a, b = doc.find(begin), doc.find(end)
+    if a < 0 or b < a:
+        raise SystemExit(f"fsbench-report: {path} has no {begin} ... {end} section to replace")
+    open(path, "w").write(doc[:a + len(begin)] + "\n" + text + doc[b:])
+
+
+def publish(out, repo, meta):
+    """Copies the chart to docs/fsbench.svg and the tables into docs/BENCHMARKS.md and
+    README.md, between their "fsbench results" markers."""
+    import shutil
+    shutil.copyfile(os.path.join(out, "chart.svg"), os.path.join(repo, "docs", "fsbench.svg"))
+    full = open(os.path.join(out, "results.md")).read()
+    short = open(os.path.join(out, "summary.md")).read()
+    replace_between(os.path.join(repo, "docs", "BENCHMARKS.md"), "<!-- fsbench results begin -->",
+                    "<!-- fsbench results end -->", full + "\n![fsbench chart](fsbench.svg)\n")
+    replace_between(os.path.join(repo, "README.md"), "<!-- fsbench results begin -->", "<!-- fsbench results end -->",
+                    f"{meta['date'][:10]}, {meta['host_cores']} cores, kernel {meta['kernel']}, medians of "
+                    f"{meta['rounds']} interleaved rounds ({meta['tree']} in the small-file rows):\n\n" + short)
 
 
 def write_svg(path, rows, order, meta):
