@@ -1,4 +1,3 @@
-import CCrypto
 import XTSContent
 import XTSCrypto
 import XTSFormat
@@ -134,7 +133,7 @@ public enum Benchmark {
         var u = utsname()
         uname(&u)
         let kernel = withUnsafeBytes(of: &u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-        let openssl = String(cString: OpenSSL_version(Int32(OPENSSL_VERSION)))
+        let openssl = OpenSSLVersion.text
         return BenchmarkReport(machine: .init(cores: n, kernel: kernel, openssl: openssl), secondsPerFigure: seconds,
                                content: content, names: names, integrityTags: tags, argon2id: kdf)
     }
