@@ -97,9 +97,13 @@ struct BenchmarkCommand: ParsableCommand {
             out += pad("unit tags", 15) + pad(size(t.requestBytes), 10) + pad("\(t.threads)", 10) + pad(rate(t.mbPerSecond, "MB/s"), 17) + "\n"
         }
         for k in r.argon2id {
-            out += String(format: "argon2id  %u iterations, %u KiB memory, %u lanes%@: %.0f ms per derivation; %u iterations for %d ms\n",
-                          k.iterations, k.memoryKiB, k.parallelism, k.isDefault ? " (default)" : "", k.millisecondsPerDerivation,
-                          k.iterationsForTarget, k.targetMilliseconds)
+            let perIteration = k.millisecondsPerDerivation / Double(max(k.iterations, 1))
+            let target = k.iterationsForTarget == 1 && perIteration > Double(k.targetMilliseconds)
+                ? String(format: "1 iteration already takes %.0f ms (more than %d ms)", perIteration, k.targetMilliseconds)
+                : "\(k.iterationsForTarget) iteration\(k.iterationsForTarget == 1 ? "" : "s") for \(k.targetMilliseconds) ms"
+            out += String(format: "argon2id  %u iterations, %u KiB memory, %u lanes%@: %.0f ms per derivation; ",
+                          k.iterations, k.memoryKiB, k.parallelism, k.isDefault ? " (default)" : "", k.millisecondsPerDerivation)
+            out += target + "\n"
         }
         return out
     }
