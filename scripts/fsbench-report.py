@@ -120,7 +120,8 @@ def main():
     rounds = meta["rounds"]
     lines.append(f"fsbench, {meta['date']}: {meta['host_cores']} cores ({meta['cpu']}), kernel {meta['kernel']}, "
                  f"backing filesystem {meta['backing']}; {rounds} interleaved round{'s' if rounds != 1 else ''}, "
-                 f"order rotated each round; median (min–max); load average before the run {meta['load_before']}; "
+                 f"order rotated each round; median (min–max); load average {meta.get('load_start', '?')} at the start, "
+                 f"{meta.get('load_end', meta.get('load_before', '?'))} at the end; "
                  f"{meta['seconds']} s.")
     lines.append("")
     head = ["workload", "unit"] + order + ["best peer"]
