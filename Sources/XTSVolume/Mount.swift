@@ -46,11 +46,17 @@ public struct MountRequest: Sendable {
     /// change is trusted from a cache without revalidation (README, "Several hosts").
     static let sharedKey = "shared"
     public var shared: Bool { options.contains(MountRequest.sharedKey) }
+    static let writebackKey = "writecache"
     static let noWritebackKey = "nowritecache"
-    /// The kernel's writeback cache: writes land in the page cache and reach the daemon in
-    /// page-aligned batches (`-o nowritecache`: every write(2) is a request). Never with
-    /// `-o shared`: the kernel would trust its own idea of size and times.
-    public var writebackCache: Bool { !options.contains(MountRequest.noWritebackKey) && !shared }
+    /// The kernel's writeback cache, opt-in (`-o writecache`): writes land in the page
+    /// cache and reach the daemon in page-aligned batches. Not the default: a concurrent
+    /// soak with it and READDIRPLUS failed opens with ENOENT, and ran clean with either
+    /// off (suspect: the kernel's ctime SETATTR after unlink, link and rename; xtsfs(1),
+    /// BUGS). Never
+    /// with `-o shared`: the kernel would trust its own idea of size and times.
+    public var writebackCache: Bool {
+        options.contains(MountRequest.writebackKey) && !options.contains(MountRequest.noWritebackKey) && !shared
+    }
 
     public func cacheTimeout() throws(VolumeError) -> Double {
         guard let opt = options.last(where: { $0.hasPrefix(MountRequest.cacheTimeoutKey) }) else { return shared ? 0 : MountRequest.defaultCacheTimeout }
@@ -75,7 +81,7 @@ public struct MountRequest: Sendable {
     func fuseOptions(fsname: String) -> [String] {
         var o = ["default_permissions", "fsname=" + fsname.replacingAll(",", with: "\\,"), "subtype=xtsfs"]
         if geteuid() == 0 && !options.contains("allow_other") { o.append("allow_other") }
-        o += options.filter { $0 != "nonempty" && $0 != MountRequest.noXattrKey && $0 != MountRequest.noWritebackKey && $0 != MountRequest.sharedKey && !$0.hasPrefix(MountRequest.cacheTimeoutKey) }
+        o += options.filter { $0 != "nonempty" && $0 != MountRequest.noXattrKey && $0 != MountRequest.noWritebackKey && $0 != MountRequest.writebackKey && $0 != MountRequest.sharedKey && !$0.hasPrefix(MountRequest.cacheTimeoutKey) }
         return o
     }
 }

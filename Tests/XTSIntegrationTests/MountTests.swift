@@ -412,13 +412,15 @@ class MountTests: VolumeTestCase {
         XCTAssertEqual(try read(mnt + "/short"), pattern(50, seed: 3))
     }
 
+    /// Without the writeback cache (the default) every write(2) is a request: ENOSPC
+    /// comes at the write.
     func testFullDiskGivesENOSPCAndKeepsData() throws {
-        try fullDisk(options: [])
+        try fullDisk(options: [], atWrite: true)
     }
 
-    /// Without the writeback cache every write(2) is a request: ENOSPC comes at the write.
-    func testFullDiskWithoutWritebackCacheFailsTheWrite() throws {
-        try fullDisk(options: ["-o", "nowritecache"], atWrite: true)
+    /// With the writeback cache (-o writecache) ENOSPC comes at fsync or close.
+    func testFullDiskWithWritebackCacheFailsFsyncOrClose() throws {
+        try fullDisk(options: ["-o", "writecache"])
     }
 
     func fullDisk(options: [String], atWrite: Bool = false) throws {
