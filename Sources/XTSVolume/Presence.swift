@@ -181,7 +181,7 @@ public final class Presence: @unchecked Sendable {
                 log("xtsfs: ignoring \(directoryName)/\(e.name): not a presence record")
                 continue
             }
-            if r.hostID == me && r.pid > 0 && kill(r.pid, 0) != 0 && errno == ESRCH {
+            if r.hostID == me && r.pid > 0 && daemonGone(r.pid) {
                 r.state = "dead"
             } else if r.expires < now {
                 r.state = "expired"
@@ -189,6 +189,23 @@ public final class Presence: @unchecked Sendable {
             out.append(r)
         }
         return out.sorted { ($0.mounted, $0.file) < ($1.mounted, $1.file) }
+    }
+
+    /// Whether this machine's process `pid` is no longer an xtsfs daemon: gone, a zombie
+    /// not yet reaped (a daemon killed with SIGKILL a moment ago), or the number now used by
+    /// another program.
+    static func daemonGone(_ pid: Int32) -> Bool {
+        if kill(pid, 0) != 0 && errno == ESRCH { return true }
+        if let stat = try? Sys.readFile("/proc/\(pid)/stat", limit: 4096),
+           let close = stat.lastIndex(of: UInt8(ascii: ")")), close + 2 < stat.count {
+            let state = stat[close + 2]
+            if state == UInt8(ascii: "Z") || state == UInt8(ascii: "X") { return true }
+        }
+        if let cmdline = try? Sys.readFile("/proc/\(pid)/cmdline", limit: 65536) {
+            let argv0 = cmdline.split(separator: 0, omittingEmptySubsequences: false).first.map { String(decoding: $0, as: UTF8.self) } ?? ""
+            if !argv0.hasSuffix("xtsfs") && !argv0.contains("xtsfs") { return true }
+        }
+        return false
     }
 
     /// Removes this machine's records whose daemon is gone.
