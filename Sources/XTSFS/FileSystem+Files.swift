@@ -178,8 +178,9 @@ extension FileSystem {
         guard offset >= 0, offset <= FileSystem.maxFileSize - Int64(data.count) else { throw .fileTooLarge }
         let f = try openFile(handle)
         dropPrivileges(f.fd, f.state, node: f.node, for: caller)
-        // O_APPEND needs nothing here: without the writeback cache the kernel sends such
-        // writes at the current size, and page writeback (mmap) must keep its offset.
+        // O_APPEND needs nothing here: the kernel sends such writes at the current size
+        // (its own idea of it with -o writecache), and page writeback (mmap) must keep
+        // its offset.
         return try withExclusive(f.fd, f.state) { (c, s) throws(FSError) -> Int in
             do throws(ContentError) { s.crypto = try c.write(data, at: offset, crypto: s.crypto) } catch {
                 // A partial write may have left a new header on disk: read it again next time.
@@ -201,7 +202,7 @@ extension FileSystem {
     ///   file's group (the kernel never does this one for FUSE).
     /// `state` caches the mode, so a write to a file without these bits costs no fstat.
     func dropPrivileges(_ fd: Int32, _ state: FileState?, node: UInt64, for caller: Caller?, chown: Bool = false) {
-        let root = caller?.uid ?? 0 == 0
+        let root = (caller?.uid ?? 0) == 0
         if root && !chown { return }
         if let state, let hint = state.lock.withReadLock({ state.modeHint }), hint & (S_ISUID | S_ISGID) == 0 { return }
         guard let st = try? Sys.fstat(fd) else { return }
@@ -214,7 +215,8 @@ extension FileSystem {
         }
         if mode & S_ISGID != 0, mode & S_IXGRP == 0, !root, let caller, !caller.isMember(of: st.st_gid) { mode &= ~S_ISGID }
         guard mode != st.st_mode & 0o7777 else { return }
-        if (try? Sys.fchmod(fd, mode)) != nil || (try? Sys.fchmod(pinned: fd, mode)) != nil {
+        // fchmodat2 with AT_EMPTY_PATH: an open file and an O_PATH descriptor alike.
+        if (try? Sys.fchmod(pinned: fd, mode)) != nil {
             if let state { state.lock.withWriteLock { state.modeHint = (st.st_mode & ~0o7777) | mode } }
             modeDropped?(node)
         }

@@ -18,8 +18,14 @@ extension FileSystem {
             (dir, b) = try entry(parent, name)
             do { st = try Sys.fstatat(dir.fd, b.entryName) } catch { throw error.errno == ENOENT ? .notFound : .system(error) }
         }
-        let id = table.withLock { $0.add(Link(parent: parent, name: name, entry: b.entryName), identity: Identity(st), isDirectory: st.isDirectory) }
-        return (id, translate(st, header: .entry(dir.fd, b.entryName)) { try? Sys.readlinkat(dir.fd, b.entryName) })
+        return register(parent: parent, name: name, entry: b.entryName, in: dir, st)
+    }
+
+    /// The node for what (parent, name) was just found to be, and its attributes as the
+    /// kernel sees them: shared by `lookup` and `lookupListed`.
+    private func register(parent: UInt64, name: [UInt8], entry: String, in dir: DirHandle, _ st: stat) -> (UInt64, stat) {
+        let id = table.withLock { $0.add(Link(parent: parent, name: name, entry: entry), identity: Identity(st), isDirectory: st.isDirectory) }
+        return (id, translate(st, header: .entry(dir.fd, entry)) { try? Sys.readlinkat(dir.fd, entry) })
     }
 
     /// `lookup` of an entry a directory listing just gave (READDIRPLUS): the backing name
@@ -28,8 +34,7 @@ extension FileSystem {
     public func lookupListed(parent: UInt64, _ e: DirectoryEntry) -> (UInt64, stat)? {
         guard !e.entry.isEmpty, let dir = try? dirHandle(parent), let st = try? Sys.fstatat(dir.fd, e.entry),
               UInt64(st.st_ino) == e.ino else { return nil }
-        let id = table.withLock { $0.add(Link(parent: parent, name: e.name, entry: e.entry), identity: Identity(st), isDirectory: st.isDirectory) }
-        return (id, translate(st, header: .entry(dir.fd, e.entry)) { try? Sys.readlinkat(dir.fd, e.entry) })
+        return register(parent: parent, name: e.name, entry: e.entry, in: dir, st)
     }
 
     public func forget(_ id: UInt64, count: UInt64) {
