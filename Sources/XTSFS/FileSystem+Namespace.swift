@@ -8,6 +8,7 @@ import Glibc
 
 extension FileSystem {
     public func lookup(parent: UInt64, name: [UInt8]) throws(FSError) -> (UInt64, stat) {
+        let seen = table.withLock { $0.changes }
         var (dir, b) = try entry(parent, name)
         var st: stat
         do { st = try Sys.fstatat(dir.fd, b.entryName) } catch {
@@ -18,13 +19,23 @@ extension FileSystem {
             (dir, b) = try entry(parent, name)
             do { st = try Sys.fstatat(dir.fd, b.entryName) } catch { throw error.errno == ENOENT ? .notFound : .system(error) }
         }
-        return register(parent: parent, name: name, entry: b.entryName, in: dir, st)
+        guard let found = register(parent: parent, name: name, entry: b.entryName, in: dir, st, seen: seen) else { throw .notFound }
+        return found
     }
 
     /// The node for what (parent, name) was just found to be, and its attributes as the
-    /// kernel sees them: shared by `lookup` and `lookupListed`.
-    private func register(parent: UInt64, name: [UInt8], entry: String, in dir: DirHandle, _ st: stat) -> (UInt64, stat) {
-        let id = table.withLock { $0.add(Link(parent: parent, name: name, entry: entry), identity: Identity(st), isDirectory: st.isDirectory) }
+    /// kernel sees them: shared by `lookup` and `lookupListed`. `seen`: the table's change
+    /// count read before `st` was taken. If a name went away since (a rename or unlink
+    /// running beside this lookup), the name is checked again, so that a name already
+    /// taken away is not put back into the node (where it would come first, and lead
+    /// nowhere or, once the inode number is reused, to another object); nil if it is gone.
+    private func register(parent: UInt64, name: [UInt8], entry: String, in dir: DirHandle, _ st: stat, seen: UInt64) -> (UInt64, stat)? {
+        let link = Link(parent: parent, name: name, entry: entry), identity = Identity(st)
+        let (id, raced) = table.withLock { t in (t.add(link, identity: identity, isDirectory: st.isDirectory), t.changes != seen) }
+        if raced, (try? Sys.fstatat(dir.fd, entry)).map(Identity.init) != identity {
+            table.withLock { $0.retract(id, link, identity: identity) }
+            return nil
+        }
         return (id, translate(st, header: .entry(dir.fd, entry)) { try? Sys.readlinkat(dir.fd, entry) })
     }
 
@@ -32,9 +43,10 @@ extension FileSystem {
     /// is known, so the plaintext name is not encrypted again. nil when the entry is gone
     /// or is not what it was listed as; the caller then lists it without attributes.
     public func lookupListed(parent: UInt64, _ e: DirectoryEntry) -> (UInt64, stat)? {
+        let seen = table.withLock { $0.changes }
         guard !e.entry.isEmpty, let dir = try? dirHandle(parent), let st = try? Sys.fstatat(dir.fd, e.entry),
               UInt64(st.st_ino) == e.ino else { return nil }
-        return register(parent: parent, name: e.name, entry: e.entry, in: dir, st)
+        return register(parent: parent, name: e.name, entry: e.entry, in: dir, st, seen: seen)
     }
 
     public func forget(_ id: UInt64, count: UInt64) {

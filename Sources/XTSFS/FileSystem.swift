@@ -178,7 +178,7 @@ public final class FileSystem: @unchecked Sendable {
         }
         // A rename may move the directory between reading its name and opening it: try again.
         var lastError = FSError.stale
-        for _ in 0..<3 {
+        for _ in 0..<(NodeTable.maxLinks + 3) {
             guard let loc = table.withLock({ $0.location(id) }) else { throw .notFound }
             guard loc.isDirectory else { throw .notDirectory }
             guard let link = loc.link else { throw .notFound }
@@ -188,6 +188,8 @@ public final class FileSystem: @unchecked Sendable {
                 // Gone, or something else (a file, a symlink) put in its place.
                 lastError = error.errno == ENOENT ? .notFound : (error.errno == ENOTDIR || error.errno == ELOOP) ? .stale : .system(error)
                 if error.errno == ENOENT, refreshed(id, link) != nil { continue }
+                // A name it no longer has, while it has another: try that one.
+                if table.withLock({ $0.dropLinkIfOthers(id, link) }) { continue }
                 if table.withLock({ $0.location(id)?.link }) == link { throw lastError }
                 continue
             }
@@ -196,6 +198,7 @@ public final class FileSystem: @unchecked Sendable {
             do { st = try Sys.fstat(fd) } catch { throw .system(error) }
             guard Identity(st) == loc.identity else {
                 lastError = .stale
+                if table.withLock({ $0.dropLinkIfOthers(id, link) }) { continue }
                 if table.withLock({ $0.location(id)?.link }) == link { break }
                 continue
             }
@@ -238,6 +241,8 @@ public final class FileSystem: @unchecked Sendable {
             let st: stat
             do { st = try Sys.fstat(fd) } catch { throw .system(error) }
             guard Identity(st) == loc.identity else {
+                // A name it had, now another object's: the node may have another name.
+                if table.withLock({ $0.dropLinkIfOthers(id, link) }) { continue }
                 log("\(link.entry) was replaced in CIPHERDIR behind our back")
                 throw .stale
             }
@@ -269,7 +274,10 @@ public final class FileSystem: @unchecked Sendable {
                 }
                 throw .system(error)
             }
-            guard Identity(st) == loc.identity else { throw .stale }
+            guard Identity(st) == loc.identity else {
+                if table.withLock({ $0.dropLinkIfOthers(id, link) }) { continue }
+                throw .stale
+            }
             return (st, dir, link.entry)
         }
         throw .notFound

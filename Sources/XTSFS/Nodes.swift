@@ -10,6 +10,7 @@ struct Identity: Hashable, Sendable {
     var dev: UInt64
     var ino: UInt64
     init(_ st: stat) { dev = UInt64(st.st_dev); ino = UInt64(st.st_ino) }
+    init(dev: UInt64, ino: UInt64) { self.dev = dev; self.ino = ino }
 }
 
 /// One name of a node: the plaintext name in directory node `parent`, and the backing entry
@@ -42,6 +43,11 @@ struct NodeTable {
     var nodes: [UInt64: Node] = [:]
     var byIdentity: [Identity: UInt64] = [:]
     var nextID: UInt64 = 2
+    /// Counts the changes that take a name away from an object (unlink, rmdir, rename,
+    /// detach). A lookup reads it before it stats a name; if it moved by the time the
+    /// lookup registers what it found, the name may have gone in between (`add` would put
+    /// back a name a rename or unlink had just taken away), so the lookup checks again.
+    private(set) var changes: UInt64 = 0
 
     /// `firstID`: where new node IDs start (above 1, the root's): a filesystem that takes
     /// over a mount from another (the cache area after a purge) starts above the IDs the
@@ -89,6 +95,7 @@ struct NodeTable {
     /// once, by a file created in another directory that must get a node of its own.
     /// Returns the node, for `unlinked` (or `reattach`, if the removal fails).
     mutating func detach(_ identity: Identity) -> UInt64? {
+        changes &+= 1
         guard let id = byIdentity[identity] else { return nil }
         byIdentity[identity] = nil
         return id
@@ -104,8 +111,16 @@ struct NodeTable {
     /// node found by `identity` loses this one. Returns the node that lost the name.
     @discardableResult
     mutating func unlinked(parent: UInt64, name: [UInt8], identity: Identity?, detached: UInt64?) -> UInt64? {
+        changes &+= 1
         if let id = detached {
             nodes[id]?.links = []
+            // A lookup that stat'ed the name just before it went may have registered the
+            // object again since `detach` (as a node of its own): the object is gone, and
+            // its inode number may be reused at once, so that node must not be found by it.
+            if let identity, let other = byIdentity[identity], other != id {
+                byIdentity[identity] = nil
+                nodes[other]?.links.removeAll { $0.parent == parent && $0.name == name }
+            }
             return id
         }
         guard let identity, let id = byIdentity[identity], var n = nodes[id] else { return nil }
@@ -116,6 +131,7 @@ struct NodeTable {
 
     /// `identity` was renamed from (parent, name) to `link`.
     mutating func moved(from parent: UInt64, name: [UInt8], to link: Link, identity: Identity) {
+        changes &+= 1
         guard let id = byIdentity[identity], var n = nodes[id] else { return }
         n.links.removeAll { ($0.parent == parent && $0.name == name) || ($0.parent == link.parent && $0.name == link.name) }
         n.links.insert(link, at: 0)
@@ -131,6 +147,7 @@ struct NodeTable {
     /// The object of a node was replaced by another under the same names (an online
     /// rekey re-encrypting a symlink): the node follows it.
     mutating func replaceIdentity(_ old: Identity, with new: Identity) {
+        changes &+= 1
         guard let id = byIdentity[old] else { return }
         byIdentity[old] = nil
         nodes[id]?.identity = new
@@ -140,6 +157,29 @@ struct NodeTable {
     /// A name of `id` other than `failed` (which did not lead to it), forgetting `failed`.
     mutating func dropLink(_ id: UInt64, _ failed: Link) {
         nodes[id]?.links.removeAll { $0 == failed }
+    }
+
+    /// `failed` (a name of `id`) did not lead to it: forgets it if the node knows another
+    /// name to try instead, and says so.
+    mutating func dropLinkIfOthers(_ id: UInt64, _ failed: Link) -> Bool {
+        guard var n = nodes[id], n.links.count > 1, n.links.contains(failed) else { return false }
+        n.links.removeAll { $0 == failed }
+        nodes[id] = n
+        return true
+    }
+
+    /// Takes back an `add` of `link` whose name turned out to be gone by the time it was
+    /// registered: the lookup it counted is not answered.
+    mutating func retract(_ id: UInt64, _ link: Link, identity: Identity) {
+        guard id != NodeTable.rootID, var n = nodes[id] else { return }
+        n.links.removeAll { $0 == link }
+        n.lookups -= min(n.lookups, 1)
+        if n.lookups == 0 {
+            nodes[id] = nil
+            if byIdentity[identity] == id { byIdentity[identity] = nil }
+            return
+        }
+        nodes[id] = n
     }
 }
 

@@ -317,6 +317,84 @@ final class BackingAccessTests: XCTestCase {
         XCTAssertEqual(try fs.lookup(parent: FileSystem.rootID, name: name("b")).1.st_nlink, 2)
     }
 
+    // MARK: - lookups racing removals
+
+    /// A lookup stats a name, then registers what it found. A removal of that name in
+    /// between (the soak's reader listing a directory while a worker unlinks in it) must not
+    /// leave the node table finding a deleted object by its identity: its inode number is
+    /// reused at once, and a new file would be given the stale node (and, in the kernel, the
+    /// stale inode). Nor may a rename in between leave the old name on the node.
+    func testLookupsRacingRemovalsLeaveNoStaleIdentity() throws {
+        let (p, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("p"), mode: 0o755, caller: me)
+        let done = Atomic<Bool>(false)
+        let failures = Mutex<[String]>([])
+        let found = Atomic<Int>(0)
+        let fs = self.fs!
+        DispatchQueue.concurrentPerform(iterations: 2) { t in
+            if t == 0 {
+                let me = Caller(uid: geteuid(), gid: getegid())
+                defer { done.store(true, ordering: .releasing) }
+                for _ in 0..<1000 {
+                    do {
+                        _ = try fs.mknod(parent: p, name: Array("a".utf8), mode: S_IFREG | 0o644, rdev: 0, caller: me)
+                        try fs.unlink(parent: p, name: Array("a".utf8))
+                        _ = try fs.mkdir(parent: p, name: Array("d".utf8), mode: 0o755, caller: me)
+                        try fs.rmdir(parent: p, name: Array("d".utf8))
+                        _ = try fs.mknod(parent: p, name: Array("r".utf8), mode: S_IFREG | 0o644, rdev: 0, caller: me)
+                        try fs.rename(parent: p, name: Array("r".utf8), newParent: p, newName: Array("s".utf8), flags: 0)
+                        try fs.unlink(parent: p, name: Array("s".utf8))
+                    } catch { failures.withLock { $0.append("\(error)") } }
+                }
+                return
+            }
+            while !done.load(ordering: .acquiring) {
+                for n in ["a", "d", "r", "s"] {
+                    if (try? fs.lookup(parent: p, name: Array(n.utf8))) != nil { found.add(1, ordering: .relaxed) }
+                }
+            }
+        }
+        XCTAssertEqual(failures.withLock { $0 }, [])
+        XCTAssertGreaterThan(found.load(ordering: .relaxed), 0, "the lookups never found anything: no race was run")
+        // Everything but the root and p is gone: nothing may be found by identity, and no
+        // node may keep a name.
+        let pIdentity = try XCTUnwrap(fs.table.withLock { $0.nodes[p]?.identity })
+        fs.table.withLock { t in
+            XCTAssertEqual(Set(t.byIdentity.values), [FileSystem.rootID, p], "nodes of deleted objects are still found by identity")
+            for (id, n) in t.nodes where id != FileSystem.rootID && id != p {
+                XCTAssertEqual(n.links, [], "node \(id) keeps a removed name")
+            }
+            XCTAssertEqual(t.byIdentity[pIdentity], p)
+        }
+    }
+
+    func testNodeTableRetractAndRacedRemoval() {
+        let root = Identity(dev: 1, ino: 1), a = Identity(dev: 1, ino: 2)
+        var t = NodeTable(root: root)
+        let link = Link(parent: NodeTable.rootID, name: Array("a".utf8), entry: "E")
+        // An unlink detaches node x; a racing lookup registers the object again (node z)
+        // before the unlink records that the name is gone.
+        let x = t.add(link, identity: a, isDirectory: false)
+        let before = t.changes
+        XCTAssertEqual(t.detach(a), x)
+        XCTAssertNotEqual(t.changes, before, "detach counts as a change")
+        let z = t.add(link, identity: a, isDirectory: false)
+        XCTAssertNotEqual(z, x)
+        t.unlinked(parent: NodeTable.rootID, name: Array("a".utf8), identity: a, detached: x)
+        XCTAssertNil(t.byIdentity[a], "the racing lookup's node is not found by the deleted object's identity")
+        XCTAssertEqual(t.nodes[z]?.links, [])
+        // Retracting a lookup: the node it created goes; one that had lookups keeps them.
+        let y = t.add(link, identity: a, isDirectory: false)
+        _ = t.add(link, identity: a, isDirectory: false)
+        t.retract(y, link, identity: a)
+        XCTAssertEqual(t.nodes[y]?.lookups, 1)
+        XCTAssertEqual(t.nodes[y]?.links, [])
+        t.retract(y, link, identity: a)
+        XCTAssertNil(t.nodes[y])
+        XCTAssertNil(t.byIdentity[a])
+        t.retract(NodeTable.rootID, link, identity: root)
+        XCTAssertNotNil(t.nodes[NodeTable.rootID], "the root is never retracted")
+    }
+
     // MARK: - rename exchange
 
     func testRenameExchangeSwapsObjects() throws {
