@@ -25,12 +25,17 @@ import Glibc
 /// removed. Files open in the cache at that moment fail from then on (EBADF), as if
 /// deleted and more: their contents are gone.
 ///
+/// An online DEK rekey that finishes purges the cache the same way (`rekeyed(to:)`): its
+/// key file was wrapped under the old DEK, which the rekey is there to retire, so the new
+/// key file is wrapped under the new one. A cache is never re-encrypted.
+///
 /// `@unchecked Sendable`: mutable state is in `state`, `stopped` is atomic, the socket and
 /// thread are set before the thread starts and read after it is joined.
 final class CacheControl: @unchecked Sendable {
     let cipherDir: String
     let parentFD: Int32
-    let volumeKeys: KeySet
+    /// The volume generation the cache key file is wrapped under (changed by an online rekey).
+    let volumeKeys: Mutex<KeySet>
     let server: FuseServer
     let log: @Sendable (String) -> Void
     /// The keys now serving, and how many purges happened (the ID base of the next area).
@@ -43,7 +48,7 @@ final class CacheControl: @unchecked Sendable {
     init(cipherDir: String, area: Areas.Prepared, volumeKeys: KeySet, server: FuseServer, log: @escaping @Sendable (String) -> Void) {
         self.cipherDir = cipherDir
         self.parentFD = area.parentFD
-        self.volumeKeys = volumeKeys
+        self.volumeKeys = Mutex(volumeKeys)
         self.server = server
         self.log = log
         state = Mutex((area.keys, 0))
@@ -141,6 +146,18 @@ final class CacheControl: @unchecked Sendable {
         _ = (text + "\n").withCString { Glibc.write(c, $0, strlen($0)) }
     }
 
+    /// The volume's DEK changed (an online rekey finished): the cache is purged and its new
+    /// key wrapped under the new generation.
+    func rekeyed(to volume: KeySet) {
+        volumeKeys.withLock { $0 = volume }
+        do {
+            try purge()
+            log("cache area: purged after the DEK rekey")
+        } catch {
+            log("cache area: not purged after the DEK rekey (\(error)); it is purged at the next mount")
+        }
+    }
+
     /// Purges the served cache: see the type's description for the order.
     func purge() throws(VolumeError) {
         try state.withLock { (st) throws(VolumeError) in
@@ -152,7 +169,7 @@ final class CacheControl: @unchecked Sendable {
                 throw .failure("cache purge: \(error)")
             }
             let keys: KeySet, root: Int32
-            do { (keys, root) = try Areas.newCache(parentFD, volumeKeys: volumeKeys) } catch {
+            do { (keys, root) = try Areas.newCache(parentFD, volumeKeys: volumeKeys.withLock { $0 }) } catch {
                 throw .failure("cache purge: the old key is gone, but no new cache could be made (\(error)); remount")
             }
             defer { Sys.close(root) }

@@ -348,6 +348,7 @@ public enum Mounter {
         readiness.forEach { $0.startWaiting() }
         eviction?.start()
         control?.start()
+        if let control { rekeyControl?.finished = { control.rekeyed(to: $0) } }
         rekeyControl?.start()
         var areaThreads: [(Int, FuseServerThread)] = []
         for i in servers.indices.dropFirst() {

@@ -67,6 +67,9 @@ final class RekeyControl: @unchecked Sendable {
     private var started = false
     private var sweepThread = pthread_t()
     private let sweepStarted = Atomic<Bool>(false)
+    /// Told the new generation once a rekey is done (the cache area purges itself). Set
+    /// before `start`.
+    var finished: (@Sendable (KeySet) -> Void)?
 
     init(cipherDir: String, keys: KeySet, fs: FileSystem, log: @escaping @Sendable (String) -> Void) {
         self.cipherDir = cipherDir
@@ -245,6 +248,7 @@ final class RekeyControl: @unchecked Sendable {
                 s.phase = .done
             }
             log("online rekey of \(cipherDir) finished: generation \(job.old.generation) -> \(job.new.generation)")
+            finished?(job.new)
         } catch {
             state.withLock { s in
                 s.phase = .failed

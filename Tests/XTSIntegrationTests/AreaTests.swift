@@ -315,6 +315,44 @@ final class AreaTests: VolumeTestCase {
         unmount()
     }
 
+    /// An online DEK rekey purges the mounted cache when it finishes: the old cache key
+    /// (wrapped under the retired DEK) is gone, the new one is wrapped under the new DEK,
+    /// the data area is untouched, and the next mount keeps what was cached since.
+    func testOnlineRekeyPurgesTheMountedCache() throws {
+        initVolume()
+        _ = mountAreas()
+        try FileManager.default.createDirectory(atPath: cacheMnt + "/app", withIntermediateDirectories: true)
+        try Data("cached before\n".utf8).write(to: URL(fileURLWithPath: cacheMnt + "/app/entry"))
+        try Data("data\n".utf8).write(to: URL(fileURLWithPath: mnt + "/d"))
+        let oldVolume = try volumeKeys()
+        let oldCache = try XCTUnwrap(try cacheKeys(oldVolume))
+        let r = Harness.run(["rekey", cipher, "--dek", "--passfile", passfile])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        // The purge follows the end of the sweep in the daemon (a guard against a hang, 60 s).
+        let deadline = Date().addingTimeInterval(60)
+        while (try? FileManager.default.contentsOfDirectory(atPath: cacheMnt)) != [] && Date() < deadline { usleep(50_000) }
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: cacheMnt), [], "the cache is purged")
+        let newVolume = try volumeKeys()
+        XCTAssertNotEqual(newVolume.generation, oldVolume.generation)
+        XCTAssertNil(try cacheKeys(oldVolume), "the cache key file no longer opens under the retired DEK")
+        var fresh: KeySet?
+        while fresh == nil && Date() < deadline {
+            fresh = try cacheKeys(newVolume)
+            if fresh == nil { usleep(50_000) }
+        }
+        let newCache = try XCTUnwrap(fresh, "the new cache key is wrapped under the new DEK")
+        XCTAssertFalse(newCache.dek.constantTimeEquals(oldCache.dek), "a new cache key")
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: cipher + "/xtsfs.cache"), ["xtsfs.dir"], "old cache ciphertext removed")
+        XCTAssertEqual(try String(contentsOfFile: mnt + "/d", encoding: .utf8), "data\n")
+        try Data("cached after\n".utf8).write(to: URL(fileURLWithPath: cacheMnt + "/after"))
+        unmount()
+        XCTAssertTrue(waitUnmounted([tmpMnt, cacheMnt]))
+        _ = mountAreas()
+        XCTAssertEqual(try String(contentsOfFile: cacheMnt + "/after", encoding: .utf8), "cached after\n", "kept across the remount")
+        XCTAssertEqual(try String(contentsOfFile: mnt + "/d", encoding: .utf8), "data\n")
+        unmount()
+    }
+
     /// The live daemon, as an attacker with root would read it: key bytes (the DEK, its
     /// subkeys, the cache key's, and every file's XTS key) only in locked, undumpable
     /// mappings, also after files were written and while they are still open; then a
