@@ -447,6 +447,7 @@ extension Fsck {
             if offset < size {
                 _ = add(.fileAuthenticationFailed, path, plain: plainPath, "its committed length is \(size) bytes but only \(offset) can be read")
             }
+            checkIntegrityLayout(fd: fd, dirfd, name, size: size, path: path, plainPath: plainPath)
         } catch {
             let i: Int
             switch error {
@@ -458,6 +459,38 @@ extension Fsck {
                 i = add(.fileUnreadable, path, plain: plainPath, "cannot read it: \(error)")
             }
             if repair { notRepaired(i, "kept as is: the tags tell that the contents changed, not what they were; restore the file from a backup") }
+        }
+    }
+
+    /// What reading an integrity volume's file never looks at (FORMAT.md section 12.9): the
+    /// bytes past its committed length, and the reserved start of each group after the
+    /// first. Both are harmless warnings; the first is cut off by `--repair`.
+    func checkIntegrityLayout(fd: Int32, _ dirfd: Int32, _ name: String, size: Int64, path: String, plainPath: String?) {
+        typealias L = IntegrityLayout
+        guard let backing = (try? Sys.fstat(fd)).map({ Int64($0.st_size) }) else { return }
+        let committed = L.backingSize(plainSize: size)
+        // Groups after the first that lie within the committed length.
+        let groups = size == 0 ? 1 : L.group(of: L.unitCount(size) - 1) + 1
+        for g in 1..<max(groups, 1) {
+            var raw = [UInt8](repeating: 0, count: Int(L.headerLength))
+            let n = raw.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(g * L.groupLength)) }
+            if n > 0 && raw[0..<n].contains(where: { $0 != 0 }) {
+                add(.fileReservedBytesForeign, .warning, path, plain: plainPath,
+                    "the reserved 64 bytes of group \(g) (backing offset \(g * L.groupLength)) are not zeros; xtsfs never reads them")
+            }
+        }
+        guard backing > committed else { return }
+        let i = add(.fileUncommittedTail, .warning, path, plain: plainPath,
+                    "\(backing - committed) bytes past its committed length (\(size) bytes of plaintext, \(committed) backing): left by an interrupted change, or appended by someone else; never read")
+        guard repair else { return }
+        do {
+            try withWritable(dirfd, name) { (w) throws(SystemError) in
+                guard ftruncate(w, off_t(committed)) == 0 else { throw SystemError(errno, "ftruncate") }
+                guard fsync(w) == 0 else { throw SystemError(errno, "fsync") }
+            }
+            repaired(i, .trimmedUncommittedTail)
+        } catch {
+            notRepaired(i, "cannot cut it off: \(error)")
         }
     }
 

@@ -36,6 +36,12 @@ public enum FsckDamage: String, Codable, Sendable, CaseIterable {
     /// Integrity volumes: a unit that fails its tag, or a length that disagrees with the
     /// committed one (tampered, moved, replayed, cut short or extended behind our back).
     case fileAuthenticationFailed
+    /// Integrity volumes: bytes past the committed length (an interrupted change leaves
+    /// them, or someone appended them); never read, so harmless; `--repair` cuts them off.
+    case fileUncommittedTail
+    /// Integrity volumes: the reserved 64 bytes at the start of a group after the first
+    /// are not zeros (never read, so harmless: written by something other than xtsfs).
+    case fileReservedBytesForeign
     // Symlinks, the link store, extended attributes.
     case symlinkTargetUndecryptable
     case linkStoreMismatch
@@ -71,6 +77,8 @@ public enum FsckAction: String, Codable, Sendable {
     case putBack
     /// A directory header rewritten after every entry of the directory was quarantined.
     case recreatedDirectoryHeader
+    /// An integrity volume's file cut back to its committed length.
+    case trimmedUncommittedTail
 }
 
 public struct FsckFinding: Codable, Sendable, Equatable {

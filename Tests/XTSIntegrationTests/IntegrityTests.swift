@@ -235,6 +235,44 @@ final class IntegrityTamperTests: VolumeTestCase {
         XCTAssertEqual(Int(st.st_size), size)
     }
 
+    /// What reading never looks at, fsck does: an uncommitted tail is a warning that
+    /// --repair cuts off (the file reads the same before and after), and non-zero reserved
+    /// bytes of a later group are a warning left alone. Neither is an error (exit 0).
+    func testFsckReportsUncommittedTailAndForeignReservedBytes() throws {
+        let big = 130 * 4096 + 7
+        let tail = try create("tail", pattern(size, seed: 11))
+        let reserved = try create("reserved", pattern(big, seed: 12))
+        let clean = try create("clean", pattern(big, seed: 13))
+        unmount()
+        let committed = try read(tail).count
+        try patch(tail) { $0 += pattern(9000, seed: 14) }
+        try patch(reserved) { $0[127 * 4096 + 10] = 0x5a }
+        func findings(_ extra: [String]) throws -> (Int32, [[String: Any]]) {
+            let r = Harness.run(["fsck", cipher, "--json", "--passfile", passfile] + extra)
+            let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+            return (r.status, (json?["findings"] as? [[String: Any]]) ?? [])
+        }
+        func of(_ all: [[String: Any]], _ path: String) -> [[String: Any]] {
+            all.filter { ($0["backingPath"] as? String)?.hasSuffix((path as NSString).lastPathComponent) == true }
+        }
+        var (status, all) = try findings([])
+        XCTAssertEqual(status, 0, "\(all)")
+        XCTAssertEqual(of(all, tail).compactMap { $0["kind"] as? String }, ["fileUncommittedTail"])
+        XCTAssertEqual(of(all, tail).compactMap { $0["severity"] as? String }, ["warning"])
+        XCTAssertEqual(of(all, reserved).compactMap { $0["kind"] as? String }, ["fileReservedBytesForeign"])
+        XCTAssertEqual(of(all, clean).count, 0)
+        XCTAssertEqual(try read(tail).count, committed + 9000, "a check changes nothing")
+        (status, all) = try findings(["--repair"])
+        XCTAssertEqual(of(all, tail).compactMap { $0["repaired"] as? String }, ["trimmedUncommittedTail"], "\(all)")
+        XCTAssertEqual(try read(tail).count, committed, "cut back to the committed length")
+        XCTAssertEqual(try read(reserved)[127 * 4096 + 10], 0x5a, "reserved bytes left alone")
+        (status, all) = try findings([])
+        XCTAssertEqual(of(all, tail).count, 0, "nothing left to report")
+        mount()
+        XCTAssertEqual(try? attempt("tail").get(), pattern(size, seed: 11))
+        XCTAssertEqual(try? attempt("reserved").get(), pattern(big, seed: 12))
+    }
+
     func testHeaderTransplantDoesNotOpenElsewhere() throws {
         let a = try create("a", pattern(size, seed: 1))
         let b = try create("b", pattern(size, seed: 2))
