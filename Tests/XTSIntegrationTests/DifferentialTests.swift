@@ -17,7 +17,13 @@ class DifferentialTests: VolumeTestCase {
         plain = scratch + "/plain"
         try FileManager.default.createDirectory(atPath: plain, withIntermediateDirectories: false)
         initVolume()
-        mount()
+        mount(Self.soakMountArguments)
+    }
+
+    /// `-o XTSFS_SOAK_MOUNT_OPTIONS` when set (scripts/soak --mount-options), for a soak of
+    /// another configuration (the writeback cache, -o shared).
+    static var soakMountArguments: [String] {
+        ProcessInfo.processInfo.environment["XTSFS_SOAK_MOUNT_OPTIONS"].flatMap { $0.isEmpty ? nil : ["-o", $0] } ?? []
     }
 
     func testSeed1() throws { try run(seed: 1, steps: 600) }
@@ -129,7 +135,7 @@ class DifferentialTests: VolumeTestCase {
             print("soak: " + line)
             progress?.write(Data(("soak: " + line + "\n").utf8))
         }
-        say("seeds from \(first), \(steps) operations per sequential seed, \(Int(seconds)) s")
+        say("seeds from \(first), \(steps) operations per sequential seed, \(Int(seconds)) s" + (Self.soakMountArguments.isEmpty ? "" : ", mounted with " + Self.soakMountArguments.joined(separator: " ")))
         while failure == nil && Date() < deadline {
             rounds += 1
             let roundSeed = seed
@@ -152,7 +158,7 @@ class DifferentialTests: VolumeTestCase {
                 failure = "round \(rounds) (seeds \(roundSeed)...\(seed - 1)), whole trees: \(d)"; break
             }
             unmount()
-            mount()
+            mount(Self.soakMountArguments)
             if let d = Snapshot.difference(before, try Snapshot.take(mnt, excluding: aside), names: ("before remount", "after remount")) {
                 failure = "round \(rounds) (seeds \(roundSeed)...\(seed - 1)), across a remount: \(d)"; break
             }
