@@ -38,6 +38,10 @@ public enum BackingEntry: Equatable, Sendable {
     /// `xtsfs.rekey.<H>`: the re-encrypted copy of the entry whose backing name hashes to
     /// `<H>`, made by a DEK rekey and copied over that entry in place (FORMAT.md section 13).
     case rekeyCopy(hash: String)
+    /// `xtsfs.rekey-journal`: the checksum journal of the files a DEK rekey is overwriting
+    /// in place in this directory (FORMAT.md section 13.1); finished before anything else
+    /// reads those files.
+    case rekeyJournal
     /// Anything else: not ours (a sync tool's conflict copy, `.DS_Store`, ...).
     case foreign
 
@@ -54,6 +58,8 @@ public enum BackingEntry: Equatable, Sendable {
     /// A cache area being removed after a purge of a mounted cache (its key is gone).
     public static let purgedCacheAreaName = "xtsfs.cache.purged"
     public static let rekeyCopyPrefix = "xtsfs.rekey."
+    /// Not a prefix of `rekeyCopyPrefix`'s names: versions that only know copies leave it alone.
+    public static let rekeyJournalName = "xtsfs.rekey-journal"
 
     public static func classify(_ name: String) -> BackingEntry {
         if name.hasPrefix(internalPrefix) {
@@ -64,6 +70,7 @@ public enum BackingEntry: Equatable, Sendable {
             if name == tempAreaName { return .tempArea }
             if name == cacheAreaName || name == purgedCacheAreaName { return .cacheArea }
             if name == cacheKeyName { return .cacheKey }
+            if name == rekeyJournalName { return .rekeyJournal }
             if let copy = HeaderStore.fileNames.firstIndex(of: name) { return .volumeHeader(copy: copy) }
             if let base = temporaryBase(name) {
                 return classify(base) == .foreign ? .foreign : .temporary(of: base)

@@ -39,7 +39,7 @@ extension FileSystem {
             case .foreign:
                 log("skipping a foreign entry in CIPHERDIR (directory node \(id)): \(e.name)")
                 continue
-            case .volumeHeader, .directoryHeader, .longNameRecord, .temporary, .linkStore, .auditLog, .presence, .tempArea, .cacheArea, .cacheKey, .rekeyCopy:
+            case .volumeHeader, .directoryHeader, .longNameRecord, .temporary, .linkStore, .auditLog, .presence, .tempArea, .cacheArea, .cacheKey, .rekeyCopy, .rekeyJournal:
                 continue
             }
             var failure: NameError?

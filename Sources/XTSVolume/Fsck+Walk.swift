@@ -51,6 +51,8 @@ extension Fsck {
             case .volumeHeader, .linkStore, .auditLog, .presence, .tempArea, .cacheArea, .cacheKey:
                 if isRoot { continue }
                 _ = add(.foreignEntry, .warning, path, "an xtsfs internal name outside CIPHERDIR's top level; ignored by xtsfs")
+            case .rekeyJournal:
+                _ = add(.foreignEntry, .warning, path, "the journal of files an interrupted DEK rekey was rewriting in place; xtsfs rekey --dek finishes it (fsck leaves it alone)")
             case .rekeyCopy:
                 // Only on a volume whose DEK rekey stopped, which fsck refuses: seen here only
                 // if the header says otherwise. Never removed: it may be a file's only complete copy.

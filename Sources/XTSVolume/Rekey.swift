@@ -35,10 +35,11 @@ public enum Rekey {
         } catch { throw .corruptHeader("the new key in the rekey record does not open: \(error)") }
     }
 
-    /// Before a volume in the middle of a DEK rekey is mounted: finishes the file copies
-    /// an interrupted sweep left (a file being overwritten in place is half old, half new
-    /// until its complete copy is copied over it again) and drops partial ones. Lists the
-    /// whole tree; changes nothing else. Returns warnings.
+    /// Before a volume in the middle of a DEK rekey is mounted: finishes the checksum
+    /// journals an interrupted sweep left (a file being overwritten in place is half old,
+    /// half new until its journal is finished), and the file copies of versions before
+    /// the journal, and drops partial ones. Lists the whole tree; changes nothing else.
+    /// Returns warnings.
     public static func finishInterruptedCopies(cipherDir: String, old: KeySet, new: KeySet) throws(VolumeError) -> [String] {
         let rootFD: Int32
         do { rootFD = try Sys.open(cipherDir, XTS_O_PATH | O_DIRECTORY) } catch { throw .failure("cannot open \(cipherDir): \(error)") }

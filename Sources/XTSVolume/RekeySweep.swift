@@ -50,8 +50,9 @@ public struct RekeyProgress: Sendable {
 /// or which generation's key opens it), so a rerun after a crash at any instant picks
 /// up where the last run stopped. See FORMAT.md section 13.
 ///
-/// Per directory, in order: finish a file copy a crash interrupted, re-encrypt every
-/// file's contents (in place, same inode) and xattrs and every symlink's target, recurse
+/// First (offline) every journal or copy a crash left in the tree is finished. Then per
+/// directory, in order: re-encrypt every file's contents (in place, same inode, in
+/// batches under a checksum journal) and xattrs and every symlink's target, recurse
 /// into subdirectories, rename every entry to its new-generation name, re-encrypt the
 /// directory's own xattrs, and last replace its `xtsfs.dir` with one of the new
 /// generation. A directory whose `xtsfs.dir` is already new has only new names, but is
@@ -59,6 +60,12 @@ public struct RekeyProgress: Sendable {
 final class RekeySweep {
     static let copyPrefix = BackingEntry.rekeyCopyPrefix
     static let chunk = 1 << 20
+    /// A batch of files (one directory) holds at most this many bytes of them, and a
+    /// larger file is rewritten in segments of this size: its new ciphertext is held in
+    /// memory until written. `XTSFS_REKEY_BATCH_BYTES` changes it (the tests use a small one).
+    static let defaultBatchLimit: Int64 = 64 << 20
+    let batchLimit: Int64 = getenv("XTSFS_REKEY_BATCH_BYTES").flatMap { Int64(String(cString: $0)) }.map { min(max($0, 4096), 1 << 30) } ?? RekeySweep.defaultBatchLimit
+    lazy var arena = RekeyArena(size: Int(batchLimit) + RekeySweep.chunk + 4 * 4096)
 
     let old: KeySet
     let new: KeySet
@@ -141,6 +148,10 @@ final class RekeySweep {
 
     func run(root: Int32) throws(SweepError) {
         progress.phase = "scan"
+        // Offline: first every journal (and copy) an interrupted run left, in the whole tree,
+        // before any file is read: a half-rewritten file may be reached by another name
+        // (a hard link) before its own directory. Online, the mount did this before serving.
+        if !online { try finishAllLeftovers(root, path: "/") }
         count(root)
         progress.phase = "re-encrypt"
         report(progress)
@@ -198,6 +209,8 @@ final class RekeySweep {
                 throw .system("stat in \(path)", error)
             }
             if st.isRegular {
+                // A second name of a file already in the batch (hard links): done with it.
+                if batch.contains(where: { $0.stat.st_ino == st.st_ino && $0.stat.st_dev == st.st_dev }) { continue }
                 var lease: RekeyLease?
                 if let fs {
                     guard let l = fs.leaseForRekey(st) else { deferred += 1; continue }
@@ -209,9 +222,16 @@ final class RekeySweep {
                     throw error
                 }
                 if let job {
-                    batch.append(job)
-                    batchBytes += Int64(st.st_size)
-                    if batch.count >= 256 || batchBytes >= 64 << 20 { try flush(dirfd, path: path) }
+                    if Int64(st.st_size) > batchLimit {
+                        try flush(dirfd, path: path)
+                        try rewriteAlone(dirfd, job, path: path)
+                    } else {
+                        // A batch's files, all in memory at once, never hold more than batchLimit bytes.
+                        if batchBytes + Int64(st.st_size) > batchLimit { try flush(dirfd, path: path) }
+                        batch.append(job)
+                        batchBytes += Int64(st.st_size)
+                        if batch.count >= 256 || batchBytes >= batchLimit { try flush(dirfd, path: path) }
+                    }
                 }
             } else if st.isDirectory {
                 // A batch belongs to one directory: finish it before going down.
@@ -258,6 +278,11 @@ final class RekeySweep {
     /// (which may be half old, half new, and readable by nobody until then), a partial
     /// one is dropped.
     func finishLeftovers(_ dirfd: Int32, _ entries: [(name: String, type: UInt8, ino: UInt64)], path: String) throws(SweepError) {
+        // The checksum journal: a complete one is finished, a partial one (nothing was
+        // overwritten under it yet) dropped.
+        if entries.contains(where: { $0.name == RekeyJournal.temporary }) { _ = Glibc.unlinkat(dirfd, RekeyJournal.temporary, 0) }
+        if entries.contains(where: { $0.name == RekeyJournal.name }) { try finishJournal(dirfd, path: path) }
+        // Copies made by versions before the journal.
         guard entries.contains(where: { $0.name.hasPrefix(RekeySweep.copyPrefix) }) else { return }
         let byHash = Dictionary(entries.map { (RekeySweep.copyName(for: $0.name), $0.name) }, uniquingKeysWith: { a, _ in a })
         for e in entries where e.name.hasPrefix(RekeySweep.copyPrefix) {
@@ -358,9 +383,12 @@ final class RekeySweep {
         var stat: stat
         var from: FileCrypto
         var to: FileCrypto
-        /// Online: the file, open read-write since its lease was taken (the name may
-        /// change meanwhile, the inode does not), and the lease.
-        var fd: Int32 = -1
+        /// The file's header as it is (old) and as it will be (new).
+        var oldHeader: [UInt8]
+        var newHeader: [UInt8]
+        /// The file, open read-write until its batch is done (online since its lease was
+        /// taken: the name may change meanwhile, the inode does not), and the lease.
+        var fd: Int32
         var lease: RekeyLease?
     }
     var batch: [Job] = []
@@ -376,13 +404,12 @@ final class RekeySweep {
     }
 
     /// Re-encrypts the file's xattrs; returns the work for its contents if it is still of
-    /// the old generation (nil for an empty, new or damaged file).
-    /// Online (`lease` given): the lease is ended here unless a job is returned, which
-    /// keeps it and the file open until its batch is done.
+    /// the old generation (nil for an empty, new or damaged file). The job keeps the file
+    /// open (and online its lease) until its batch is done; otherwise both end here.
     func prepareFile(_ dirfd: Int32, _ name: String, _ st: stat, path: String, lease: RekeyLease? = nil) throws(SweepError) -> Job? {
         let fd: Int32
         do {
-            let (f, fst) = try Sys.openRegular(dirfd, name, online ? O_RDWR : O_RDONLY)
+            let (f, fst) = try Sys.openRegular(dirfd, name, O_RDWR)
             fd = f
             // Online: the name may lead to another file by now; that one is for the next pass.
             if online, fst.st_ino != st.st_ino || fst.st_dev != st.st_dev || fst.st_size != st.st_size {
@@ -420,86 +447,94 @@ final class RekeySweep {
             return nil
         }
         do {
-            var job = Job(name: name, stat: st, from: try FileCrypto(keys: old, header: oldHeader),
-                          to: try FileCrypto(keys: new, header: try FileHeader.random(keyGeneration: new.generation)))
-            if online {
-                job.fd = fd
-                job.lease = lease
-                keep = true
-            }
+            let newHeader = try FileHeader.random(keyGeneration: new.generation)
+            let job = Job(name: name, stat: st, from: try FileCrypto(keys: old, header: oldHeader), to: try FileCrypto(keys: new, header: newHeader),
+                          oldHeader: raw, newHeader: try newHeader.encode(macKey: new.metadataMACKey), fd: fd, lease: lease)
+            keep = true
             return job
         } catch { throw .damaged("\(error)") }
     }
 
-    /// Online, after an error: the files of a batch not yet written are let go (their
+    /// After an error: the files of a batch not yet written are let go (online, their
     /// leases hold requests for them).
     func abandonBatch() {
-        for j in batch {
-            if j.fd >= 0 { Sys.close(j.fd) }
-            if let fs, let l = j.lease { fs.endLease(l) }
-        }
+        for j in batch { release(j) }
         batch.removeAll()
         batchBytes = 0
     }
 
-    /// The batch's files, in four rounds with one sync between rounds instead of one per
-    /// file: (1) each file's new ciphertext to `xtsfs.rekey.<H>.tmp`; sync; (2) each renamed
-    /// to `xtsfs.rekey.<H>` (complete from now on); fsync of the directory; (3) each copied
-    /// over its file in place (same inode); sync; (4) each copy removed. A crash in round 1
-    /// leaves .tmp files (dropped by the rerun); from round 2 on, a complete copy is what
-    /// the rerun copies over its file again.
+    func release(_ j: Job) {
+        Sys.close(j.fd)
+        if let fs, let l = j.lease { fs.endLease(l) }
+    }
+
+    /// Online: whether the job's name still leads to its file (not renamed, removed or
+    /// replaced since its lease was taken); one that does not is left for the next pass.
+    func stillThere(_ dirfd: Int32, _ j: Job) -> Bool {
+        guard online else { return true }
+        return (try? Sys.fstatat(dirfd, j.name)).map { $0.st_ino == j.stat.st_ino && $0.st_dev == j.stat.st_dev } == true
+    }
+
+    /// The batch's files, each read once and its new ciphertext computed in memory; then
+    /// (1) the checksum journal of all of them written and made complete (FORMAT.md 13.1);
+    /// (2) each file overwritten in place (same inode: hard links stay); one `syncfs`;
+    /// (3) the journal removed. A crash before (1) is complete leaves the files old; after
+    /// it, the journal tells every unit's generation, and the rerun (or the mount) finishes it.
     func flush(_ dirfd: Int32, path: String) throws(SweepError) {
         var jobs = batch
         batch.removeAll()
         batchBytes = 0
         guard !jobs.isEmpty else { return }
-        if let fs {
-            // Online: every file stays leased (and open) until its batch is done.
-            defer {
-                for j in jobs {
-                    Sys.close(j.fd)
-                    if let l = j.lease { fs.endLease(l) }
-                }
+        defer { for j in jobs { release(j) } }
+        var segments: [Segment] = []
+        arena.used = 0
+        do {
+            // Every file read and re-encrypted in memory, the files shared among the processors.
+            segments = try computeBatch(jobs)
+            for (j, seg) in zip(jobs, segments) {
+                // Never short: a batch fits its memory (see the sweep).
+                guard seg.record.coverEnd >= Layout.plainSize(backingSize: Int64(j.stat.st_size)) else { throw SweepError.damaged("\(path): a batch larger than its memory") }
             }
-            for j in jobs { try writeCopy(dirfd, j, path: path) }
-            try syncAll(dirfd, path: path)
-            try exclusive { () throws(SweepError) in
-                // A file whose name was renamed, removed or given to another file since its
-                // lease was taken waits for the next pass; its copy goes.
-                let moved = jobs.filter { j in (try? Sys.fstatat(dirfd, j.name)).map { $0.st_ino == j.stat.st_ino && $0.st_dev == j.stat.st_dev } != true }
-                for j in moved {
-                    _ = Glibc.unlinkat(dirfd, RekeySweep.copyName(for: j.name) + ".tmp", 0)
-                    Sys.close(j.fd)
-                    if let l = j.lease { fs.endLease(l) }
-                    deferred += 1
-                }
-                jobs.removeAll { j in moved.contains { $0.name == j.name } }
-                try completeCopies(dirfd, jobs, path: path)
+        } catch let e as SweepError { throw e } catch let e as SystemError { throw .system("read a file in \(path)", e) } catch { throw .damaged("re-encrypt: \(error)") }
+        try exclusive { () throws(SweepError) in
+            let moved = jobs.indices.filter { !stillThere(dirfd, jobs[$0]) }
+            deferred += moved.count
+            for i in moved.reversed() {
+                release(jobs[i])
+                jobs.remove(at: i)
+                segments.remove(at: i)
             }
-            return
+            guard !jobs.isEmpty else { return }
+            try writeJournal(dirfd, segments.map(\.record), path: path)
+            do {
+                for (j, seg) in zip(jobs, segments) {
+                    try writeInPlace(j.fd, seg, header: true)
+                    failpoint.step("file rewritten in place in \(path)")
+                }
+                try syncAll(dirfd, path: path)
+            } catch {
+                // The journal is complete: finish the batch from it (as a rerun would).
+                try? finishJournal(dirfd, path: path)
+                if let e = error as? SweepError { throw e }
+                throw .system("rewrite files in \(path)", error as? SystemError ?? SystemError(EIO, "\(error)"))
+            }
+            failpoint.step("batch rewritten and synced in \(path)")
+            try removeJournal(dirfd, path: path)
         }
-        for j in jobs { try writeCopy(dirfd, j, path: path) }
-        try syncAll(dirfd, path: path)
-        try completeCopies(dirfd, jobs, path: path)
+        for j in jobs { counted(j.stat) }
     }
 
-    /// Rounds 2 to 4 of a batch whose copies are written and synced.
-    func completeCopies(_ dirfd: Int32, _ jobs: [Job], path: String) throws(SweepError) {
-        for j in jobs {
-            let copy = RekeySweep.copyName(for: j.name)
-            do { try Sys.renameat(dirfd, copy + ".tmp", dirfd, copy) } catch { throw .system("rename copy in \(path)", error) }
-            failpoint.step("copy of a file complete in \(path)")
+    /// A file larger than a batch, rewritten alone in segments (`rewriteLarge`); online
+    /// with the namespace held throughout, since its journal names it.
+    func rewriteAlone(_ dirfd: Int32, _ j: Job, path: String) throws(SweepError) {
+        defer { release(j) }
+        let done = try exclusive { () throws(SweepError) -> Bool in
+            guard stillThere(dirfd, j) else { deferred += 1; return false }
+            try rewriteLarge(dirfd, fd: j.fd, name: j.name, backingSize: Int64(j.stat.st_size), start: 0, from: j.from, to: j.to,
+                             oldHeader: j.oldHeader, newHeader: j.newHeader, path: path)
+            return true
         }
-        do { try Sys.fsyncDirectory(dirfd) } catch { throw .system("fsync \(path)", error) }
-        for j in jobs {
-            try copyOver(dirfd, copy: RekeySweep.copyName(for: j.name), target: j.name, path: path, sync: false, targetFD: j.fd)
-        }
-        try syncAll(dirfd, path: path)
-        for j in jobs {
-            _ = Glibc.unlinkat(dirfd, RekeySweep.copyName(for: j.name), 0)
-            failpoint.step("copy removed in \(path)")
-            counted(j.stat)
-        }
+        if done { counted(j.stat) }
     }
 
     func syncAll(_ dirfd: Int32, path: String) throws(SweepError) {
@@ -507,23 +542,6 @@ final class RekeySweep {
         do { fd = try Sys.openDirectory(dirfd) } catch { throw .system("open \(path)", error) }
         defer { Sys.close(fd) }
         guard xts_syncfs(fd) == 0 else { throw .system("syncfs", SystemError(errno, "syncfs")) }
-    }
-
-    func writeCopy(_ dirfd: Int32, _ j: Job, path: String) throws(SweepError) {
-        let tmp = RekeySweep.copyName(for: j.name) + ".tmp"
-        _ = Glibc.unlinkat(dirfd, tmp, 0)
-        let size = Layout.plainSize(backingSize: Int64(j.stat.st_size))
-        do {
-            let fd = j.fd >= 0 ? j.fd : try Sys.openRegular(dirfd, j.name, O_RDONLY).fd
-            defer { if j.fd < 0 { Sys.close(fd) } }
-            let out = try Sys.openat(dirfd, tmp, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
-            defer { Sys.close(out) }
-            let headerBytes = try j.to.header.encode(macKey: new.metadataMACKey)
-            try headerBytes.withBytes { (p) throws(SystemError) in try Sys.pwrite(out, p.baseAddress!, p.count, 0) }
-            try Sys.ftruncate(out, Int64(j.stat.st_size))
-            try transform(fd, out, size: size, from: j.from, to: j.to)
-        } catch let e as SystemError { throw .system("write copy in \(path)", e) } catch { throw .damaged("re-encrypt: \(error)") }
-        failpoint.step("copy of a file written in \(path)")
     }
 
     /// Copies a complete copy left by a crash over its file, in place, then removes it.
@@ -578,44 +596,6 @@ final class RekeySweep {
                 if stepEvery && chunks == 2 { failpoint.step("file half rewritten in place") }
             }
             pos = hole
-        }
-    }
-
-    /// Decrypts every non-hole unit of `inFD` with `from` and writes it encrypted with `to`
-    /// into `outFD` at the same offset. All-zero units (holes) stay holes.
-    func transform(_ inFD: Int32, _ outFD: Int32, size: Int64, from: FileCrypto, to: FileCrypto) throws {
-        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: RekeySweep.chunk + 2 * 4096, alignment: 4096)
-        defer { buf.deallocate() }
-        let header = Layout.headerLength
-        var pos: Int64 = 0
-        while pos < size {
-            // Skip holes of the backing file: a 2^63-byte sparse file has nothing to read.
-            let data = lseek(inFD, off_t(header + pos), 3 /* SEEK_DATA */)
-            if data < 0 { if errno == ENXIO { break }; throw SystemError(errno, "seek") }
-            var start = max(pos, (Int64(data) - header) / 4096 * 4096)
-            if start >= size { break }
-            start = Layout.unit(at: start, size: size).start
-            let units = Layout.units(overlapping: start..<min(start + Int64(RekeySweep.chunk), size), size: size)
-            let lo = units.first!.start, hi = units.last!.end
-            let n = Int(hi - lo)
-            let got = try Sys.pread(inFD, buf.baseAddress!, n, header + lo)
-            if got < n { (buf.baseAddress! + got).initializeMemory(as: UInt8.self, repeating: 0, count: n - got) }
-            // Runs of non-zero units are re-encrypted together; zero units are skipped.
-            var run: [Layout.Unit] = []
-            func flush() throws {
-                guard let f = run.first, let l = run.last else { return }
-                let slice = UnsafeMutableRawBufferPointer(rebasing: buf[Int(f.start - lo)..<Int(l.end - lo)])
-                try from.crypt(units: run, buffer: slice, base: f.start, encrypt: false)
-                try to.crypt(units: run, buffer: slice, base: f.start, encrypt: true)
-                try Sys.pwrite(outFD, slice.baseAddress!, slice.count, header + f.start)
-                run.removeAll(keepingCapacity: true)
-            }
-            for u in units {
-                if !u.tiny && isZero(buf.baseAddress! + Int(u.start - lo), Int(u.length)) { try flush(); continue }
-                run.append(u)
-            }
-            try flush()
-            pos = hi
         }
     }
 
@@ -745,6 +725,7 @@ final class RekeySweep {
                 }
             default:
                 if e.name.hasPrefix(RekeySweep.copyPrefix) { found.append("\(path): a rekey copy left over") }
+                if e.name == RekeyJournal.name { found.append("\(path): a rekey journal left over") }
                 continue
             }
             guard let st = try? Sys.fstatat(dirfd, e.name), let fd = try? Sys.openPath(dirfd, e.name, directory: (st.mode & S_IFMT) == S_IFDIR) else { continue }

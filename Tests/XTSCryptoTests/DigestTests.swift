@@ -9,6 +9,16 @@ final class DigestTests: XCTestCase {
         let hmacSHA256: [MAC]
     }
 
+    /// XXH64 against values of the reference implementation (the `xxhash` Python package):
+    /// empty, shorter than a stripe, a rekey journal's unit head (4064 bytes) and tail (47).
+    func testXXH64KnownAnswers() {
+        XCTAssertEqual(XXH64.hash([]), 0xEF46_DB37_51D8_E999)
+        XCTAssertEqual(XXH64.hash(Array("abc".utf8)), 0x44BC_2CF5_AD77_0999)
+        let data = (0..<4064).map { UInt8(truncatingIfNeeded: $0 * 7 + 3) }
+        XCTAssertEqual(XXH64.hash(data), 0xD5F0_6E1B_888F_6EF8)
+        XCTAssertEqual(XXH64.hash(Array(data[0..<47])), 0xA7C5_465C_C5AD_205E)
+    }
+
     func testSHA256KnownAnswers() throws {
         let file = try Vectors.load("digest.json", as: File.self)
         XCTAssertFalse(file.sha256.isEmpty)

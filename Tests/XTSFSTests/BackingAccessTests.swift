@@ -213,6 +213,12 @@ final class BackingAccessTests: XCTestCase {
         XCTAssertEqual(BackingEntry.classify("xtsfs.cache.purged"), .cacheArea)
         XCTAssertEqual(BackingEntry.classify("xtsfs.cache.key"), .cacheKey)
         XCTAssertEqual(BackingEntry.classify("xtsfs.cache.key.tmp"), .temporary(of: "xtsfs.cache.key"))
+        // A DEK rekey's copies (older versions) and its checksum journal.
+        XCTAssertEqual(BackingEntry.classify("xtsfs.rekey." + hash), .rekeyCopy(hash: hash))
+        XCTAssertEqual(BackingEntry.classify("xtsfs.rekey." + hash + ".tmp"), .temporary(of: "xtsfs.rekey." + hash))
+        XCTAssertEqual(BackingEntry.classify("xtsfs.rekey-journal"), .rekeyJournal)
+        XCTAssertEqual(BackingEntry.classify("xtsfs.rekey-journal.tmp"), .temporary(of: "xtsfs.rekey-journal"))
+        XCTAssertEqual(BackingEntry.classify("xtsfs.rekey-journal2"), .foreign)
         // Temporaries with a random suffix (what every atomic replacement writes now).
         XCTAssertEqual(BackingEntry.classify("xtsfs.dir.tmp.0123456789abcdef"), .temporary(of: "xtsfs.dir"))
         XCTAssertEqual(BackingEntry.classify("xtsfs.header2.tmp.ffffffffffffffff"), .temporary(of: "xtsfs.header2"))

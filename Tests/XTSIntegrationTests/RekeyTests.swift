@@ -227,7 +227,136 @@ final class RekeyTests: VolumeTestCase {
             XCTAssertTrue(s.contains(generation) && s.contains("Rekey:           none"), "point \(point): \(s)")
         }
     }
+    /// Backing paths (relative to `dir`) of every file named `name`.
+    func backingPaths(named name: String, in dir: String) -> [String] {
+        sh("cd '\(dir)' && find . -name '\(name)' -printf '%P\\n'").split(separator: "\n").map(String.init)
+    }
+
+    /// Killed at every phase of the checksum journal (FORMAT.md section 13.1), with batches
+    /// of 3 MiB so that the 3 MiB file and the 64 MiB sparse one are rewritten in segments:
+    /// the journal written but not yet renamed complete, complete, a file half overwritten,
+    /// overwritten, a segment written, the batch synced, the journal removed. Each time the
+    /// state is checked (the temporary or the complete journal is there), read through a
+    /// mount (which finishes the journal first), resumed and compared.
+    func testDEKRekeyKilledInEveryJournalPhaseResumes() throws {
+        initVolume()
+        mount()
+        try populateRekeyTree()
+        let before = manifest(mnt)
+        unmount()
+        let template = scratch + "/template"
+        XCTAssertEqual(sh("cp -a '\(cipher)' '\(template)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
+        let env = ["XTSFS_REKEY_BATCH_BYTES": "3145728"]
+        let (status, trace) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: env.merging(["XTSFS_REKEY_TRACE": "1"]) { $1 })
+        XCTAssertEqual(status, 0, trace)
+        let steps = trace.split(separator: "\n").filter { $0.hasPrefix("rekey step ") }.map(String.init)
+        let phases = ["rekey journal written", "rekey journal complete", "file half rewritten", "file rewritten in place",
+                      "file part rewritten", "batch rewritten and synced", "rekey journal removed"]
+        // Every phase, at its first, middle and last occurrence.
+        var points: [(Int, String)] = []
+        for phase in phases {
+            let at = steps.indices.filter { steps[$0].contains(": " + phase) }
+            XCTAssertFalse(at.isEmpty, "no step \(phase) in: \(trace)")
+            guard let first = at.first, let last = at.last else { continue }
+            for i in Set([first, at[at.count / 2], last]).sorted() { points.append((i + 1, phase)) }
+        }
+        XCTAssertGreaterThanOrEqual(points.count, 15)
+        for (point, phase) in points {
+            XCTAssertEqual(sh("rm -rf '\(cipher)' && cp -a '\(template)' '\(cipher)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
+            let (killed, err) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: env.merging(["XTSFS_REKEY_FAILPOINT": "\(point)"]) { $1 })
+            XCTAssertEqual(killed, -SIGKILL, "point \(point) (\(phase)): not killed: \(err)")
+            let temporaries = backingPaths(named: "xtsfs.rekey-journal.tmp", in: cipher), journals = backingPaths(named: "xtsfs.rekey-journal", in: cipher)
+            switch phase {
+            // (A segment's journal may still be there while the next one's is written.)
+            case "rekey journal written": XCTAssertEqual(temporaries.count, 1, "point \(point)")
+            case "rekey journal removed": XCTAssertTrue(journals.isEmpty && temporaries.isEmpty, "point \(point)")
+            default: XCTAssertEqual(journals.count, 1, "point \(point) (\(phase))")
+            }
+            mount()
+            XCTAssertEqual(manifest(mnt), before, "mounted after point \(point) (\(phase))")
+            unmount()
+            XCTAssertTrue(backingPaths(named: "xtsfs.rekey-journal", in: cipher).isEmpty, "the mount finished the journal (point \(point))")
+            let (again, err2) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: env)
+            XCTAssertEqual(again, 0, "point \(point) (\(phase)): rerun failed: \(err2)")
+            mount()
+            XCTAssertEqual(manifest(mnt), before, "point \(point) (\(phase))")
+            // Hard links stay one inode.
+            var a = stat(), b = stat()
+            XCTAssertEqual(lstat(mnt + "/a/one-unit", &a), 0)
+            XCTAssertEqual(lstat(mnt + "/a/b/c/hardlink", &b), 0)
+            XCTAssertEqual(a.st_ino, b.st_ino, "point \(point)")
+            XCTAssertEqual(a.st_nlink, 2)
+            unmount()
+            XCTAssertTrue(backingFiles().allSatisfy { !$0.path.contains("xtsfs.rekey") }, "point \(point): something of the rekey left")
+        }
+    }
+
+    /// A power loss in the middle of an overwrite may keep any subset of the 4096-byte
+    /// blocks written: simulated by killing the rekey once each batch's journal is complete,
+    /// finishing the journal of a copy of that state (every journalled file new), and
+    /// then putting every journalled file together block by block, alternately from the
+    /// old and the new one (so units are new in one block and old in the next, both ways
+    /// round). The rerun rebuilds every unit from the journal: the tree reads back whole.
+    func testDEKRekeyJournalRebuildsFilesMixedBlockByBlock() throws {
+        initVolume()
+        mount()
+        try populateRekeyTree()
+        let before = manifest(mnt)
+        unmount()
+        let template = scratch + "/template"
+        XCTAssertEqual(sh("cp -a '\(cipher)' '\(template)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
+        let (status, trace) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: ["XTSFS_REKEY_TRACE": "1"])
+        XCTAssertEqual(status, 0, trace)
+        let steps = trace.split(separator: "\n").filter { $0.hasPrefix("rekey step ") }
+        let points = steps.indices.filter { steps[$0].contains(": rekey journal complete") }.map { $0 + 1 }
+        XCTAssertGreaterThanOrEqual(points.count, 3, trace)
+        let finished = scratch + "/finished", realCipher = cipher
+        var mixedFiles = 0
+        for (n, point) in points.enumerated() {
+            XCTAssertEqual(sh("rm -rf '\(realCipher)' '\(finished)' && cp -a '\(template)' '\(realCipher)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
+            let (killed, err) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: ["XTSFS_REKEY_FAILPOINT": "\(point)"])
+            XCTAssertEqual(killed, -SIGKILL, "point \(point): not killed: \(err)")
+            guard let journal = backingPaths(named: "xtsfs.rekey-journal", in: cipher).first else { XCTFail("point \(point): no journal"); continue }
+            let dir = (journal as NSString).deletingLastPathComponent
+            // The same state, its journal finished by a rerun stopped right after (its
+            // first step): the journalled files all new.
+            XCTAssertEqual(sh("cp -a '\(realCipher)' '\(finished)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
+            let (stopped, err1) = runEnv(["rekey", finished, "--dek", "--passfile", passfile], env: ["XTSFS_REKEY_FAILPOINT": "1", "XTSFS_REKEY_TRACE": "1"])
+            XCTAssertEqual(stopped, -SIGKILL, err1)
+            XCTAssertTrue(err1.contains("rekey step 1: rekey journal removed"), err1)
+            // Every file of that directory that the mount changed, mixed block by block in place.
+            let mixer = """
+            import os, sys
+            old_dir, new_dir, parity = sys.argv[1], sys.argv[2], int(sys.argv[3])
+            mixed = 0
+            for name in os.listdir(old_dir):
+                o, w = os.path.join(old_dir, name), os.path.join(new_dir, name)
+                if not os.path.isfile(o) or os.path.islink(o) or name.startswith("xtsfs.") or not os.path.isfile(w):
+                    continue
+                a, b = open(o, "rb").read(), open(w, "rb").read()
+                if a == b or len(a) != len(b):
+                    continue
+                fd = os.open(o, os.O_WRONLY)
+                for k in range(0, (len(a) + 4095) // 4096):
+                    if (k + parity) % 2 == 0:
+                        os.pwrite(fd, b[k * 4096:(k + 1) * 4096], k * 4096)
+                os.close(fd)
+                mixed += 1
+            print(mixed)
+            """
+            let out = sh("python3 -c '\(mixer.replacingOccurrences(of: "'", with: "'\\''"))' '\(realCipher)/\(dir)' '\(finished)/\(dir)' \(n % 2)")
+            mixedFiles += Int(out.trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1000
+            let (again, err2) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: [:])
+            XCTAssertEqual(again, 0, "point \(point): rerun failed: \(err2)")
+            XCTAssertFalse(err2.contains("torn"), "point \(point): \(err2)")
+            mount()
+            XCTAssertEqual(manifest(mnt), before, "point \(point), mixed block by block")
+            unmount()
+        }
+        XCTAssertGreaterThanOrEqual(mixedFiles, points.count, "files were mixed (at least one per batch)")
+    }
 }
+
 
 extension VolumeTestCase {
     /// The tree the rekey tests rekey: empty, small, unit-sized and odd-sized files, a 3 MiB
