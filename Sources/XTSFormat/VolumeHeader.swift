@@ -24,8 +24,14 @@ public struct Features: OptionSet, Sendable, Hashable {
     /// generations coexist, and the rekey record holds the new DEK. A reader that does not
     /// know the rekey record would not find the new generation's names: it must refuse.
     public static let rekeyInProgress = Features(rawValue: 1 << 1)
+    /// The unfinished DEK rekey re-encrypts files in place under checksum journals
+    /// (`xtsfs.rekey-journal`, FORMAT.md section 13.1). A reader that does not know them
+    /// would serve a file half rewritten when the rekey stopped as if it were whole: it
+    /// must refuse. Set with `rekeyInProgress` (and by a rerun of a rekey started without
+    /// it, before its first journal), cleared with it.
+    public static let rekeyJournal = Features(rawValue: 1 << 2)
     /// Every flag this build can read.
-    public static let known: Features = [.blockAuthentication, .rekeyInProgress]
+    public static let known: Features = [.blockAuthentication, .rekeyInProgress, .rekeyJournal]
 }
 
 /// Which kind of key provider produced a keyslot's KEK.

@@ -155,6 +155,12 @@ public enum Rekey {
         if let pending = try pendingKeys(header, old: old) {
             new = pending
             resumed = true
+            // A rekey started by a build that wrote complete copies: from here on files are
+            // journalled, which a build that does not know journals must not mount.
+            if !header.features.contains(.rekeyJournal) {
+                header.features.insert(.rekeyJournal)
+                base = try KeySlots.write(cipherDir, header, keys: old, base: base) { copy in failpoint.step("journal feature written to header copy \(copy)") }
+            }
         } else {
             do {
                 new = try KeySet.generate(generation: old.generation &+ 1, volumeID: header.volumeID)
@@ -163,7 +169,7 @@ public enum Rekey {
                                          newKeyDigest: new.digest)
                 header.rekeyRecord = try record.encode()
             } catch { throw .failure("cannot make the new key: \(error)") }
-            header.features.insert(.rekeyInProgress)
+            header.features.formUnion([.rekeyInProgress, .rekeyJournal])
             base = try KeySlots.write(cipherDir, header, keys: old, base: base) { copy in failpoint.step("rekey record written to header copy \(copy)") }
             audit?.record(.init(operation: "rekey dek started", volumeID: header.volumeID, slot: u.slot, provider: provider.type.description, ok: true,
                                 detail: "generation \(old.generation) -> \(new.generation)"))
@@ -229,7 +235,7 @@ public enum Rekey {
         final.keyslots = [rewrapped]
         final.keyGeneration = new.generation
         final.rekeyRecord = []
-        final.features.remove(.rekeyInProgress)
+        final.features.subtract([.rekeyInProgress, .rekeyJournal])
         return final
     }
 

@@ -191,7 +191,7 @@ final class RekeyControl: @unchecked Sendable {
             throw .refused("the header of \(cipherDir) records no DEK rekey")
         }
         guard final.volumeID == header.volumeID, final.keyGeneration == new.generation, final.rekeyRecord.isEmpty,
-              !final.features.contains(.rekeyInProgress), (try? Keyring.verify(final, keys: new)) != nil else {
+              final.features.isDisjoint(with: [.rekeyInProgress, .rekeyJournal]), (try? Keyring.verify(final, keys: new)) != nil else {
             throw .refused("the final header does not verify under the rekey's new key")
         }
         let go = state.withLock { s -> Bool in

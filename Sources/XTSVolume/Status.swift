@@ -63,6 +63,7 @@ public struct StatusReport: Codable, Sendable {
         var features: [String] = []
         if h.features.contains(.blockAuthentication) { features.append("block-authentication") }
         if h.features.contains(.rekeyInProgress) { features.append("rekey-in-progress") }
+        if h.features.contains(.rekeyJournal) { features.append("rekey-journal") }
         return StatusReport(
             cipherDir: cipherDir, formatVersion: Int(h.version),
             volumeID: hex(h.volumeID),

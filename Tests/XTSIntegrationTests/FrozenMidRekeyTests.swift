@@ -33,6 +33,13 @@ final class FrozenMidRekeyTests: VolumeTestCase {
             XCTAssertTrue(f.stderr.contains("rekey"), f.stderr)
         }
         XCTAssertEqual(backingFiles().map { $0.path }.sorted(), before)
+        // Started by a build that wrote complete copies: the rerun first marks the header
+        // (feature bit 2), so that no build unaware of journals mounts it from then on.
+        XCTAssertFalse(status.stdout.contains("rekey-journal"), status.stdout)
+        let stopped = Harness.shell("XTSFS_REKEY_FAILPOINT=3 '\(Harness.binary)' rekey '\(cipher)' --dek --passfile '\(passfile)' >/dev/null 2>&1")
+        XCTAssertNotEqual(stopped, 0, "the failpoint did not stop the rekey")
+        let marked = Harness.run(["status", cipher]).stdout
+        XCTAssertTrue(marked.contains("rekey-journal") && marked.contains("rekey-in-progress"), marked)
         let r = Harness.run(["rekey", cipher, "--dek", "--passfile", passfile])
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertTrue(r.stderr.contains("(resumed)"), r.stderr)
@@ -41,6 +48,7 @@ final class FrozenMidRekeyTests: VolumeTestCase {
         unmount()
         let after = Harness.run(["status", cipher]).stdout
         XCTAssertTrue(after.contains("Key generation:  2") && after.contains("Rekey:           none"), after)
+        XCTAssertFalse(after.contains("rekey-journal") || after.contains("rekey-in-progress"), after)
     }
 
     /// Every file, name and symlink target of the fixture, as it was written.
