@@ -508,6 +508,231 @@ final class SharedHostsTests: VolumeTestCase {
         unmountBoth()
     }
 
+    // MARK: - failures of the distributed filesystem (scripts/gluster-test)
+
+    /// scripts/gluster-test's failure controls (XTSFS_SHARED_CONTROL): kill-brick N,
+    /// restart-bricks, heal, cut a|b, reconnect a|b. Without them (a local double mount) there is
+    /// no brick to lose and no network to cut.
+    func failureControl() throws -> String {
+        guard let c = ProcessInfo.processInfo.environment["XTSFS_SHARED_CONTROL"] else {
+            throw XCTSkip("needs a distributed backing filesystem with failure controls (scripts/gluster-test)")
+        }
+        return c
+    }
+
+    func control(_ c: String, _ args: String, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertEqual(Harness.shell("'\(c)' \(args)"), 0, "control \(args)", file: file, line: line)
+    }
+
+    /// Creates or truncates `path` and writes `bytes`, fsync and close included: 0, or the
+    /// first errno.
+    func tryWrite(_ path: String, _ bytes: [UInt8]) -> Int32 {
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        guard fd >= 0 else { return errno }
+        var e: Int32 = 0
+        if bytes.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, $0.count) }) != bytes.count { e = errno == 0 ? EIO : errno }
+        if e == 0 && fsync(fd) != 0 { e = errno }
+        if close(fd) != 0 && e == 0 { e = errno }
+        return e
+    }
+
+    /// The bytes of `path`, or the errno that refused them.
+    func tryRead(_ path: String) -> (bytes: [UInt8]?, errno: Int32) {
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { return (nil, errno) }
+        defer { close(fd) }
+        var out: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0 { return (nil, errno) }
+            if n == 0 { return (out, 0) }
+            out += buf[0..<n]
+        }
+    }
+
+    /// The errors a backing filesystem that lost its storage may give: clean, expected.
+    static let cleanErrors: Set<Int32> = [EROFS, ENOTCONN, EIO, ETIMEDOUT, EHOSTUNREACH, ENETUNREACH, ESTALE]
+
+    /// Polls until `ready` holds (a recovery: clients reconnect in their own time), for at
+    /// most `seconds`; false if it never did.
+    func waitFor(_ seconds: Double, _ ready: () -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if ready() { return true }
+            usleep(250_000)
+        }
+        return ready()
+    }
+
+    /// Both daemons still run and serve their mounts.
+    func assertDaemonsAlive(_ what: String, file: StaticString = #filePath, line: UInt = #line) {
+        for m in [mnt, mnt2] {
+            XCTAssertTrue(Harness.isMounted(m), "\(what): \(m) still mounted", file: file, line: line)
+            XCTAssertEqual(Harness.daemons(m).count, 1, "\(what): the daemon of \(m) still runs", file: file, line: line)
+        }
+    }
+
+    /// One brick of three lost, then another once the first is back: both hosts go on
+    /// reading and writing through xtsfs, and after the bricks return everything written
+    /// meanwhile reads back on both.
+    func testOneBrickLostBothHostsGoOn() throws {
+        let c = try failureControl()
+        initVolume()
+        mountTwice()
+        var expected: [String: [UInt8]] = [:]
+        expected["before"] = pattern(30_000, seed: 31)
+        try write(mnt + "/before", expected["before"]!)
+        defer { control(c, "restart-bricks") }
+        for (round, brick) in [1, 2].enumerated() {
+            control(c, "kill-brick \(brick)")
+            let tag = "brick \(brick) lost"
+            for name in expected.keys.sorted() {
+                assertBytes(readAll(mnt2 + "/" + name), expected[name]!, "\(tag): B reads \(name)")
+                assertBytes(readAll(mnt + "/" + name), expected[name]!, "\(tag): A reads \(name)")
+            }
+            let a = pattern(12_345, seed: UInt64(40 + round)), b = pattern(70_000, seed: UInt64(50 + round))
+            XCTAssertEqual(tryWrite(mnt + "/a\(round)", a), 0, "\(tag): A writes")
+            XCTAssertEqual(tryWrite(mnt2 + "/b\(round)", b), 0, "\(tag): B writes")
+            expected["a\(round)"] = a
+            expected["b\(round)"] = b
+            assertBytes(readAll(mnt2 + "/a\(round)"), a, "\(tag): B reads what A wrote")
+            assertBytes(readAll(mnt + "/b\(round)"), b, "\(tag): A reads what B wrote")
+            // A rewrite (new key) on B, seen by A; a directory made on A, a file renamed into it on B.
+            let rewritten = pattern(20_000, seed: UInt64(60 + round))
+            XCTAssertEqual(tryWrite(mnt2 + "/before", rewritten), 0, "\(tag): B rewrites")
+            expected["before"] = rewritten
+            assertBytes(readAll(mnt + "/before"), rewritten, "\(tag): A reads B's rewrite")
+            XCTAssertEqual(mkdir(mnt + "/d\(round)", 0o755), 0, "\(tag): A makes a directory")
+            XCTAssertEqual(rename(mnt2 + "/b\(round)", mnt2 + "/d\(round)/b"), 0, "\(tag): B renames into it")
+            expected["d\(round)/b"] = expected.removeValue(forKey: "b\(round)")
+            assertBytes(readAll(mnt + "/d\(round)/b"), b, "\(tag): A follows the rename")
+            assertDaemonsAlive(tag)
+            // Back, and healed before the next brick goes (with one brick restarted but not
+            // healed and another lost, GlusterFS has no good copy of what the first missed).
+            control(c, "restart-bricks")
+            control(c, "heal")
+        }
+        // All bricks back: everything reads back on both hosts (the bricks that missed
+        // writes are healed or passed over by the replication, never served stale).
+        for m in [mnt, mnt2] {
+            for (name, bytes) in expected { assertBytes(readAll(m + "/" + name), bytes, "bricks back: \(m)/\(name)") }
+        }
+        unmountBoth()
+        let fsck = Harness.run(["fsck", cipher, "--passfile", passfile])
+        XCTAssertEqual(fsck.status, 0, fsck.stdout + fsck.stderr)
+    }
+
+    /// Two bricks of three lost (no quorum): writes through xtsfs fail with clean errors
+    /// (EROFS, ENOTCONN, EIO), reads give the right bytes or such an error, never others;
+    /// no daemon dies. Once the bricks are restarted everything is readable and writable
+    /// again on both hosts.
+    func testQuorumLostGivesCleanErrorsAndRecovers() throws {
+        let c = try failureControl()
+        initVolume()
+        mountTwice()
+        let f = pattern(40_000, seed: 71), g = pattern(5_000, seed: 72)
+        try write(mnt + "/f", f)
+        try write(mnt2 + "/g", g)
+        XCTAssertEqual(mkdir(mnt + "/d", 0o755), 0)
+        defer { control(c, "restart-bricks") }
+        control(c, "kill-brick 1")
+        control(c, "kill-brick 2")
+        let errs = Self.cleanErrors
+        // Writes: a new file, a rewrite, an append, a mkdir, a rename, an unlink; on both hosts.
+        for (host, m) in [("A", mnt), ("B", mnt2)] {
+            let e = tryWrite(m + "/new" + host, [1, 2, 3])
+            XCTAssertTrue(errs.contains(e), "\(host): a create without quorum gives a clean error, not \(e)")
+            let r = tryWrite(m + "/f", pattern(40_000, seed: 73))
+            XCTAssertTrue(errs.contains(r), "\(host): a rewrite without quorum gives a clean error, not \(r)")
+            let md = mkdir(m + "/e" + host, 0o755) == 0 ? 0 : errno
+            XCTAssertTrue(errs.contains(md), "\(host): mkdir without quorum gives a clean error, not \(md)")
+            let rn = rename(m + "/g", m + "/d/g") == 0 ? 0 : errno
+            XCTAssertTrue(errs.contains(rn), "\(host): rename without quorum gives a clean error, not \(rn)")
+            // Reads: the right bytes, or a clean error.
+            for (name, bytes) in [("f", f), ("g", g)] {
+                let got = tryRead(m + "/" + name)
+                if let b = got.bytes { assertBytes(b, bytes, "\(host) reads \(name) without quorum") } else {
+                    XCTAssertTrue(errs.contains(got.errno), "\(host): reading \(name) without quorum: \(got.errno)")
+                }
+            }
+        }
+        assertDaemonsAlive("quorum lost")
+        print("quorum lost: a create got \(String(cString: strerror(tryWrite(mnt + "/newA", [0]))))")
+        control(c, "restart-bricks")
+        // The clients reconnect to the restarted bricks in their own time.
+        let back = waitFor(90) { tryWrite(mnt + "/newA", [1, 2, 3]) == 0 && tryWrite(mnt2 + "/newB", [4, 5, 6]) == 0 }
+        XCTAssertTrue(back, "writable again on both hosts after the bricks were restarted")
+        assertDaemonsAlive("bricks back")
+        for m in [mnt, mnt2] {
+            assertBytes(readAll(m + "/f"), f, "\(m)/f unchanged by the refused rewrites")
+            assertBytes(readAll(m + "/g"), g, "\(m)/g")
+            assertBytes(readAll(m + "/newA"), [1, 2, 3], "\(m)/newA")
+            assertBytes(readAll(m + "/newB"), [4, 5, 6], "\(m)/newB")
+            XCTAssertFalse(exists(m + "/eA") || exists(m + "/eB") || exists(m + "/d/g"), "\(m): nothing refused happened after all")
+        }
+        let f2 = pattern(33_333, seed: 74)
+        XCTAssertEqual(tryWrite(mnt2 + "/f", f2), 0)
+        assertBytes(readAll(mnt + "/f"), f2, "A reads B's rewrite after the recovery")
+        XCTAssertEqual(rename(mnt + "/g", mnt + "/d/g"), 0)
+        assertBytes(readAll(mnt2 + "/d/g"), g, "B follows A's rename after the recovery")
+        unmountBoth()
+        let fsck = Harness.run(["fsck", cipher, "--passfile", passfile])
+        XCTAssertEqual(fsck.status, 0, fsck.stdout + fsck.stderr)
+    }
+
+    /// Host B cut off from the storage by a network partition while A goes on changing the
+    /// volume; B's own attempts fail cleanly (or, if one succeeds, its bytes are kept).
+    /// Reconnected, B sees every change A made, and nothing either host wrote is lost.
+    func testHostCutOffByAPartitionAndReconnected() throws {
+        let c = try failureControl()
+        initVolume()
+        mountTwice()
+        let fromA = pattern(25_000, seed: 81), fromB = pattern(9_000, seed: 82)
+        try write(mnt + "/fromA", fromA)
+        try write(mnt2 + "/fromB", fromB)
+        assertBytes(readAll(mnt2 + "/fromA"), fromA, "B reads A's file before the cut")
+        control(c, "cut b")
+        defer { control(c, "reconnect b") }
+        // A goes on: a create, a rewrite (new key), a rename of B's file, a directory.
+        let during = pattern(44_000, seed: 83), rewritten = pattern(25_000, seed: 84)
+        XCTAssertEqual(tryWrite(mnt + "/during", during), 0, "A writes while B is cut off")
+        XCTAssertEqual(tryWrite(mnt + "/fromA", rewritten), 0, "A rewrites while B is cut off")
+        XCTAssertEqual(rename(mnt + "/fromB", mnt + "/fromB2"), 0)
+        XCTAssertEqual(mkdir(mnt + "/dirA", 0o755), 0)
+        // B tries to write (its client gives up after the volume's ping timeout).
+        let fromBDuring = pattern(3_000, seed: 85)
+        let e = tryWrite(mnt2 + "/fromBDuring", fromBDuring)
+        XCTAssertTrue(e == 0 || Self.cleanErrors.contains(e), "B's write while cut off: a clean error or success, not \(e)")
+        print("cut off: B's write got \(e == 0 ? "success" : String(cString: strerror(e)))")
+        let r = tryRead(mnt2 + "/fromA")
+        if let b = r.bytes {
+            XCTAssertTrue(b == fromA || b == rewritten, "B cut off reads the old or the new file, never garbage (\(b.count) bytes)")
+        } else {
+            XCTAssertTrue(Self.cleanErrors.contains(r.errno), "B's read while cut off: \(r.errno)")
+        }
+        XCTAssertEqual(Harness.daemons(mnt2).count, 1, "B's daemon survives the partition")
+        control(c, "reconnect b")
+        // B's client reconnects in its own time.
+        let back = waitFor(90) { tryRead(mnt2 + "/during").bytes == during }
+        XCTAssertTrue(back, "B sees A's file written during the cut once reconnected")
+        assertBytes(readAll(mnt2 + "/fromA"), rewritten, "B reads A's rewrite")
+        assertBytes(readAll(mnt2 + "/fromB2"), fromB, "B's own file, renamed by A, is intact")
+        XCTAssertFalse(exists(mnt2 + "/fromB"))
+        XCTAssertTrue(exists(mnt2 + "/dirA"), "B sees A's directory")
+        if e == 0 {
+            assertBytes(readAll(mnt + "/fromBDuring"), fromBDuring, "what B's write during the cut reported as written is kept")
+        }
+        // B writes again and A sees it.
+        let after = pattern(11_000, seed: 86)
+        XCTAssertEqual(tryWrite(mnt2 + "/dirA/after", after), 0, "B writes once reconnected")
+        assertBytes(readAll(mnt + "/dirA/after"), after, "A reads what B wrote after the reconnect")
+        assertDaemonsAlive("after the partition")
+        unmountBoth()
+        let fsck = Harness.run(["fsck", cipher, "--passfile", passfile])
+        XCTAssertEqual(fsck.status, 0, fsck.stdout + fsck.stderr)
+    }
+
     func testSharedRefusesANameAndAttributeCache() throws {
         initVolume()
         let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile, "-o", "shared,cache_timeout=5"])
