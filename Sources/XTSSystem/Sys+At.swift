@@ -77,6 +77,21 @@ public extension Sys {
         _ = try check("rename \(from)") { xts_renameat2_at(fromDir, from, toDir, to, flags) }
     }
 
+    /// renameat2(2) with RENAME_NOREPLACE; where the filesystem does not take the flag
+    /// (GlusterFS's FUSE client answers EINVAL), a check that the target is absent (EEXIST
+    /// if not) and a plain rename. Only for callers that hold the directory against
+    /// changes of this machine (the rekey sweep, fsck --repair) and that other hosts do not
+    /// change meanwhile (both refuse while another host has the volume mounted).
+    static func renameatNoReplace(_ fromDir: Int32, _ from: String, _ toDir: Int32, _ to: String) throws(SystemError) {
+        do {
+            try renameat(fromDir, from, toDir, to, flags: UInt32(XTS_RENAME_NOREPLACE))
+        } catch where error.errno == EINVAL {
+            var st = stat()
+            if Glibc.fstatat(toDir, to, &st, AT_SYMLINK_NOFOLLOW) == 0 { throw SystemError(EEXIST, "rename \(from)") }
+            try renameat(fromDir, from, toDir, to)
+        }
+    }
+
     /// chown of the object an O_PATH descriptor pins (never follows a symlink).
     static func fchown(pinned fd: Int32, _ uid: uid_t, _ gid: gid_t) throws(SystemError) {
         _ = try check("chown") { Glibc.fchownat(fd, "", uid, gid, XTS_AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) }

@@ -65,7 +65,7 @@ extension Fsck {
                 if case .long = backing {
                     do { try Sys.writeNewFile(Array(backingFull(backing).utf8), at: lf.fd, backing.entryName + NameCodec.longSuffix, mode: 0o444) } catch where error.errno == EEXIST { continue }
                 }
-                try Sys.renameat(dirfd, name, lf.fd, backing.entryName, flags: UInt32(XTS_RENAME_NOREPLACE))
+                try Sys.renameatNoReplace(dirfd, name, lf.fd, backing.entryName)
             } catch {
                 if error.errno == EEXIST { continue }
                 if case .long = backing { _ = Glibc.unlinkat(lf.fd, backing.entryName + NameCodec.longSuffix, 0) }

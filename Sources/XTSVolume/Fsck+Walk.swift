@@ -188,7 +188,7 @@ extension Fsck {
                     try Sys.renameat(fd, record, fd, want, flags: UInt32(XTS_RENAME_EXCHANGE))
                     done.insert(want)
                 } else if !present.contains(want) {
-                    try Sys.renameat(fd, record, fd, want, flags: UInt32(XTS_RENAME_NOREPLACE))
+                    try Sys.renameatNoReplace(fd, record, fd, want)
                 } else { continue }
             } catch {
                 let i = add(.longNameRecordMismatch, path, "holds the name of \(entry)")
@@ -280,7 +280,7 @@ extension Fsck {
             let header = try DirHeader.random(keyGeneration: keys.generation).encode(macKey: keys.metadataMACKey)
             // Keep a damaged header's bytes beside it rather than destroying them.
             if (try? Sys.fstatat(fd, DirHeader.fileName)) != nil {
-                try Sys.renameat(fd, DirHeader.fileName, fd, DirHeader.fileName + ".damaged", flags: UInt32(XTS_RENAME_NOREPLACE))
+                try Sys.renameatNoReplace(fd, DirHeader.fileName, fd, DirHeader.fileName + ".damaged")
             }
             try Sys.atomicWrite(header, at: fd, DirHeader.fileName, mode: 0o444)
             repaired(i, .recreatedDirectoryHeader)

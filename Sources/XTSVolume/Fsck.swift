@@ -320,7 +320,7 @@ public final class Fsck {
             }
             if foreign {
                 let aside = c.name + ".foreign-" + StatusReport.hex(c.header!.volumeID)
-                do { try Sys.renameat(root, c.name, root, aside, flags: UInt32(XTS_RENAME_NOREPLACE)) } catch {
+                do { try Sys.renameatNoReplace(root, c.name, root, aside) } catch {
                     notRepaired(i, "cannot move it aside to \(aside): \(error)")
                     continue
                 }

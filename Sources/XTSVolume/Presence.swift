@@ -230,14 +230,16 @@ public final class Presence: @unchecked Sendable {
     /// Refuses `operation` while a live record exists: another host (or another mount on
     /// this one) has the volume mounted. `--force` (`force`) goes on anyway, for a host
     /// known to be gone whose record has not expired yet.
-    /// `otherHostsOnly`: this machine's own mounts do not count (an online rekey goes
-    /// through this machine's daemon).
-    public static func refuseIfHeld(_ cipherDir: String, operation: String, force: Bool, otherHostsOnly: Bool = false) throws(VolumeError) {
-        let me = AuditLog.hostID()
-        let live = list(cipherDir).filter { $0.state == "live" && !(otherHostsOnly && $0.hostID == me) }
+    /// `except`: the record (file name, `HOSTID.PID`) of the mount that does the work and
+    /// so does not count (the daemon that sweeps an online rekey).
+    public static func refuseIfHeld(_ cipherDir: String, operation: String, force: Bool, except: String? = nil) throws(VolumeError) {
+        let live = list(cipherDir).filter { $0.state == "live" && $0.file != except }
         guard !live.isEmpty, !force else { return }
+        let me = AuditLog.hostID()
+        let here = live.contains { $0.hostID == me }
         throw .refused("\(cipherDir) is mounted elsewhere: " + live.map { describe($0) }.joined(separator: "; ") +
-                       ". \(operation) must not run while another host has the volume mounted: unmount it there first" +
+                       ". \(operation) must not run while another host " + (here ? "or another mount on this one " : "") +
+                       "has the volume mounted: unmount it there first" +
                        " (a record expires \(lifetime) s after its host stops refreshing it; --force ignores it if that host is known to be gone)")
     }
 }

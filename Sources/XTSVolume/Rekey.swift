@@ -128,9 +128,11 @@ public enum Rekey {
                                  audit: AuditLog?, progress: @escaping (RekeyProgress) -> Void) throws(VolumeError) -> Summary {
         let realDir = Mounter.absolute(cipherDir)
         let online = mountpoint(of: realDir) != nil
-        // Another host's mount: neither an offline sweep nor this machine's daemon may
-        // re-encrypt under it (that host would go on writing with the old key).
-        try Presence.refuseIfHeld(cipherDir, operation: "rekey --dek", force: ignoreOtherHosts, otherHostsOnly: online)
+        // Another host's mount, or another mount on this machine than the one whose daemon
+        // sweeps: neither an offline sweep nor this machine's daemon may re-encrypt under
+        // it (its daemon would go on writing with the old key).
+        let sweeper = online ? "\(AuditLog.hostID()).\(try RekeyControl.daemonPID(cipherDir: realDir))" : nil
+        try Presence.refuseIfHeld(cipherDir, operation: "rekey --dek", force: ignoreOtherHosts, except: sweeper)
         let failpoint = Failpoint()
         let u = try Volume.unlock(cipherDir, provider: provider, slot: slot, audit: audit, operation: "unlock for rekey dek")
         // The offline sweep must be alone: refused if a mount came up since. Online, the

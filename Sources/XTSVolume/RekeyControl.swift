@@ -332,6 +332,20 @@ final class RekeyControl: @unchecked Sendable {
 
     /// One request to the daemon serving CIPHERDIR on this machine; its answer (lines).
     static func request(cipherDir: String, _ text: String) throws(VolumeError) -> [String] {
+        try request(cipherDir: cipherDir, text, peer: nil)
+    }
+
+    /// The process ID of the daemon that answers on CIPHERDIR's control socket (the one
+    /// an online rekey goes through; of two mounts of one CIPHERDIR on this machine, the
+    /// first), from the socket's peer credentials.
+    static func daemonPID(cipherDir: String) throws(VolumeError) -> Int32 {
+        var pid: Int32 = 0
+        _ = try request(cipherDir: cipherDir, statusRequest, peer: &pid)
+        guard pid > 0 else { throw .failure("cannot tell which process answers on the rekey control socket") }
+        return pid
+    }
+
+    private static func request(cipherDir: String, _ text: String, peer: UnsafeMutablePointer<Int32>?) throws(VolumeError) -> [String] {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw .failure("socket: \(String(cString: strerror(errno)))") }
         defer { Sys.close(fd) }
@@ -339,6 +353,12 @@ final class RekeyControl: @unchecked Sendable {
         let r = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, len) } }
         guard r == 0 else {
             throw .refused("\(cipherDir) is mounted, but its daemon does not answer on its rekey control socket (\(String(cString: strerror(errno)))); unmount it and run the rekey offline")
+        }
+        if let peer {
+            // struct ucred: pid, uid, gid of the process that listens.
+            var cred: (Int32, UInt32, UInt32) = (0, 0, 0)
+            var credLen = socklen_t(MemoryLayout<(Int32, UInt32, UInt32)>.size)
+            peer.pointee = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &credLen) == 0 ? cred.0 : 0
         }
         CacheControl.send(fd, text)
         var reply = [UInt8]()

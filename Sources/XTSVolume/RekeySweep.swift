@@ -355,7 +355,7 @@ final class RekeySweep {
                 if case .long(let hashed, let full) = target {
                     try Sys.atomicWrite(Array(full.utf8), at: dirfd, hashed + NameCodec.longSuffix, mode: 0o444)
                 }
-                try Sys.renameat(dirfd, e.name, dirfd, target.entryName, flags: UInt32(XTS_RENAME_NOREPLACE))
+                try Sys.renameatNoReplace(dirfd, e.name, dirfd, target.entryName)
             } catch {
                 if online && error.errno == ENOENT { continue }
                 throw .system("rename in \(path)", error)

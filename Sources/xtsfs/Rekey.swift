@@ -16,8 +16,8 @@ struct Rekey: ParsableCommand {
         --dek re-encrypts every file, name, symlink target and xattr; an interrupted run (crash, kill -9) is resumed by running the same \
         command again. Unmounted, this command does it; mounted (read-write, on this machine), the daemon serving the mount does it in the \
         background while the mount is in use, and this command shows its progress until it is done (interrupting it leaves the daemon \
-        sweeping; xtsfs status shows it). Either way it is refused while another host has the volume mounted (presence records in \
-        CIPHERDIR/xtsfs.hosts; --force ignores them). Slots other than the one that opens cannot be rewrapped and are removed at the end \
+        sweeping; xtsfs status shows it). Either way it is refused while another host, or another mount on this machine than the one \
+        whose daemon sweeps, has the volume mounted (presence records in CIPHERDIR/xtsfs.hosts; --force ignores them). Slots other than the one that opens cannot be rewrapped and are removed at the end \
         (--remove-other-slots); add them again with xtsfs keys add.
         """)
 

@@ -173,6 +173,47 @@ final class SharedHostsTests: VolumeTestCase {
         unmount()
     }
 
+    /// `rekey --dek` of a mounted volume (this machine's daemon sweeps) refuses while
+    /// another host's record is live, or while another mount of the same CIPHERDIR on this
+    /// machine holds it (its daemon would go on writing with the old key), naming it and
+    /// changing nothing; `--force` goes on, and the sweeping mount's own record never counts.
+    func testOnlineRekeyRefusesWhileAnotherHostOrAnotherMountHoldsTheVolume() throws {
+        initVolume()
+        mount(["-o", "shared"])
+        let data = pattern(30_000, seed: 91)
+        try write(mnt + "/f", data)
+        let before = backingFiles().map { "\($0.path) \($0.bytes)" }
+        try plantRecord("00112233445566ff.4242")
+        let other = Harness.run(["rekey", "--dek", cipher, "--passfile", passfile])
+        XCTAssertEqual(other.status, 15, other.stdout + other.stderr)
+        XCTAssertTrue(other.stderr.contains("otherhost") && other.stderr.contains("mounted elsewhere") && other.stderr.contains("--force"), other.stderr)
+        XCTAssertEqual(backingFiles().map { "\($0.path) \($0.bytes)" }, before, "nothing changed")
+        try FileManager.default.removeItem(atPath: hostsDir + "/00112233445566ff.4242")
+        // A second mount here: the first mount's daemon answers the rekey, the second's
+        // record refuses it.
+        let second = Harness.run(["mount", cipher2, mnt2, "--passfile", passfile, "-o", "shared"])
+        XCTAssertEqual(second.status, 0, second.stderr)
+        let both = Harness.run(["rekey", "--dek", cipher, "--passfile", passfile])
+        XCTAssertEqual(both.status, 15, both.stdout + both.stderr)
+        XCTAssertTrue(both.stderr.contains(mnt2) && both.stderr.contains("another mount on this one"), both.stderr)
+        XCTAssertFalse(both.stderr.contains("on \(mnt),"), "the sweeping mount is not named: \(both.stderr)")
+        XCTAssertEqual(backingFiles().map { "\($0.path) \($0.bytes)" }, before, "nothing changed")
+        XCTAssertEqual(Harness.run(["unmount", mnt2]).status, 0)
+        // --force (a host known to be gone).
+        try plantRecord("00112233445566ff.4242")
+        let forced = Harness.run(["rekey", "--dek", cipher, "--passfile", passfile, "--force"])
+        XCTAssertEqual(forced.status, 0, forced.stdout + forced.stderr)
+        assertBytes(readAll(mnt + "/f"), data, "the file after the forced rekey")
+        XCTAssertNotEqual(backingFiles().map { "\($0.path) \($0.bytes)" }, before, "re-encrypted")
+        // Alone, the mount's own record does not hold the rekey back.
+        try FileManager.default.removeItem(atPath: hostsDir + "/00112233445566ff.4242")
+        let alone = Harness.run(["rekey", "--dek", cipher, "--passfile", passfile])
+        XCTAssertEqual(alone.status, 0, alone.stdout + alone.stderr)
+        assertBytes(readAll(mnt + "/f"), data, "the file after the second rekey")
+        unmount()
+        XCTAssertEqual(Harness.run(["fsck", cipher, "--passfile", passfile]).status, 0)
+    }
+
     /// Presence records are hostile input: a FIFO, a symlink out, a huge file, a directory
     /// and garbage are skipped (never opened, never followed, never read whole); status
     /// and the refusals work on.
