@@ -17,10 +17,8 @@ import Glibc
 /// - Directories: a cached directory handle whose directory is gone (removed by another
 ///   host: no links left, or no longer reachable) is dropped and the directory found again
 ///   by name, checked against its identity; its directory ID is read again from its
-///   `xtsfs.dir` whenever that file's inode, size or change time differs from when it
-///   was last read (one stat per use), so a directory removed and made again under the
-///   same name (even on the same inode number: its `xtsfs.dir` is a new file) is never
-///   addressed with the old ID.
+///   `xtsfs.dir` at each use, so a directory removed and made again under the same name
+///   (even on the same inode number) is never addressed with the old ID.
 extension FileSystem {
     /// The bytes of the file header that decide the key: the whole plain header (32), or
     /// version, flags, key generation and nonce of an integrity header (24; its length

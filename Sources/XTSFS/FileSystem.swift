@@ -290,24 +290,11 @@ public final class FileSystem: @unchecked Sendable {
     /// A directory's ID and the generation its header names (that of its names; in the
     /// middle of a rekey a directory of the old generation may also hold names of the new
     /// one). Cached in the node: the ID never changes, and a generation seen old when it
-    /// is already new only costs a lookup under both. With -o shared it is checked at each
-    /// use, by the inode, size and change time of the `xtsfs.dir` it was read from (another
-    /// host may have replaced the directory, or its header in a rekey): one stat, and the
-    /// header is read again only when that changed.
+    /// is already new only costs a lookup under both. With -o shared it is read again at
+    /// each use (another host may have replaced the directory).
     func directoryInfo(_ id: UInt64) throws(FSError) -> (id: [UInt8], generation: UInt32) {
-        var stamp: [Int64]?
-        var shared: DirHandle?
-        if sharedStorage {
-            let dir = try dirHandle(id)
-            shared = dir
-            stamp = (try? Sys.fstatat(dir.fd, DirHeader.fileName)).map { [Int64($0.st_ino), Int64($0.st_size), Int64($0.st_ctim.tv_sec), Int64($0.st_ctim.tv_nsec)] }
-        }
-        if let cached = table.withLock({ t in t.nodes[id].flatMap { n -> ([UInt8], UInt32)? in
-            guard !sharedStorage || (stamp != nil && n.directoryStamp == stamp) else { return nil }
-            return n.directoryID.map { ($0, n.directoryGeneration) }
-        } }) { return cached }
-        let dir: DirHandle
-        if let shared { dir = shared } else { dir = try dirHandle(id) }
+        if !sharedStorage, let cached = table.withLock({ $0.nodes[id].flatMap { n in n.directoryID.map { ($0, n.directoryGeneration) } } }) { return cached }
+        let dir = try dirHandle(id)
         let bytes: [UInt8]
         do { bytes = try Sys.readSmallFile(dir.fd, DirHeader.fileName, limit: 4096) } catch {
             throw .damaged("directory header \(DirHeader.fileName) of node \(id): \(error)")
@@ -319,7 +306,6 @@ public final class FileSystem: @unchecked Sendable {
         table.withLock {
             $0.nodes[id]?.directoryID = header.directoryID
             $0.nodes[id]?.directoryGeneration = header.keyGeneration
-            $0.nodes[id]?.directoryStamp = stamp
         }
         return (header.directoryID, header.keyGeneration)
     }

@@ -34,8 +34,6 @@ struct Node {
     var directoryID: [UInt8]?
     /// The generation its `xtsfs.dir` named when `directoryID` was read.
     var directoryGeneration: UInt32 = 0
-    /// With -o shared: what `xtsfs.dir` was (inode, size, change time) when it was read.
-    var directoryStamp: [Int64]?
 }
 
 struct NodeTable {
