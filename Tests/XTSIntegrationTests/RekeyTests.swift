@@ -56,6 +56,22 @@ final class RekeyTests: VolumeTestCase {
 
     func manifest(_ dir: String) -> String { Self.manifest(dir) }
 
+    /// The start of the kill tests: the rekey tree written through a mount, its manifest,
+    /// a copy of the volume as it was (`template`), and the steps one traced rekey of the
+    /// volume takes (with `env` added).
+    func tracedRekey(env: [String: String] = [:]) throws -> (before: String, template: String, steps: [String], trace: String) {
+        initVolume()
+        mount()
+        try populateRekeyTree()
+        let before = manifest(mnt)
+        unmount()
+        let template = scratch + "/template"
+        XCTAssertEqual(sh("cp -a '\(cipher)' '\(template)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
+        let (status, trace) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: env.merging(["XTSFS_REKEY_TRACE": "1"]) { $1 })
+        XCTAssertEqual(status, 0, trace)
+        return (before, template, trace.split(separator: "\n").filter { $0.hasPrefix("rekey step ") }.map(String.init), trace)
+    }
+
     /// One line per entry of the tree under `dir`: type, name, SHA-256 of the contents,
     /// symlink target, user xattrs, size, mode, hard-link group (scripts/tree-manifest.py).
     static func manifest(_ dir: String) -> String {
@@ -113,6 +129,37 @@ final class RekeyTests: VolumeTestCase {
         // A damaged file is bad input.
         try write(scratch + "/junk", Array("not a header".utf8))
         xtsfs(["header", "restore", cipher, scratch + "/junk", "--passfile", passfile], .badInput)
+    }
+
+    /// A rekey journal planted in CIPHERDIR (garbage, or a FIFO) in the middle of a rekey:
+    /// its records do not verify under the new key, so nothing it says is used. The mount
+    /// serves the tree as it is; the rekey does not finish while it is there and says so;
+    /// once it is removed the rekey finishes and the tree is whole.
+    func testPlantedRekeyJournalIsNeverTrusted() throws {
+        initVolume()
+        mount()
+        try write(mnt + "/f", pattern(20_000, seed: 7))
+        let before = manifest(mnt)
+        unmount()
+        // Stopped right after the header's rekey record: mid-rekey, nothing swept yet.
+        let (killed, err) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: ["XTSFS_REKEY_FAILPOINT": "3"])
+        XCTAssertEqual(killed, -SIGKILL, err)
+        let journal = cipher + "/xtsfs.rekey-journal"
+        for plant in ["garbage", "fifo"] {
+            if plant == "fifo" { XCTAssertEqual(mkfifo(journal, 0o600), 0) } else { try write(journal, Array("XRJ1".utf8) + pattern(300, seed: 9)) }
+            mount()
+            XCTAssertEqual(manifest(mnt), before, plant)
+            unmount()
+            let (status, out) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: [:])
+            XCTAssertNotEqual(status, 0, "\(plant): the rekey finished past a journal it cannot trust: \(out)")
+            XCTAssertTrue(out.contains("xtsfs.rekey-journal"), "\(plant): \(out)")
+            XCTAssertEqual(unlink(journal), 0)
+        }
+        let (status, out) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: [:])
+        XCTAssertEqual(status, 0, out)
+        mount()
+        XCTAssertEqual(manifest(mnt), before)
+        unmount()
     }
 
     func testDEKRekeyOfEmptyVolume() throws {
@@ -182,17 +229,8 @@ final class RekeyTests: VolumeTestCase {
 
     /// Killed (SIGKILL) at 20+ distinct steps across every phase, rerun, compared.
     func testDEKRekeyKilledAtManyPointsResumes() throws {
-        initVolume()
-        mount()
-        try populateRekeyTree()
-        let before = manifest(mnt)
-        unmount()
-        let template = scratch + "/template"
-        XCTAssertEqual(sh("cp -a '\(cipher)' '\(template)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
         // Count and name the steps.
-        let (status, trace) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: ["XTSFS_REKEY_TRACE": "1"])
-        XCTAssertEqual(status, 0, trace)
-        let steps = trace.split(separator: "\n").filter { $0.hasPrefix("rekey step ") }
+        let (before, template, steps, trace) = try tracedRekey()
         XCTAssertGreaterThanOrEqual(steps.count, 20, trace)
         let kinds = Set(steps.map { $0.split(separator: ":", maxSplits: 1)[1].split(separator: " ").prefix(3).joined(separator: " ") })
         // Every kind of step, and at least 24 points spread over the whole run.
@@ -239,17 +277,8 @@ final class RekeyTests: VolumeTestCase {
     /// state is checked (the temporary or the complete journal is there), read through a
     /// mount (which finishes the journal first), resumed and compared.
     func testDEKRekeyKilledInEveryJournalPhaseResumes() throws {
-        initVolume()
-        mount()
-        try populateRekeyTree()
-        let before = manifest(mnt)
-        unmount()
-        let template = scratch + "/template"
-        XCTAssertEqual(sh("cp -a '\(cipher)' '\(template)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
         let env = ["XTSFS_REKEY_BATCH_BYTES": "3145728"]
-        let (status, trace) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: env.merging(["XTSFS_REKEY_TRACE": "1"]) { $1 })
-        XCTAssertEqual(status, 0, trace)
-        let steps = trace.split(separator: "\n").filter { $0.hasPrefix("rekey step ") }.map(String.init)
+        let (before, template, steps, trace) = try tracedRekey(env: env)
         let phases = ["rekey journal written", "rekey journal complete", "file half rewritten", "file rewritten in place",
                       "file part rewritten", "batch rewritten and synced", "rekey journal removed"]
         // Every phase, at its first, middle and last occurrence.
@@ -298,16 +327,7 @@ final class RekeyTests: VolumeTestCase {
     /// old and the new one (so units are new in one block and old in the next, both ways
     /// round). The rerun rebuilds every unit from the journal: the tree reads back whole.
     func testDEKRekeyJournalRebuildsFilesMixedBlockByBlock() throws {
-        initVolume()
-        mount()
-        try populateRekeyTree()
-        let before = manifest(mnt)
-        unmount()
-        let template = scratch + "/template"
-        XCTAssertEqual(sh("cp -a '\(cipher)' '\(template)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
-        let (status, trace) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: ["XTSFS_REKEY_TRACE": "1"])
-        XCTAssertEqual(status, 0, trace)
-        let steps = trace.split(separator: "\n").filter { $0.hasPrefix("rekey step ") }
+        let (before, template, steps, trace) = try tracedRekey()
         let points = steps.indices.filter { steps[$0].contains(": rekey journal complete") }.map { $0 + 1 }
         XCTAssertGreaterThanOrEqual(points.count, 3, trace)
         let finished = scratch + "/finished", realCipher = cipher
