@@ -396,9 +396,10 @@ extension RekeySweep {
         do {
             let bytes = try Sys.readSmallFile(dirfd, RekeyJournal.name, limit: RekeyJournal.maxLength)
             records = try JournalRecord.decodeAll(bytes, macKey: new.metadataMACKey)
-        } catch let e as SystemError where e.errno != EFBIG { throw .system("read the rekey journal in \(path)", e) } catch {
-            // Not this rekey's (planted, or damaged): nothing it says can be trusted.
-            warnings.append("\(path): \(RekeyJournal.name) does not verify under the new key (\(error)); left as it is (remove it to let the rekey finish)")
+        } catch {
+            // Not this rekey's (planted, damaged, not a regular file, unreadable): nothing
+            // it says can be trusted, and the sweep leaves this directory alone.
+            warnings.append("\(path): \(RekeyJournal.name) cannot be used (\(error)); left as it is (remove it to let the rekey finish)")
             return
         }
         var rest: [(fd: Int32, record: JournalRecord, from: FileCrypto, to: FileCrypto)] = []

@@ -194,6 +194,12 @@ final class RekeySweep {
         // (Online, the mount finished them before serving: any copy is the sweep's own.)
         if !online { try finishLeftovers(dirfd, entries, path: path) }
         entries.removeAll { $0.name.hasPrefix(RekeySweep.copyPrefix) }
+        // A journal still here could not be used (finishJournal said why): rewriting this
+        // directory's files would put a journal of our own over it, and with it the only
+        // way to rebuild the files it describes. Online, the mount finished what it could.
+        if (try? Sys.fstatat(dirfd, RekeyJournal.name)) != nil {
+            throw .damaged("\(path): \(RekeyJournal.name) cannot be used (see the warnings); left as it is: remove it to let the rekey finish")
+        }
 
         // 2. Contents, xattrs and symlink targets; subdirectories recursively.
         for e in entries {
