@@ -238,4 +238,19 @@ static inline int xts_spawn_capture(pid_t *pid, char *const argv[], char *const 
     return r;
 }
 // ---- end of the key providers block ----
+// statx(2) for a birth time, through the raw system call: glibc declares statx only with
+// _GNU_SOURCE. Returns 0 and fills the outputs when the filesystem records a birth time;
+// -1 otherwise.
+#include <linux/stat.h>
+static inline int xtsfs_birth_identity(int fd, uint64_t *dev, uint64_t *ino, int64_t *sec, uint32_t *nsec) {
+    struct statx sx;
+    if (syscall(SYS_statx, fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_INO | STATX_BTIME, &sx) != 0) return -1;
+    if (!(sx.stx_mask & STATX_BTIME)) return -1;
+    *dev = ((uint64_t)sx.stx_dev_major << 32) | sx.stx_dev_minor;
+    *ino = sx.stx_ino;
+    *sec = sx.stx_btime.tv_sec;
+    *nsec = sx.stx_btime.tv_nsec;
+    return 0;
+}
+
 #endif

@@ -213,6 +213,7 @@ extension FileSystem {
     /// Removes an empty backing directory's header and runs `body`; puts the header back if
     /// `body` fails. `pinned` is the directory (O_PATH).
     private func withoutDirHeader(_ pinned: Int32, _ body: () throws(SystemError) -> Void) throws(FSError) {
+        if let birth = Sys.birthIdentity(pinned) { _ = knownDirHeaders.withLock { $0.removeValue(forKey: birth) } }
         let entries: [(name: String, type: UInt8, ino: UInt64)]
         do { entries = try Sys.listDirectory(pinned) } catch { throw .system(error) }
         guard entries.allSatisfy({ BackingEntry.classify($0.name) == .directoryHeader }) else { throw .notEmpty }

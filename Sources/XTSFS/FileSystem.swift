@@ -97,6 +97,15 @@ public final class FileSystem: @unchecked Sendable {
     /// them, reached through their handle until forgotten: fstat of an open descriptor of
     /// a removed directory still answers, as on ext4.
     let removedDirs = Mutex<[UInt64: DirHandle]>([:])
+    /// Directory headers read since the mount, by backing directory and birth time: kept
+    /// after the kernel forgets a directory's node, so that opening it again (after
+    /// memory pressure, or `drop_caches`) needs no read of its `xtsfs.dir`. The ID of a
+    /// directory never changes; a generation seen old when it is already new costs only a
+    /// lookup under both (see `directoryInfo`). Our own removals forget their entry
+    /// (`withoutDirHeader`); the birth time tells a reused inode number apart. Not used
+    /// with -o shared. Emptied when it reaches `knownDirHeadersLimit` entries.
+    let knownDirHeaders = Mutex<[BirthIdentity: (id: [UInt8], generation: UInt32)]>([:])
+    static let knownDirHeadersLimit = 16384
     /// Held shared by operations that change entries or xattrs; exclusively by an online
     /// rekey's steps that rename or replace them (FileSystem+Rekey.swift).
     let namespaceLock = RWLock()
@@ -295,6 +304,14 @@ public final class FileSystem: @unchecked Sendable {
     func directoryInfo(_ id: UInt64) throws(FSError) -> (id: [UInt8], generation: UInt32) {
         if !sharedStorage, let cached = table.withLock({ $0.nodes[id].flatMap { n in n.directoryID.map { ($0, n.directoryGeneration) } } }) { return cached }
         let dir = try dirHandle(id)
+        let birth = sharedStorage ? nil : Sys.birthIdentity(dir.fd)
+        if let birth, let known = knownDirHeaders.withLock({ $0[birth] }) {
+            table.withLock {
+                $0.nodes[id]?.directoryID = known.id
+                $0.nodes[id]?.directoryGeneration = known.generation
+            }
+            return known
+        }
         let bytes: [UInt8]
         do { bytes = try Sys.readSmallFile(dir.fd, DirHeader.fileName, limit: 4096) } catch {
             throw .damaged("directory header \(DirHeader.fileName) of node \(id): \(error)")
@@ -306,6 +323,12 @@ public final class FileSystem: @unchecked Sendable {
         table.withLock {
             $0.nodes[id]?.directoryID = header.directoryID
             $0.nodes[id]?.directoryGeneration = header.keyGeneration
+        }
+        if let birth {
+            knownDirHeaders.withLock {
+                if $0.count >= FileSystem.knownDirHeadersLimit { $0.removeAll(keepingCapacity: true) }
+                $0[birth] = (header.directoryID, header.keyGeneration)
+            }
         }
         return (header.directoryID, header.keyGeneration)
     }

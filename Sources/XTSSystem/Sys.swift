@@ -62,6 +62,16 @@ public enum Sys {
         return st
     }
 
+    /// The backing object's device, inode and birth time (statx on `fd`, which may be
+    /// O_PATH); nil where the filesystem does not record a birth time. Together they name
+    /// one object across its whole life: an inode number freed and reused later gets a
+    /// new birth time.
+    public static func birthIdentity(_ fd: Int32) -> BirthIdentity? {
+        var b = BirthIdentity(dev: 0, ino: 0, seconds: 0, nanoseconds: 0)
+        guard xtsfs_birth_identity(fd, &b.dev, &b.ino, &b.seconds, &b.nanoseconds) == 0 else { return nil }
+        return b
+    }
+
     public static func lstat(_ path: String) throws(SystemError) -> stat {
         var st = stat()
         _ = try check("lstat \(path)") { Glibc.lstat(path, &st) }
@@ -252,4 +262,12 @@ public extension stat {
     var isDirectory: Bool { (st_mode & S_IFMT) == S_IFDIR }
     var isRegular: Bool { (st_mode & S_IFMT) == S_IFREG }
     var isSymlink: Bool { (st_mode & S_IFMT) == S_IFLNK }
+}
+
+/// An object of the backing filesystem by device, inode and birth time (`Sys.birthIdentity`).
+public struct BirthIdentity: Hashable, Sendable {
+    public var dev: UInt64
+    public var ino: UInt64
+    public var seconds: Int64
+    public var nanoseconds: UInt32
 }

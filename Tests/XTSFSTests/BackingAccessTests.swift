@@ -315,6 +315,63 @@ final class BackingAccessTests: XCTestCase {
         expect(["no such entry"]) { _ = try fs.getattr(d, handle: nil) }
     }
 
+    /// The names in directory node `d`, through opendir/readdir.
+    func listing(_ d: UInt64) throws -> [String] {
+        let h = try fs.opendir(d)
+        defer { fs.releasedir(h) }
+        var out: [String] = []
+        try fs.readdir(handle: h, offset: 0) { _, e in out.append(String(decoding: e.name, as: UTF8.self)); return true }
+        return out.filter { $0 != "." && $0 != ".." }.sorted()
+    }
+
+    func testDirectoryHeadersAreKnownPastTheirNodesUntilRemoved() throws {
+        let (d, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("d"), mode: 0o755, caller: me)
+        _ = try makeFile(d, "inside", "x")
+        let backing = try XCTUnwrap(try FileManager.default.contentsOfDirectory(atPath: dir).first {
+            var isDir: ObjCBool = false
+            return FileManager.default.fileExists(atPath: dir + "/" + $0, isDirectory: &isDir) && isDir.boolValue
+        })
+        let fd = open(dir + "/" + backing, O_PATH | O_DIRECTORY)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        let birth = try XCTUnwrap(Sys.birthIdentity(fd), "this test needs a backing filesystem with birth times")
+        close(fd)
+        // Read once from xtsfs.dir (the node forgotten first), then known by birth.
+        fs.forget(d, count: 1)
+        let d1 = try fs.lookup(parent: FileSystem.rootID, name: name("d")).0
+        XCTAssertEqual(try listing(d1), ["inside"])
+        XCTAssertNotNil(fs.knownDirHeaders.withLock { $0[birth] })
+        // Forgotten again, with its header now garbage behind our back: still known, so the
+        // names still decrypt (the ID of a directory never changes).
+        fs.forget(d1, count: 1)
+        let header = dir + "/" + backing + "/" + DirHeader.fileName
+        chmod(header, 0o644)
+        try Data(repeating: 0x41, count: 64).write(to: URL(fileURLWithPath: header))
+        let d2 = try fs.lookup(parent: FileSystem.rootID, name: name("d")).0
+        XCTAssertEqual(try listing(d2), ["inside"])
+        // Removing it through us forgets it.
+        try fs.unlink(parent: d2, name: name("inside"))
+        try fs.rmdir(parent: FileSystem.rootID, name: name("d"))
+        XCTAssertNil(fs.knownDirHeaders.withLock { $0[birth] })
+        // -o shared reads the header at each use: the garbage is damage there.
+        let (e, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("e"), mode: 0o755, caller: me)
+        fs.forget(e, count: 1)
+        XCTAssertEqual(try listing(try fs.lookup(parent: FileSystem.rootID, name: name("e")).0), [])
+        XCTAssertFalse(fs.knownDirHeaders.withLock { $0.isEmpty })
+        let eBacking = try XCTUnwrap(try FileManager.default.contentsOfDirectory(atPath: dir).first {
+            var isDir: ObjCBool = false
+            return FileManager.default.fileExists(atPath: dir + "/" + $0, isDirectory: &isDir) && isDir.boolValue
+        })
+        fs = try FileSystem(cipherDir: dir, keys: fs.keys, readOnly: false, log: { _ in })
+        fs.sharedStorage = true
+        let knownBefore = fs.knownDirHeaders.withLock { $0.count }  // the root's, read by init
+        let eHeader = dir + "/" + eBacking + "/" + DirHeader.fileName
+        chmod(eHeader, 0o644)
+        try Data(repeating: 0x41, count: 64).write(to: URL(fileURLWithPath: eHeader))
+        let e2 = try fs.lookup(parent: FileSystem.rootID, name: name("e")).0
+        expect(["damaged"]) { _ = try self.listing(e2) }
+        XCTAssertEqual(fs.knownDirHeaders.withLock { $0.count }, knownBefore)
+    }
+
     func testRenameOverAnotherNameOfTheSameFileDoesNothing() throws {
         let a = try makeFile(FileSystem.rootID, "a", "x")
         _ = try fs.link(a, newParent: FileSystem.rootID, newName: name("b"))
