@@ -8,7 +8,9 @@ DIR/results.md (Markdown: medians with min-max ranges, the best peer of each row
 the ratios of every xtsfs mount to the plain directory and to the best peer),
 DIR/summary.md (xtsfs, the plain directory and the best peer only), DIR/results.json
 (the same numbers) and DIR/chart.svg (one panel per workload, a bar per filesystem with
-its range; standard library only). --publish REPO copies the chart to REPO/docs/fsbench.svg
+its range; standard library only). With DIR/requests.csv (fsbench's untimed pass
+counting each xtsfs mount's FUSE requests per small-file phase), results.md also has a
+table of those counts. --publish REPO copies the chart to REPO/docs/fsbench.svg
 and the tables into REPO/docs/BENCHMARKS.md and REPO/README.md between their
 "fsbench results" markers.
 
@@ -157,6 +159,7 @@ def main():
                 q = r["ratios"].get(fs, {})
                 cells += [ratio_text(q.get("vs_plain")), ratio_text(q.get("vs_best_peer"))]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += requests_table(out, meta)
     lines.append("")
     lines.append("Versions: " + "; ".join(f"{fs}: {meta['versions'].get(fs, '?')}" for fs in order) + ".")
     if meta.get("missing"):
@@ -184,6 +187,41 @@ def main():
     write_svg(os.path.join(out, "chart.svg"), rows, order, meta)
     if len(sys.argv) > 3 and sys.argv[2] == "--publish":
         publish(out, sys.argv[3], meta)
+
+
+PHASES = ["untar", "ls", "read", "rm"]
+
+
+def requests_table(out, meta):
+    """The FUSE requests each xtsfs mount received per small-file phase (requests.csv,
+    from fsbench's untimed counting pass), as Markdown lines; none without the file."""
+    path = os.path.join(out, "requests.csv")
+    if not os.path.exists(path):
+        return []
+    counts = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            counts.setdefault((row["filesystem"], row["phase"]), {})[row["operation"]] = int(row["count"])
+    systems = [fs for fs in meta["order"] if any((fs, p) in counts for p in PHASES)]
+    if not systems:
+        return []
+    m = re.fullmatch(r"([\d,]+) files, ([\d,]+) directories, .*", meta["tree"])
+    entries = int(m[1].replace(",", "")) + int(m[2].replace(",", "")) if m else None
+    lines = ["", "FUSE requests per small-file phase (one more pass, untimed, on a fresh volume; counted by "
+             "the daemon, `kill -USR1`)" + (f", and per file or directory of the tree ({entries:,} entries)" if entries else "") +
+             "; the operations that make up most of them:", ""]
+    lines.append("| phase | " + " | ".join(systems) + " |")
+    lines.append("|---|" + "---|" * len(systems))
+    for phase in PHASES:
+        cells = [phase]
+        for fs in systems:
+            ops = counts.get((fs, phase), {})
+            total = sum(ops.values())
+            top = sorted(ops.items(), key=lambda kv: -kv[1])[:5]
+            per = f" ({total / entries:.1f} per entry)" if entries else ""
+            cells.append(f"{total:,}{per}: " + ", ".join(f"{op} {n:,}" for op, n in top) if ops else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def replace_between(path, begin, end, text):
