@@ -27,6 +27,8 @@ extension FileSystem {
             guard c.size! >= 0 else { throw .invalidArgument }
             guard c.size! <= FileSystem.maxFileSize else { throw .fileTooLarge }
         }
+        // Integrity volumes: a change that leaves the size alone keeps the remembered length.
+        let before = integrity && !sharedStorage && c.size == nil ? currentStat(id, handle: handle) : nil
         // fchmod/fchown/futimens come without a handle; an open handle of this node serves
         // them (and is the only way to an unlinked file).
         if let open = handle.flatMap({ h in files.withLock { $0[h] } }) {
@@ -39,7 +41,14 @@ extension FileSystem {
                 try apply(c, toOpen: open, node: id, caller: caller)
             }
         }
+        if let before, let after = currentStat(id, handle: handle) { carryIntegritySize(from: before, to: after) }
         return try getattr(id, handle: handle)
+    }
+
+    /// The backing object of node `id` as it is now (through `handle` if open), or nil.
+    private func currentStat(_ id: UInt64, handle: UInt64?) -> stat? {
+        if let h = handle, let f = files.withLock({ $0[h] }) { return try? Sys.fstat(f.fd) }
+        return try? statNode(id).0
     }
 
     private func apply(_ c: AttributeChanges, toOpen f: OpenFile, node: UInt64, caller: Caller?) throws(FSError) {

@@ -51,7 +51,9 @@ extension FileSystem {
                 state.loaded = true
             }
             defer { if sharedStorage { state.headerStamp = headerStamp(fd) } }
-            return try body(c, state)
+            let result = try body(c, state)
+            if integrity && !sharedStorage { rememberIntegritySize(fd) }
+            return result
         }
     }
 

@@ -18,10 +18,12 @@ enum HeaderSource {
 
 /// A committed length read from a file header, valid while the backing file's size and
 /// change time are the ones it was read at: any write to the backing file, ours or
-/// anyone's, moves its ctime. Only files unchanged for a few seconds are remembered, so a
+/// anyone's, moves its ctime. Remembered (1) after each of our own changes, under the
+/// file's exclusive lock, so no write of ours races the header read (`rememberIntegritySize`),
+/// and (2) when `stat` reads a header, only for files unchanged for a few seconds, so a
 /// coarse clock (two changes within one tick) or a write racing the header read cannot
-/// leave a stale entry. Only what `stat` shows comes from here; reads and writes always
-/// check the header itself.
+/// leave a stale entry there. Only what `stat` shows comes from here; reads and writes
+/// always check the header itself.
 struct IntegritySize: Sendable {
     var backing: Int64
     var ctimeSec: Int
@@ -76,6 +78,33 @@ extension FileSystem {
 }
 
 extension FileSystem {
+    /// Remembers the committed length of the file open as `fd` after a change of ours
+    /// (called under the file's exclusive lock), so that the `stat` calls after a write
+    /// (`ls -l` of files just written, or after the kernel dropped its caches) need no
+    /// header read. Skipped when the backing file moved while it was read (someone else
+    /// writing it) or its header cannot be read through `fd` (a write-only descriptor).
+    func rememberIntegritySize(_ fd: Int32) {
+        guard let before = try? Sys.fstat(fd), before.isRegular, before.st_size > 0,
+              let size = try? content(fd).plainSize(),
+              let after = try? Sys.fstat(fd),
+              IntegritySize(before, plain: size).matches(after) else { return }
+        integritySizes.withLock { table in
+            if table.count >= 100_000 { table.removeAll(keepingCapacity: true) }
+            table[Identity(after)] = IntegritySize(after, plain: size)
+        }
+    }
+
+    /// Keeps a remembered length across a change of ours that moved the backing file's
+    /// ctime but not its size (chmod, chown, utimens): `ls -l` after `tar -x`, which sets
+    /// all three on every file, then reads no header.
+    func carryIntegritySize(from before: stat, to after: stat) {
+        guard before.isRegular, Identity(before) == Identity(after), before.st_size == after.st_size else { return }
+        integritySizes.withLock { table in
+            guard let known = table[Identity(before)], known.matches(before) else { return }
+            table[Identity(after)] = IntegritySize(after, plain: known.plain)
+        }
+    }
+
     /// A plaintext path of node `id` for log lines (one of its names if it has several).
     func displayPath(_ id: UInt64) -> String {
         var parts: [String] = []

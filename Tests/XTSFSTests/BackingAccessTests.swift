@@ -372,6 +372,40 @@ final class BackingAccessTests: XCTestCase {
         XCTAssertEqual(fs.knownDirHeaders.withLock { $0.count }, knownBefore)
     }
 
+    func testIntegrityLengthsAreRememberedAcrossOurOwnChangesOnly() throws {
+        let ifs = try FileSystem(cipherDir: dir, keys: fs.keys, readOnly: false, integrity: true, log: { _ in })
+        fs = ifs
+        let (id, _, h) = try ifs.create(parent: FileSystem.rootID, name: name("f"), mode: 0o644, flags: O_RDWR, caller: me)
+        try write(h, [UInt8](repeating: 7, count: 10_000))
+        ifs.release(h)
+        // tar's sequence after the data: chown, chmod, utimens; each moves the ctime.
+        var c = AttributeChanges()
+        c.uid = geteuid()
+        _ = try ifs.setattr(id, handle: nil, changes: c)
+        c = AttributeChanges()
+        c.mode = 0o600
+        _ = try ifs.setattr(id, handle: nil, changes: c)
+        c = AttributeChanges()
+        c.mtime = timespec(tv_sec: 1_000_000, tv_nsec: 0)
+        XCTAssertEqual(try ifs.setattr(id, handle: nil, changes: c).st_size, 10_000)
+        let backing = try XCTUnwrap(try FileManager.default.contentsOfDirectory(atPath: dir).first { !$0.hasPrefix("xtsfs.") })
+        var st = stat()
+        XCTAssertEqual(lstat(dir + "/" + backing, &st), 0)
+        // Remembered for the backing file as it is now: `stat` needs no header read.
+        let known = try XCTUnwrap(ifs.integritySizes.withLock { $0[Identity(st)] })
+        XCTAssertTrue(known.matches(st))
+        XCTAssertEqual(known.plain, 10_000)
+        XCTAssertEqual(try ifs.getattr(id, handle: nil).st_size, 10_000)
+        // Changed behind our back (bytes appended): no longer trusted; the header decides.
+        let fd = open(dir + "/" + backing, O_WRONLY | O_APPEND)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        XCTAssertEqual(Glibc.write(fd, [UInt8](repeating: 1, count: 5000), 5000), 5000)
+        close(fd)
+        XCTAssertEqual(lstat(dir + "/" + backing, &st), 0)
+        XCTAssertFalse(try XCTUnwrap(ifs.integritySizes.withLock { $0[Identity(st)] }).matches(st))
+        XCTAssertEqual(try ifs.getattr(id, handle: nil).st_size, 10_000)
+    }
+
     func testRenameOverAnotherNameOfTheSameFileDoesNothing() throws {
         let a = try makeFile(FileSystem.rootID, "a", "x")
         _ = try fs.link(a, newParent: FileSystem.rootID, newName: name("b"))
