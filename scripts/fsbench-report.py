@@ -9,8 +9,9 @@ the ratios of every xtsfs mount to the plain directory and to the best peer),
 DIR/summary.md (xtsfs, the plain directory and the best peer only), DIR/results.json
 (the same numbers) and DIR/chart.svg (one panel per workload, a bar per filesystem with
 its range; standard library only). With DIR/requests.csv (fsbench's untimed pass
-counting each xtsfs mount's FUSE requests per small-file phase), results.md also has a
-table of those counts. --publish REPO copies the chart to REPO/docs/fsbench.svg
+counting each xtsfs mount's FUSE requests per small-file phase) and DIR/profile.csv
+(the daemon's perf samples by library in the same pass), results.md also has tables of
+those. --publish REPO copies the chart to REPO/docs/fsbench.svg
 and the tables into REPO/docs/BENCHMARKS.md and REPO/README.md between their
 "fsbench results" markers.
 
@@ -160,6 +161,7 @@ def main():
                 cells += [ratio_text(q.get("vs_plain")), ratio_text(q.get("vs_best_peer"))]
             lines.append("| " + " | ".join(cells) + " |")
     lines += requests_table(out, meta)
+    lines += profile_table(out, meta)
     lines.append("")
     lines.append("Versions: " + "; ".join(f"{fs}: {meta['versions'].get(fs, '?')}" for fs in order) + ".")
     if meta.get("missing"):
@@ -221,6 +223,45 @@ def requests_table(out, meta):
             per = f" ({total / entries:.1f} per entry)" if entries else ""
             cells.append(f"{total:,}{per}: " + ", ".join(f"{op} {n:,}" for op, n in top) if ops else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+PROFILE_GROUPS = [("kernel", lambda d: d.startswith("[kernel")), ("libcrypto", lambda d: d.startswith("libcrypto")),
+                  ("libc", lambda d: d.startswith("libc.so") or d.startswith("libc-")),
+                  ("Swift runtime", lambda d: d.startswith("libswift") or d.startswith("libFoundation")),
+                  ("libfuse", lambda d: d.startswith("libfuse")), ("xtsfs", lambda d: d.startswith("xtsfs"))]
+
+
+def profile_table(out, meta):
+    """Where each xtsfs daemon's CPU went in each small-file phase (profile.csv: perf
+    samples at 999 Hz by library), as Markdown lines; none without samples."""
+    path = os.path.join(out, "profile.csv")
+    if not os.path.exists(path):
+        return []
+    samples = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            group = next((g for g, match in PROFILE_GROUPS if match(row["dso"])), "other")
+            key = (row["filesystem"], row["phase"])
+            samples.setdefault(key, {}).setdefault(group, 0)
+            samples[key][group] += int(row["samples"])
+    systems = [fs for fs in meta["order"] if any((fs, p) in samples for p in PHASES)]
+    if not systems:
+        return []
+    groups = [g for g, _ in PROFILE_GROUPS] + ["other"]
+    lines = ["", "The daemon's CPU in the same pass (perf at 999 Hz; CPU seconds, then the share of each part: the "
+             "kernel's share is the system calls, FUSE's and the backing filesystem's; `profile-FS-PHASE.txt` lists "
+             "the top symbols):", ""]
+    lines.append("| filesystem | phase | CPU s | " + " | ".join(groups) + " |")
+    lines.append("|---|---|---:|" + "---:|" * len(groups))
+    for fs in systems:
+        for phase in PHASES:
+            g = samples.get((fs, phase))
+            if not g:
+                continue
+            total = sum(g.values())
+            lines.append(f"| {fs} | {phase} | {total / 999:.2f} | " +
+                         " | ".join(f"{100 * g.get(x, 0) / total:.0f}%" for x in groups) + " |")
     return lines
 
 
