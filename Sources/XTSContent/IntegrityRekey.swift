@@ -24,6 +24,7 @@ extension FileCrypto {
                           tags: UnsafeMutableRawBufferPointer) throws(ContentError) {
         let B = Int(IntegrityLayout.blockSize), E = Int(IntegrityLayout.entryLength), T = IntegrityLayout.tagLength
         precondition(data.count >= count * B && entries.count >= count * E && tags.count >= count * T)
+        defer { FileCrypto.scrubThreadContext() }
         let s: HMACSession
         do { s = try tagSession() } catch { throw .crypto(error) }
         for i in 0..<count {
@@ -47,12 +48,19 @@ extension FileCrypto {
                           tags: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         let B = Int(IntegrityLayout.blockSize), T = IntegrityLayout.tagLength
         precondition(data.count >= count * B && tags.count >= count * T)
+        defer { FileCrypto.scrubThreadContext() }
         try cryptWhole(data, firstUnit: firstUnit, count: count, encrypt: true, skip: hole)
         let s = try tagSession()
         for i in 0..<count {
             let ct = hole(i) ? nil : UnsafeRawBufferPointer(rebasing: data[i * B..<(i + 1) * B])
             try FileCrypto.tag(s, unit: firstUnit + Int64(i), ciphertext: ct, into: UnsafeMutableRawBufferPointer(rebasing: tags[i * T..<(i + 1) * T]))
         }
+    }
+
+    /// The key schedule `cryptWhole` leaves in this thread's XTS context (ordinary heap)
+    /// is wiped: a rekey's threads must not keep the old generation's file keys.
+    public static func scrubThreadContext() {
+        (try? XTSContext.forCurrentThread())?.scrub()
     }
 
     static func constantTimeEqual(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer) -> Bool {

@@ -282,6 +282,7 @@ extension RekeySweep {
             return nil
         }
         let from = try FileCrypto(keys: old, integrityHeader: oldHeader), to = try FileCrypto(keys: new, integrityHeader: newHeader)
+        defer { FileCrypto.scrubThreadContext() }
         let byUnit = Dictionary(rec.tagUnits.map { ($0.start / IL.blockSize, $0) }, uniquingKeysWith: { a, _ in a })
         let unitCount = IL.unitCount(plain)
         let B = Int(IL.blockSize), E = Int(IL.entryLength), H = Int(IL.headerLength)
