@@ -419,7 +419,10 @@ extension RekeySweep {
                       oldHeader: [UInt8], newHeader: [UInt8], path: String, display: String? = nil) throws(SweepError) {
         let size = plainSize(backingSize: backingSize, header: oldHeader)
         var pos = start
-        if integrity { try fitBackingSize(fd, backingSize, path: path) }
+        if integrity {
+            if start == 0 { try verifyIntegrityFile(fd, backingSize: backingSize, oldHeader: oldHeader, from: from, start: 0, display: display ?? path + name.prefix(20) + "…") }
+            try fitBackingSize(fd, backingSize, path: path)
+        }
         do {
             repeat {
                 arena.used = 0

@@ -191,10 +191,7 @@ extension RekeySweep {
         }
         for i in reads.indices {
             if let e = results[i].failure {
-                if let c = e as? ContentError, case .authentication = c {
-                    throw SweepError.damaged("\(display): \(c); its old contents are not what was written, so the rekey does not seal them under the new key. " +
-                                             "The rekey stops here, nothing of this file rewritten: restore the file from a backup or remove it first")
-                }
+                if let c = e as? ContentError, case .authentication = c { throw SweepError.damaged(RekeySweep.tamperMessage(display, c)) }
                 throw e
             }
             seg.record.tagUnits += results[i].units
@@ -250,6 +247,48 @@ extension RekeySweep {
         return out
     }
 
+    /// Checks every unit of an integrity file against its tag, from plaintext offset
+    /// `start` on, without writing anything: a file rewritten in segments (larger than a
+    /// batch) is checked whole before its first segment is written, so that a tampered
+    /// unit in a later segment stops its rekey before any of it is new (a file half
+    /// rewritten would be readable only through its journal, which could never finish).
+    func verifyIntegrityFile(_ fd: Int32, backingSize: Int64, oldHeader: [UInt8], from: FileCrypto, start: Int64, display: String) throws(SweepError) {
+        let plain = plainSize(backingSize: backingSize, header: oldHeader)
+        let unitCount = IL.unitCount(plain)
+        let B = Int(IL.blockSize), E = Int(IL.entryLength), H = Int(IL.headerLength)
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(IL.groupLength), alignment: 4096)
+        defer { buf.deallocate() }
+        var tags = [UInt8](repeating: 0, count: Int(IL.unitsPerGroup) * IL.tagLength)
+        var g = start / RekeySweep.groupPlainBytes
+        do {
+            while g * IL.unitsPerGroup < unitCount {
+                let units = g * IL.unitsPerGroup..<min(unitCount, (g + 1) * IL.unitsPerGroup)
+                let n = B * (1 + units.count), lo = g * IL.groupLength
+                let data = lseek(fd, off_t(lo + IL.blockSize), 3 /* SEEK_DATA */)
+                if data < 0 && errno != ENXIO { throw SystemError(errno, "seek") }
+                let sparse = data < 0 || Int64(data) >= lo + Int64(n)
+                let want = sparse ? B : n
+                let got = try Sys.pread(fd, buf.baseAddress!, want, lo)
+                if got < want { (buf.baseAddress! + got).initializeMemory(as: UInt8.self, repeating: 0, count: want - got) }
+                let ct = sparse ? UnsafeMutableRawBufferPointer(rebasing: RekeySweep.zeroGroup[0..<units.count * B])
+                                : UnsafeMutableRawBufferPointer(rebasing: buf[B..<n])
+                try tags.withUnsafeMutableBytes { t in
+                    try from.openUnits(firstUnit: units.lowerBound, count: units.count,
+                                       entries: UnsafeRawBufferPointer(rebasing: buf[H..<H + units.count * E]), data: ct, tags: t)
+                }
+                g += 1
+            }
+        } catch let c as ContentError {
+            if case .authentication = c { throw .damaged(RekeySweep.tamperMessage(display, c)) }
+            throw .damaged("\(display): \(c)")
+        } catch let e as SystemError { throw .system("read \(display)", e) } catch { throw .damaged("\(display): \(error)") }
+    }
+
+    static func tamperMessage(_ display: String, _ c: ContentError) -> String {
+        "\(display): \(c); its old contents are not what was written, so the rekey does not seal them under the new key. " +
+            "The rekey stops here, nothing of this file rewritten: restore the file from a backup or remove it first"
+    }
+
     // MARK: - finishing a journal
 
     /// Finishes one integrity record of a journal an interrupted run left (FORMAT.md
@@ -273,14 +312,15 @@ extension RekeySweep {
             warnings.append("\(what): a rekey journal record that does not fit this rekey; left as it is")
             return nil
         }
-        // Bytes past the backing size the length needs are never read; missing ones read as zeros.
-        if Int64(st.st_size) != rec.backingSize { try Sys.ftruncate(fd, rec.backingSize) }
         var raw = [UInt8](repeating: 0, count: IntegrityFileHeader.length)
         _ = try raw.withMutableBytes { (p) throws(SystemError) -> Int in try Sys.pread(fd, p.baseAddress!, p.count, 0) }
         guard raw == rec.newHeader || (raw == rec.oldHeader && rec.coverStart == 0) else {
             warnings.append("\(what): its header is not the one its rekey journal names; left as it is")
             return nil
         }
+        // (Only the file the record names, by its header.) Bytes past the backing size the
+        // length needs are never read; missing ones read as zeros.
+        if Int64(st.st_size) != rec.backingSize { try Sys.ftruncate(fd, rec.backingSize) }
         let from = try FileCrypto(keys: old, integrityHeader: oldHeader), to = try FileCrypto(keys: new, integrityHeader: newHeader)
         defer { FileCrypto.scrubThreadContext() }
         let byUnit = Dictionary(rec.tagUnits.map { ($0.start / IL.blockSize, $0) }, uniquingKeysWith: { a, _ in a })

@@ -85,6 +85,41 @@ final class IntegrityRekeyTests: RekeyTests {
         unmount()
     }
 
+    /// A file larger than a batch (1 MiB here) is rewritten in segments: a tampered unit in
+    /// its last segment stops the rekey before its first segment is written (the whole
+    /// file is checked first), so no journal is left and the file is as it was.
+    func testTamperedUnitInALaterSegmentStopsTheRekeyBeforeTheFirst() throws {
+        initVolume()
+        mount()
+        let size = 3 << 20
+        try write(mnt + "/large", pattern(size, seed: 5))
+        unmount()
+        // 3 MiB: 768 units, groups 0-5 full and 12 units of group 6.
+        let want = 6 * 520_192 + 4096 * 13
+        let backing = backingRegularFiles().filter { $0.size == want }
+        guard backing.count == 1, let victim = backing.first?.path else { return XCTFail("file not found: \(backingRegularFiles())") }
+        let fd = open(victim, O_RDWR)
+        let at: off_t = 5 * 520_192 + 4096 * 71 + 9   // unit 700 (group 5, its 70th)
+        var byte: UInt8 = 0
+        XCTAssertEqual(pread(fd, &byte, 1, at), 1)
+        byte ^= 0x80
+        XCTAssertEqual(pwrite(fd, &byte, 1, at), 1)
+        close(fd)
+        let tampered = try read(victim)
+        let (status, err) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: ["XTSFS_REKEY_BATCH_BYTES": "1048576"])
+        XCTAssertEqual(status, ExitStatus.failure.rawValue, err)
+        XCTAssertTrue(err.contains("/large") && err.contains("unit 700") && err.contains("does not match its tag"), err)
+        XCTAssertEqual(try read(victim), tampered, "a segment of the tampered file was rewritten")
+        XCTAssertTrue(backingPaths(named: "xtsfs.rekey-journal", in: cipher).isEmpty)
+        mount()
+        let v = open(mnt + "/large", O_RDONLY)
+        var buf = [UInt8](repeating: 0, count: 1 << 20)
+        XCTAssertEqual(pread(v, &buf, buf.count, 0), buf.count)
+        XCTAssertEqual(buf, Array(pattern(size, seed: 5)[0..<(1 << 20)]))
+        close(v)
+        unmount()
+    }
+
     /// An interrupted rekey of an integrity volume has feature bit 4 (a build that does not
     /// know its journal records refuses the volume); the finished one has none of the
     /// rekey's bits.
