@@ -30,8 +30,14 @@ public struct Features: OptionSet, Sendable, Hashable {
     /// must refuse. Set with `rekeyInProgress` (and by a rerun of a rekey started without
     /// it, before its first journal), cleared with it.
     public static let rekeyJournal = Features(rawValue: 1 << 2)
+    /// The unfinished DEK rekey is of an integrity volume (with `blockAuthentication`): its
+    /// journals hold integrity records (FORMAT.md section 13.2). A reader that knows bit 2
+    /// but not these records would leave such a journal unfinished and serve the file it
+    /// describes half rewritten: it must refuse. Set and cleared with `rekeyJournal`.
+    /// (Bit 3 is reserved for the integrity tag algorithm.)
+    public static let rekeyIntegrityJournal = Features(rawValue: 1 << 4)
     /// Every flag this build can read.
-    public static let known: Features = [.blockAuthentication, .rekeyInProgress, .rekeyJournal]
+    public static let known: Features = [.blockAuthentication, .rekeyInProgress, .rekeyJournal, .rekeyIntegrityJournal]
 }
 
 /// Which kind of key provider produced a keyslot's KEK.

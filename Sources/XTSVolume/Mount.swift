@@ -192,7 +192,8 @@ public enum Mounter {
         // new one), once the copies an interrupted sweep left are finished.
         let newer = try Rekey.pendingKeys(unlocked.header, old: unlocked.keys)
         if let newer {
-            warnings += try Rekey.finishInterruptedCopies(cipherDir: req.cipherDir, old: unlocked.keys, new: newer)
+            warnings += try Rekey.finishInterruptedCopies(cipherDir: req.cipherDir, old: unlocked.keys, new: newer,
+                                                          integrity: unlocked.header.features.contains(.blockAuthentication))
             warnings.append("a DEK rekey of \(req.cipherDir) (generation \(unlocked.keys.generation) -> \(newer.generation)) is unfinished: objects of both generations are served; finish it with xtsfs rekey --dek \(req.cipherDir)")
         }
         provider.release()
@@ -267,9 +268,8 @@ public enum Mounter {
         }
         var eviction: CacheEviction?
         var control: CacheControl?
-        // Online DEK rekey through the daemon (not of a read-only mount, nor of an
-        // integrity volume, which rekey --dek does not support).
-        let rekeyControl = req.readOnly || features.contains(.blockAuthentication) ? nil : RekeyControl(cipherDir: req.cipherDir, keys: keys, fs: fs, log: log)
+        // Online DEK rekey through the daemon (not of a read-only mount).
+        let rekeyControl = req.readOnly ? nil : RekeyControl(cipherDir: req.cipherDir, keys: keys, fs: fs, log: log)
         defer {
             rekeyControl?.stop()
             control?.stop()

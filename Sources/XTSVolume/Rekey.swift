@@ -40,11 +40,11 @@ public enum Rekey {
     /// half new until its journal is finished), and the file copies of versions before
     /// the journal, and drops partial ones. Lists the whole tree; changes nothing else.
     /// Returns warnings.
-    public static func finishInterruptedCopies(cipherDir: String, old: KeySet, new: KeySet) throws(VolumeError) -> [String] {
+    public static func finishInterruptedCopies(cipherDir: String, old: KeySet, new: KeySet, integrity: Bool) throws(VolumeError) -> [String] {
         let rootFD: Int32
         do { rootFD = try Sys.open(cipherDir, XTS_O_PATH | O_DIRECTORY) } catch { throw .failure("cannot open \(cipherDir): \(error)") }
         defer { Sys.close(rootFD) }
-        let sweep = RekeySweep(old: old, new: new, failpoint: Failpoint(), report: { _ in })
+        let sweep = RekeySweep(old: old, new: new, integrity: integrity, failpoint: Failpoint(), report: { _ in })
         sweep.rootFD = rootFD
         var failure: RekeySweep.SweepError?
         LargeStack.run {
@@ -141,11 +141,10 @@ public enum Rekey {
         var header = u.header
         var base = u.newestSequence
         let old = u.keys
-        // Integrity volumes' files have another layout (tags, committed lengths): the sweep
-        // re-encrypts plain files only, and would ruin those.
-        if header.features.contains(.blockAuthentication) {
-            throw .unsupported("rekey --dek does not support volumes with authenticated contents (init --integrity) yet; nothing was changed (rekey --kek works)")
-        }
+        // Integrity volumes' journals hold records of their own (FORMAT.md 13.2): a build
+        // that does not know them must not mount the volume until the rekey is done.
+        let integrity = header.features.contains(.blockAuthentication)
+        let journalFeatures: Features = integrity ? [.rekeyJournal, .rekeyIntegrityJournal] : [.rekeyJournal]
         let others = header.keyslots.filter { $0.index != u.slot }
         if !others.isEmpty && !removeOtherSlots {
             throw .refused("keyslots " + others.map { "\($0.index) (\($0.provider?.description ?? "unknown"))" }.joined(separator: ", ") +
@@ -159,8 +158,8 @@ public enum Rekey {
             resumed = true
             // A rekey started by a build that wrote complete copies: from here on files are
             // journalled, which a build that does not know journals must not mount.
-            if !header.features.contains(.rekeyJournal) {
-                header.features.insert(.rekeyJournal)
+            if !header.features.isSuperset(of: journalFeatures) {
+                header.features.formUnion(journalFeatures)
                 base = try KeySlots.write(cipherDir, header, keys: old, base: base) { copy in failpoint.step("journal feature written to header copy \(copy)") }
             }
         } else {
@@ -171,7 +170,7 @@ public enum Rekey {
                                          newKeyDigest: new.digest)
                 header.rekeyRecord = try record.encode()
             } catch { throw .failure("cannot make the new key: \(error)") }
-            header.features.formUnion([.rekeyInProgress, .rekeyJournal])
+            header.features.formUnion(journalFeatures.union(.rekeyInProgress))
             base = try KeySlots.write(cipherDir, header, keys: old, base: base) { copy in failpoint.step("rekey record written to header copy \(copy)") }
             audit?.record(.init(operation: "rekey dek started", volumeID: header.volumeID, slot: u.slot, provider: provider.type.description, ok: true,
                                 detail: "generation \(old.generation) -> \(new.generation)"))
@@ -188,7 +187,7 @@ public enum Rekey {
         let rootFD: Int32
         do { rootFD = try Sys.open(cipherDir, XTS_O_PATH | O_DIRECTORY) } catch { throw .failure("cannot open \(cipherDir): \(error)") }
         defer { Sys.close(rootFD) }
-        let sweep = RekeySweep(old: old, new: new, failpoint: failpoint, report: progress)
+        let sweep = RekeySweep(old: old, new: new, integrity: integrity, failpoint: failpoint, report: progress)
         sweep.rootFD = rootFD
         var failure: RekeySweep.SweepError?
         var found: [String] = []
@@ -237,7 +236,7 @@ public enum Rekey {
         final.keyslots = [rewrapped]
         final.keyGeneration = new.generation
         final.rekeyRecord = []
-        final.features.subtract([.rekeyInProgress, .rekeyJournal])
+        final.features.subtract([.rekeyInProgress, .rekeyJournal, .rekeyIntegrityJournal])
         return final
     }
 

@@ -191,7 +191,7 @@ final class RekeyControl: @unchecked Sendable {
             throw .refused("the header of \(cipherDir) records no DEK rekey")
         }
         guard final.volumeID == header.volumeID, final.keyGeneration == new.generation, final.rekeyRecord.isEmpty,
-              final.features.isDisjoint(with: [.rekeyInProgress, .rekeyJournal]), (try? Keyring.verify(final, keys: new)) != nil else {
+              final.features.isDisjoint(with: [.rekeyInProgress, .rekeyJournal, .rekeyIntegrityJournal]), (try? Keyring.verify(final, keys: new)) != nil else {
             throw .refused("the final header does not verify under the rekey's new key")
         }
         let go = state.withLock { s -> Bool in
@@ -266,7 +266,7 @@ final class RekeyControl: @unchecked Sendable {
         let rootFD: Int32
         do { rootFD = try Sys.open(cipherDir, XTS_O_PATH | O_DIRECTORY) } catch { throw Failure(description: "cannot open \(cipherDir): \(error)") }
         defer { Sys.close(rootFD) }
-        let sweep = RekeySweep(old: job.old, new: job.new, failpoint: Failpoint(), report: { [unowned self] p in
+        let sweep = RekeySweep(old: job.old, new: job.new, integrity: fs.integrity, failpoint: Failpoint(), report: { [unowned self] p in
             self.state.withLock { $0.progress = p }
         })
         sweep.rootFD = rootFD

@@ -19,6 +19,8 @@ enum RekeyJournal {
     static let name = BackingEntry.rekeyJournalName
     static let temporary = name + ".tmp"
     static let magic: [UInt8] = Array("XRJ1".utf8)
+    /// A record of a file of an integrity volume (FORMAT.md section 13.2).
+    static let integrityMagic: [UInt8] = Array("XRJI".utf8)
     static let macLabel: [UInt8] = Array("xtsfs v1 rekey journal".utf8)
     static let macLength = 32
     /// The longest journal read back: one batch's is about 2.2% of 64 MiB.
@@ -58,11 +60,24 @@ struct JournalUnit {
     var newTail: [UInt8]
 }
 
+/// One data unit of a journalled file of an integrity volume: where it starts (plain
+/// offset), the tag that verified its old ciphertext and the tag of its new one. Tags,
+/// not hashes: they tell old from new with the file's own keys, so rebuilding a unit
+/// never trusts ciphertext that no tag vouches for (FORMAT.md section 13.2).
+struct JournalTagUnit {
+    var start: Int64
+    var oldTag: [UInt8]
+    var newTag: [UInt8]
+}
+
 /// One file's record in a rekey journal: the units it covers are `coverStart..<coverEnd`
 /// (plain offsets, unit aligned); a unit there without an entry was a hole (all-zero
 /// ciphertext) and is not written. Before `coverStart` the file is new and durable;
-/// from `coverEnd` on it is old.
+/// from `coverEnd` on it is old. A record of an integrity volume's file (`integrity`)
+/// has 64-byte headers, covers whole groups (or runs to the end of the file), and keeps
+/// `tagUnits` instead of `units`.
 struct JournalRecord {
+    var integrity = false
     var oldGeneration: UInt32
     var newGeneration: UInt32
     var name: String
@@ -72,22 +87,28 @@ struct JournalRecord {
     var coverStart: Int64
     var coverEnd: Int64
     var units: [JournalUnit] = []
+    var tagUnits: [JournalTagUnit] = []
 
     func encode(macKey: SecretBytes) throws -> [UInt8] {
-        var w = ByteWriter(capacity: 160 + units.count * 90)
+        var w = ByteWriter(capacity: 220 + units.count * 90 + tagUnits.count * 40)
         w.u32(oldGeneration); w.u32(newGeneration)
         try w.blob16(Array(name.utf8))
         w.u64(UInt64(backingSize))
         w.raw(oldHeader); w.raw(newHeader)
         w.u64(UInt64(coverStart)); w.u64(UInt64(coverEnd))
-        w.u32(UInt32(units.count))
-        for u in units {
-            w.u64(UInt64(u.start)); w.u64(u.newHead); w.u64(u.oldHead)
-            w.u8(UInt8(u.oldTail.count)); w.raw(u.oldTail); w.raw(u.newTail)
+        if integrity {
+            w.u32(UInt32(tagUnits.count))
+            for u in tagUnits { w.u64(UInt64(u.start)); w.raw(u.oldTag); w.raw(u.newTag) }
+        } else {
+            w.u32(UInt32(units.count))
+            for u in units {
+                w.u64(UInt64(u.start)); w.u64(u.newHead); w.u64(u.oldHead)
+                w.u8(UInt8(u.oldTail.count)); w.raw(u.oldTail); w.raw(u.newTail)
+            }
         }
         let body = w.bytes
         var out = ByteWriter(capacity: body.count + 40)
-        out.raw(RekeyJournal.magic)
+        out.raw(integrity ? RekeyJournal.integrityMagic : RekeyJournal.magic)
         out.u32(UInt32(body.count))
         out.raw(body)
         out.raw(try HMACSHA256.mac(key: macKey, data: RekeyJournal.macLabel + body))
@@ -100,7 +121,10 @@ struct JournalRecord {
         var records: [JournalRecord] = []
         var r = ByteReader(bytes)
         while r.remaining > 0 {
-            guard try r.raw(4, "journal magic") == RekeyJournal.magic else { throw FormatError.invalid("not a rekey journal record") }
+            let magic = try r.raw(4, "journal magic")
+            guard magic == RekeyJournal.magic || magic == RekeyJournal.integrityMagic else { throw FormatError.invalid("not a rekey journal record") }
+            let integrity = magic == RekeyJournal.integrityMagic
+            let headerLength = integrity ? IntegrityFileHeader.length : FileHeader.length
             let n = Int(try r.u32("journal record length"))
             let body = try r.raw(n, "journal record")
             let mac = try r.raw(RekeyJournal.macLength, "journal record MAC")
@@ -111,9 +135,21 @@ struct JournalRecord {
             var rec = JournalRecord(oldGeneration: try b.u32("generation"), newGeneration: try b.u32("generation"),
                                     name: String(decoding: try b.blob16("name"), as: UTF8.self),
                                     backingSize: Int64(bitPattern: try b.u64("size")),
-                                    oldHeader: try b.raw(FileHeader.length, "old header"), newHeader: try b.raw(FileHeader.length, "new header"),
+                                    oldHeader: try b.raw(headerLength, "old header"), newHeader: try b.raw(headerLength, "new header"),
                                     coverStart: Int64(bitPattern: try b.u64("cover")), coverEnd: Int64(bitPattern: try b.u64("cover")))
+            rec.integrity = integrity
             let count = Int(try b.u32("unit count"))
+            if integrity {
+                let T = IntegrityLayout.tagLength
+                guard count <= b.remaining / (8 + 2 * T) else { throw FormatError.invalid("journal unit count") }
+                rec.tagUnits.reserveCapacity(count)
+                for _ in 0..<count {
+                    rec.tagUnits.append(JournalTagUnit(start: Int64(bitPattern: try b.u64("unit")), oldTag: try b.raw(T, "tag"), newTag: try b.raw(T, "tag")))
+                }
+                guard b.remaining == 0 else { throw FormatError.invalid("journal record has trailing bytes") }
+                records.append(rec)
+                continue
+            }
             guard count <= b.remaining / 25 else { throw FormatError.invalid("journal unit count") }
             rec.units.reserveCapacity(count)
             for _ in 0..<count {
@@ -159,7 +195,13 @@ extension RekeySweep {
     /// about `budget` bytes of data were read or the file ends, with the journal record
     /// of that part. Holes (all-zero units) are skipped and stay holes.
     func computeSegment(_ fd: Int32, name: String, backingSize: Int64, start: Int64, budget: Int64,
-                        from: FileCrypto, to: FileCrypto, oldHeader: [UInt8], newHeader: [UInt8]) throws -> Segment {
+                        from: FileCrypto, to: FileCrypto, oldHeader: [UInt8], newHeader: [UInt8], display: String) throws -> Segment {
+        if integrity {
+            let seg = try integritySegment(fd, name: name, backingSize: backingSize, start: start, budget: budget, from: from, to: to,
+                                           oldHeader: oldHeader, newHeader: newHeader, base: arena.used, parallel: true, display: display)
+            arena.used += seg.data.count
+            return seg
+        }
         var chunks: [ReadChunk] = []
         var segs = [try readSegment(fd, index: 0, name: name, backingSize: backingSize, start: start, budget: budget,
                                     oldHeader: oldHeader, newHeader: newHeader, base: arena.used, chunks: &chunks)]
@@ -245,7 +287,8 @@ extension RekeySweep {
         defer { results.deinitialize(); results.deallocate() }
         var bases: [Int] = []
         var next = 0
-        for j in jobs { bases.append(next); next += Int(j.stat.st_size) }
+        // (An integrity file of length 0, its 64-byte header, is read into a block of room.)
+        for j in jobs { bases.append(next); next += Int(integrity ? max(j.size, IntegrityLayout.blockSize) : j.size) }
         guard next <= arena.buffer.count else { throw SweepError.damaged("a batch larger than its memory") }
         struct Work: @unchecked Sendable {
             let sweep: RekeySweep
@@ -255,6 +298,11 @@ extension RekeySweep {
             func run(_ i: Int) {
                 let j = jobs[i]
                 do {
+                    if sweep.integrity {
+                        results[i].segment = try sweep.integritySegment(j.fd, name: j.name, backingSize: j.size, start: 0, budget: .max, from: j.from, to: j.to,
+                                                                        oldHeader: j.oldHeader, newHeader: j.newHeader, base: bases[i], parallel: false, display: j.display)
+                        return
+                    }
                     var chunks: [ReadChunk] = []
                     var segs = [try sweep.readSegment(j.fd, index: 0, name: j.name, backingSize: Int64(j.stat.st_size), start: 0, budget: .max,
                                                       oldHeader: j.oldHeader, newHeader: j.newHeader, base: bases[i], chunks: &chunks)]
@@ -356,8 +404,9 @@ extension RekeySweep {
                 try Sys.pwrite(fd, seg.data.baseAddress! + r.at + done, n, r.offset + Int64(done))
                 done += n
                 written += n
-                // One failpoint in the middle of a large file's overwrite.
-                if written == RekeySweep.chunk && total > RekeySweep.chunk { failpoint.step("file half rewritten in place") }
+                // One failpoint in the middle of a large file's overwrite (where the first
+                // MiB is passed: integrity files' runs are not cut at MiB boundaries).
+                if written >= RekeySweep.chunk && written - n < RekeySweep.chunk && total > RekeySweep.chunk { failpoint.step("file half rewritten in place") }
             }
         }
     }
@@ -367,17 +416,21 @@ extension RekeySweep {
     /// Before each segment's journal replaces the last one, the part already written is
     /// made durable: the journal then only needs to describe the segment being written.
     func rewriteLarge(_ dirfd: Int32, fd: Int32, name: String, backingSize: Int64, start: Int64, from: FileCrypto, to: FileCrypto,
-                      oldHeader: [UInt8], newHeader: [UInt8], path: String) throws(SweepError) {
-        let size = Layout.plainSize(backingSize: backingSize)
+                      oldHeader: [UInt8], newHeader: [UInt8], path: String, display: String? = nil) throws(SweepError) {
+        let size = plainSize(backingSize: backingSize, header: oldHeader)
         var pos = start
+        if integrity {
+            if start == 0 { try verifyIntegrityFile(fd, backingSize: backingSize, oldHeader: oldHeader, from: from, start: 0, display: display ?? path + name.prefix(20) + "…") }
+            try fitBackingSize(fd, backingSize, path: path)
+        }
         do {
             repeat {
                 arena.used = 0
                 let seg = try computeSegment(fd, name: name, backingSize: backingSize, start: pos, budget: batchLimit,
-                                             from: from, to: to, oldHeader: oldHeader, newHeader: newHeader)
+                                             from: from, to: to, oldHeader: oldHeader, newHeader: newHeader, display: display ?? path + name.prefix(20) + "…")
                 if pos > 0 { try Sys.fdatasync(fd) }
                 try writeJournal(dirfd, [seg.record], path: path)
-                try writeInPlace(fd, seg, header: pos == 0)
+                try writeInPlace(fd, seg, header: pos == 0 && !integrity)
                 failpoint.step("file part rewritten in place in \(path)")
                 pos = seg.record.coverEnd
             } while pos < size
@@ -407,15 +460,17 @@ extension RekeySweep {
         var problems = 0
         for rec in records {
             let what = path + rec.name.prefix(20) + "…"
-            let size = Layout.plainSize(backingSize: rec.backingSize)
+            let size = plainSize(backingSize: rec.backingSize, header: rec.oldHeader)
             func aligned(_ x: Int64) -> Bool { x == size || x % Layout.blockSize == 0 }
             switch BackingEntry.classify(rec.name) {
             case .encryptedName, .longName: break
             default: problems += 1; warnings.append("\(path): the rekey journal names no file entry; left as it is"); continue
             }
-            guard rec.oldGeneration == old.generation, rec.newGeneration == new.generation, rec.backingSize > Layout.headerLength,
-                  rec.coverStart >= 0, rec.coverStart <= rec.coverEnd, rec.coverEnd <= size, aligned(rec.coverStart), aligned(rec.coverEnd),
-                  rec.units.allSatisfy({ $0.start >= rec.coverStart && $0.start < rec.coverEnd }) else {
+            // Plain records' fields are checked here; an integrity record's by finishIntegrityRecord.
+            guard rec.integrity == integrity, rec.oldGeneration == old.generation, rec.newGeneration == new.generation,
+                  rec.integrity || (rec.backingSize > Layout.headerLength &&
+                  rec.coverStart >= 0 && rec.coverStart <= rec.coverEnd && rec.coverEnd <= size && aligned(rec.coverStart) && aligned(rec.coverEnd) &&
+                  rec.units.allSatisfy({ $0.start >= rec.coverStart && $0.start < rec.coverEnd })) else {
                 problems += 1
                 warnings.append("\(what): a rekey journal record that does not fit this rekey; left as it is")
                 continue
@@ -428,6 +483,15 @@ extension RekeySweep {
             var keep = false
             defer { if !keep { Sys.close(fd) } }
             do {
+                if rec.integrity {
+                    guard let (from, to) = try finishIntegrityRecord(fd, st, rec, what: what) else { problems += 1; continue }
+                    try Sys.fdatasync(fd)
+                    if rec.coverEnd < size {
+                        rest.append((fd, rec, from, to))
+                        keep = true
+                    }
+                    continue
+                }
                 guard Int64(st.st_size) == rec.backingSize else {
                     problems += 1
                     warnings.append("\(what): \(st.st_size) bytes, its rekey journal says \(rec.backingSize): changed since; left as it is")

@@ -69,6 +69,9 @@ final class RekeySweep {
 
     let old: KeySet
     let new: KeySet
+    /// The volume authenticates contents (`blockAuthentication`): its files have the
+    /// layout of FORMAT.md section 12 and are rekeyed as RekeySweep+Integrity.swift does.
+    let integrity: Bool
     let failpoint: Failpoint
     let report: (RekeyProgress) -> Void
     var progress: RekeyProgress
@@ -90,10 +93,15 @@ final class RekeySweep {
     /// `maxDepth` (made to exhaust the stack) is refused rather than followed.
     var depth = 0
     static let maxDepth = 4096
+    /// The directory being swept: its plaintext path and its directory ID (for messages
+    /// that name a file by its plaintext path).
+    var plainPath = "/"
+    var directoryID: [UInt8] = []
 
-    init(old: KeySet, new: KeySet, failpoint: Failpoint, report: @escaping (RekeyProgress) -> Void) {
+    init(old: KeySet, new: KeySet, integrity: Bool, failpoint: Failpoint, report: @escaping (RekeyProgress) -> Void) {
         self.old = old
         self.new = new
+        self.integrity = integrity
         self.failpoint = failpoint
         self.report = report
         progress = RekeyProgress(phase: "scan", filesDone: 0, filesTotal: 0, bytesDone: 0, bytesTotal: 0)
@@ -182,6 +190,9 @@ final class RekeySweep {
         depth += 1
         defer { depth -= 1 }
         let header = try dirHeader(dirfd)
+        let parentID = directoryID
+        directoryID = header.directoryID
+        defer { directoryID = parentID }
         // A directory already of the new generation is entered too: while the volume was
         // mounted in the middle of the rekey, an object of the old generation may have
         // been moved (or hard-linked) into it. Everything of the new generation is
@@ -228,14 +239,14 @@ final class RekeySweep {
                     throw error
                 }
                 if let job {
-                    if Int64(st.st_size) > batchLimit {
+                    if job.size > batchLimit {
                         try flush(dirfd, path: path)
                         try rewriteAlone(dirfd, job, path: path)
                     } else {
                         // A batch's files, all in memory at once, never hold more than batchLimit bytes.
-                        if batchBytes + Int64(st.st_size) > batchLimit { try flush(dirfd, path: path) }
+                        if batchBytes + job.size > batchLimit { try flush(dirfd, path: path) }
                         batch.append(job)
-                        batchBytes += Int64(st.st_size)
+                        batchBytes += job.size
                         if batch.count >= 256 || batchBytes >= batchLimit { try flush(dirfd, path: path) }
                     }
                 }
@@ -245,6 +256,9 @@ final class RekeySweep {
                 let fd: Int32
                 do { fd = try Sys.openPath(dirfd, e.name, directory: true) } catch { throw .system("open directory in \(path)", error) }
                 defer { Sys.close(fd) }
+                let parentPath = plainPath
+                plainPath = parentPath + plainName(dirfd, e.name) + "/"
+                defer { plainPath = parentPath }
                 do {
                     try sweep(fd, path: path + e.name.prefix(12) + "…/")
                     try exclusive { () throws(SweepError) in try reencryptXattrs(fd, what: path + e.name) }
@@ -396,6 +410,12 @@ final class RekeySweep {
         /// taken: the name may change meanwhile, the inode does not), and the lease.
         var fd: Int32
         var lease: RekeyLease?
+        /// The backing bytes rewritten (the backing size; of an integrity file, the one
+        /// its committed length gives) and the plaintext size.
+        var size: Int64
+        var plainSize: Int64
+        /// For messages: the file's plaintext path (integrity volumes), else its backing one.
+        var display: String
     }
     var batch: [Job] = []
     var batchBytes: Int64 = 0
@@ -438,6 +458,11 @@ final class RekeySweep {
         }
         try exclusive { () throws(SweepError) in try reencryptXattrs(fd, what: path + name) }
         guard st.st_size > 0 else { counted(st); return nil }
+        if integrity {
+            guard let job = try prepareIntegrityFile(dirfd, fd, name, st, path: path, lease: lease) else { counted(st); return nil }
+            keep = true
+            return job
+        }
         guard let found = try fileGeneration(fd) else {
             warnings.append("\(path)\(name.prefix(20))…: backing file shorter than its header; left as it is")
             counted(st)
@@ -455,7 +480,8 @@ final class RekeySweep {
         do {
             let newHeader = try FileHeader.random(keyGeneration: new.generation)
             let job = Job(name: name, stat: st, from: try FileCrypto(keys: old, header: oldHeader), to: try FileCrypto(keys: new, header: newHeader),
-                          oldHeader: raw, newHeader: try newHeader.encode(macKey: new.metadataMACKey), fd: fd, lease: lease)
+                          oldHeader: raw, newHeader: try newHeader.encode(macKey: new.metadataMACKey), fd: fd, lease: lease,
+                          size: Int64(st.st_size), plainSize: Layout.plainSize(backingSize: Int64(st.st_size)), display: path + name.prefix(20) + "…")
             keep = true
             return job
         } catch { throw .damaged("\(error)") }
@@ -499,7 +525,7 @@ final class RekeySweep {
             segments = try computeBatch(jobs)
             for (j, seg) in zip(jobs, segments) {
                 // Never short: a batch fits its memory (see the sweep).
-                guard seg.record.coverEnd >= Layout.plainSize(backingSize: Int64(j.stat.st_size)) else { throw SweepError.damaged("\(path): a batch larger than its memory") }
+                guard seg.record.coverEnd >= j.plainSize else { throw SweepError.damaged("\(path): a batch larger than its memory") }
             }
         } catch let e as SweepError { throw e } catch let e as SystemError { throw .system("read a file in \(path)", e) } catch { throw .damaged("re-encrypt: \(error)") }
         try exclusive { () throws(SweepError) in
@@ -511,10 +537,11 @@ final class RekeySweep {
                 segments.remove(at: i)
             }
             guard !jobs.isEmpty else { return }
+            if integrity { for j in jobs { try fitBackingSize(j.fd, j.size, path: path) } }
             try writeJournal(dirfd, segments.map(\.record), path: path)
             do {
                 for (j, seg) in zip(jobs, segments) {
-                    try writeInPlace(j.fd, seg, header: true)
+                    try writeInPlace(j.fd, seg, header: !integrity)
                     failpoint.step("file rewritten in place in \(path)")
                 }
                 try syncAll(dirfd, path: path)
@@ -536,8 +563,8 @@ final class RekeySweep {
         defer { release(j) }
         let done = try exclusive { () throws(SweepError) -> Bool in
             guard stillThere(dirfd, j) else { deferred += 1; return false }
-            try rewriteLarge(dirfd, fd: j.fd, name: j.name, backingSize: Int64(j.stat.st_size), start: 0, from: j.from, to: j.to,
-                             oldHeader: j.oldHeader, newHeader: j.newHeader, path: path)
+            try rewriteLarge(dirfd, fd: j.fd, name: j.name, backingSize: j.size, start: 0, from: j.from, to: j.to,
+                             oldHeader: j.oldHeader, newHeader: j.newHeader, path: path, display: j.display)
             return true
         }
         if done { counted(j.stat) }

@@ -8,7 +8,7 @@ import Glibc
 /// on the mount; the daemon killed at several points of its sweep, the volume remounted
 /// and the rekey resumed. Trees are compared with scripts/tree-manifest.py (SHA-256,
 /// names, symlink targets, xattrs, hard-link groups).
-final class OnlineRekeyTests: VolumeTestCase {
+class OnlineRekeyTests: VolumeTestCase {
     func manifest(_ dir: String, excluding: String? = nil) -> String {
         RekeyTests.sh("python3 '\(RekeyTests.repoRoot)/scripts/tree-manifest.py' '\(dir)'" + (excluding.map { " --exclude '\($0)'" } ?? ""))
     }
