@@ -85,11 +85,18 @@ struct IntegrityContent<File: BackingFile> {
         do { session = try c.tagSession() } catch { throw .crypto(error) }
         var out = 0
         for run in L.groupRuns(units) {
-            let buf = ThreadScratch.buffer(.content, count: run.count * unit)
+            let lo = max(offset, run.lowerBound * L.blockSize), hi = min(end, run.upperBound * L.blockSize)
+            // A run the request covers whole is read, checked and decrypted in the caller's
+            // buffer (no copy); one it covers in part goes through a scratch buffer. On an
+            // error the caller's buffer holds ciphertext, but nothing of it is returned.
+            let whole = lo == run.lowerBound * L.blockSize && hi == run.upperBound * L.blockSize
+            let buf = whole ? UnsafeMutableRawBufferPointer(rebasing: output[out..<out + run.count * unit])
+                            : ThreadScratch.buffer(.content, count: run.count * unit)
             _ = try load(run, into: buf, c, session)
             do { try c.cryptWhole(buf, firstUnit: run.lowerBound, count: run.count, encrypt: false) } catch { throw .crypto(error) }
-            let lo = max(offset, run.lowerBound * L.blockSize), hi = min(end, run.upperBound * L.blockSize)
-            (output.baseAddress! + out).copyMemory(from: buf.baseAddress! + Int(lo - run.lowerBound * L.blockSize), byteCount: Int(hi - lo))
+            if !whole {
+                (output.baseAddress! + out).copyMemory(from: buf.baseAddress! + Int(lo - run.lowerBound * L.blockSize), byteCount: Int(hi - lo))
+            }
             out += Int(hi - lo)
         }
         return out

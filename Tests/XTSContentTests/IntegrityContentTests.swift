@@ -193,6 +193,27 @@ final class IntegrityContentTests: XCTestCase {
         }
     }
 
+    /// Reads of every shape: inside a unit, across units and groups, runs covered whole
+    /// (decrypted in the caller's buffer) and in part (through scratch), to the end.
+    func testReadsAtAnyOffsetAndLength() throws {
+        try bothAlgorithms {
+            let n = 3 * 126 * 4096 + 5000
+            let (_, c, plain) = try makeWritten(n, seed: 9)
+            let crypto = try c.loadCrypto()
+            let B = 4096, G = 126 * 4096
+            let cases: [(Int, Int)] = [(0, 1), (5, 100), (B - 1, 2), (0, B), (B, 3 * B), (0, G), (0, G + 1), (B, G),
+                                       (G - B, 2 * B), (G, G), (100, 2 * G), (0, n), (0, n + 10_000), (n - 10, 100),
+                                       (2 * G + 7, G), (n, 5), (n + 4096, 5)]
+            for (off, len) in cases {
+                var out = [UInt8](repeating: 0xCC, count: len)
+                let got = try out.withUnsafeMutableBytes { try c.read(into: $0, at: Int64(off), crypto: crypto) }
+                let want = off < n ? Array(plain[off..<min(n, off + len)]) : []
+                XCTAssertEqual(got, want.count, "read \(len) at \(off)")
+                XCTAssertTrue(Array(out[0..<got]) == want, "read \(len) at \(off)")
+            }
+        }
+    }
+
     func testHolesStaySparseAndReadAsZeros() throws {
         try bothAlgorithms {
             let m = MemoryFile(), c = content(m)
