@@ -74,18 +74,20 @@ public struct ContentFile<File: BackingFile> {
     /// The keys of a generation; nil if the volume does not hold it.
     public let keys: @Sendable (UInt32) -> KeySet?
     public let currentKeys: KeySet
-    /// The volume authenticates contents (feature `blockAuthentication`): every call goes
-    /// to `IntegrityContent`, whose layout is `IntegrityLayout`.
-    public let integrity: Bool
+    /// Set when the volume authenticates contents (feature `blockAuthentication`), to its
+    /// tag algorithm: every call goes to `IntegrityContent`, whose layout is `IntegrityLayout`.
+    public let unitTags: UnitTagAlgorithm?
+    public var integrity: Bool { unitTags != nil }
 
-    public init(file: File, currentKeys: KeySet, integrity: Bool = false, keys: @escaping @Sendable (UInt32) -> KeySet?) {
+    public init(file: File, currentKeys: KeySet, unitTags: UnitTagAlgorithm?, keys: @escaping @Sendable (UInt32) -> KeySet?) {
         self.file = file
         self.currentKeys = currentKeys
-        self.integrity = integrity
+        self.unitTags = unitTags
         self.keys = keys
     }
 
-    var authenticated: IntegrityContent<File> { IntegrityContent(file: file, currentKeys: currentKeys, keys: keys) }
+    /// Only used when `unitTags` is set (every caller checks `integrity` first).
+    var authenticated: IntegrityContent<File> { IntegrityContent(file: file, currentKeys: currentKeys, tags: unitTags ?? .ghashAES256, keys: keys) }
 
     /// The plaintext size; a backing file larger than the format allows (a planted sparse
     /// file, say) is damaged rather than a reason for arithmetic to overflow.

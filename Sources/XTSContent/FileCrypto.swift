@@ -10,8 +10,10 @@ public final class FileCrypto: @unchecked Sendable {
     public let header: FileHeader
     public let keys: KeySet
     let xtsKey: SecretBytes
-    /// Integrity volumes only: the key of the file's unit tags (IntegrityCrypto.swift).
+    /// Integrity volumes only: the key of the file's unit tags (IntegrityCrypto.swift), and
+    /// how it tags (the file header's version).
     let tagKey: SecretBytes?
+    public let tagAlgorithm: UnitTagAlgorithm?
 
     static let fileLabel: [UInt8] = Array("xtsfs v1 file key".utf8)
     static let tinyLabel: [UInt8] = Array("xtsfs v1 tiny pad".utf8)
@@ -21,15 +23,24 @@ public final class FileCrypto: @unchecked Sendable {
         self.header = header
         xtsKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.fileLabel + header.nonce, count: 64)
         tagKey = nil
+        tagAlgorithm = nil
     }
 
     /// The keys of a file of an integrity volume: an XTS key and a tag key of its own,
-    /// each under a label used for nothing else.
+    /// each under a label used for nothing else (the two tag algorithms' labels differ, so
+    /// their keys never coincide).
     public init(keys: KeySet, integrityHeader h: IntegrityFileHeader) throws(CryptoError) {
+        guard let tags = h.tags else { throw .invalidInput("integrity file header version \(h.version)") }
         self.keys = keys
         self.header = FileHeader(keyGeneration: h.keyGeneration, nonce: h.nonce)
         xtsKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.integrityFileLabel + h.nonce, count: 64)
-        tagKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.integrityTagLabel + h.nonce, count: 32)
+        tagAlgorithm = tags
+        switch tags {
+        case .hmacSHA256:
+            tagKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.integrityTagLabel + h.nonce, count: 32)
+        case .ghashAES256:
+            tagKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.integrityTagV2Label + h.nonce, count: GHASHTagContext.keyLength)
+        }
     }
 
     /// Encrypts (or decrypts) whole units in place in `buffer`, whose first byte is

@@ -15,6 +15,9 @@ struct IntegrityContent<File: BackingFile> {
     typealias L = IntegrityLayout
     let file: File
     let currentKeys: KeySet
+    /// The volume's tag algorithm: new files get it, and a file header naming the other
+    /// one is damage (a file planted from, or copied between, volumes of the other kind).
+    let tags: UnitTagAlgorithm
     let keys: @Sendable (UInt32) -> KeySet?
 
     private var unit: Int { Int(L.blockSize) }
@@ -42,6 +45,9 @@ struct IntegrityContent<File: BackingFile> {
             guard let gen = IntegrityFileHeader.claimedGeneration(raw), gen != currentKeys.generation, let k = keys(gen),
                   let other = try? IntegrityFileHeader.decode(raw, macKey: k.metadataMACKey) else { throw .badHeader("\(error)") }
             h = other
+        }
+        guard h.version == tags.rawValue else {
+            throw .badHeader("file header of version \(h.version) (\(h.tags.map { "\($0)" } ?? "?") unit tags) on a volume whose files have version \(tags.rawValue) (\(tags))")
         }
         guard h.plainLength <= UInt64(L.maxPlainSize) else { throw .badHeader("claims \(h.plainLength) bytes, beyond the largest file the format allows") }
         return h
@@ -75,15 +81,22 @@ struct IntegrityContent<File: BackingFile> {
         let end = min(offset + Int64(output.count), size)
         guard offset < end else { return 0 }
         let units = L.units(overlapping: offset..<end)
-        let session: HMACSession
+        let session: UnitTagSession
         do { session = try c.tagSession() } catch { throw .crypto(error) }
         var out = 0
         for run in L.groupRuns(units) {
-            let buf = ThreadScratch.buffer(.content, count: run.count * unit)
+            let lo = max(offset, run.lowerBound * L.blockSize), hi = min(end, run.upperBound * L.blockSize)
+            // A run the request covers whole is read, checked and decrypted in the caller's
+            // buffer (no copy); one it covers in part goes through a scratch buffer. On an
+            // error the caller's buffer holds ciphertext, but nothing of it is returned.
+            let whole = lo == run.lowerBound * L.blockSize && hi == run.upperBound * L.blockSize
+            let buf = whole ? UnsafeMutableRawBufferPointer(rebasing: output[out..<out + run.count * unit])
+                            : ThreadScratch.buffer(.content, count: run.count * unit)
             _ = try load(run, into: buf, c, session)
             do { try c.cryptWhole(buf, firstUnit: run.lowerBound, count: run.count, encrypt: false) } catch { throw .crypto(error) }
-            let lo = max(offset, run.lowerBound * L.blockSize), hi = min(end, run.upperBound * L.blockSize)
-            (output.baseAddress! + out).copyMemory(from: buf.baseAddress! + Int(lo - run.lowerBound * L.blockSize), byteCount: Int(hi - lo))
+            if !whole {
+                (output.baseAddress! + out).copyMemory(from: buf.baseAddress! + Int(lo - run.lowerBound * L.blockSize), byteCount: Int(hi - lo))
+            }
             out += Int(hi - lo)
         }
         return out
@@ -92,7 +105,7 @@ struct IntegrityContent<File: BackingFile> {
     /// Reads the entries and ciphertext of `run` (zeros past the end of the backing file)
     /// and checks every unit against its entry. Returns the entries and, for each unit, the
     /// slot that holds its current tag.
-    private func load(_ run: Range<Int64>, into buf: UnsafeMutableRawBufferPointer, _ c: FileCrypto, _ s: HMACSession) throws(ContentError) -> (entries: [UInt8], slots: [Int]) {
+    private func load(_ run: Range<Int64>, into buf: UnsafeMutableRawBufferPointer, _ c: FileCrypto, _ s: UnitTagSession) throws(ContentError) -> (entries: [UInt8], slots: [Int]) {
         var entries = [UInt8](repeating: 0, count: run.count * Int(L.entryLength))
         _ = try readFully(&entries, at: L.entryOffset(unit: run.lowerBound))
         _ = try readFully(buf, at: L.dataOffset(unit: run.lowerBound))
@@ -173,7 +186,7 @@ struct IntegrityContent<File: BackingFile> {
         let fresh = st == nil
         if let st { (h, c) = st } else {
             do {
-                h = try IntegrityFileHeader.random(keyGeneration: currentKeys.generation)
+                h = try IntegrityFileHeader.random(tags: tags, keyGeneration: currentKeys.generation)
                 c = try FileCrypto(keys: currentKeys, integrityHeader: h)
             } catch { throw .crypto(error) }
         }
@@ -195,7 +208,7 @@ struct IntegrityContent<File: BackingFile> {
         }
         var firstEntries: [UInt8]?
         if lo < hi {
-            let session: HMACSession
+            let session: UnitTagSession
             do { session = try c.tagSession() } catch { throw .crypto(error) }
             for run in L.groupRuns(lo..<hi) {
                 let deferred = try changeRun(run, c, session, old: old, edit: edit, data: data, punch: punch, deferEntries: fresh && run.lowerBound == 0)
@@ -217,7 +230,7 @@ struct IntegrityContent<File: BackingFile> {
 
     /// Changes the units of `run`. With `deferEntries` (a new file's first group) the
     /// entries are returned instead of written, for the caller to write with the header.
-    private func changeRun(_ run: Range<Int64>, _ c: FileCrypto, _ s: HMACSession, old: Int64, edit: Range<Int64>?, data: UnsafeRawBufferPointer?, punch: Bool, deferEntries: Bool) throws(ContentError) -> [UInt8]? {
+    private func changeRun(_ run: Range<Int64>, _ c: FileCrypto, _ s: UnitTagSession, old: Int64, edit: Range<Int64>?, data: UnsafeRawBufferPointer?, punch: Bool, deferEntries: Bool) throws(ContentError) -> [UInt8]? {
         let n = run.count
         let B = L.blockSize
         // Units below the old unit count exist and must be authentic before they change; the
@@ -305,7 +318,7 @@ struct IntegrityContent<File: BackingFile> {
         return deferEntries ? entries : nil
     }
 
-    private func writeHoleEntries(_ run: Range<Int64>, _ s: HMACSession, deferEntries: Bool) throws(ContentError) -> [UInt8]? {
+    private func writeHoleEntries(_ run: Range<Int64>, _ s: UnitTagSession, deferEntries: Bool) throws(ContentError) -> [UInt8]? {
         let E = Int(L.entryLength), T = L.tagLength
         var entries = [UInt8](repeating: 0, count: run.count * E)
         try entries.withMutableBytes { (e) throws(ContentError) in

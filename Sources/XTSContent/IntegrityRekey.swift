@@ -25,7 +25,7 @@ extension FileCrypto {
         let B = Int(IntegrityLayout.blockSize), E = Int(IntegrityLayout.entryLength), T = IntegrityLayout.tagLength
         precondition(data.count >= count * B && entries.count >= count * E && tags.count >= count * T)
         defer { FileCrypto.scrubThreadContext() }
-        let s: HMACSession
+        let s: UnitTagSession
         do { s = try tagSession() } catch { throw .crypto(error) }
         for i in 0..<count {
             let u = firstUnit + Int64(i)

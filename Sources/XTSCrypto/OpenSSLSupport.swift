@@ -11,6 +11,8 @@ enum Fetched {
     nonisolated(unsafe) static let cmac: OpaquePointer? = EVP_MAC_fetch(nil, "CMAC", nil)
     nonisolated(unsafe) static let hkdf: OpaquePointer? = EVP_KDF_fetch(nil, "HKDF", nil)
     nonisolated(unsafe) static let aes256XTS: OpaquePointer? = EVP_CIPHER_fetch(nil, "AES-256-XTS", nil)
+    nonisolated(unsafe) static let aes256GCM: OpaquePointer? = EVP_CIPHER_fetch(nil, "AES-256-GCM", nil)
+    nonisolated(unsafe) static let aes256ECB: OpaquePointer? = EVP_CIPHER_fetch(nil, "AES-256-ECB", nil)
     nonisolated(unsafe) static let aes128WrapPad: OpaquePointer? = EVP_CIPHER_fetch(nil, "id-aes128-wrap-pad", nil)
     nonisolated(unsafe) static let aes192WrapPad: OpaquePointer? = EVP_CIPHER_fetch(nil, "id-aes192-wrap-pad", nil)
     nonisolated(unsafe) static let aes256WrapPad: OpaquePointer? = EVP_CIPHER_fetch(nil, "id-aes256-wrap-pad", nil)

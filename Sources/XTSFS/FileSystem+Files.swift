@@ -38,7 +38,7 @@ final class OpenFile: Sendable {
 extension FileSystem {
     func content(_ fd: Int32) -> ContentFile<FDBackingFile> {
         let ring = self.ring
-        return ContentFile(file: FDBackingFile(fd: fd), currentKeys: ring.newest, integrity: integrity, keys: { ring.keys($0) })
+        return ContentFile(file: FDBackingFile(fd: fd), currentKeys: ring.newest, unitTags: unitTags, keys: { ring.keys($0) })
     }
 
     /// Runs `body` under the file's exclusive lock with its keys loaded.

@@ -69,8 +69,10 @@ public final class FileSystem: @unchecked Sendable {
     public let cipherDir: String
     public let readOnly: Bool
     /// Authenticated contents (feature `blockAuthentication`): files use `IntegrityLayout`,
-    /// and their plaintext size is in their header rather than implied by their size.
-    public let integrity: Bool
+    /// and their plaintext size is in their header rather than implied by their size. Set
+    /// to the volume's tag algorithm.
+    public let unitTags: UnitTagAlgorithm?
+    public var integrity: Bool { unitTags != nil }
     /// The DEK generations the volume holds: one, or two in the middle of a DEK rekey
     /// (FORMAT.md section 13). Objects of every generation held are read; new ones are
     /// written with the newest. An online rekey adds a generation, and drops the old one
@@ -133,11 +135,11 @@ public final class FileSystem: @unchecked Sendable {
     /// old one; 0 for a filesystem of its own.
     /// `olderKeys`: the generations still held besides `keys` (the newest), in the middle
     /// of a DEK rekey.
-    public init(cipherDir: String, keys: KeySet, olderKeys: [KeySet] = [], readOnly: Bool, integrity: Bool = false, dirCacheCapacity: Int = 1024, idBase: UInt64 = 0,
+    public init(cipherDir: String, keys: KeySet, olderKeys: [KeySet] = [], readOnly: Bool, unitTags: UnitTagAlgorithm? = nil, dirCacheCapacity: Int = 1024, idBase: UInt64 = 0,
                 log: @escaping @Sendable (String) -> Void) throws(FSError) {
         nextHandle = Atomic(idBase + 1)
         self.cipherDir = cipherDir
-        self.integrity = integrity
+        self.unitTags = unitTags
         self.generations = Mutex(KeyGenerations(newest: keys, older: olderKeys))
         self.readOnly = readOnly
         self.chownToCaller = geteuid() == 0

@@ -1,5 +1,24 @@
 import XTSCrypto
 
+/// How the 4 KiB units of an integrity volume are tagged (FORMAT.md 12.4). Chosen once per
+/// volume (feature bit 3 means algorithm 2) and recorded in every file header as its
+/// version, which must be the volume's: a file header of the other algorithm is damage.
+public enum UnitTagAlgorithm: UInt16, Sendable, CaseIterable, CustomStringConvertible {
+    /// HMAC-SHA256 under a 32-byte per-file key, cut to 16 bytes (volumes made before tag
+    /// algorithm 2; still read and written).
+    case hmacSHA256 = 1
+    /// AES-256 under K2 of the AES-256-GCM tag under K1 (fixed IV, the unit as additional
+    /// data): GHASH then a block cipher, per-file 64-byte key K1 || K2. What `init --integrity` makes.
+    case ghashAES256 = 2
+
+    public var description: String {
+        switch self {
+        case .hmacSHA256: "HMAC-SHA256"
+        case .ghashAES256: "GHASH+AES-256"
+        }
+    }
+}
+
 /// The 64-byte header at the start of every non-empty backing file of an integrity volume
 /// (feature `blockAuthentication`), at the head of the file's first tag block:
 ///
@@ -13,27 +32,31 @@ import XTSCrypto
 /// can never pass for one of these or the reverse.
 public struct IntegrityFileHeader: Sendable, Equatable {
     public static let length = 64
-    public static let currentVersion: UInt16 = 1
     /// Flag bit 0: contents are authenticated. The only flag, and always set.
     public static let flagAuthenticated: UInt16 = 1
     static let macLength = 16
     static let macLabel: [UInt8] = Array("xtsfs integrity file header".utf8)
 
-    public var version: UInt16 = IntegrityFileHeader.currentVersion
+    /// The tag algorithm of the file's units (`UnitTagAlgorithm`): 1 or 2.
+    public var version: UInt16
     public var flags: UInt16 = IntegrityFileHeader.flagAuthenticated
     public var keyGeneration: UInt32
     public var nonce: [UInt8]
     /// The plaintext length, in bytes.
     public var plainLength: UInt64
 
-    public init(keyGeneration: UInt32, nonce: [UInt8], plainLength: UInt64) {
+    public init(tags: UnitTagAlgorithm, keyGeneration: UInt32, nonce: [UInt8], plainLength: UInt64) {
+        self.version = tags.rawValue
         self.keyGeneration = keyGeneration
         self.nonce = nonce
         self.plainLength = plainLength
     }
 
-    public static func random(keyGeneration: UInt32) throws(CryptoError) -> IntegrityFileHeader {
-        IntegrityFileHeader(keyGeneration: keyGeneration, nonce: try Random.bytes(FileHeader.nonceLength), plainLength: 0)
+    /// The tag algorithm the version names (every decoded header has one).
+    public var tags: UnitTagAlgorithm? { UnitTagAlgorithm(rawValue: version) }
+
+    public static func random(tags: UnitTagAlgorithm, keyGeneration: UInt32) throws(CryptoError) -> IntegrityFileHeader {
+        IntegrityFileHeader(tags: tags, keyGeneration: keyGeneration, nonce: try Random.bytes(FileHeader.nonceLength), plainLength: 0)
     }
 
     private func body() -> [UInt8] {
@@ -58,14 +81,14 @@ public struct IntegrityFileHeader: Sendable, Equatable {
         guard bytes.count >= length else { throw .truncated("integrity file header") }
         var r = ByteReader(Array(bytes.prefix(length)))
         let version = try r.u16("file header version")
-        guard version == currentVersion else { throw .unsupportedVersion(version) }
+        guard let tags = UnitTagAlgorithm(rawValue: version) else { throw .unsupportedVersion(version) }
         let flags = try r.u16("file header flags")
         let generation = try r.u32("file key generation")
         let nonce = try r.raw(FileHeader.nonceLength, "file nonce")
         let plainLength = try r.u64("file length")
         let reserved = try r.raw(16, "file header reserved")
         let mac = try r.raw(macLength, "file header MAC")
-        var h = IntegrityFileHeader(keyGeneration: generation, nonce: nonce, plainLength: plainLength)
+        var h = IntegrityFileHeader(tags: tags, keyGeneration: generation, nonce: nonce, plainLength: plainLength)
         h.flags = flags
         let expected: [UInt8]
         do { expected = try truncatedMAC(macLabel, h.body(), macKey, macLength) }

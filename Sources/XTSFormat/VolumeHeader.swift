@@ -34,10 +34,28 @@ public struct Features: OptionSet, Sendable, Hashable {
     /// journals hold integrity records (FORMAT.md section 13.2). A reader that knows bit 2
     /// but not these records would leave such a journal unfinished and serve the file it
     /// describes half rewritten: it must refuse. Set and cleared with `rekeyJournal`.
-    /// (Bit 3 is reserved for the integrity tag algorithm.)
     public static let rekeyIntegrityJournal = Features(rawValue: 1 << 4)
+    /// With `blockAuthentication`: units are tagged with tag algorithm 2 (GHASH then AES,
+    /// FORMAT.md 12.4) instead of HMAC-SHA256. A reader that does not know it would find
+    /// every unit's tag wrong and report the whole volume as tampered: it must refuse.
+    public static let ghashUnitTags = Features(rawValue: 1 << 3)
     /// Every flag this build can read.
-    public static let known: Features = [.blockAuthentication, .rekeyInProgress, .rekeyJournal, .rekeyIntegrityJournal]
+    public static let known: Features = [.blockAuthentication, .rekeyInProgress, .rekeyJournal, .ghashUnitTags, .rekeyIntegrityJournal]
+
+    /// How units are tagged: nil on a plain volume.
+    public var unitTags: UnitTagAlgorithm? {
+        guard contains(.blockAuthentication) else { return nil }
+        return contains(.ghashUnitTags) ? .ghashAES256 : .hmacSHA256
+    }
+
+    /// The features of a new volume: plain, or authenticated with `tags`.
+    public static func contents(_ tags: UnitTagAlgorithm?) -> Features {
+        switch tags {
+        case nil: []
+        case .hmacSHA256: [.blockAuthentication]
+        case .ghashAES256: [.blockAuthentication, .ghashUnitTags]
+        }
+    }
 }
 
 /// Which kind of key provider produced a keyslot's KEK.
@@ -256,6 +274,9 @@ public struct VolumeHeader: Sendable, Equatable {
         let features = Features(rawValue: try r.u64("features"))
         let unknown = features.subtracting(.known)
         guard unknown.isEmpty else { throw .unsupportedFeatures(unknown.rawValue) }
+        guard !features.contains(.ghashUnitTags) || features.contains(.blockAuthentication) else {
+            throw .invalid("feature ghashUnitTags (bit 3) without blockAuthentication (bit 0)")
+        }
         let sequence = try r.u64("sequence")
         let volumeID = try r.raw(16, "volume ID")
         let created = try r.u64("created")

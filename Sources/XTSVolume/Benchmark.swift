@@ -10,7 +10,8 @@ import Glibc
 /// `xtsfs benchmark`: the speed of the volume's cryptography in memory (no storage, no
 /// FUSE), through the same code the daemon runs: `FileCrypto` for content (AES-256-XTS,
 /// a key schedule per request), `NameCodec` for names (AES-256-SIV and base64url), the
-/// integrity mode's unit tags (HMAC-SHA256 per 4 KiB unit, a session per request), and
+/// integrity mode's unit tags (both tag algorithms, a tag per 4 KiB unit, a session per
+/// request: GHASH+AES-256 of new volumes, HMAC-SHA256 of older ones), and
 /// Argon2id for passphrase slots. Keys are random, in locked memory (`SecretBytes`).
 ///
 /// Every figure runs for about `seconds` (at least one operation), so the whole report
@@ -40,9 +41,11 @@ public struct BenchmarkReport: Codable, Sendable {
         public var decryptNamesPerSecond: Double
     }
 
-    /// The integrity mode's unit tags over requests of `requestBytes`.
+    /// The integrity mode's unit tags over requests of `requestBytes`, one tag per 4 KiB
+    /// unit, by tag algorithm (1: HMAC-SHA256 of older volumes, 2: GHASH+AES-256 of new ones).
     public struct TagRow: Codable, Sendable {
         public var algorithm: String
+        public var tagAlgorithm: Int
         public var requestBytes: Int
         public var threads: Int
         public var mbPerSecond: Double
@@ -92,7 +95,9 @@ public enum Benchmark {
         // A volume's keys, random, as `init` makes them; one file of each kind.
         let keys = try KeySet.generate(generation: 1, volumeID: try Random.bytes(16))
         let plainFile = try FileCrypto(keys: keys, header: try FileHeader.random(keyGeneration: 1))
-        let integrityFile = try FileCrypto(keys: keys, integrityHeader: try IntegrityFileHeader.random(keyGeneration: 1))
+        let integrityFiles = try UnitTagAlgorithm.allCases.reversed().map { a in
+            (a, try FileCrypto(keys: keys, integrityHeader: try IntegrityFileHeader.random(tags: a, keyGeneration: 1)))
+        }
 
         var content: [BenchmarkReport.ContentRow] = []
         for size in requestSizes {
@@ -115,11 +120,13 @@ public enum Benchmark {
         }
 
         var tags: [BenchmarkReport.TagRow] = []
-        for size in requestSizes {
-            for t in threadCounts {
-                progress("integrity unit tags, \(label(size)) requests, \(t) thread\(t == 1 ? "" : "s")")
-                let rate = try throughput(threads: t, seconds: seconds) { try TagJob(crypto: integrityFile, requestBytes: size) }
-                tags.append(.init(algorithm: "hmac-sha256-128 per 4 KiB unit", requestBytes: size, threads: t, mbPerSecond: rate / 1e6))
+        for (algorithm, file) in integrityFiles {
+            for size in requestSizes {
+                for t in threadCounts {
+                    progress("integrity unit tags (\(algorithm)), \(label(size)) requests, \(t) thread\(t == 1 ? "" : "s")")
+                    let rate = try throughput(threads: t, seconds: seconds) { try TagJob(crypto: file, requestBytes: size) }
+                    tags.append(.init(algorithm: tagName(algorithm), tagAlgorithm: Int(algorithm.rawValue), requestBytes: size, threads: t, mbPerSecond: rate / 1e6))
+                }
             }
         }
 
@@ -136,6 +143,14 @@ public enum Benchmark {
         let openssl = OpenSSLVersion.text
         return BenchmarkReport(machine: .init(cores: n, kernel: kernel, openssl: openssl), secondsPerFigure: seconds,
                                content: content, names: names, integrityTags: tags, argon2id: kdf)
+    }
+
+    /// The `algorithm` of a tag row.
+    public static func tagName(_ a: UnitTagAlgorithm) -> String {
+        switch a {
+        case .hmacSHA256: "hmac-sha256-128"
+        case .ghashAES256: "ghash-aes256"
+        }
     }
 
     static func label(_ bytes: Int) -> String {
@@ -300,7 +315,7 @@ struct NameJob: BenchmarkJob {
     }
 }
 
-/// The tags of a request's units: one HMAC session per request, a tag per 4 KiB unit.
+/// The tags of a request's units: one tag session per request, a tag per 4 KiB unit.
 struct TagJob: BenchmarkJob {
     let crypto: FileCrypto
     let buffer: UnsafeMutableRawBufferPointer

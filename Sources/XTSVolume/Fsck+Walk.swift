@@ -427,14 +427,14 @@ extension Fsck {
     /// Without the key nothing can be checked. Damage is reported, never repaired: the
     /// tags say that a unit is wrong, not what it was (a backup has it).
     func checkAuthenticatedFile(_ dirfd: Int32, _ name: String, path: String, plainPath: String?) {
-        guard let keys else { return }
+        guard let keys, let unitTags else { return }
         let fd: Int32
         do { (fd, _) = try Sys.openRegular(dirfd, name, O_RDONLY | O_NONBLOCK) } catch {
             _ = add(.fileUnreadable, path, plain: plainPath, "cannot read it: \(error)")
             return
         }
         defer { Sys.close(fd) }
-        let content = ContentFile(file: FDBackingFile(fd: fd), currentKeys: keys, integrity: true) { [keys] in $0 == keys.generation ? keys : nil }
+        let content = ContentFile(file: FDBackingFile(fd: fd), currentKeys: keys, unitTags: unitTags) { [keys] in $0 == keys.generation ? keys : nil }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
         defer { buffer.deallocate() }
         var offset: Int64 = 0

@@ -44,8 +44,9 @@ public final class Fsck {
     var root: Int32 = -1
     var rootDev: UInt64 = 0
     var keys: KeySet?
-    /// The volume authenticates file contents (init --integrity).
-    var integrity = false
+    /// The volume authenticates file contents (init --integrity), with these unit tags.
+    var unitTags: UnitTagAlgorithm?
+    var integrity: Bool { unitTags != nil }
     var names: NameCodec?
     /// The root directory's ID; nil when its header is damaged or no key was given.
     var rootDirID: [UInt8]?
@@ -92,7 +93,7 @@ public final class Fsck {
         // Integrity volumes have files of another layout (FORMAT.md §12): every unit is
         // read and checked against its tag, and the length against the committed one.
         if let loaded = try? Volume.load(cipherDir) {
-            integrity = loaded.candidates.contains(where: { $0.header.features.contains(.blockAuthentication) })
+            unitTags = loaded.candidates.lazy.compactMap(\.header.features.unitTags).first
             // Mid-rekey, names and files of two key generations stand side by side: checked
             // with one, the other would look undecryptable, and a repair would quarantine
             // the rekey's own progress.

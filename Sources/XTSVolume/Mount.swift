@@ -193,7 +193,7 @@ public enum Mounter {
         let newer = try Rekey.pendingKeys(unlocked.header, old: unlocked.keys)
         if let newer {
             warnings += try Rekey.finishInterruptedCopies(cipherDir: req.cipherDir, old: unlocked.keys, new: newer,
-                                                          integrity: unlocked.header.features.contains(.blockAuthentication))
+                                                          unitTags: unlocked.header.features.unitTags)
             warnings.append("a DEK rekey of \(req.cipherDir) (generation \(unlocked.keys.generation) -> \(newer.generation)) is unfinished: objects of both generations are served; finish it with xtsfs rekey --dek \(req.cipherDir)")
         }
         provider.release()
@@ -242,7 +242,7 @@ public enum Mounter {
         let fs: FileSystem
         do {
             fs = try FileSystem(cipherDir: req.cipherDir, keys: newer ?? keys, olderKeys: newer == nil ? [] : [keys], readOnly: req.readOnly,
-                                integrity: features.contains(.blockAuthentication), log: log)
+                                unitTags: features.unitTags, log: log)
         } catch {
             ready(.failure(.corruptHeader("cannot open the root directory: \(error)")))
             return ExitStatus.corruptHeader.rawValue

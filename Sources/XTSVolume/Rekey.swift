@@ -40,11 +40,11 @@ public enum Rekey {
     /// half new until its journal is finished), and the file copies of versions before
     /// the journal, and drops partial ones. Lists the whole tree; changes nothing else.
     /// Returns warnings.
-    public static func finishInterruptedCopies(cipherDir: String, old: KeySet, new: KeySet, integrity: Bool) throws(VolumeError) -> [String] {
+    public static func finishInterruptedCopies(cipherDir: String, old: KeySet, new: KeySet, unitTags: UnitTagAlgorithm?) throws(VolumeError) -> [String] {
         let rootFD: Int32
         do { rootFD = try Sys.open(cipherDir, XTS_O_PATH | O_DIRECTORY) } catch { throw .failure("cannot open \(cipherDir): \(error)") }
         defer { Sys.close(rootFD) }
-        let sweep = RekeySweep(old: old, new: new, integrity: integrity, failpoint: Failpoint(), report: { _ in })
+        let sweep = RekeySweep(old: old, new: new, unitTags: unitTags, failpoint: Failpoint(), report: { _ in })
         sweep.rootFD = rootFD
         var failure: RekeySweep.SweepError?
         LargeStack.run {
@@ -187,7 +187,7 @@ public enum Rekey {
         let rootFD: Int32
         do { rootFD = try Sys.open(cipherDir, XTS_O_PATH | O_DIRECTORY) } catch { throw .failure("cannot open \(cipherDir): \(error)") }
         defer { Sys.close(rootFD) }
-        let sweep = RekeySweep(old: old, new: new, integrity: integrity, failpoint: failpoint, report: progress)
+        let sweep = RekeySweep(old: old, new: new, unitTags: header.features.unitTags, failpoint: failpoint, report: progress)
         sweep.rootFD = rootFD
         var failure: RekeySweep.SweepError?
         var found: [String] = []

@@ -266,7 +266,7 @@ final class RekeyControl: @unchecked Sendable {
         let rootFD: Int32
         do { rootFD = try Sys.open(cipherDir, XTS_O_PATH | O_DIRECTORY) } catch { throw Failure(description: "cannot open \(cipherDir): \(error)") }
         defer { Sys.close(rootFD) }
-        let sweep = RekeySweep(old: job.old, new: job.new, integrity: fs.integrity, failpoint: Failpoint(), report: { [unowned self] p in
+        let sweep = RekeySweep(old: job.old, new: job.new, unitTags: fs.unitTags, failpoint: Failpoint(), report: { [unowned self] p in
             self.state.withLock { $0.progress = p }
         })
         sweep.rootFD = rootFD

@@ -74,10 +74,15 @@ extension RekeySweep {
             warnings.append("\(display): damaged file header (\(error)); left as it is")
             return nil
         }
+        // A header of the other tag algorithm is damage, as for a read (FORMAT.md 12.3).
+        guard let tags = unitTags, oldHeader.tags == tags else {
+            warnings.append("\(display): file header of tag algorithm \(oldHeader.version), not the volume's; left as it is")
+            return nil
+        }
         let plain = Int64(oldHeader.plainLength)
         guard plain <= IL.maxPlainSize else { warnings.append("\(display): a committed length beyond the largest file; left as it is"); return nil }
         do {
-            var newHeader = try IntegrityFileHeader.random(keyGeneration: new.generation)
+            var newHeader = try IntegrityFileHeader.random(tags: tags, keyGeneration: new.generation)
             newHeader.plainLength = oldHeader.plainLength
             return Job(name: name, stat: st, from: try FileCrypto(keys: old, integrityHeader: oldHeader), to: try FileCrypto(keys: new, integrityHeader: newHeader),
                        oldHeader: raw, newHeader: try newHeader.encode(macKey: new.metadataMACKey), fd: fd, lease: lease,

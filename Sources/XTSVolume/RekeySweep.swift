@@ -71,7 +71,9 @@ final class RekeySweep {
     let new: KeySet
     /// The volume authenticates contents (`blockAuthentication`): its files have the
     /// layout of FORMAT.md section 12 and are rekeyed as RekeySweep+Integrity.swift does.
-    let integrity: Bool
+    /// The volume's unit tags: nil for a plain volume.
+    let unitTags: UnitTagAlgorithm?
+    var integrity: Bool { unitTags != nil }
     let failpoint: Failpoint
     let report: (RekeyProgress) -> Void
     var progress: RekeyProgress
@@ -98,10 +100,10 @@ final class RekeySweep {
     var plainPath = "/"
     var directoryID: [UInt8] = []
 
-    init(old: KeySet, new: KeySet, integrity: Bool, failpoint: Failpoint, report: @escaping (RekeyProgress) -> Void) {
+    init(old: KeySet, new: KeySet, unitTags: UnitTagAlgorithm?, failpoint: Failpoint, report: @escaping (RekeyProgress) -> Void) {
         self.old = old
         self.new = new
-        self.integrity = integrity
+        self.unitTags = unitTags
         self.failpoint = failpoint
         self.report = report
         progress = RekeyProgress(phase: "scan", filesDone: 0, filesTotal: 0, bytesDone: 0, bytesTotal: 0)

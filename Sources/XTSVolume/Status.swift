@@ -64,6 +64,7 @@ public struct StatusReport: Codable, Sendable {
         if h.features.contains(.blockAuthentication) { features.append("block-authentication") }
         if h.features.contains(.rekeyInProgress) { features.append("rekey-in-progress") }
         if h.features.contains(.rekeyJournal) { features.append("rekey-journal") }
+        if h.features.contains(.ghashUnitTags) { features.append("ghash-unit-tags") }
         if h.features.contains(.rekeyIntegrityJournal) { features.append("rekey-integrity-journal") }
         return StatusReport(
             cipherDir: cipherDir, formatVersion: Int(h.version),

@@ -92,9 +92,9 @@ struct BenchmarkCommand: ParsableCommand {
             out += pad(n.algorithm, 15) + pad("\(n.nameBytes) B", 10) + pad("\(n.threads)", 10)
                 + pad(String(format: "%.0f names/s", n.encryptNamesPerSecond), 17) + pad(String(format: "%.0f names/s", n.decryptNamesPerSecond), 17) + "\n"
         }
-        out += "#     Integrity | Request | Threads |  Tags (HMAC-SHA256 per 4 KiB unit)\n"
+        out += "#  Unit tags (per 4 KiB) | Request | Threads |     Tags\n"
         for t in r.integrityTags {
-            out += pad("unit tags", 15) + pad(size(t.requestBytes), 10) + pad("\(t.threads)", 10) + pad(rate(t.mbPerSecond, "MB/s"), 17) + "\n"
+            out += pad("\(t.algorithm) (v\(t.tagAlgorithm))", 24) + pad(size(t.requestBytes), 10) + pad("\(t.threads)", 10) + pad(rate(t.mbPerSecond, "MB/s"), 15) + "\n"
         }
         for k in r.argon2id {
             let perIteration = k.millisecondsPerDerivation / Double(max(k.iterations, 1))

@@ -47,7 +47,7 @@ struct Init: ParsableCommand {
             more.append(p)
             recovery = printable
         }
-        let header = try Volume.initialize(cipherDir: cipherDir, provider: provider, more: more, features: integrity ? [.blockAuthentication] : [])
+        let header = try Volume.initialize(cipherDir: cipherDir, provider: provider, more: more, features: .contents(integrity ? .ghashAES256 : nil))
         if let k = provider as? KMIPProvider, generate { say("Created key \(k.keyID) on the KMIP server \(k.connection.server); unlock with --kmip-key-id \(k.keyID).") }
         let what: String
         if choice.usesKDF {
@@ -55,7 +55,7 @@ struct Init: ParsableCommand {
         } else {
             what = "\(provider.type)"
         }
-        say("Created an xtsfs volume in \(cipherDir): format version \(header.version), AES-256-XTS\(integrity ? " with authenticated contents (HMAC-SHA256 tag per 4 KiB unit)" : ""), keyslot 0 (\(what)).")
+        say("Created an xtsfs volume in \(cipherDir): format version \(header.version), AES-256-XTS\(integrity ? " with authenticated contents (a GHASH+AES-256 tag per 4 KiB unit)" : ""), keyslot 0 (\(what)).")
         if let recovery { printRecoveryKey(recovery, slot: 1) }
         say("Mount it with: xtsfs mount \(cipherDir) MOUNTPOINT")
     }

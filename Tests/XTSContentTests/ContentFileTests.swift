@@ -10,7 +10,7 @@ final class ContentFileTests: XCTestCase {
     func makeFile() -> (MemoryFile, ContentFile<MemoryFile>) {
         let m = MemoryFile()
         let k = keys
-        return (m, ContentFile(file: m, currentKeys: k) { $0 == k.generation ? k : nil })
+        return (m, ContentFile(file: m, currentKeys: k, unitTags: nil) { $0 == k.generation ? k : nil })
     }
 
     func readAll(_ c: ContentFile<MemoryFile>, _ crypto: FileCrypto?) throws -> [UInt8] {

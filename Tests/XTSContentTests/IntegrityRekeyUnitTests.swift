@@ -16,7 +16,7 @@ final class IntegrityRekeyUnitTests: XCTestCase {
 
     func content(_ f: MemoryFile, current: KeySet) -> ContentFile<MemoryFile> {
         let (o, n) = (old, new)
-        return ContentFile(file: f, currentKeys: current, integrity: true) { $0 == o.generation ? o : $0 == n.generation ? n : nil }
+        return ContentFile(file: f, currentKeys: current, unitTags: .ghashAES256) { $0 == o.generation ? o : $0 == n.generation ? n : nil }
     }
 
     /// A file of 10 units of which unit 3 is a hole and unit 9 is partial, written through
@@ -69,7 +69,7 @@ final class IntegrityRekeyUnitTests: XCTestCase {
         let (f, plain, crypto) = try oldFile()
         var (data, _) = try open(f, crypto, units: 10)
         let hole = (0..<10).map { $0 == 3 }
-        var h = try IntegrityFileHeader.random(keyGeneration: new.generation)
+        var h = try IntegrityFileHeader.random(tags: .ghashAES256, keyGeneration: new.generation)
         h.plainLength = UInt64(plain.count)
         let to = try FileCrypto(keys: new, integrityHeader: h)
         var tags = [UInt8](repeating: 0, count: 10 * 16)

@@ -373,7 +373,7 @@ final class BackingAccessTests: XCTestCase {
     }
 
     func testIntegrityLengthsAreRememberedAcrossOurOwnChangesOnly() throws {
-        let ifs = try FileSystem(cipherDir: dir, keys: fs.keys, readOnly: false, integrity: true, log: { _ in })
+        let ifs = try FileSystem(cipherDir: dir, keys: fs.keys, readOnly: false, unitTags: .ghashAES256, log: { _ in })
         fs = ifs
         let (id, _, h) = try ifs.create(parent: FileSystem.rootID, name: name("f"), mode: 0o644, flags: O_RDWR, caller: me)
         try write(h, [UInt8](repeating: 7, count: 10_000))

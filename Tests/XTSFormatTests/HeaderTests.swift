@@ -119,6 +119,39 @@ final class HeaderTests: XCTestCase {
         XCTAssertThrowsError(try VolumeHeader.decode(b)) { XCTAssertEqual($0 as? FormatError, .unsupportedVersion(9)) }
     }
 
+    /// Bit 3 (tag algorithm 2) names the unit tags of an integrity volume; alone it is damage.
+    func testUnitTagFeature() throws {
+        XCTAssertNil(Features.contents(nil).unitTags)
+        XCTAssertEqual(Features.contents(.hmacSHA256).rawValue, 1)
+        XCTAssertEqual(Features.contents(.ghashAES256).rawValue, 0b1001)
+        for tags in UnitTagAlgorithm.allCases {
+            var h = Self.fixedHeader()
+            h.features = Features.contents(tags).union(.rekeyInProgress)
+            XCTAssertEqual(try VolumeHeader.decode(try h.encode()).features.unitTags, tags)
+        }
+        var h = Self.fixedHeader()
+        h.features = .ghashUnitTags
+        XCTAssertThrowsError(try VolumeHeader.decode(try h.encode())) {
+            guard case .invalid = $0 as? FormatError else { return XCTFail("\($0)") }
+        }
+    }
+
+    /// The integrity file header's version is its tag algorithm: 1 and 2 decode, others not.
+    func testIntegrityFileHeaderVersions() throws {
+        let key = SecretBytes(copying: [UInt8](repeating: 7, count: 32))
+        for tags in UnitTagAlgorithm.allCases {
+            let h = IntegrityFileHeader(tags: tags, keyGeneration: 3, nonce: [UInt8](repeating: 1, count: 16), plainLength: 12345)
+            let bytes = try h.encode(macKey: key)
+            XCTAssertEqual(Array(bytes[0..<2]), [UInt8(tags.rawValue), 0])
+            XCTAssertEqual(try IntegrityFileHeader.decode(bytes, macKey: key).tags, tags)
+        }
+        var h = IntegrityFileHeader(tags: .ghashAES256, keyGeneration: 3, nonce: [UInt8](repeating: 1, count: 16), plainLength: 1)
+        h.version = 3
+        XCTAssertThrowsError(try IntegrityFileHeader.decode(try h.encode(macKey: key), macKey: key)) {
+            XCTAssertEqual($0 as? FormatError, .unsupportedVersion(3))
+        }
+    }
+
     /// The reserved fields at offsets 10 and 70 are kept as stored and covered by the MAC:
     /// changing one (checksum recomputed) leaves a header that parses but does not verify.
     func testReservedFieldsAreAuthenticated() throws {

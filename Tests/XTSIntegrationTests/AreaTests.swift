@@ -404,6 +404,54 @@ final class AreaTests: VolumeTestCase {
         unmount()
     }
 
+    /// An integrity volume's daemon, as `testKeysOnlyInLockedUndumpableMemoryAndAbortLeavesNothing`
+    /// reads a plain one's: each file's XTS key halves and unit tag keys (K1, K2 of tag
+    /// algorithm 2: an AES key schedule starts with its key) appear only in locked,
+    /// undumpable mappings, also after many reads and writes and with a file still open;
+    /// so no GCM, ECB or XTS key schedule is left in the heap between requests.
+    func testIntegrityKeysOnlyInLockedUndumpableMemory() throws {
+        guard geteuid() == 0 else { throw XCTSkip("reading another process's memory needs root") }
+        let r = Harness.run(["init", cipher, "--passfile", passfile, "--integrity"] + Self.cheapKDF)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        mount()
+        defer { if Harness.isMounted(mnt) { unmount() } }
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: "/bin/sh")
+        holder.arguments = ["-c", """
+            exec 3>>"$1/open"; i=0; while [ $i -lt 200 ]; do echo "$2 $i" >&3; i=$((i+1)); done
+            for f in a b c; do head -c 300000 /dev/urandom > "$1/$f"; cat "$1/$f" > /dev/null; done
+            dd if=/dev/urandom of="$1/b" bs=4096 seek=3 count=5 conv=notrunc 2>/dev/null; cat "$1/open" "$1/b" > /dev/null
+            exec sleep 30
+            """, "sh", mnt, marker]
+        try holder.run()
+        defer { if holder.isRunning { holder.terminate(); holder.waitUntilExit() } }
+        let pid = try XCTUnwrap(Harness.daemons(mnt).first)
+        let deadline = Date().addingTimeInterval(20)
+        while (try? Data(contentsOf: URL(fileURLWithPath: mnt + "/b")))?.count != 300_000 && Date() < deadline { usleep(50_000) }
+        usleep(500_000)
+        let volume = try volumeKeys()
+        var fileNeedles: [(String, [UInt8])] = []
+        for name in try FileManager.default.contentsOfDirectory(atPath: cipher) where !name.hasPrefix("xtsfs.") {
+            guard let d = FileManager.default.contents(atPath: cipher + "/" + name), d.count >= 64 else { continue }
+            let h = [UInt8](d)
+            XCTAssertEqual(Array(h[0..<2]), [2, 0], "tag algorithm 2")
+            let nonce = Array(h[8..<24])
+            let xts = try HKDF.derive(key: volume.contentKey, salt: [], info: Array("xtsfs integrity file key".utf8) + nonce, count: 64).withUnsafeBytes { Array($0) }
+            let tag = try HKDF.derive(key: volume.contentKey, salt: [], info: Array("xtsfs integrity unit tag v2 ghash-aes256".utf8) + nonce, count: 64).withUnsafeBytes { Array($0) }
+            fileNeedles += [("xts key of \(name) 1st half", Array(xts[0..<32])), ("xts key of \(name) 2nd half", Array(xts[32...])),
+                            ("tag key K1 of \(name)", Array(tag[0..<32])), ("tag key K2 of \(name)", Array(tag[32...]))]
+        }
+        XCTAssertEqual(fileNeedles.count, 16, "open, a, b, c")
+        let (hits, scanned) = scanMemory(pid, needles(volume) + fileNeedles)
+        XCTAssertGreaterThan(scanned, 1 << 20)
+        XCTAssertTrue(hits.contains { $0.0 == "dek" }, "the scan must find the DEK where it is kept")
+        XCTAssertTrue(hits.contains { $0.0.hasPrefix("tag key K1") }, "the scan must find an open file's tag key where it is kept")
+        for (name, m) in hits {
+            XCTAssertTrue(m.flags.contains("lo") && m.flags.contains("dd"),
+                          "\(name) in an unlocked or dumpable mapping \(String(m.start, radix: 16))-\(String(m.end, radix: 16)) \(m.name) [\(m.flags.joined(separator: " "))]")
+        }
+    }
+
     func testAreaOptionErrors() throws {
         initVolume()
         XCTAssertEqual(Harness.run(["mount", cipher, mnt, "--passfile", passfile, "--tmp", mnt]).status, 2, "same mount point twice")

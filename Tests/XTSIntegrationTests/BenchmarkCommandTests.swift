@@ -45,8 +45,10 @@ final class BenchmarkCommandTests: XCTestCase {
             positive(row, ["name_bytes", "encrypt_names_per_second", "decrypt_names_per_second"])
         }
 
+        // Both tag algorithms, the default (2) first, each at both request sizes.
         let tags = try rows("integrity_tags")
-        XCTAssertEqual(tags.count, 2 * threadCounts.count)
+        XCTAssertEqual(tags.map { "\($0["algorithm"] ?? "")/\($0["tag_algorithm"] ?? "")/\($0["request_bytes"] ?? "")/\($0["threads"] ?? "")" },
+                       ["ghash-aes256/2", "hmac-sha256-128/1"].flatMap { a in [4096, 1 << 20].flatMap { s in threadCounts.map { "\(a)/\(s)/\($0)" } } })
         for row in tags { positive(row, ["request_bytes", "threads", "mb_per_second"]) }
 
         // The default cost first, then the one given on the command line.
@@ -63,7 +65,7 @@ final class BenchmarkCommandTests: XCTestCase {
     func testTextReportAndBadOptions() throws {
         let r = Harness.run(["benchmark", "--time", "0.02"])
         XCTAssertEqual(r.status, 0, r.stderr)
-        for needle in ["aes-256-xts", "aes-256-siv", "unit tags", "argon2id", "(default)", "MB/s", "names/s"] {
+        for needle in ["aes-256-xts", "aes-256-siv", "Unit tags", "ghash-aes256 (v2)", "hmac-sha256-128 (v1)", "argon2id", "(default)", "MB/s", "names/s"] {
             XCTAssertTrue(r.stdout.contains(needle), "\(needle) missing from:\n\(r.stdout)")
         }
         for bad in [["--time", "0"], ["--time", "61"], ["--pbkdf-memory", "4"], ["--pbkdf-parallel", "0"],

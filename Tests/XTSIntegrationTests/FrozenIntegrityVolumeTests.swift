@@ -8,19 +8,42 @@ import Glibc
 /// frozen in the repository: it holds files in both tag slots, a shrunk-then-grown file,
 /// punched holes, a sparse file, a file across two tag groups, and two names written
 /// as a hard link (git and the test bundle keep them as two copies of one backing file). Every later
-/// version must read it exactly; do not regenerate it.
-final class FrozenIntegrityVolumeTests: VolumeTestCase {
-    static let frozenPassphrase = "xtsfs frozen integrity"
+/// version must read it exactly; do not regenerate it. Its units have tag algorithm 1
+/// (HMAC-SHA256); `FrozenIntegrityVolumeV2Tests` runs the same tests on a volume of tag
+/// algorithm 2.
+class FrozenIntegrityVolumeTests: VolumeTestCase {
+    var fixtureName: String { "integrity-volume" }
+    var frozenPassphrase: String { "xtsfs frozen integrity" }
+    var helloText: String { "Hello from an xtsfs integrity volume.\n" }
+    var tagAlgorithm: Int { 1 }
 
     static func content(_ n: Int) -> [UInt8] { (0..<n).map { UInt8((($0 * 7) + n) % 251) } }
 
     override func setUpWithError() throws {
         try super.setUpWithError()
-        guard let fixture = Bundle.module.url(forResource: "Fixtures", withExtension: nil)?.appendingPathComponent("integrity-volume").path else {
+        guard let fixture = Bundle.module.url(forResource: "Fixtures", withExtension: nil)?.appendingPathComponent(fixtureName).path else {
             return XCTFail("fixture missing from the test bundle")
         }
         XCTAssertEqual(Harness.shell("cp -a '\(fixture)' '\(cipher)'"), 0)
-        try (Self.frozenPassphrase + "\n").write(toFile: passfile, atomically: true, encoding: .utf8)
+        try (frozenPassphrase + "\n").write(toFile: passfile, atomically: true, encoding: .utf8)
+    }
+
+    /// The volume's tag algorithm is in its features (bit 3 for algorithm 2) and in the
+    /// version of every file header.
+    func testTagAlgorithmOfTheVolumeAndItsFiles() throws {
+        let status = Harness.run(["status", cipher])
+        XCTAssertEqual(status.stdout.contains("ghash-unit-tags"), tagAlgorithm == 2, status.stdout)
+        var files = 0
+        let e = FileManager.default.enumerator(atPath: cipher)
+        while let rel = e?.nextObject() as? String {
+            let path = cipher + "/" + rel
+            var st = stat()
+            guard lstat(path, &st) == 0, st.st_mode & S_IFMT == S_IFREG, !rel.split(separator: "/").contains(where: { $0.hasPrefix("xtsfs.") }), st.st_size > 0 else { continue }
+            let head = try read(path).prefix(2)
+            XCTAssertEqual(Array(head), [UInt8(tagAlgorithm), 0], rel)
+            files += 1
+        }
+        XCTAssertGreaterThanOrEqual(files, 14)
     }
 
     /// Both tag slots, holes, a shrunk-then-grown file, two tag groups: fsck reads every
@@ -30,11 +53,21 @@ final class FrozenIntegrityVolumeTests: VolumeTestCase {
         XCTAssertEqual(r.status, 0, r.stdout + r.stderr)
     }
 
+    /// A DEK rekey keeps each file's tag algorithm (the volume's): after it, the files
+    /// read back exactly, fsck is clean and every header still names the same algorithm.
+    func testDEKRekeyKeepsTheTagAlgorithm() throws {
+        let r = Harness.run(["rekey", cipher, "--dek", "--passfile", passfile])
+        XCTAssertEqual(r.status, 0, r.stdout + r.stderr)
+        try testTagAlgorithmOfTheVolumeAndItsFiles()
+        try testFsckOfTheFrozenIntegrityVolumeIsClean()
+        try testFrozenIntegrityVolumeReadsBackExactly()
+    }
+
     func testFrozenIntegrityVolumeReadsBackExactly() throws {
         let status = Harness.run(["status", cipher])
         XCTAssertTrue(status.stdout.contains("block-authentication"), status.stdout)
         mount(["-o", "ro"])
-        let hello = Array("Hello from an xtsfs integrity volume.\n".utf8)
+        let hello = Array(helloText.utf8)
         XCTAssertEqual(try read(mnt + "/hello.txt"), hello)
         XCTAssertEqual(try read(mnt + "/hello-link.txt"), hello)
         for n in [0, 1, 15, 16, 4095, 4096, 4097, 100000, 520000] {
@@ -71,5 +104,43 @@ final class FrozenIntegrityVolumeTests: VolumeTestCase {
         var big = Self.content(520000)
         for i in 516_090..<516_100 { big[i] = 9 }
         XCTAssertEqual(try read(mnt + "/sizes/s520000"), big)
+    }
+}
+
+/// The frozen volume of tag algorithm 2 (GHASH+AES-256, feature bit 3), passphrase
+/// "xtsfs frozen integrity v2", written by `init --integrity` with the same files as
+/// `integrity-volume` (the first one with tag algorithm 2). Do not regenerate it.
+final class FrozenIntegrityVolumeV2Tests: FrozenIntegrityVolumeTests {
+    override var fixtureName: String { "integrity-volume-v2" }
+    override var frozenPassphrase: String { "xtsfs frozen integrity v2" }
+    override var helloText: String { "Hello from an xtsfs integrity volume (tag algorithm 2).\n" }
+    override var tagAlgorithm: Int { 2 }
+
+    /// A file header whose version field says 1 on this volume of version 2 (its MAC fails
+    /// too; a header of the other version with a valid MAC is in IntegrityContentTests) reads
+    /// as EIO, and only that file.
+    func testAFileHeaderOfTheOtherVersionIsEIO() throws {
+        // The two files of five units at the top: punched and rewritten.
+        let names = try FileManager.default.contentsOfDirectory(atPath: cipher).filter { n in
+            var st = stat()
+            return lstat(cipher + "/" + n, &st) == 0 && st.st_mode & S_IFMT == S_IFREG && st.st_size == 24576
+        }
+        XCTAssertEqual(names.count, 2)
+        for n in names {
+            var b = try read(cipher + "/" + n)
+            b[0] = 1
+            try write(cipher + "/" + n, b)
+        }
+        mount(["-o", "ro"])
+        for n in ["punched", "rewritten"] {
+            let fd = open(mnt + "/" + n, O_RDONLY)
+            var buf = [UInt8](repeating: 0, count: 4096)
+            let got = fd < 0 ? -1 : buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress!, $0.count) }
+            XCTAssertEqual(got, -1, n)
+            XCTAssertEqual(errno, EIO, n)
+            if fd >= 0 { close(fd) }
+        }
+        XCTAssertEqual(try read(mnt + "/sizes/s4097"), Self.content(4097))
+        unmount()
     }
 }

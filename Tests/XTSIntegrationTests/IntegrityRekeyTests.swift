@@ -47,7 +47,7 @@ final class IntegrityRekeyTests: RekeyTests {
         let u = try Volume.unlock(cipher, provider: provider, audit: nil, operation: "test")
         let files = backingRegularFiles()
         guard let empty = files.first(where: { $0.size == 0 }) else { return XCTFail("no empty file in the tree") }
-        let header = try IntegrityFileHeader(keyGeneration: u.keys.generation, nonce: try Random.bytes(FileHeader.nonceLength), plainLength: 0)
+        let header = try IntegrityFileHeader(tags: .ghashAES256, keyGeneration: u.keys.generation, nonce: try Random.bytes(FileHeader.nonceLength), plainLength: 0)
             .encode(macKey: u.keys.metadataMACKey)
         try write(empty.path, header)
         var tails = 0

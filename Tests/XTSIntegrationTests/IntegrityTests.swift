@@ -15,9 +15,10 @@ final class IntegrityMountTests: MountTests {
     func testStatusShowsTheFeature() {
         let r = Harness.run(["status", cipher])
         XCTAssertEqual(r.status, 0, r.stderr)
-        XCTAssertTrue(r.stdout.contains("block-authentication"), r.stdout)
+        XCTAssertTrue(r.stdout.contains("block-authentication, ghash-unit-tags"), r.stdout)
         let json = Harness.run(["status", cipher, "--json"])
         XCTAssertTrue(json.stdout.contains("block-authentication"), json.stdout)
+        XCTAssertTrue(json.stdout.contains("ghash-unit-tags"), json.stdout)
     }
 
     /// fsck of an untouched integrity volume: clean.
