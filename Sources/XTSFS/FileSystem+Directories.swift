@@ -15,8 +15,30 @@ extension FileSystem {
         }
         let dir = try dirHandle(id)
         let dirID = try directoryID(id)
-        let raw: [(name: String, type: UInt8, ino: UInt64)]
-        do { raw = try Sys.listDirectory(dir.fd) } catch { throw .system(error) }
+        // The listing (and the long names' side files) is taken shared with the changes of
+        // names: an online rekey renames a directory's entries to their new-generation
+        // names exclusively, and a listing running beside those renames could miss
+        // entries (a readdir does not promise to see an entry renamed meanwhile).
+        let listed = try withNamespace { () throws(FSError) -> [(encoded: String, entry: (name: String, type: UInt8, ino: UInt64))] in
+            let raw: [(name: String, type: UInt8, ino: UInt64)]
+            do throws(SystemError) { raw = try Sys.listDirectory(dir.fd) } catch { throw .system(error) }
+            var listed: [(encoded: String, entry: (name: String, type: UInt8, ino: UInt64))] = []
+            listed.reserveCapacity(raw.count)
+            for e in raw {
+                switch BackingEntry.classify(e.name) {
+                case .encryptedName(let n):
+                    listed.append((n, e))
+                case .longName(let entry):
+                    guard let full = readLongName(dir, entry) else { continue }
+                    listed.append((full, e))
+                case .foreign:
+                    log("skipping a foreign entry in CIPHERDIR (directory node \(id)): \(e.name)")
+                case .volumeHeader, .directoryHeader, .longNameRecord, .temporary, .linkStore, .auditLog, .presence, .tempArea, .cacheArea, .cacheKey, .rekeyCopy, .rekeyJournal:
+                    continue
+                }
+            }
+            return listed
+        }
         // glibc's readdir hides entries with inode 0, so "." and ".." carry backing ones.
         let (selfIno, parentIno) = table.withLock { t -> (UInt64, UInt64) in
             let me = t.nodes[id]
@@ -25,23 +47,10 @@ extension FileSystem {
         }
         var out = [DirectoryEntry(name: Array(".".utf8), type: UInt8(DT_DIR), ino: selfIno),
                    DirectoryEntry(name: Array("..".utf8), type: UInt8(DT_DIR), ino: parentIno)]
-        out.reserveCapacity(raw.count + 2)
+        out.reserveCapacity(listed.count + 2)
         // In the middle of a rekey, a name may be of any generation held (newest first).
         let codecs = ring.all.map { NameCodec(keys: $0) }
-        for e in raw {
-            let encoded: String
-            switch BackingEntry.classify(e.name) {
-            case .encryptedName(let n):
-                encoded = n
-            case .longName(let entry):
-                guard let full = readLongName(dir, entry) else { continue }
-                encoded = full
-            case .foreign:
-                log("skipping a foreign entry in CIPHERDIR (directory node \(id)): \(e.name)")
-                continue
-            case .volumeHeader, .directoryHeader, .longNameRecord, .temporary, .linkStore, .auditLog, .presence, .tempArea, .cacheArea, .cacheKey, .rekeyCopy, .rekeyJournal:
-                continue
-            }
+        for (encoded, e) in listed {
             var failure: NameError?
             var plain: [UInt8]?
             for codec in codecs {

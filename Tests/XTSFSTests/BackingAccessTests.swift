@@ -324,6 +324,41 @@ final class BackingAccessTests: XCTestCase {
         return out.filter { $0 != "." && $0 != ".." }.sorted()
     }
 
+    /// An online rekey renames a directory's entries while holding the namespace
+    /// exclusively; a listing is taken shared with it, so it never sees a directory half
+    /// renamed (before, a reader during an online rekey could list a directory as empty).
+    func testListingsNeverSeeEntriesMidRename() throws {
+        let (d, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("d"), mode: 0o755, caller: me)
+        let names = (0..<40).map { "f\($0)" }
+        for n in names { _ = try makeFile(d, n, n) }
+        let backingDir = try XCTUnwrap(try FileManager.default.contentsOfDirectory(atPath: dir).first {
+            var isDir: ObjCBool = false
+            return FileManager.default.fileExists(atPath: dir + "/" + $0, isDirectory: &isDir) && isDir.boolValue
+        })
+        let path = dir + "/" + backingDir
+        let entries = try FileManager.default.contentsOfDirectory(atPath: path).filter { !$0.hasPrefix("xtsfs.") }
+        XCTAssertEqual(entries.count, names.count)
+        let stop = Atomic<Bool>(false)
+        let fs = self.fs!
+        let mover = Thread {
+            // What the rekey does to a directory's names, in the same exclusive hold: every
+            // entry moved away, then to its (here: the same) new name.
+            while !stop.load(ordering: .relaxed) {
+                fs.withNamespaceExclusive {
+                    for e in entries { rename(path + "/" + e, path + "/" + e + ".moving") }
+                    for e in entries { rename(path + "/" + e + ".moving", path + "/" + e) }
+                }
+            }
+        }
+        mover.start()
+        defer { stop.store(true, ordering: .relaxed) }
+        for _ in 0..<300 {
+            XCTAssertEqual(try listing(d), names.sorted())
+        }
+        stop.store(true, ordering: .relaxed)
+        while !mover.isFinished { usleep(1000) }
+    }
+
     func testDirectoryHeadersAreKnownPastTheirNodesUntilRemoved() throws {
         let (d, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("d"), mode: 0o755, caller: me)
         _ = try makeFile(d, "inside", "x")
