@@ -51,9 +51,7 @@ extension FileSystem {
                 state.loaded = true
             }
             defer { if sharedStorage { state.headerStamp = headerStamp(fd) } }
-            let result = try body(c, state)
-            if integrity && !sharedStorage { rememberIntegritySize(fd) }
-            return result
+            return try body(c, state)
         }
     }
 
@@ -282,6 +280,8 @@ extension FileSystem {
 
     public func release(_ handle: UInt64) {
         guard let f = files.withLock({ $0.removeValue(forKey: handle) }) else { return }
+        // Once per written handle rather than per WRITE (a header read and two fstat each).
+        if integrity && !sharedStorage && f.writable { f.state.lock.withWriteLock { rememberIntegritySize(f.fd) } }
         Sys.close(f.fd)
         releaseState(f.identity)
     }

@@ -18,7 +18,7 @@ enum HeaderSource {
 
 /// A committed length read from a file header, valid while the backing file's size and
 /// change time are the ones it was read at: any write to the backing file, ours or
-/// anyone's, moves its ctime. Remembered (1) after each of our own changes, under the
+/// anyone's, moves its ctime. Remembered (1) when a written handle is released, under the
 /// file's exclusive lock, so no write of ours races the header read (`rememberIntegritySize`),
 /// and (2) when `stat` reads a header, only for files unchanged for a few seconds, so a
 /// coarse clock (two changes within one tick) or a write racing the header read cannot
@@ -78,8 +78,8 @@ extension FileSystem {
 }
 
 extension FileSystem {
-    /// Remembers the committed length of the file open as `fd` after a change of ours
-    /// (called under the file's exclusive lock), so that the `stat` calls after a write
+    /// Remembers the committed length of the file open as `fd` when a handle that wrote
+    /// it is released (under the file's exclusive lock), so that the `stat` calls after a write
     /// (`ls -l` of files just written, or after the kernel dropped its caches) need no
     /// header read. Skipped when the backing file moved while it was read (someone else
     /// writing it) or its header cannot be read through `fd` (a write-only descriptor).
