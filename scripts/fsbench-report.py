@@ -129,6 +129,18 @@ def main():
                  f"order rotated each round; median (min–max); load average {meta.get('load_start', '?')} at the start, "
                  f"{meta.get('load_end', meta.get('load_before', '?'))} at the end; "
                  f"{meta['seconds']} s.")
+    rt = meta.get("roundtrip_us")
+    if rt and rt.get("unpinned") is not None:
+        def us(v):
+            return "?" if v is None else f"{v:.0f} µs"
+        poll = meta.get("guest_halt_poll_ns")
+        lines.append("")
+        lines.append(f"One FUSE round trip here (a request xtsfs answers without the backing filesystem, "
+                     f"`scripts/fuse-roundtrip.c`, after the rounds): {us(rt.get('unpinned'))} as the rounds ran, "
+                     f"{us(rt.get('one_cpu'))} with the caller and the daemon on one CPU, "
+                     f"{us(rt.get('two_cpus'))} on two"
+                     + (f"; guest halt polling {poll} ns" if poll is not None else "") + ". "
+                     "Each small-file phase is a chain of such round trips (see the request counts below).")
     lines.append("")
     head = ["workload", "unit"] + order + ["best peer"]
     lines.append("| " + " | ".join(head) + " |")
