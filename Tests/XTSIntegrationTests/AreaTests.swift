@@ -54,14 +54,19 @@ final class AreaTests: VolumeTestCase {
     }
 
     /// Writes the marker through all three areas in a loop until killed or the mounts die.
+    /// Writes through descriptors opened once, on the mounts: once the daemon is gone its
+    /// writes fail (ENOTCONN) and it stops. (Appending by path reopened the names each
+    /// time; after the unmount helper cleared the mounts, the names led to the empty
+    /// directories below them, and the writer put its marker on the disk.)
     static let writerScript = """
         t=$(mktemp) || exit 1
         mkdir -p "$XDG_CACHE_HOME/app" || exit 1
+        exec 3>>"$t" 4>>"$XDG_CACHE_HOME/app/log" 5>>"$DATA/log" || exit 1
         i=0
         while [ $i -lt 100000 ]; do
-          echo "$MARKER temp $i" >> "$t" || exit 0
-          echo "$MARKER cache $i" >> "$XDG_CACHE_HOME/app/log" || exit 0
-          echo "$MARKER data $i" >> "$DATA/log" || exit 0
+          echo "$MARKER temp $i" >&3 || exit 0
+          echo "$MARKER cache $i" >&4 || exit 0
+          echo "$MARKER data $i" >&5 || exit 0
           i=$((i+1))
         done
         """
@@ -250,7 +255,10 @@ final class AreaTests: VolumeTestCase {
 
         let writer = app(env, Self.writerScript)
         try writer.run()
-        usleep(300_000)
+        // The writer is under way (its files open on the mounts) before the daemon dies.
+        let started = Date()
+        while ((try? FileManager.default.attributesOfItem(atPath: cacheMnt + "/app/log")[.size] as? Int) ?? 0) < 4096
+                && Date().timeIntervalSince(started) < 20 { usleep(20_000) }
         let pids = Harness.daemons(mnt)
         XCTAssertEqual(pids.count, 1)
         for pid in pids { kill(pid, SIGKILL) }
