@@ -27,7 +27,9 @@ let package = Package(
         .target(name: "XTSKeys", dependencies: ["CSysShim", "CP11Kit", "CTLS", "XTSSystem", "XTSCrypto", "XTSFormat"]),
         .target(name: "XTSContent", dependencies: ["XTSSystem", "XTSCrypto", "XTSFormat", "XTSKeys"]),
         .target(name: "XTSFS", dependencies: ["CSysShim", "XTSSystem", "XTSCrypto", "XTSFormat", "XTSKeys", "XTSContent"]),
-        .target(name: "XTSFuse", dependencies: ["XTSSystem", "XTSFS", "CFuse"]),
+        // FUSE over io_uring beside libfuse 3.14 (`-o uring`); links liburing.
+        .target(name: "CFuseRing", dependencies: ["CFuse"], linkerSettings: [.linkedLibrary("uring")]),
+        .target(name: "XTSFuse", dependencies: ["XTSSystem", "XTSFS", "CFuse", "CFuseRing"]),
         .target(name: "XTSVolume", dependencies: ["CSysShim", "XTSSystem", "XTSCrypto", "XTSFormat", "XTSKeys", "XTSContent", "XTSFS", "XTSFuse"]),
         .target(name: "XTSFuzzTarget", dependencies: ["XTSFormat", "XTSKeys", "XTSContent", "XTSCrypto"]),
         .executableTarget(name: "xtsfs", dependencies: [

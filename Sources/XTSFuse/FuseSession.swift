@@ -1,4 +1,5 @@
 import CFuse
+import CFuseRing
 import Synchronization
 import XTSFS
 import XTSSystem
@@ -69,8 +70,21 @@ public final class FuseServer: @unchecked Sendable {
     /// By handle: its node and the content stamp at open.
     private let openStamps = Mutex<[UInt64: (node: UInt64, stamp: [UInt8])]>([:])
 
+    /// Ask for FUSE over io_uring (`-o uring`; see `RingTransport`). Never with forwarded
+    /// locks: a lock waiter holds its request's ring entry until it is granted, and the
+    /// request that would release it could find no free entry on its CPU.
+    let uring: Bool
+    /// What became of `-o uring`: nil when not asked for. Also handed to `logLine`.
+    public private(set) var uringStatus: String? {
+        didSet { if let uringStatus { logLine?(uringStatus) } }
+    }
+    /// Where the server's own notes go (the daemon's log); set before `run`.
+    public var logLine: (@Sendable (String) -> Void)?
+    private var ring: OpaquePointer?
+
     public init(fs: FileSystem, mountpoint: String, options: [String], cacheTimeout: Double, xattrs: Bool = true, writebackCache: Bool = true,
-                forwardLocks: Bool = false, shared: Bool = false, debug: Bool = false, maxThreads: UInt32 = 8) {
+                forwardLocks: Bool = false, shared: Bool = false, debug: Bool = false, maxThreads: UInt32 = 8, uring: Bool = false) {
+        self.uring = uring && !forwardLocks
         self.current = Mutex(fs)
         self.writebackCache = writebackCache
         self.forwardLocks = forwardLocks
@@ -101,6 +115,13 @@ public final class FuseServer: @unchecked Sendable {
         if fuse_session_mount(se, mountpoint) != 0 {
             fuse_session_destroy(se)
             throw .mount("cannot mount on \(mountpoint)")
+        }
+        // Replies to requests taken off a ring go back through it (libfuse's custom I/O);
+        // without -o uring libfuse writes to /dev/fuse itself, as always.
+        if uring && xtsfs_ring_install_io(UnsafeMutableRawPointer(se)) != 0 {
+            fuse_session_unmount(se)
+            fuse_session_destroy(se)
+            throw .session("cannot route replies for -o uring")
         }
         session = se
         notifySession.withLock { $0 = Int(bitPattern: UnsafeRawPointer(se)) }
@@ -211,7 +232,7 @@ public final class FuseServer: @unchecked Sendable {
         }
         // INIT before the loop, so as to ask for what libfuse 3.14 cannot: HANDLE_KILLPRIV_V2
         // (no `security.capability` query per write; setuid/setgid clearing is ours then).
-        let granted = xtsfs_session_init_with(se, FuseServer.handleKillprivV2)
+        let granted = xtsfs_session_init_with(se, FuseServer.handleKillprivV2, uring ? UInt32(XTSFS_FUSE_OVER_IO_URING_FLAGS2) : 0)
         if granted < 0 {
             fuse_session_unmount(se)
             fuse_session_destroy(se)
@@ -220,7 +241,10 @@ public final class FuseServer: @unchecked Sendable {
         }
         killsPrivileges = granted & Int64(FuseServer.handleKillprivV2) != 0
         configure(fs)
+        if uring { startRing(granted: granted & (Int64(XTSFS_FUSE_OVER_IO_URING_FLAGS2) << 32) != 0, session: se) }
         let r = xtsfs_session_loop_mt(se, maxThreads)
+        // The kernel ended the rings' commands at the unmount; their threads go now.
+        if let ring { xtsfs_ring_stop(ring); self.ring = nil }
         // Lock waiters answer (EINTR) and go before the session they answer through does.
         ending.store(true, ordering: .sequentiallyConsistent)
         while lockWaiters.load(ordering: .sequentiallyConsistent) > 0 { usleep(1000) }
@@ -229,6 +253,39 @@ public final class FuseServer: @unchecked Sendable {
         fuse_session_destroy(se)
         session = nil
         return r
+    }
+
+    /// Entries per CPU queue: requests of one CPU served at once. Each has a payload
+    /// buffer as large as the largest request (1 MiB), touched only as far as used.
+    static let ringDepth: UInt32 = 4
+    static let ringPayload = (1 << 20) + 4096
+
+    /// Starts the rings once INIT granted FUSE over io_uring; otherwise says why not. The
+    /// session goes on through /dev/fuse in every case where the rings do not start.
+    private func startRing(granted: Bool, session se: OpaquePointer) {
+        guard granted else {
+            let param = "/sys/module/fuse/parameters/enable_uring"
+            var enabled: Bool?
+            let fd = Glibc.open(param, O_RDONLY | O_CLOEXEC)
+            if fd >= 0 {
+                var c: UInt8 = 0
+                if Glibc.read(fd, &c, 1) == 1 { enabled = c == UInt8(ascii: "Y") }
+                Glibc.close(fd)
+            }
+            uringStatus = enabled == false
+                ? "-o uring: the kernel offers FUSE over io_uring only with \(param) set to 1 (as root: echo 1 > \(param)); requests go through /dev/fuse"
+                : "-o uring: this kernel does not offer FUSE over io_uring (Linux 6.14 or later, CONFIG_FUSE_IO_URING); requests go through /dev/fuse"
+            return
+        }
+        guard let r = xtsfs_ring_start(UnsafeMutableRawPointer(se), FuseServer.ringDepth, FuseServer.ringPayload, requests.ringSlot) else {
+            uringStatus = "-o uring: cannot set up the rings (\(String(cString: strerror(errno)))); requests go through /dev/fuse"
+            return
+        }
+        ring = r
+        requests.ringActive = true
+        uringStatus = xtsfs_ring_active(r) != 0
+            ? "-o uring: FUSE over io_uring, one queue per CPU (\(sysconf(Int32(_SC_NPROCESSORS_CONF))) queues of \(FuseServer.ringDepth) entries)"
+            : "-o uring: the kernel refused the rings; requests go through /dev/fuse"
     }
 
     // MARK: - page cache across opens

@@ -46,6 +46,11 @@ public struct MountRequest: Sendable {
     /// change is trusted from a cache without revalidation (README, "Several hosts").
     static let sharedKey = "shared"
     public var shared: Bool { options.contains(MountRequest.sharedKey) }
+    /// `-o uring`: FUSE over io_uring (a request queue per CPU, served on that CPU) instead
+    /// of /dev/fuse, where the kernel offers it (Linux 6.14+, `enable_uring`). Opt-in; not
+    /// with `-o shared` (see `FuseServer.uring`).
+    static let uringKey = "uring"
+    public var uring: Bool { options.contains(MountRequest.uringKey) }
     static let writebackKey = "writecache"
     static let noWritebackKey = "nowritecache"
     /// The kernel's writeback cache, opt-in (`-o writecache`): writes land in the page
@@ -81,7 +86,7 @@ public struct MountRequest: Sendable {
     func fuseOptions(fsname: String) -> [String] {
         var o = ["default_permissions", "fsname=" + fsname.replacingAll(",", with: "\\,"), "subtype=xtsfs"]
         if geteuid() == 0 && !options.contains("allow_other") { o.append("allow_other") }
-        o += options.filter { $0 != "nonempty" && $0 != MountRequest.noXattrKey && $0 != MountRequest.noWritebackKey && $0 != MountRequest.writebackKey && $0 != MountRequest.sharedKey && !$0.hasPrefix(MountRequest.cacheTimeoutKey) }
+        o += options.filter { $0 != "nonempty" && $0 != MountRequest.noXattrKey && $0 != MountRequest.noWritebackKey && $0 != MountRequest.writebackKey && $0 != MountRequest.sharedKey && $0 != MountRequest.uringKey && !$0.hasPrefix(MountRequest.cacheTimeoutKey) }
         return o
     }
 }
@@ -170,6 +175,9 @@ public enum Mounter {
         req.cipherDir = absolute(req.cipherDir)
         req.mountpoint = absolute(req.mountpoint)
         _ = try req.cacheTimeout()
+        if req.uring && req.shared {
+            throw .usage("-o uring with -o shared: locks are forwarded to CIPHERDIR there, and a lock waiter would hold its CPU's request queue; use one or the other")
+        }
         try checkOverlap(cipherDir: req.cipherDir, mountpoint: req.mountpoint)
         try checkSwapped(cipherDir: req.cipherDir, mountpoint: req.mountpoint)
         try checkMountpoint(req.mountpoint, allowNonEmpty: req.options.contains("nonempty"))
@@ -260,7 +268,8 @@ public enum Mounter {
             return error.exitStatus.rawValue
         }
         var servers = [FuseServer(fs: fs, mountpoint: req.mountpoint, options: req.fuseOptions, cacheTimeout: timeout, xattrs: req.xattrs, writebackCache: req.writebackCache,
-                                  forwardLocks: req.shared, shared: req.shared, debug: req.debug)]
+                                  forwardLocks: req.shared, shared: req.shared, debug: req.debug, uring: req.uring)]
+        servers[0].logLine = log
         let areas: [Areas.Prepared]
         do { areas = try prepareAreas(req, keys: keys, log: log) } catch {
             ready(.failure(error))
