@@ -314,11 +314,24 @@ int xtsfs_ring_active(const struct xtsfs_ring *ring) {
 
 void xtsfs_ring_stop(struct xtsfs_ring *ring) {
     if (!ring) return;
-    atomic_store(&ring->stop, 1);
-    for (int q = 0; q < ring->nq; q++) if (ring->qs[q].started) pthread_join(ring->qs[q].tid, NULL);
+    // Out of the routing table first: the session is over, and no reply goes to a ring now.
     for (int r = 0; r < MAX_RINGS; r++) {
         struct xtsfs_ring *expected = ring;
         atomic_compare_exchange_strong(&rings[r], &expected, NULL);
     }
-    ring_free(ring);
+    atomic_store(&ring->stop, 1);
+    for (int q = 0; q < ring->nq; q++) if (ring->qs[q].started) pthread_join(ring->qs[q].tid, NULL);
+    // The buffers and rings go; the small ring and entry records stay allocated: another
+    // thread's reply or notification may still be reading an entry's unique ID in
+    // find_entry, having found the ring just before it left the table.
+    for (int q = 0; q < ring->nq; q++) {
+        struct queue *qu = &ring->qs[q];
+        if (qu->uring_ready) { io_uring_queue_exit(&qu->uring); qu->uring_ready = 0; }
+        for (unsigned i = 0; i < ring->depth; i++) {
+            struct ent *e = &qu->ents[i];
+            atomic_store(&e->unique, 0);
+            if (e->hdr) { munmap(e->hdr, 4096); e->hdr = NULL; }
+            if (e->buf) { munmap(e->buf, OFFSET + ring->payload); e->buf = NULL; }
+        }
+    }
 }
