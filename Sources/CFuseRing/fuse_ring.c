@@ -61,8 +61,20 @@ struct queue {
     struct ent *ents;
 };
 
+// Large reads and writes (a sequential stream's read-ahead and write-back, 128 KiB to
+// 1 MiB each) come to one CPU's queue one after another; served on the queue's own thread
+// alone they would be decrypted and encrypted one at a time on one CPU. They go to a small
+// pool of unpinned workers instead, and the queue's thread fetches the next request.
+#define LARGE_REQUEST (64 * 1024)
+struct work { struct ent *e; struct fuse_buf b; struct work *next; };
+
 struct xtsfs_ring {
     struct fuse_session *se;
+    pthread_mutex_t pool_lock;
+    pthread_cond_t pool_wake;
+    struct work *pool_head, *pool_tail;
+    int workers;
+    pthread_t worker_tids[8];
     int fd;
     int nq;
     unsigned depth;
@@ -183,8 +195,41 @@ static void serve(struct queue *q, struct ent *e) {
     memset(&b, 0, sizeof b);
     b.mem = start;
     b.size = in.len;
-    if (q->ring->served) __atomic_fetch_add(q->ring->served, 1, __ATOMIC_RELAXED);
-    fuse_session_process_buf(q->ring->se, &b);
+    struct xtsfs_ring *ring = q->ring;
+    if (ring->served) __atomic_fetch_add(ring->served, 1, __ATOMIC_RELAXED);
+    int large = (in.opcode == FUSE_WRITE && payload >= LARGE_REQUEST) ||
+                (in.opcode == FUSE_READ && op >= sizeof(struct fuse_read_in) &&
+                 ((const struct fuse_read_in *)(const void *)e->hdr->op_in)->size >= LARGE_REQUEST);
+    struct work *w = large && ring->workers > 0 ? malloc(sizeof *w) : NULL;
+    if (!w) {
+        fuse_session_process_buf(ring->se, &b);
+        return;
+    }
+    w->e = e;
+    w->b = b;
+    w->next = NULL;
+    pthread_mutex_lock(&ring->pool_lock);
+    if (ring->pool_tail) ring->pool_tail->next = w; else ring->pool_head = w;
+    ring->pool_tail = w;
+    pthread_cond_signal(&ring->pool_wake);
+    pthread_mutex_unlock(&ring->pool_lock);
+}
+
+static void *worker_thread(void *arg) {
+    struct xtsfs_ring *ring = arg;
+    for (;;) {
+        pthread_mutex_lock(&ring->pool_lock);
+        while (!ring->pool_head && !atomic_load(&ring->stop)) pthread_cond_wait(&ring->pool_wake, &ring->pool_lock);
+        struct work *w = ring->pool_head;
+        if (w) {
+            ring->pool_head = w->next;
+            if (!ring->pool_head) ring->pool_tail = NULL;
+        }
+        pthread_mutex_unlock(&ring->pool_lock);
+        if (!w) return NULL; // stopping, nothing left
+        fuse_session_process_buf(ring->se, &w->b);
+        free(w);
+    }
 }
 
 static void *queue_thread(void *arg) {
@@ -292,10 +337,21 @@ struct xtsfs_ring *xtsfs_ring_start(void *session, unsigned depth, size_t payloa
         if (slot < 0) err = EBUSY;
     }
     if (err) { ring_free(ring); errno = err; return NULL; }
+    pthread_mutex_init(&ring->pool_lock, NULL);
+    pthread_cond_init(&ring->pool_wake, NULL);
+    int want = nq < 2 ? 1 : (nq > 8 ? 8 : nq);
+    for (int i = 0; i < want; i++) {
+        if (pthread_create(&ring->worker_tids[i], NULL, worker_thread, ring) != 0) break;
+        ring->workers++;
+    }
     for (int q = 0; q < nq; q++) {
         if (pthread_create(&ring->qs[q].tid, NULL, queue_thread, &ring->qs[q]) != 0) {
             atomic_store(&ring->stop, 1);
             for (int k = 0; k < q; k++) pthread_join(ring->qs[k].tid, NULL);
+            pthread_mutex_lock(&ring->pool_lock);
+            pthread_cond_broadcast(&ring->pool_wake);
+            pthread_mutex_unlock(&ring->pool_lock);
+            for (int k = 0; k < ring->workers; k++) pthread_join(ring->worker_tids[k], NULL);
             atomic_store(&rings[slot], NULL);
             ring_free(ring);
             errno = EAGAIN;
@@ -321,6 +377,11 @@ void xtsfs_ring_stop(struct xtsfs_ring *ring) {
     }
     atomic_store(&ring->stop, 1);
     for (int q = 0; q < ring->nq; q++) if (ring->qs[q].started) pthread_join(ring->qs[q].tid, NULL);
+    // Workers finish what they hold (the replies go nowhere now) and leave.
+    pthread_mutex_lock(&ring->pool_lock);
+    pthread_cond_broadcast(&ring->pool_wake);
+    pthread_mutex_unlock(&ring->pool_lock);
+    for (int k = 0; k < ring->workers; k++) pthread_join(ring->worker_tids[k], NULL);
     // The buffers and rings go; the small ring and entry records stay allocated: another
     // thread's reply or notification may still be reading an entry's unique ID in
     // find_entry, having found the ring just before it left the table.
