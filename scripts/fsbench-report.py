@@ -45,7 +45,7 @@ ROWS = [
     ("cpu_seqread", "daemon CPU per GiB, seqread", "s", False, 2),
     ("rss_peak_mib", "daemon peak RSS (VmHWM)", "MiB", False, 0),
 ]
-COLORS = {"plain": "#9e9e9e", "ceiling": "#616161", "xtsfs": "#1565c0", "integrity": "#42a5f5", "gocryptfs": "#ef6c00",
+COLORS = {"plain": "#9e9e9e", "ceiling": "#616161", "xtsfs": "#1565c0", "integrity": "#42a5f5", "uring": "#0d47a1", "gocryptfs": "#ef6c00",
           "securefs": "#2e7d32", "cryfs": "#8e24aa", "encfs": "#c62828"}
 EXTRA_COLORS = ["#00838f", "#5d4037", "#283593", "#827717"]
 
