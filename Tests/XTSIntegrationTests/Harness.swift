@@ -177,6 +177,15 @@ class VolumeTestCase: XCTestCase {
         XCTAssertTrue(Harness.isMounted(mnt), "not mounted after mount returned", file: file, line: line)
     }
 
+    /// `mount -o OPTIONS` is a usage error (exit 2) whose message holds `text`, and nothing
+    /// is mounted.
+    func assertMountRefused(options: String, saying text: String, file: StaticString = #filePath, line: UInt = #line) {
+        let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile, "-o", options])
+        XCTAssertEqual(r.status, 2, r.stderr, file: file, line: line)
+        XCTAssertTrue(r.stderr.contains(text), r.stderr, file: file, line: line)
+        XCTAssertFalse(Harness.isMounted(mnt), file: file, line: line)
+    }
+
     func unmount(file: StaticString = #filePath, line: UInt = #line) {
         let r = Harness.run(["unmount", mnt])
         XCTAssertEqual(r.status, 0, "unmount failed: \(r.stderr)", file: file, line: line)

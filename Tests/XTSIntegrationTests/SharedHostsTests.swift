@@ -776,9 +776,6 @@ final class SharedHostsTests: VolumeTestCase {
 
     func testSharedRefusesANameAndAttributeCache() throws {
         initVolume()
-        let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile, "-o", "shared,cache_timeout=5"])
-        XCTAssertEqual(r.status, 2, r.stderr)
-        XCTAssertTrue(r.stderr.contains("cache_timeout=0"), r.stderr)
-        XCTAssertFalse(Harness.isMounted(mnt))
+        assertMountRefused(options: "shared,cache_timeout=5", saying: "cache_timeout=0")
     }
 }

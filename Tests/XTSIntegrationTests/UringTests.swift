@@ -158,9 +158,6 @@ final class UringTests: VolumeTestCase {
 
     func testRefusedWithShared() throws {
         initVolume()
-        let r = Harness.run(["mount", cipher, mnt, "--passfile", passfile, "-o", "uring,shared"])
-        XCTAssertEqual(r.status, 2, r.stderr)
-        XCTAssertTrue(r.stderr.contains("-o uring with -o shared"), r.stderr)
-        XCTAssertFalse(Harness.isMounted(mnt))
+        assertMountRefused(options: "uring,shared", saying: "-o uring with -o shared")
     }
 }
