@@ -197,9 +197,11 @@ static void serve(struct queue *q, struct ent *e) {
     b.size = in.len;
     struct xtsfs_ring *ring = q->ring;
     if (ring->served) __atomic_fetch_add(ring->served, 1, __ATOMIC_RELAXED);
+    // So do fsyncs, which wait for the disk: the CPU's other requests go on meanwhile.
     int large = (in.opcode == FUSE_WRITE && payload >= LARGE_REQUEST) ||
                 (in.opcode == FUSE_READ && op >= sizeof(struct fuse_read_in) &&
-                 ((const struct fuse_read_in *)(const void *)e->hdr->op_in)->size >= LARGE_REQUEST);
+                 ((const struct fuse_read_in *)(const void *)e->hdr->op_in)->size >= LARGE_REQUEST) ||
+                in.opcode == FUSE_FSYNC || in.opcode == FUSE_FSYNCDIR;
     struct work *w = large && ring->workers > 0 ? malloc(sizeof *w) : NULL;
     if (!w) {
         fuse_session_process_buf(ring->se, &b);
