@@ -325,7 +325,7 @@ extension RekeySweep {
         }
         // (Only the file the record names, by its header.) Bytes past the backing size the
         // length needs are never read; missing ones read as zeros.
-        if Int64(st.st_size) != rec.backingSize { try Sys.ftruncate(fd, rec.backingSize) }
+        if Int64(st.st_size) != rec.backingSize && !dryRun { try Sys.ftruncate(fd, rec.backingSize) }
         let from = try FileCrypto(keys: old, integrityHeader: oldHeader), to = try FileCrypto(keys: new, integrityHeader: newHeader)
         defer { FileCrypto.scrubThreadContext() }
         let byUnit = Dictionary(rec.tagUnits.map { ($0.start / IL.blockSize, $0) }, uniquingKeysWith: { a, _ in a })
@@ -334,7 +334,7 @@ extension RekeySweep {
         let block = UnsafeMutableRawBufferPointer.allocate(byteCount: B, alignment: 4096)
         defer { block.deallocate() }
         if plain == 0 {
-            if raw != rec.newHeader { try rec.newHeader.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, 0) } }
+            if raw != rec.newHeader && !dryRun { try rec.newHeader.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, 0) } }
             return (from, to)
         }
         var g = rec.coverStart / G
@@ -362,7 +362,7 @@ extension RekeySweep {
                         guard try to.unitTag(unit: u, ciphertext: UnsafeRawBufferPointer(block)) == j.newTag else {
                             throw SweepError.damaged("\(what): unit \(u) rebuilt from its journal does not match its new tag")
                         }
-                        try Sys.pwrite(fd, block.baseAddress!, B, at)
+                        if !dryRun { try Sys.pwrite(fd, block.baseAddress!, B, at) }
                     } else {
                         warnings.append("\(what): unit \(u) matches neither its old nor its new ciphertext (a torn block write, or changed since the rekey read it); left as it is: it reads as an error")
                     }
@@ -373,7 +373,7 @@ extension RekeySweep {
                 }
                 tagBlock.replaceSubrange(H + Int(u - units.lowerBound) * E..<H + Int(u - units.lowerBound) * E + tag.count, with: tag)
             }
-            try tagBlock.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, g * IL.groupLength) }
+            if !dryRun { try tagBlock.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, g * IL.groupLength) } }
             g += 1
         }
         return (from, to)
