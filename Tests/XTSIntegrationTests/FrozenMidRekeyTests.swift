@@ -119,6 +119,11 @@ final class FrozenMidRekeyTests: VolumeTestCase {
         let before = RekeyTests.manifest(m)
         XCTAssertTrue(before.contains("user.k"), before)
         unmount()
+        // What the mount wrote (new objects in old and mixed directories, old ones in a new
+        // directory, xattrs of both generations) checks clean under both generations.
+        let check = Harness.run(["fsck", cipher, "--passfile", passfile])
+        XCTAssertEqual(check.status, 0, check.stdout + check.stderr)
+        XCTAssertFalse(check.stdout.contains("ERROR"), check.stdout)
         let rekey = Harness.run(["rekey", cipher, "--dek", "--passfile", passfile])
         XCTAssertEqual(rekey.status, 0, rekey.stderr)
         XCTAssertTrue(rekey.stderr.contains("(resumed)"), rekey.stderr)

@@ -326,4 +326,60 @@ extension RekeyTests {
         XCTAssertEqual(manifest(mnt), before)
         unmount()
     }
+
+    /// The rekey killed between the two copies of a header write: after the first copy of
+    /// the rekey record, the other copy is the header from before the rekey (a warning:
+    /// the rekey writes both when it finishes; --repair still refused); after the first
+    /// copy of the final header, the rekey is complete and the other copy, which still
+    /// holds the rekey, is an ordinary outdated copy (an error, not "altered"), which
+    /// --repair restores.
+    func testFsckBetweenTheTwoCopiesOfTheRekeysHeaderWrites() throws {
+        initVolume()
+        mount()
+        try FileManager.default.createDirectory(atPath: mnt + "/d", withIntermediateDirectories: true)
+        try write(mnt + "/d/f", pattern(9000, seed: 3))
+        let before = manifest(mnt)
+        unmount()
+        let template = scratch + "/template"
+        XCTAssertEqual(sh("cp -a '\(cipher)' '\(template)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
+        let (status, trace) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: ["XTSFS_REKEY_TRACE": "1"])
+        XCTAssertEqual(status, 0, trace)
+        let steps = trace.split(separator: "\n").filter { $0.hasPrefix("rekey step ") }.map(String.init)
+        let record = try XCTUnwrap(steps.firstIndex { $0.contains(": rekey record written to header copy") }, trace) + 1
+        let final = try XCTUnwrap(steps.firstIndex { $0.contains(": final header written to copy") }, trace) + 1
+        XCTAssertLessThan(final, steps.count, "the final header's second copy is the last step")
+        for (point, complete) in [(record, false), (final, true)] {
+            XCTAssertEqual(sh("rm -rf '\(cipher)' && cp -a '\(template)' '\(cipher)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
+            let (killed, err) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: ["XTSFS_REKEY_FAILPOINT": "\(point)"])
+            XCTAssertEqual(killed, -SIGKILL, err)
+            let (s, report, out) = fsckMidRekey()
+            let outdated = report?.findings.filter { $0.kind == "headerCopyOutdated" } ?? []
+            XCTAssertEqual(outdated.count, 1, "point \(point): \(out)")
+            XCTAssertFalse(report?.findings.contains { $0.kind == "headerCopyAltered" } ?? true, "point \(point): \(out)")
+            if !complete {
+                XCTAssertEqual(s, 0, out)
+                XCTAssertEqual(outdated.first?.severity, "warning", out)
+                XCTAssertTrue(outdated.first?.detail.contains("xtsfs rekey --dek writes both copies") ?? false, out)
+                assertRepairRefused("between the rekey record's copies")
+            } else {
+                XCTAssertEqual(s, 4, out)
+                XCTAssertEqual(outdated.first?.severity, "error", out)
+                XCTAssertTrue(outdated.first?.detail.contains("final header") ?? false, out)
+                XCTAssertFalse(report?.notes.contains { $0.contains("middle of a DEK rekey") } ?? true, out)
+                let r = Harness.run(["fsck", cipher, "--repair", "--passfile", passfile])
+                XCTAssertEqual(r.status, 1, r.stdout + r.stderr)
+                let (s2, _, out2) = fsckMidRekey()
+                XCTAssertEqual(s2, 0, out2)
+                let st = Harness.run(["status", cipher]).stdout
+                XCTAssertTrue(st.contains("Key generation:  2") && st.contains("Rekey:           none"), st)
+            }
+            if !complete {
+                let (again, err2) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: [:])
+                XCTAssertEqual(again, 0, err2)
+            }
+            mount()
+            XCTAssertEqual(manifest(mnt), before, "point \(point)")
+            unmount()
+        }
+    }
 }
