@@ -42,6 +42,7 @@ extension Fsck {
         sweep.rootFD = root
         try scanRekeyLeftovers(sweep, root, backingPath: ".", depth: 0)
         halfRewritten = sweep.halfRewritten
+        halfRewrittenDamage = sweep.halfRewrittenDamage
     }
 
     /// Every directory of the tree (as the walk reaches them: entries xtsfs names, on

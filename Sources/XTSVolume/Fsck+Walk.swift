@@ -463,10 +463,17 @@ extension Fsck {
             return
         }
         defer { Sys.close(fd) }
-        // Half old, half new under a journal (or copy) of the interrupted rekey: its units
-        // were checked against the journal (each old or new), and it reads whole only once
-        // the rekey (or a mount) finishes it.
-        if halfRewritten.contains([UInt64(st.st_dev), UInt64(st.st_ino)]) { return }
+        // Half old, half new under a journal (or copy) of the interrupted rekey: the units its
+        // journal covers were checked against it (each old or new), those of a large file
+        // outside that segment against their tags, new before it, old after it; it reads
+        // whole only once the rekey (or a mount) finishes it.
+        let inode = [UInt64(st.st_dev), UInt64(st.st_ino)]
+        if halfRewritten.contains(inode) {
+            if let why = halfRewrittenDamage[inode] {
+                _ = add(.fileAuthenticationFailed, path, plain: plainPath, "half rewritten by the interrupted DEK rekey (its journal is sound): \(why)")
+            }
+            return
+        }
         // Read with the keys of the generation its header names, as the mount reads it.
         let content = ContentFile(file: FDBackingFile(fd: fd), currentKeys: keys, unitTags: unitTags) { generations.keys($0) }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)

@@ -75,6 +75,8 @@ public final class Fsck {
     var leftovers: [String: RekeyLeftover] = [:]
     /// Mid-rekey: (device, inode) of the files a journal or copy names (half old, half new).
     var halfRewritten = Set<[UInt64]>()
+    /// Mid-rekey, integrity volumes: damage in such a file outside its journal's segment.
+    var halfRewrittenDamage: [[UInt64]: String] = [:]
     var entriesSeen = 0
     var directoriesSeen = 0
     var lastProgress = 0

@@ -491,7 +491,21 @@ extension RekeySweep {
             do {
                 if rec.integrity {
                     guard let (from, to) = try finishIntegrityRecord(fd, st, rec, what: what) else { problems += 1; continue }
-                    if dryRun { continue }
+                    if dryRun {
+                        // A large file's parts outside the segment the record covers: before
+                        // it new (finished segments), from its end on old (still to come).
+                        do throws(SweepError) {
+                            if rec.coverStart > 0 {
+                                try verifyIntegrityFile(fd, backingSize: rec.backingSize, oldHeader: rec.newHeader, from: to, start: 0, end: rec.coverStart,
+                                                        display: "in a segment already rewritten", explain: false)
+                            }
+                            if rec.coverEnd < size {
+                                try verifyIntegrityFile(fd, backingSize: rec.backingSize, oldHeader: rec.oldHeader, from: from, start: rec.coverEnd,
+                                                        display: "in a segment still to rewrite (the rekey stops there)", explain: false)
+                            }
+                        } catch { halfRewrittenDamage[[UInt64(st.st_dev), UInt64(st.st_ino)]] = "\(error)" }
+                        continue
+                    }
                     try Sys.fdatasync(fd)
                     if rec.coverEnd < size {
                         rest.append((fd, rec, from, to))

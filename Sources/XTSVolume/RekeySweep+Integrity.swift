@@ -257,7 +257,10 @@ extension RekeySweep {
     /// batch) is checked whole before its first segment is written, so that a tampered
     /// unit in a later segment stops its rekey before any of it is new (a file half
     /// rewritten would be readable only through its journal, which could never finish).
-    func verifyIntegrityFile(_ fd: Int32, backingSize: Int64, oldHeader: [UInt8], from: FileCrypto, start: Int64, display: String) throws(SweepError) {
+    /// `end`: stop there (a group boundary), not at the end of the file; `explain`: whether
+    /// the error says what the rekey does about it.
+    func verifyIntegrityFile(_ fd: Int32, backingSize: Int64, oldHeader: [UInt8], from: FileCrypto, start: Int64, end: Int64? = nil,
+                             display: String, explain: Bool = true) throws(SweepError) {
         let plain = plainSize(backingSize: backingSize, header: oldHeader)
         let unitCount = IL.unitCount(plain)
         let B = Int(IL.blockSize), E = Int(IL.entryLength), H = Int(IL.headerLength)
@@ -266,7 +269,7 @@ extension RekeySweep {
         var tags = [UInt8](repeating: 0, count: Int(IL.unitsPerGroup) * IL.tagLength)
         var g = start / RekeySweep.groupPlainBytes
         do {
-            while g * IL.unitsPerGroup < unitCount {
+            while g * IL.unitsPerGroup < unitCount && (end.map { g * RekeySweep.groupPlainBytes < $0 } ?? true) {
                 let units = g * IL.unitsPerGroup..<min(unitCount, (g + 1) * IL.unitsPerGroup)
                 let n = B * (1 + units.count), lo = g * IL.groupLength
                 let data = lseek(fd, off_t(lo + IL.blockSize), 3 /* SEEK_DATA */)
@@ -284,7 +287,7 @@ extension RekeySweep {
                 g += 1
             }
         } catch let c as ContentError {
-            if case .authentication = c { throw .damaged(RekeySweep.tamperMessage(display, c)) }
+            if case .authentication = c, explain { throw .damaged(RekeySweep.tamperMessage(display, c)) }
             throw .damaged("\(display): \(c)")
         } catch let e as SystemError { throw .system("read \(display)", e) } catch { throw .damaged("\(display): \(error)") }
     }

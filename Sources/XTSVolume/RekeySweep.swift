@@ -117,6 +117,9 @@ final class RekeySweep {
     /// Dry run: (device, inode) of the files a usable journal record or copy names: half
     /// old, half new until the rekey finishes them, so not readable under one generation.
     var halfRewritten = Set<[UInt64]>()
+    /// Dry run, integrity volumes: what is wrong in such a file outside the segment its
+    /// journal covers (before it new, from its end on old: each checked against its tags).
+    var halfRewrittenDamage: [[UInt64]: String] = [:]
 
     init(old: KeySet, new: KeySet, unitTags: UnitTagAlgorithm?, failpoint: Failpoint, report: @escaping (RekeyProgress) -> Void) {
         self.old = old
