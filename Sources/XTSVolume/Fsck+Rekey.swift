@@ -13,6 +13,8 @@ import Glibc
 struct RekeyLeftover {
     var damage: [String] = []
     var notes: [String] = []
+    /// The rekey would not use it (it stops there) rather than finish it around damaged units.
+    var unusable = true
 }
 
 /// `xtsfs fsck` of a volume in the middle of a DEK rekey (FORMAT.md section 13): objects
@@ -55,8 +57,12 @@ extension Fsck {
         if names.contains(RekeyJournal.name) {
             let before = sweep.warnings.count
             sweep.dryNotes = []
+            sweep.dryJournalUnusable = false
             var r = RekeyLeftover()
-            do throws(RekeySweep.SweepError) { try sweep.finishJournal(fd, path: prefix) } catch { r.damage.append("\(error)") }
+            do throws(RekeySweep.SweepError) {
+                try sweep.finishJournal(fd, path: prefix)
+                r.unusable = sweep.dryJournalUnusable
+            } catch { r.damage.append("\(error)") }
             r.damage.insert(contentsOf: sweep.warnings[before...], at: 0)
             r.notes = sweep.dryNotes
             leftovers[Fsck.join(backingPath, RekeyJournal.name)] = r
@@ -105,9 +111,12 @@ extension Fsck {
         if r.damage.isEmpty {
             _ = add(.rekeyJournal, .warning, path, "the checksum journal of files the interrupted DEK rekey was overwriting in place: it verifies, and each unit it covers is old or new" +
                     notes + "; xtsfs rekey --dek (or a mount) finishes those files and removes it")
-        } else {
+        } else if r.unusable {
             _ = add(.rekeyJournalDamaged, path, "the checksum journal of the interrupted DEK rekey cannot be used as it is: " + r.damage.joined(separator: "; ") + notes +
                     "; xtsfs rekey --dek stops at this directory until it is dealt with (restore the files it names from a backup, then remove it)")
+        } else {
+            _ = add(.rekeyJournalDamaged, path, "the checksum journal of the interrupted DEK rekey verifies, but finishing it finds damage: " + r.damage.joined(separator: "; ") + notes +
+                    "; xtsfs rekey --dek (or a mount) finishes the rest of its files and leaves those units as they are (their contents are lost: restore the file from a backup)")
         }
     }
 

@@ -453,6 +453,7 @@ extension RekeySweep {
             // Not this rekey's (planted, damaged, not a regular file, unreadable): nothing
             // it says can be trusted, and the sweep leaves this directory alone.
             warnings.append("\(path): \(RekeyJournal.name) cannot be used (\(error)); left as it is (remove it to let the rekey finish)")
+            if dryRun { dryJournalUnusable = true }
             return
         }
         var rest: [(fd: Int32, record: JournalRecord, from: FileCrypto, to: FileCrypto)] = []
@@ -541,7 +542,7 @@ extension RekeySweep {
             }
         }
         // Dry run (fsck): nothing is written, so nothing goes on and the journal stays.
-        if dryRun { return }
+        if dryRun { dryJournalUnusable = problems > 0; return }
         if problems > 0 {
             warnings.append("\(path): \(RekeyJournal.name) kept (\(problems) of its records could not be used); remove it to let the rekey finish")
             return

@@ -114,6 +114,10 @@ final class RekeySweep {
     /// it would do without harm (drop a record whose file is gone) to `dryNotes`.
     var dryRun = false
     var dryNotes: [String] = []
+    /// Dry run: the last journal checked would be kept (the sweep stops at its directory);
+    /// false when at most some of its units are neither old nor new (reported, left as
+    /// they are, and the rest finished).
+    var dryJournalUnusable = false
     /// Dry run: (device, inode) of the files a usable journal record or copy names: half
     /// old, half new until the rekey finishes them, so not readable under one generation.
     var halfRewritten = Set<[UInt64]>()

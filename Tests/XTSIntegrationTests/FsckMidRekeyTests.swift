@@ -202,7 +202,8 @@ extension RekeyTests {
         let kind = integrityVolume ? "fileAuthenticationFailed" : "fileHeaderDamaged"
         XCTAssertTrue(errors.contains { $0.kind == kind && $0.backingPath == oldPath }, "old-generation file not reported: \(out)")
         XCTAssertTrue(errors.contains { $0.kind == kind && $0.backingPath == newPath }, "new-generation file not reported: \(out)")
-        XCTAssertTrue(errors.contains { $0.kind == "rekeyJournalDamaged" && $0.backingPath == journal && $0.detail.contains("cannot be used") },
+        XCTAssertTrue(errors.contains { $0.kind == "rekeyJournalDamaged" && $0.backingPath == journal && $0.detail.contains("cannot be used")
+                                         && $0.detail.contains("stops at this directory") },
                       "damaged journal not reported: \(out)")
         XCTAssertEqual(errors.count, 3, "only the three planted: \(errors.map { "\($0.kind) \($0.backingPath): \($0.detail)" })")
         // The text report says the same.
@@ -257,9 +258,14 @@ extension RekeyTests {
             let (status, report, out) = fsckMidRekey()
             XCTAssertEqual(status, 4, "point \(point): \(out)")
             let errors = report?.errors ?? []
-            XCTAssertTrue(errors.contains { $0.kind == "rekeyJournalDamaged" && $0.backingPath == journal && $0.detail.contains("unit 0") && $0.detail.contains("neither") },
+            XCTAssertTrue(errors.contains { $0.kind == "rekeyJournalDamaged" && $0.backingPath == journal && $0.detail.contains("unit 0") && $0.detail.contains("neither")
+                                     && $0.detail.contains("finishes the rest of its files") },
                           "point \(point): \(errors.map { "\($0.kind) \($0.backingPath): \($0.detail)" })")
             assertRepairRefused("torn unit at point \(point)")
+            // As fsck said: the rekey finishes around the unit, reporting it.
+            let (again, err2) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: env)
+            XCTAssertEqual(again, 0, "point \(point): \(err2)")
+            XCTAssertTrue(err2.contains("unit 0 matches neither"), "point \(point): \(err2)")
             checked += 1
         }
         XCTAssertGreaterThanOrEqual(checked, 1, "no journal covered a file with a data block")
