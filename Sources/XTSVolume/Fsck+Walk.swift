@@ -52,15 +52,17 @@ extension Fsck {
                 if isRoot { continue }
                 _ = add(.foreignEntry, .warning, path, "an xtsfs internal name outside CIPHERDIR's top level; ignored by xtsfs")
             case .rekeyJournal:
-                _ = add(.foreignEntry, .warning, path, "the journal of files an interrupted DEK rekey was rewriting in place; xtsfs rekey --dek finishes it (fsck leaves it alone)")
+                reportRekeyJournal(path)
             case .rekeyCopy:
-                // Only on a volume whose DEK rekey stopped, which fsck refuses: seen here only
-                // if the header says otherwise. Never removed: it may be a file's only complete copy.
-                _ = add(.foreignEntry, .warning, path, "a copy left by an interrupted DEK rekey; xtsfs rekey --dek finishes it (fsck leaves it alone)")
+                reportRekeyCopy(path)
             case .temporary(let base):
                 checkTemporary(fd, name: e.name, base: base, path: path, plainPath: plainPath, dirID: dirID, present: present)
             case .longNameRecord(let entry):
-                if !present.contains(entry) {
+                if !present.contains(entry) && rekeyInterrupted {
+                    // The rekey renames a long name by writing the new side file first and
+                    // removing the old one after: between the two, one has no entry.
+                    _ = add(.longNameRecordOrphan, .warning, path, "the side file of a long name whose entry no longer exists (left by the interrupted DEK rekey's renaming of a long name, or an interrupted unlink or rename); harmless, xtsfs rekey --dek removes or reuses it")
+                } else if !present.contains(entry) {
                     let i = add(.longNameRecordOrphan, path, "the side file of a long name whose entry no longer exists (left by an interrupted unlink or rename)")
                     if repair { removeFile(fd, e.name, finding: i) }
                 }
@@ -160,9 +162,14 @@ extension Fsck {
         }
     }
 
+    /// The name under whichever generation opens it (AES-SIV: at most one does); mid-rekey
+    /// a directory holds names of both until its header is switched.
     func decryptName(_ encoded: String, dirID: [UInt8]?) -> [UInt8]? {
-        guard let dirID, let names else { return nil }
-        return try? names.decrypt(encoded, directoryID: dirID)
+        guard let dirID else { return nil }
+        for codec in nameCodecs {
+            if let plain = try? codec.decrypt(encoded, directoryID: dirID) { return plain }
+        }
+        return nil
     }
 
     /// Long-name side files that hold another entry's name (swapped, or renamed by hand):
@@ -216,27 +223,34 @@ extension Fsck {
                         missing ? "the directory header is missing: no name in this directory can be decrypted" : "the directory header is unusable (\(error))")
             return (nil, i)
         }
-        guard let keys else {
+        guard let keys, let generations else {
             // Without the key: only the shape.
             if bytes.count != DirHeader.length || Array(bytes.prefix(8)) != DirHeader.magic {
                 return (nil, add(.directoryHeaderDamaged, path, plain: plainPath, "\(bytes.count) bytes, not a directory header"))
             }
             return (nil, nil)
         }
-        do { return (try DirHeader.decode(bytes, macKey: keys.metadataMACKey).directoryID, nil) } catch {
+        // Under the generation it names (mid-rekey: old until the rekey switches it).
+        let verify: ([UInt8]) -> DirHeader? = { b in
+            generations.keys(DirHeader.generation(of: b)).flatMap { try? DirHeader.decode(b, macKey: $0.metadataMACKey) }
+        }
+        do {
+            let named = generations.keys(DirHeader.generation(of: bytes)) ?? keys
+            return (try DirHeader.decode(bytes, macKey: named.metadataMACKey).directoryID, nil)
+        } catch {
             let i = add(.directoryHeaderDamaged, path, plain: plainPath, "it does not verify (\(error)): no name in this directory can be decrypted")
             if bytes.count == DirHeader.length,
-               let fixed = Fsck.singleBitFlip(bytes, verifies: { (try? DirHeader.decode($0, macKey: keys.metadataMACKey)) != nil }) {
+               let fixed = Fsck.singleBitFlip(bytes, verifies: { verify($0) != nil }) {
                 if repair {
                     do {
                         try Sys.atomicWrite(fixed, at: fd, DirHeader.fileName, mode: 0o444)
                         repaired(i, .correctedBitFlip)
-                        return ((try? DirHeader.decode(fixed, macKey: keys.metadataMACKey))?.directoryID, i)
+                        return (verify(fixed)?.directoryID, i)
                     } catch { notRepaired(i, "cannot rewrite it: \(error)") }
                 } else {
                     report.findings[i].detail += "; one flipped bit, which --repair corrects"
                     // Names are checked as they will be once corrected.
-                    return ((try? DirHeader.decode(fixed, macKey: keys.metadataMACKey))?.directoryID, i)
+                    return (verify(fixed)?.directoryID, i)
                 }
             }
             if isRoot && repair && report.findings[i].repaired == nil {
@@ -295,6 +309,17 @@ extension Fsck {
     /// A `.tmp` leftover is removed only when the file it would have replaced is intact;
     /// otherwise it may be the only whole copy and is left alone.
     func checkTemporary(_ fd: Int32, name: String, base: String, path: String, plainPath: String?, dirID: [UInt8]?, present: Set<String>) {
+        if rekeyInterrupted {
+            switch BackingEntry.classify(base) {
+            case .rekeyJournal:
+                _ = add(.rekeyTemporary, .warning, path, "an incomplete checksum journal of the interrupted DEK rekey: nothing was overwritten under it; xtsfs rekey --dek removes it")
+                return
+            case .rekeyCopy:
+                _ = add(.rekeyTemporary, .warning, path, "an incomplete copy (or symlink) made by the interrupted DEK rekey; xtsfs rekey --dek removes it")
+                return
+            default: break
+            }
+        }
         let i = add(.temporaryLeftover, path, "left by an interrupted atomic replacement of \(base)")
         guard repair else { return }
         var baseIntact = false
@@ -385,7 +410,7 @@ extension Fsck {
             _ = add(.fileTooLarge, path, plain: plainPath, "a backing file of \(size) bytes, beyond the largest the format allows (2^60 bytes)")
             return
         }
-        guard let keys else { return }
+        guard let keys, let generations else { return }
         var raw = [UInt8](repeating: 0, count: FileHeader.length)
         do {
             let (fd, _) = try Sys.openRegular(dirfd, name, O_RDONLY | O_NONBLOCK)
@@ -396,10 +421,14 @@ extension Fsck {
             _ = add(.fileUnreadable, path, plain: plainPath, "cannot read it: \(error)")
             return
         }
-        let verifies: ([UInt8]) -> Bool = { (try? FileHeader.decode($0, macKey: keys.metadataMACKey)) != nil }
+        // Under the generation it names (mid-rekey: old or new; the MAC covers the field).
+        func generation(_ b: [UInt8]) -> UInt32 { UInt32(b[4]) | UInt32(b[5]) << 8 | UInt32(b[6]) << 16 | UInt32(b[7]) << 24 }
+        let verifies: ([UInt8]) -> Bool = { b in
+            generations.keys(generation(b)).map { (try? FileHeader.decode(b, macKey: $0.metadataMACKey)) != nil } ?? false
+        }
         do {
-            let h = try FileHeader.decode(raw, macKey: keys.metadataMACKey)
-            if h.keyGeneration != keys.generation {
+            let h = try FileHeader.decode(raw, macKey: (generations.keys(generation(raw)) ?? keys).metadataMACKey)
+            if generations.keys(h.keyGeneration) == nil {
                 _ = add(.fileHeaderDamaged, path, plain: plainPath, "written under key generation \(h.keyGeneration), which this volume does not hold")
             }
         } catch {
@@ -427,14 +456,26 @@ extension Fsck {
     /// Without the key nothing can be checked. Damage is reported, never repaired: the
     /// tags say that a unit is wrong, not what it was (a backup has it).
     func checkAuthenticatedFile(_ dirfd: Int32, _ name: String, path: String, plainPath: String?) {
-        guard let keys, let unitTags else { return }
-        let fd: Int32
-        do { (fd, _) = try Sys.openRegular(dirfd, name, O_RDONLY | O_NONBLOCK) } catch {
+        guard let keys, let unitTags, let generations else { return }
+        let fd: Int32, st: stat
+        do { (fd, st) = try Sys.openRegular(dirfd, name, O_RDONLY | O_NONBLOCK) } catch {
             _ = add(.fileUnreadable, path, plain: plainPath, "cannot read it: \(error)")
             return
         }
         defer { Sys.close(fd) }
-        let content = ContentFile(file: FDBackingFile(fd: fd), currentKeys: keys, unitTags: unitTags) { [keys] in $0 == keys.generation ? keys : nil }
+        // Half old, half new under a journal (or copy) of the interrupted rekey: the units its
+        // journal covers were checked against it (each old or new), those of a large file
+        // outside that segment against their tags, new before it, old after it; it reads
+        // whole only once the rekey (or a mount) finishes it.
+        let inode = [UInt64(st.st_dev), UInt64(st.st_ino)]
+        if halfRewritten.contains(inode) {
+            if let why = halfRewrittenDamage[inode] {
+                _ = add(.fileAuthenticationFailed, path, plain: plainPath, "half rewritten by the interrupted DEK rekey (its journal is sound): \(why)")
+            }
+            return
+        }
+        // Read with the keys of the generation its header names, as the mount reads it.
+        let content = ContentFile(file: FDBackingFile(fd: fd), currentKeys: keys, unitTags: unitTags) { generations.keys($0) }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
         defer { buffer.deallocate() }
         var offset: Int64 = 0
@@ -539,18 +580,19 @@ extension Fsck {
                 return
             }
         }
-        guard let names else { return }
-        if (try? names.decryptTarget(encoded)) == nil {
+        guard !nameCodecs.isEmpty else { return }
+        if !nameCodecs.contains(where: { (try? $0.decryptTarget(encoded)) != nil }) {
             _ = add(.symlinkTargetUndecryptable, path, plain: plainPath, "its target does not decrypt: readlink fails with EIO")
         }
     }
 
     func checkXattrs(_ pinned: Int32, path: String, plainPath: String?) {
-        guard let keys else { return }
-        let codec = XattrCodec(keys: keys)
+        guard let generations else { return }
+        // Mid-rekey an attribute's name opens under one generation, its value names one.
+        let codecs = generations.all.map { XattrCodec(keys: $0) }
         guard let list = try? Sys.listxattr(pinned: pinned) else { return }
         for backing in list where backing.hasPrefix(XattrCodec.namespace) {
-            guard let plain = codec.decryptName(backing) else {
+            guard let plain = codecs.lazy.compactMap({ $0.decryptName(backing) }).first else {
                 _ = add(.xattrForeign, .warning, path, plain: plainPath, "extended attribute \(backing) is not one xtsfs wrote; not shown")
                 continue
             }
@@ -565,7 +607,7 @@ extension Fsck {
                 _ = add(.xattrUndecryptable, path, plain: plainPath, "extended attribute \(label) cannot be read: \(error)")
                 continue
             }
-            if (try? codec.decryptValue(value, backingName: backing)) == nil {
+            if !codecs.contains(where: { (try? $0.decryptValue(value, backingName: backing)) != nil }) {
                 _ = add(.xattrUndecryptable, path, plain: plainPath, "the value of extended attribute \(label) does not decrypt: getxattr fails with EIO")
             }
         }
@@ -595,7 +637,11 @@ extension Fsck {
             }
             let content = try? Sys.readSmallFile(store, e.name, limit: 3 * NameCodec.maxBackingTarget)
             let matches = content.map { NameCodec.storedTargetName(forEncoded: $0) == e.name } ?? false
-            if !referencedLinks.contains(e.name) {
+            if !referencedLinks.contains(e.name) && rekeyInterrupted {
+                // The rekey removes a symlink's old stored target after the new symlink is in
+                // place, and at its end every stored target no symlink points to.
+                _ = add(.linkStoreOrphan, .warning, path, "a stored symlink target no symlink refers to (the interrupted DEK rekey replaced its symlink, or an unlink was interrupted); harmless, xtsfs rekey --dek removes it when it finishes")
+            } else if !referencedLinks.contains(e.name) {
                 let i = add(.linkStoreOrphan, path, "a stored symlink target no symlink refers to (left by an interrupted unlink)")
                 if repair {
                     if walkComplete { removeFile(store, e.name, finding: i) } else { notRepaired(i, "kept: some directory could not be checked, and a symlink in it may refer to it") }

@@ -16,6 +16,10 @@ import Glibc
 /// is intact, side files of names that no longer exist, and link-store files no symlink
 /// refers to.
 ///
+/// In the middle of a DEK rekey (Fsck+Rekey.swift) both generations are checked, each
+/// object under the generation it names, and the rekey's leftovers are reported as what
+/// `xtsfs rekey --dek` will do with them; `--repair` is refused there.
+///
 /// CIPHERDIR is hostile input, as in the filesystem: every object is reached from a
 /// directory descriptor one name at a time, never through a symlink, and internal files
 /// are read only when they are regular files of bounded size.
@@ -58,6 +62,21 @@ public final class Fsck {
     /// Backing names moved into lost+found by this run (not checked again there).
     var movedIntoLostFound = Set<String>()
     var fileSystem: FileSystem?
+    /// The header says a DEK rekey was interrupted (the copy in use, or any copy without a key).
+    var rekeyInterrupted = false
+    /// In the middle of a DEK rekey: the new generation's keys, from the header's rekey
+    /// record (`keys` are the old generation's, which the header's keyslots open).
+    var pendingKeys: KeySet?
+    /// Every generation the volume holds: `keys`, and mid-rekey `pendingKeys`.
+    var generations: KeyGenerations?
+    /// A name codec per generation held, newest first.
+    var nameCodecs: [NameCodec] = []
+    /// Mid-rekey: what finishing each journal and copy would find, by backing path.
+    var leftovers: [String: RekeyLeftover] = [:]
+    /// Mid-rekey: (device, inode) of the files a journal or copy names (half old, half new).
+    var halfRewritten = Set<[UInt64]>()
+    /// Mid-rekey, integrity volumes: damage in such a file outside its journal's segment.
+    var halfRewrittenDamage: [[UInt64]: String] = [:]
     var entriesSeen = 0
     var directoriesSeen = 0
     var lastProgress = 0
@@ -94,17 +113,20 @@ public final class Fsck {
         // read and checked against its tag, and the length against the committed one.
         if let loaded = try? Volume.load(cipherDir) {
             unitTags = loaded.candidates.lazy.compactMap(\.header.features.unitTags).first
-            // Mid-rekey, names and files of two key generations stand side by side: checked
-            // with one, the other would look undecryptable, and a repair would quarantine
-            // the rekey's own progress.
+            // Mid-rekey, names and files of two key generations stand side by side, and what
+            // looks out of place may be the rekey's own progress (a half-rewritten file, a
+            // side file between two renames): a check reports it, a repair is refused.
+            // With the key, the copy in use decides (unlockAndRepairHeaders), before any repair.
             if loaded.candidates.contains(where: { $0.header.features.contains(.rekeyInProgress) }) {
-                throw VolumeError.refused("a DEK rekey of this volume was interrupted: finish it first (xtsfs rekey --dek \(cipherDir)); nothing was read or changed")
+                if repair && provider == nil { throw VolumeError.refused(Fsck.midRekeyRepairRefusal(cipherDir)) }
+                rekeyInterrupted = true
             }
         }
         guard try checkHeaders(provider: provider) else { return }
         if keys == nil {
             report.notes.append("no key given: names, symlink targets, extended attributes and the MACs of file and directory headers were not checked (give --passfile FILE, or the passphrase at the prompt)")
         }
+        if rekeyInterrupted { try startMidRekey() }
         try walk(dir: root, backingPath: ".", plainPath: rootDirID == nil ? nil : "/", isRoot: true, depth: 0)
         try checkLinkStore()
         options.progress?(directoriesSeen, entriesSeen)
@@ -255,8 +277,11 @@ public final class Fsck {
                 let (k, _) = try Keyring.unlock(h, with: provider)
                 t.keys = k
                 t.macOK = (try? Keyring.verify(h, keys: k)) != nil
+                // In the middle of a DEK rekey the root may already be of the new generation.
+                let ring = KeyGenerations(newest: (t.macOK ? (try? Rekey.pendingKeys(h, old: k)) ?? nil : nil) ?? k, older: [k])
                 if t.macOK, let bytes = try? Sys.readSmallFile(root, DirHeader.fileName, limit: 4096),
-                   (try? DirHeader.decode(bytes, macKey: k.metadataMACKey)) != nil {
+                   let rk = ring.keys(DirHeader.generation(of: bytes)),
+                   (try? DirHeader.decode(bytes, macKey: rk.metadataMACKey)) != nil {
                     t.rootOK = true
                 }
             } catch {
@@ -284,11 +309,22 @@ public final class Fsck {
             }
             return false
         }
+        let chosenHeader = chosen.header!
+        // The copy in use decides whether the volume is in the middle of a DEK rekey (the
+        // other may be the final header already, written first); its MAC covers the record.
+        if chosenHeader.features.contains(.rekeyInProgress) {
+            if repair { throw VolumeError.refused(Fsck.midRekeyRepairRefusal(cipherDir)) }
+            rekeyInterrupted = true
+            pendingKeys = try Rekey.pendingKeys(chosenHeader, old: keys)
+        } else {
+            rekeyInterrupted = false
+        }
         self.keys = keys
         self.names = NameCodec(keys: keys)
+        self.generations = KeyGenerations(newest: pendingKeys ?? keys, older: [keys])
+        self.nameCodecs = generations!.all.map { NameCodec(keys: $0) }
         report.headerCopyInUse = chosen.name
         let rootOK = tried[chosen.copy]?.rootOK == true
-        let chosenHeader = chosen.header!
         for c in copies where c.copy != chosen.copy {
             var kind: FsckDamage? = c.problem
             var detail = c.detail
@@ -298,9 +334,24 @@ public final class Fsck {
                     kind = .headerCopyForeign
                     foreign = true
                     detail = "a valid header of another volume (ID \(StatusReport.hex(h.volumeID))); this volume is \(StatusReport.hex(chosenHeader.volumeID))"
+                } else if (try? Keyring.verify(h, keys: keys)) == nil, h.sequence < chosenHeader.sequence,
+                          let before = tried[c.copy]?.keys, tried[c.copy]?.macOK == true, before.generation < keys.generation,
+                          let pending = (try? Rekey.pendingKeys(h, old: before)) ?? nil, constantTimeEqual(pending.digest, keys.digest) {
+                    // The header of the middle of the DEK rekey whose final header the copy in
+                    // use is: the rekey stopped between writing the final header's two copies.
+                    kind = .headerCopyOutdated
+                    detail = "sequence \(h.sequence), the copy in use has \(chosenHeader.sequence): the header of the DEK rekey to generation \(keys.generation), " +
+                             "which stopped between writing its final header's two copies (the rekey itself is complete)"
                 } else if (try? Keyring.verify(h, keys: keys)) == nil {
                     kind = .headerCopyAltered
                     detail = "its MAC does not verify under the volume's key: changed by someone without the key, or damaged with its checksum recomputed"
+                } else if h.sequence < chosenHeader.sequence && pendingKeys != nil {
+                    // Mid-rekey (which --repair refuses): the rekey writes both copies when it
+                    // finishes. Until then only the copy in use may hold the new key.
+                    let holds = h.features.contains(.rekeyInProgress) ? "it holds the rekey record too" : "only the copy in use holds the rekey record (the new key): keep it safe (xtsfs header backup)"
+                    _ = add(.headerCopyOutdated, .warning, c.name, "sequence \(h.sequence), the copy in use has \(chosenHeader.sequence): written before a step of the interrupted DEK rekey; " +
+                            holds + "; xtsfs rekey --dek writes both copies when it finishes")
+                    continue
                 } else if h.sequence < chosenHeader.sequence {
                     kind = .headerCopyOutdated
                     detail = "sequence \(h.sequence), the copy in use has \(chosenHeader.sequence)"
@@ -334,8 +385,9 @@ public final class Fsck {
                 notRepaired(i, "\(error)")
             }
         }
-        if rootOK {
-            rootDirID = try? DirHeader.decode(try Sys.readSmallFile(root, DirHeader.fileName, limit: 4096), macKey: keys.metadataMACKey).directoryID
+        if rootOK, let bytes = try? Sys.readSmallFile(root, DirHeader.fileName, limit: 4096),
+           let rk = generations?.keys(DirHeader.generation(of: bytes)) {
+            rootDirID = try? DirHeader.decode(bytes, macKey: rk.metadataMACKey).directoryID
         }
         return true
     }

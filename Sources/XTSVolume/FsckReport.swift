@@ -52,6 +52,20 @@ public enum FsckDamage: String, Codable, Sendable, CaseIterable {
     case temporaryLeftover
     case syncConflict
     case foreignEntry
+    // Leftovers of an interrupted DEK rekey (a volume in the middle of one; FORMAT.md 13).
+    /// A checksum journal that verifies and whose every unit is old or new (a warning:
+    /// `xtsfs rekey --dek`, or a mount, finishes its files and removes it).
+    case rekeyJournal
+    /// A journal that cannot be used: it does not verify, a record does not fit its file,
+    /// or a unit it covers is neither old nor new.
+    case rekeyJournalDamaged
+    /// A complete copy made by a version before the journal (a warning: copied over its file).
+    case rekeyCopy
+    /// A copy that does not verify under the new key, or whose file changed size.
+    case rekeyCopyDamaged
+    /// An incomplete journal or copy (`.tmp`): nothing was overwritten under it (a
+    /// warning: the rekey removes it).
+    case rekeyTemporary
 }
 
 public enum FsckSeverity: String, Codable, Sendable {

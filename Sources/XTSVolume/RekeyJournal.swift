@@ -453,6 +453,7 @@ extension RekeySweep {
             // Not this rekey's (planted, damaged, not a regular file, unreadable): nothing
             // it says can be trusted, and the sweep leaves this directory alone.
             warnings.append("\(path): \(RekeyJournal.name) cannot be used (\(error)); left as it is (remove it to let the rekey finish)")
+            if dryRun { dryJournalUnusable = true }
             return
         }
         var rest: [(fd: Int32, record: JournalRecord, from: FileCrypto, to: FileCrypto)] = []
@@ -476,15 +477,36 @@ extension RekeySweep {
                 continue
             }
             let fd: Int32, st: stat
-            do { (fd, st) = try Sys.openRegular(dirfd, rec.name, O_RDWR) } catch {
-                if error.errno == ENOENT { warnings.append("\(path): the rekey journal names a file that is gone; dropped"); continue }
+            do { (fd, st) = try Sys.openRegular(dirfd, rec.name, dryRun ? O_RDONLY : O_RDWR) } catch {
+                if error.errno == ENOENT {
+                    if dryRun { dryNotes.append("\(path): the rekey journal names a file that is gone; dropped") } else {
+                        warnings.append("\(path): the rekey journal names a file that is gone; dropped")
+                    }
+                    continue
+                }
                 throw .system("open a journalled file in \(path)", error)
             }
+            if dryRun { halfRewritten.insert([UInt64(st.st_dev), UInt64(st.st_ino)]) }
             var keep = false
             defer { if !keep { Sys.close(fd) } }
             do {
                 if rec.integrity {
                     guard let (from, to) = try finishIntegrityRecord(fd, st, rec, what: what) else { problems += 1; continue }
+                    if dryRun {
+                        // A large file's parts outside the segment the record covers: before
+                        // it new (finished segments), from its end on old (still to come).
+                        do throws(SweepError) {
+                            if rec.coverStart > 0 {
+                                try verifyIntegrityFile(fd, backingSize: rec.backingSize, oldHeader: rec.newHeader, from: to, start: 0, end: rec.coverStart,
+                                                        display: "in a segment already rewritten", explain: false)
+                            }
+                            if rec.coverEnd < size {
+                                try verifyIntegrityFile(fd, backingSize: rec.backingSize, oldHeader: rec.oldHeader, from: from, start: rec.coverEnd,
+                                                        display: "in a segment still to rewrite (the rekey stops there)", explain: false)
+                            }
+                        } catch { halfRewrittenDamage[[UInt64(st.st_dev), UInt64(st.st_ino)]] = "\(error)" }
+                        continue
+                    }
                     try Sys.fdatasync(fd)
                     if rec.coverEnd < size {
                         rest.append((fd, rec, from, to))
@@ -508,6 +530,7 @@ extension RekeySweep {
                 let from = try FileCrypto(keys: old, header: try FileHeader.decode(rec.oldHeader, macKey: old.metadataMACKey))
                 let to = try FileCrypto(keys: new, header: try FileHeader.decode(rec.newHeader, macKey: new.metadataMACKey))
                 for u in rec.units { try repairUnit(fd, u, size: size, from: from, to: to, what: what) }
+                if dryRun { continue }
                 if !headerNew { try rec.newHeader.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, 0) } }
                 try Sys.fdatasync(fd)
                 if rec.coverEnd < size {
@@ -518,6 +541,8 @@ extension RekeySweep {
                 throw .damaged("\(what): the rekey journal: \(error)")
             }
         }
+        // Dry run (fsck): nothing is written, so nothing goes on and the journal stays.
+        if dryRun { dryJournalUnusable = problems > 0; return }
         if problems > 0 {
             warnings.append("\(path): \(RekeyJournal.name) kept (\(problems) of its records could not be used); remove it to let the rekey finish")
             return
@@ -546,6 +571,7 @@ extension RekeySweep {
         let tailNew = tail == j.newTail, tailOld = tail == j.oldTail
         if headNew && tailNew { return }
         if headNew && tailOld {
+            if dryRun { return }
             try j.newTail.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, t.lowerBound) }
             return
         }
@@ -553,6 +579,7 @@ extension RekeySweep {
             warnings.append("\(what): unit \(u.index) matches neither its old nor its new ciphertext (a torn block write); its contents are lost, left as it is")
             return
         }
+        if dryRun { return }
         if !tailOld { buf.replaceSubrange(h.count..., with: j.oldTail) }
         try buf.withUnsafeMutableBytes { (p) throws in
             try from.crypt(units: [u], buffer: p, base: u.start, encrypt: false)

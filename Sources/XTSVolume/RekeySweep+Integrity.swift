@@ -257,7 +257,10 @@ extension RekeySweep {
     /// batch) is checked whole before its first segment is written, so that a tampered
     /// unit in a later segment stops its rekey before any of it is new (a file half
     /// rewritten would be readable only through its journal, which could never finish).
-    func verifyIntegrityFile(_ fd: Int32, backingSize: Int64, oldHeader: [UInt8], from: FileCrypto, start: Int64, display: String) throws(SweepError) {
+    /// `end`: stop there (a group boundary), not at the end of the file; `explain`: whether
+    /// the error says what the rekey does about it.
+    func verifyIntegrityFile(_ fd: Int32, backingSize: Int64, oldHeader: [UInt8], from: FileCrypto, start: Int64, end: Int64? = nil,
+                             display: String, explain: Bool = true) throws(SweepError) {
         let plain = plainSize(backingSize: backingSize, header: oldHeader)
         let unitCount = IL.unitCount(plain)
         let B = Int(IL.blockSize), E = Int(IL.entryLength), H = Int(IL.headerLength)
@@ -266,7 +269,7 @@ extension RekeySweep {
         var tags = [UInt8](repeating: 0, count: Int(IL.unitsPerGroup) * IL.tagLength)
         var g = start / RekeySweep.groupPlainBytes
         do {
-            while g * IL.unitsPerGroup < unitCount {
+            while g * IL.unitsPerGroup < unitCount && (end.map { g * RekeySweep.groupPlainBytes < $0 } ?? true) {
                 let units = g * IL.unitsPerGroup..<min(unitCount, (g + 1) * IL.unitsPerGroup)
                 let n = B * (1 + units.count), lo = g * IL.groupLength
                 let data = lseek(fd, off_t(lo + IL.blockSize), 3 /* SEEK_DATA */)
@@ -284,7 +287,7 @@ extension RekeySweep {
                 g += 1
             }
         } catch let c as ContentError {
-            if case .authentication = c { throw .damaged(RekeySweep.tamperMessage(display, c)) }
+            if case .authentication = c, explain { throw .damaged(RekeySweep.tamperMessage(display, c)) }
             throw .damaged("\(display): \(c)")
         } catch let e as SystemError { throw .system("read \(display)", e) } catch { throw .damaged("\(display): \(error)") }
     }
@@ -325,7 +328,7 @@ extension RekeySweep {
         }
         // (Only the file the record names, by its header.) Bytes past the backing size the
         // length needs are never read; missing ones read as zeros.
-        if Int64(st.st_size) != rec.backingSize { try Sys.ftruncate(fd, rec.backingSize) }
+        if Int64(st.st_size) != rec.backingSize && !dryRun { try Sys.ftruncate(fd, rec.backingSize) }
         let from = try FileCrypto(keys: old, integrityHeader: oldHeader), to = try FileCrypto(keys: new, integrityHeader: newHeader)
         defer { FileCrypto.scrubThreadContext() }
         let byUnit = Dictionary(rec.tagUnits.map { ($0.start / IL.blockSize, $0) }, uniquingKeysWith: { a, _ in a })
@@ -334,7 +337,7 @@ extension RekeySweep {
         let block = UnsafeMutableRawBufferPointer.allocate(byteCount: B, alignment: 4096)
         defer { block.deallocate() }
         if plain == 0 {
-            if raw != rec.newHeader { try rec.newHeader.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, 0) } }
+            if raw != rec.newHeader && !dryRun { try rec.newHeader.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, 0) } }
             return (from, to)
         }
         var g = rec.coverStart / G
@@ -362,7 +365,7 @@ extension RekeySweep {
                         guard try to.unitTag(unit: u, ciphertext: UnsafeRawBufferPointer(block)) == j.newTag else {
                             throw SweepError.damaged("\(what): unit \(u) rebuilt from its journal does not match its new tag")
                         }
-                        try Sys.pwrite(fd, block.baseAddress!, B, at)
+                        if !dryRun { try Sys.pwrite(fd, block.baseAddress!, B, at) }
                     } else {
                         warnings.append("\(what): unit \(u) matches neither its old nor its new ciphertext (a torn block write, or changed since the rekey read it); left as it is: it reads as an error")
                     }
@@ -373,7 +376,7 @@ extension RekeySweep {
                 }
                 tagBlock.replaceSubrange(H + Int(u - units.lowerBound) * E..<H + Int(u - units.lowerBound) * E + tag.count, with: tag)
             }
-            try tagBlock.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, g * IL.groupLength) }
+            if !dryRun { try tagBlock.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, g * IL.groupLength) } }
             g += 1
         }
         return (from, to)

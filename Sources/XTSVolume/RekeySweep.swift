@@ -22,6 +22,12 @@ final class Failpoint {
         trace = getenv("XTSFS_REKEY_TRACE") != nil
     }
 
+    /// One that never fires (fsck's look at a rekey's leftovers writes nothing to count).
+    init(disabled: Void) {
+        limit = nil
+        trace = false
+    }
+
     func step(_ what: @autoclosure () -> String) {
         steps += 1
         if trace { writeErr("rekey step \(steps): \(what())\n") }
@@ -99,6 +105,25 @@ final class RekeySweep {
     /// that name a file by its plaintext path).
     var plainPath = "/"
     var directoryID: [UInt8] = []
+
+    /// `xtsfs fsck` of a volume in the middle of the rekey (Fsck+Rekey.swift): a journal
+    /// (`finishJournal`) or copy (`copyOver`) an interrupted run left is checked exactly as
+    /// finishing it checks it, and nothing is written, removed or made durable. What
+    /// finishing would report goes to `warnings` (damage: a journal that cannot be used, a
+    /// record that does not fit its file, a torn unit, a copy that does not verify); what
+    /// it would do without harm (drop a record whose file is gone) to `dryNotes`.
+    var dryRun = false
+    var dryNotes: [String] = []
+    /// Dry run: the last journal checked would be kept (the sweep stops at its directory);
+    /// false when at most some of its units are neither old nor new (reported, left as
+    /// they are, and the rest finished).
+    var dryJournalUnusable = false
+    /// Dry run: (device, inode) of the files a usable journal record or copy names: half
+    /// old, half new until the rekey finishes them, so not readable under one generation.
+    var halfRewritten = Set<[UInt64]>()
+    /// Dry run, integrity volumes: what is wrong in such a file outside the segment its
+    /// journal covers (before it new, from its end on old: each checked against its tags).
+    var halfRewrittenDamage: [[UInt64]: String] = [:]
 
     init(old: KeySet, new: KeySet, unitTags: UnitTagAlgorithm?, failpoint: Failpoint, report: @escaping (RekeyProgress) -> Void) {
         self.old = old
@@ -592,7 +617,7 @@ final class RekeySweep {
         do {
             let (src, sst) = try Sys.openRegular(dirfd, copy, O_RDONLY)
             defer { Sys.close(src) }
-            let (dst, dstSt) = targetFD >= 0 ? (targetFD, try Sys.fstat(targetFD)) : try Sys.openRegular(dirfd, target, O_RDWR)
+            let (dst, dstSt) = targetFD >= 0 ? (targetFD, try Sys.fstat(targetFD)) : try Sys.openRegular(dirfd, target, dryRun ? O_RDONLY : O_RDWR)
             defer { if targetFD < 0 { Sys.close(dst) } }
             guard sst.st_size == dstSt.st_size else {
                 throw SweepError.damaged("\(path): the rekey copy \(copy) is \(sst.st_size) bytes, its file \(dstSt.st_size): the file changed during the rekey; both are left as they are")
@@ -601,6 +626,11 @@ final class RekeySweep {
             guard let got = try fileGeneration(src), got.gen == new.generation,
                   (try? FileHeader.decode(got.raw, macKey: new.metadataMACKey)) != nil else {
                 throw SweepError.damaged("\(path): the rekey copy \(copy) does not verify under the new key; left as it is")
+            }
+            if dryRun {
+                // Half copied over, perhaps: readable once the rekey copies the rest.
+                halfRewritten.insert([UInt64(dstSt.st_dev), UInt64(dstSt.st_ino)])
+                return
             }
             try copyData(src, dst, size: Int64(sst.st_size), stepEvery: true)
             if sync { try Sys.fdatasync(dst) }

@@ -17,7 +17,8 @@ struct Fsck: ParsableCommand {
         abstract: "Check a volume (header copies, keyslots, directory and file headers, names, symlinks, xattrs); --repair fixes what is safe.",
         discussion: """
             Exit status as fsck(8), added up: 0 clean, 1 errors corrected, 4 errors left uncorrected, \
-            8 operational error (not a volume, wrong passphrase, cannot read), 16 usage, 32 cancelled. \
+            8 operational error (not a volume, wrong passphrase, cannot read, --repair on a mounted volume \
+            or on one in the middle of a DEK rekey), 16 usage, 32 cancelled. \
             These differ from the other commands' codes. Without a key (no --passfile and no terminal, \
             --no-key, or an empty passphrase at the prompt) only the key-free checks run. See xtsfs(1).
             """)

@@ -188,6 +188,14 @@ final class IntegrityRekeyTests: RekeyTests {
             close(v)
             unmount()
         }
+        // Stopped mid-rekey: fsck names the tampered unit and the file's plaintext path, and
+        // nothing else as damage; --repair is refused.
+        let (fsckStatus, report, out) = fsckMidRekey()
+        XCTAssertEqual(fsckStatus, 4, out)
+        XCTAssertEqual(report?.errors.map(\.kind), ["fileAuthenticationFailed"], out)
+        XCTAssertTrue(out.contains("\"/dir/victim\"") && out.contains("unit 130 "), out)
+        XCTAssertTrue(report?.notes.contains { $0.contains("middle of a DEK rekey") } ?? false, out)
+        assertRepairRefused("stopped at a tampered unit")
         mount()
         XCTAssertEqual(unlink(mnt + "/dir/victim"), 0)
         unmount()
