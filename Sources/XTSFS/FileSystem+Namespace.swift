@@ -53,6 +53,7 @@ extension FileSystem {
         if table.withLock({ $0.forget(id, count) }) {
             dirCache.withLock { $0.remove(id) }
             _ = removedDirs.withLock { $0.removeValue(forKey: id) }
+            nodeListings.withLock { $0.remove(id) }
         }
     }
 

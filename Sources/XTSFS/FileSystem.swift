@@ -92,7 +92,12 @@ public final class FileSystem: @unchecked Sendable {
     let dirCache: Mutex<DirCache>
     let files = Mutex<[UInt64: OpenFile]>([:])
     let states = Mutex<[Identity: FileState]>([:])
-    let dirs = Mutex<[UInt64: [DirectoryEntry]]>([:])
+    /// Listings by handle (with OPENDIR) and by node (without: FileSystem+Directories).
+    let dirs = Mutex<[UInt64: Listing]>([:])
+    let nodeListings = Mutex(NodeListings())
+    /// The key of the listings' cookies (`cookie`): random, so that no one can choose names
+    /// whose cookies collide.
+    let cookieKey = (UInt64.random(in: .min ... .max), UInt64.random(in: .min ... .max))
     let nextHandle: Atomic<UInt64>
     let linkStoreHandle = Mutex<DirHandle?>(nil)
     /// Directories removed (rmdir, or replaced by rename) while the kernel still knows

@@ -61,6 +61,18 @@ public final class FuseServer: @unchecked Sendable {
     /// `-o shared`: other hosts change the files, so the kernel keeps a file's cached pages
     /// across opens only while its backing file provably did not change (`contentStamp`).
     let shared: Bool
+    /// The kernel lists directories without OPENDIR and RELEASEDIR (FUSE_NO_OPENDIR_SUPPORT,
+    /// asked for by answering the first OPENDIR with ENOSYS): READDIR then comes with the
+    /// directory's node, no handle, and the offset (cookie) the last reply ended with; two
+    /// round trips fewer per directory listed. The kernel then also caches listings (as
+    /// FOPEN_CACHE_DIR), revalidated against the directory's mtime and its own changes
+    /// at each listing's start, and dropped after the cache timeout (`ListingExpiry`).
+    /// Not with -o shared or cache_timeout=0: changes made
+    /// behind the mount's back would then show only once the directory's mtime is seen
+    /// to change (a coarse clock tick may hide one), where each listing now sees them.
+    let noOpendir = Atomic<Bool>(false)
+    /// With `noOpendir`: when the kernel's cached listings are dropped. Set by `run`.
+    private(set) var listingExpiry: ListingExpiry?
     /// Lock requests waiting on threads of their own (`lockRequest`), and whether the
     /// session is ending (they then answer EINTR at once).
     let lockWaiters = Atomic<Int>(0)
@@ -136,6 +148,9 @@ public final class FuseServer: @unchecked Sendable {
             _ = name.withUnsafeBufferPointer { p in
                 p.withMemoryRebound(to: CChar.self) { fuse_lowlevel_notify_inval_entry(se, fuse_ino_t(parent), $0.baseAddress, p.count) }
             }
+            // The kernel's cached listing of the directory (without OPENDIR) goes too: the
+            // entry invalidation reaches it only when the name's dentry is cached.
+            if noOpendir.load(ordering: .relaxed) { _ = fuse_lowlevel_notify_inval_inode(se, fuse_ino_t(parent), 0, 0) }
         }
     }
 
@@ -180,6 +195,14 @@ public final class FuseServer: @unchecked Sendable {
     func configure(_ fs: FileSystem) {
         fs.killsPrivileges.store(killsPrivileges, ordering: .relaxed)
         fs.modeDropped = { [weak self] id in self?.invalidateAttributes(id) }
+    }
+
+    /// `body` with the session, unless it is over.
+    func withNotifySession(_ body: (OpaquePointer) -> Void) {
+        notifySession.withLock { address in
+            guard let se = OpaquePointer(bitPattern: address) else { return }
+            body(se)
+        }
     }
 
     /// Tells the kernel to drop the attributes it cached for node `id` (not its pages).
@@ -242,6 +265,11 @@ public final class FuseServer: @unchecked Sendable {
         killsPrivileges = granted & Int64(FuseServer.handleKillprivV2) != 0
         configure(fs)
         if uring { startRing(granted: granted & (Int64(XTSFS_FUSE_OVER_IO_URING_FLAGS2) << 32) != 0, session: se) }
+        if noOpendir.load(ordering: .relaxed) {
+            let expiry = ListingExpiry(timeout: timeout)
+            listingExpiry = expiry
+            startListingExpiry(expiry)
+        }
         let r = xtsfs_session_loop_mt(se, maxThreads)
         // The kernel ended the rings' commands at the unmount; their threads go now.
         if let ring { xtsfs_ring_stop(ring); self.ring = nil }
@@ -449,6 +477,12 @@ public final class FuseServer: @unchecked Sendable {
             // -o shared: another host's new symlink may reuse a removed one's inode number.
             if !s.shared, conn.pointee.capable & UInt32(FUSE_CAP_CACHE_SYMLINKS) != 0 {
                 conn.pointee.want |= UInt32(FUSE_CAP_CACHE_SYMLINKS)
+            }
+            // Directories listed without OPENDIR/RELEASEDIR (see `noOpendir`); not when
+            // changes behind the mount's back must show at once (cache_timeout=0).
+            if !s.shared, s.timeout > 0, conn.pointee.capable & UInt32(FUSE_CAP_NO_OPENDIR_SUPPORT) != 0 {
+                conn.pointee.want |= UInt32(FUSE_CAP_NO_OPENDIR_SUPPORT)
+                s.noOpendir.store(true, ordering: .relaxed)
             }
         }
         ops.lookup = { req, parent, name in
@@ -700,20 +734,23 @@ public final class FuseServer: @unchecked Sendable {
             FuseServer.count(req, .opendir)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EINVAL); return }
+            // ENOSYS: the kernel opens this directory and every other one without us.
+            guard !s.noOpendir.load(ordering: .relaxed) else { fuse_reply_err(req, ENOSYS); return }
             s.run(req, { () throws(FSError) in try s.fs.opendir(UInt64(ino)) }) { h in
                 fi.pointee.fh = h
                 if fuse_reply_open(req, fi) != 0 { s.fs.releasedir(h) }
             }
         }
-        ops.readdir = { req, _, size, off, fi in
+        ops.readdir = { req, ino, size, off, fi in
             FuseServer.count(req, .readdir)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EBADF); return }
+            if fi.pointee.fh == 0, off == 0 { s.listingExpiry?.listed(UInt64(ino)) }
             let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 8)
             defer { buf.deallocate() }
             var used = 0
             s.run(req, { () throws(FSError) in
-                try s.fs.readdir(handle: fi.pointee.fh, offset: Int(off)) { next, entry in
+                try s.fs.readdir(ino: UInt64(ino), handle: fi.pointee.fh, offset: UInt64(bitPattern: Int64(off))) { next, entry in
                     var st = stat()
                     st.st_ino = ino_t(entry.ino)
                     st.st_mode = mode_t(entry.type) << 12
@@ -721,7 +758,7 @@ public final class FuseServer: @unchecked Sendable {
                     name.append(0)
                     let need = name.withUnsafeBufferPointer { p in
                         p.withMemoryRebound(to: CChar.self) { n in
-                            fuse_add_direntry(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self) + used, size - used, n.baseAddress, &st, off_t(next))
+                            fuse_add_direntry(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self) + used, size - used, n.baseAddress, &st, off_t(truncatingIfNeeded: next))
                         }
                     }
                     if need > size - used { return false }
@@ -735,12 +772,13 @@ public final class FuseServer: @unchecked Sendable {
             FuseServer.count(req, .readdirplus)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EBADF); return }
+            if fi.pointee.fh == 0, off == 0 { s.listingExpiry?.listed(UInt64(ino)) }
             let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 8)
             defer { buf.deallocate() }
             var used = 0
             let fs = s.fs
             s.run(req, { () throws(FSError) in
-                try fs.readdir(handle: fi.pointee.fh, offset: Int(off)) { next, entry in
+                try fs.readdir(ino: UInt64(ino), handle: fi.pointee.fh, offset: UInt64(bitPattern: Int64(off))) { next, entry in
                     var name = entry.name
                     name.append(0)
                     return name.withUnsafeBufferPointer { p in
@@ -748,7 +786,7 @@ public final class FuseServer: @unchecked Sendable {
                             let at = buf.baseAddress!.assumingMemoryBound(to: CChar.self) + used
                             // The size first: an entry that does not fit must not be looked up
                             // (the kernel would never learn of that lookup).
-                            let need = fuse_add_direntry_plus(req, nil, 0, n.baseAddress, nil, off_t(next))
+                            let need = fuse_add_direntry_plus(req, nil, 0, n.baseAddress, nil, off_t(truncatingIfNeeded: next))
                             if need > size - used { return false }
                             var e = fuse_entry_param()
                             if let (id, st) = fs.lookupListed(parent: UInt64(ino), entry) {
@@ -757,11 +795,11 @@ public final class FuseServer: @unchecked Sendable {
                                 e.attr_timeout = s.timeout
                                 e.entry_timeout = s.timeout
                             } else {
-                                // "." and "..", or an entry gone since opendir: listed, not looked up.
+                                // "." and "..", or an entry gone since it was listed: listed, not looked up.
                                 e.attr.st_ino = ino_t(entry.ino)
                                 e.attr.st_mode = mode_t(entry.type) << 12
                             }
-                            used += fuse_add_direntry_plus(req, at, size - used, n.baseAddress, &e, off_t(next))
+                            used += fuse_add_direntry_plus(req, at, size - used, n.baseAddress, &e, off_t(truncatingIfNeeded: next))
                             return true
                         }
                     }

@@ -354,9 +354,128 @@ final class BackingAccessTests: XCTestCase {
         defer { stop.store(true, ordering: .relaxed) }
         for _ in 0..<300 {
             XCTAssertEqual(try listing(d), names.sorted())
+            // Without OPENDIR, one request of 3 entries at a time, renames in between.
+            XCTAssertEqual(try nodeListing(d, batch: 3), Dictionary(uniqueKeysWithValues: (names + [".", ".."]).map { ($0, 1) }))
         }
         stop.store(true, ordering: .relaxed)
         while !mover.isFinished { usleep(1000) }
+    }
+
+    /// A listing without OPENDIR (`readdir(node:)`), `batch` entries per request, with
+    /// `between` run after each request; returns every name with how often it came.
+    func nodeListing(_ d: UInt64, batch: Int, between: () throws -> Void = {}) throws -> [String: Int] {
+        var seen: [String: Int] = [:]
+        var offset: UInt64 = 0
+        while true {
+            var n = 0
+            try fs.readdir(node: d, offset: offset) { next, e in
+                guard n < batch else { return false }
+                n += 1
+                seen[String(decoding: e.name, as: UTF8.self), default: 0] += 1
+                offset = next
+                return true
+            }
+            if n == 0 { return seen }
+            try between()
+        }
+    }
+
+    /// Listings without OPENDIR share the node's latest listing and resume by cookie: two
+    /// listers interleaved with each other's restarts (each one a new listing of the node)
+    /// and with creates, unlinks and renames of other entries between their requests each
+    /// see every untouched entry exactly once, "." and ".." included. An offset that was an
+    /// index into the node's listing would skip or repeat entries here.
+    func testListingsWithoutOpendirSeeUntouchedEntriesOnce() throws {
+        let (d, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("d"), mode: 0o755, caller: me)
+        let stable = (0..<300).map { "stable-\($0)" + String(repeating: "s", count: $0 % 7 == 0 ? 180 : $0 % 5) }
+        for n in stable { _ = try makeFile(d, n, "x") }
+        var churn = (0..<100).map { "churn-\($0)" }
+        for n in churn { _ = try makeFile(d, n, "x") }
+        var step = 0
+        func change() throws {
+            step += 1
+            // Another entry created, one removed, one renamed: none of them stable.
+            _ = try makeFile(d, "new-\(step)", "x")
+            if step > 10 { try fs.unlink(parent: d, name: name("new-\(step - 10)")) }
+            let i = step % churn.count
+            try fs.rename(parent: d, name: name(churn[i]), newParent: d, newName: name(churn[i] + "-r"), flags: 0)
+            churn[i] += "-r"
+        }
+        for round in 0..<3 {
+            // B lists alongside A, a request of each in turn, and starts over (offset 0: a
+            // new listing of the node, which A's next request then goes on from) whenever it
+            // finishes; changes come between the requests.
+            var bOffset: UInt64 = 0
+            var bSeen: [String: Int] = [:]
+            var bDone = 0
+            let aSeen = try nodeListing(d, batch: 3 + round) {
+                try change()
+                var n = 0
+                try fs.readdir(node: d, offset: bOffset) { next, e in
+                    guard n < 12 else { return false }
+                    n += 1
+                    bSeen[String(decoding: e.name, as: UTF8.self), default: 0] += 1
+                    bOffset = next
+                    return true
+                }
+                if n == 0 {
+                    for s in stable + [".", ".."] { XCTAssertEqual(bSeen[s], 1, "lister B, \(s)") }
+                    bDone += 1
+                    bSeen = [:]
+                    bOffset = 0
+                }
+                try change()
+            }
+            for s in stable + [".", ".."] { XCTAssertEqual(aSeen[s], 1, "lister A, round \(round), \(s)") }
+            XCTAssertTrue(aSeen.values.allSatisfy { $0 == 1 }, "no entry twice")
+            XCTAssertGreaterThan(bDone, 0)
+        }
+        // After the changes, a new listing shows what is there now, and only that.
+        let now = try nodeListing(d, batch: 1000)
+        XCTAssertEqual(Set(now.keys), Set(stable + churn + (step - 9...step).map { "new-\($0)" } + [".", ".."]))
+    }
+
+    /// An offset a listing returned (telldir) resumes the same way later (seekdir), in a
+    /// listing with OPENDIR or without, however the node's listing was taken since.
+    func testListingOffsetsResumeLater() throws {
+        let (d, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("d"), mode: 0o755, caller: me)
+        for i in 0..<50 { _ = try makeFile(d, "f\(i)", "x") }
+        var order: [(UInt64, String)] = []
+        try fs.readdir(node: d, offset: 0) { next, e in order.append((next, String(decoding: e.name, as: UTF8.self))); return true }
+        XCTAssertEqual(order.count, 52)
+        XCTAssertEqual(Set(order.map(\.1)).count, 52)
+        let h = try fs.opendir(d)
+        defer { fs.releasedir(h) }
+        for i in [0, 1, 17, 50, 51] {
+            var rest: [String] = [], restByHandle: [String] = []
+            try fs.readdir(node: d, offset: order[i].0) { _, e in rest.append(String(decoding: e.name, as: UTF8.self)); return true }
+            try fs.readdir(handle: h, offset: order[i].0) { _, e in restByHandle.append(String(decoding: e.name, as: UTF8.self)); return true }
+            XCTAssertEqual(rest, order[(i + 1)...].map(\.1))
+            XCTAssertEqual(restByHandle, rest)
+        }
+        // A removed entry's offset still resumes after it.
+        try fs.unlink(parent: d, name: name(order[20].1))
+        var rest: [String] = []
+        try fs.readdir(node: d, offset: order[20].0) { _, e in rest.append(String(decoding: e.name, as: UTF8.self)); return true }
+        XCTAssertEqual(rest, order[21...].map(\.1))
+    }
+
+    /// An empty directory lists "." and ".."; one removed while being listed ends its
+    /// listing (no error, nothing more), as on ext4.
+    func testEmptyAndRemovedDirectoriesWithoutOpendir() throws {
+        let (e, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("empty"), mode: 0o755, caller: me)
+        XCTAssertEqual(try nodeListing(e, batch: 1), [".": 1, "..": 1])
+        let (d, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("d"), mode: 0o755, caller: me)
+        for i in 0..<20 { _ = try makeFile(d, "f\(i)", "x") }
+        var removed = false
+        let seen = try nodeListing(d, batch: 4) {
+            guard !removed else { return }
+            removed = true
+            for i in 0..<20 { try fs.unlink(parent: d, name: name("f\(i)")) }
+            try fs.rmdir(parent: FileSystem.rootID, name: name("d"))
+        }
+        XCTAssertEqual(seen.values.reduce(0, +), 4, "nothing after the removal")
+        XCTAssertEqual(try nodeListing(d, batch: 4), [:])
     }
 
     func testDirectoryHeadersAreKnownPastTheirNodesUntilRemoved() throws {

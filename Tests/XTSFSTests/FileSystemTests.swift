@@ -104,12 +104,20 @@ final class FileSystemTests: XCTestCase {
         try fs.readdir(handle: h, offset: 0) { _, e in seen.append(String(decoding: e.name, as: UTF8.self)); return true }
         fs.releasedir(h)
         XCTAssertEqual(seen.sorted(), [".", "..", "one", String(repeating: "l", count: 200), "two"].sorted())
-        // Resuming at an offset continues where the last batch stopped.
+        // Resuming at an offset (the cookie of the last entry taken) continues where the last
+        // batch stopped.
         let h2 = try fs.opendir(FileSystem.rootID)
-        var rest: [String] = []
-        try fs.readdir(handle: h2, offset: 3) { _, e in rest.append(String(decoding: e.name, as: UTF8.self)); return true }
+        var first: [String] = [], rest: [String] = [], last: UInt64 = 0
+        try fs.readdir(handle: h2, offset: 0) { next, e in
+            guard first.count < 3 else { return false }
+            first.append(String(decoding: e.name, as: UTF8.self))
+            last = next
+            return true
+        }
+        try fs.readdir(handle: h2, offset: last) { _, e in rest.append(String(decoding: e.name, as: UTF8.self)); return true }
         fs.releasedir(h2)
         XCTAssertEqual(rest.count, 2)
+        XCTAssertEqual((first + rest).sorted(), seen.sorted())
     }
 
     func testReadOnlyFilesystemRefusesChanges() throws {
