@@ -64,7 +64,8 @@ struct queue {
 // Large reads and writes (a sequential stream's read-ahead and write-back, 128 KiB to
 // 1 MiB each) come to one CPU's queue one after another; served on the queue's own thread
 // alone they would be decrypted and encrypted one at a time on one CPU. They go to a small
-// pool of unpinned workers instead, and the queue's thread fetches the next request.
+// pool of unpinned workers instead (twice as many as CPUs, 4 to 8, so that their backing
+// reads overlap), and the queue's thread fetches the next request.
 #define LARGE_REQUEST (64 * 1024)
 struct work { struct ent *e; struct fuse_buf b; struct work *next; };
 
@@ -341,7 +342,7 @@ struct xtsfs_ring *xtsfs_ring_start(void *session, unsigned depth, size_t payloa
     if (err) { ring_free(ring); errno = err; return NULL; }
     pthread_mutex_init(&ring->pool_lock, NULL);
     pthread_cond_init(&ring->pool_wake, NULL);
-    int want = nq < 2 ? 1 : (nq > 8 ? 8 : nq);
+    int want = 2 * nq < 4 ? 4 : (2 * nq > 8 ? 8 : 2 * nq);
     for (int i = 0; i < want; i++) {
         if (pthread_create(&ring->worker_tids[i], NULL, worker_thread, ring) != 0) break;
         ring->workers++;
