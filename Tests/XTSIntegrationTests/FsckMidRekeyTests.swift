@@ -236,11 +236,7 @@ extension RekeyTests {
         XCTAssertGreaterThanOrEqual(points.count, 3, trace)
         var checked = 0
         for point in points {
-            XCTAssertEqual(sh("rm -rf '\(cipher)' && cp -a '\(template)' '\(cipher)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
-            let (killed, err) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: env.merging(["XTSFS_REKEY_FAILPOINT": "\(point)"]) { $1 })
-            XCTAssertEqual(killed, -SIGKILL, err)
-            guard let journal = backingPaths(named: "xtsfs.rekey-journal", in: cipher).first else { XCTFail("point \(point): no journal"); continue }
-            let dir = (journal as NSString).deletingLastPathComponent
+            guard let (journal, dir) = rekeyKilled(at: point, from: template, env: env) else { continue }
             // Nothing is overwritten yet: a file the journal names that is still old gets
             // bytes of neither generation in its first data block (the journal covers it
             // unless it is a later segment of a large file, whose header is new by then).
@@ -430,11 +426,7 @@ extension IntegrityRekeyTests {
         XCTAssertGreaterThanOrEqual(points.count, 3, trace)
         var checkedOld = 0, checkedNew = 0
         for point in points {
-            XCTAssertEqual(sh("rm -rf '\(cipher)' && cp -a '\(template)' '\(cipher)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
-            let (killed, err) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: env.merging(["XTSFS_REKEY_FAILPOINT": "\(point)"]) { $1 })
-            XCTAssertEqual(killed, -SIGKILL, err)
-            guard let journal = backingPaths(named: "xtsfs.rekey-journal", in: cipher).first else { XCTFail("point \(point): no journal"); continue }
-            let dir = (journal as NSString).deletingLastPathComponent
+            guard let (journal, dir) = rekeyKilled(at: point, from: template, env: env) else { continue }
             let records = try journalRecords(journal)
             XCTAssertEqual(records.count, 1, "point \(point): a segment's journal names one file")
             guard let rec = records.first else { continue }

@@ -73,6 +73,19 @@ class RekeyTests: VolumeTestCase {
         return (before, template, trace.split(separator: "\n").filter { $0.hasPrefix("rekey step ") }.map(String.init), trace)
     }
 
+    /// CIPHERDIR put back as `template` and a DEK rekey killed at step `point`: the journal
+    /// it left and that journal's directory (relative to CIPHERDIR), or nil (failure noted).
+    func rekeyKilled(at point: Int, from template: String, env: [String: String] = [:]) -> (journal: String, dir: String)? {
+        XCTAssertEqual(sh("rm -rf '\(cipher)' && cp -a '\(template)' '\(cipher)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
+        let (killed, err) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: env.merging(["XTSFS_REKEY_FAILPOINT": "\(point)"]) { $1 })
+        XCTAssertEqual(killed, -SIGKILL, "point \(point): not killed: \(err)")
+        guard let journal = backingPaths(named: "xtsfs.rekey-journal", in: cipher).first else {
+            XCTFail("point \(point): no journal")
+            return nil
+        }
+        return (journal, (journal as NSString).deletingLastPathComponent)
+    }
+
     /// Changes to the backing files of the rekey tree that the plaintext view does not
     /// show, made before the kill tests copy it (IntegrityRekeyTests plants some).
     func prepareBackingForRekey() throws {}
@@ -337,11 +350,8 @@ class RekeyTests: VolumeTestCase {
         XCTAssertGreaterThanOrEqual(points.count, 3, trace)
         let finished = scratch + "/finished", realCipher = cipher
         for (n, point) in points.enumerated() {
-            XCTAssertEqual(sh("rm -rf '\(realCipher)' '\(finished)' && cp -a '\(template)' '\(realCipher)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
-            let (killed, err) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: ["XTSFS_REKEY_FAILPOINT": "\(point)"])
-            XCTAssertEqual(killed, -SIGKILL, "point \(point): not killed: \(err)")
-            guard let journal = backingPaths(named: "xtsfs.rekey-journal", in: cipher).first else { XCTFail("point \(point): no journal"); continue }
-            let dir = (journal as NSString).deletingLastPathComponent
+            XCTAssertEqual(sh("rm -rf '\(finished)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
+            guard let (_, dir) = rekeyKilled(at: point, from: template) else { continue }
             // The same state, its journal finished by a rerun stopped right after (its
             // first step): the journalled files all new.
             XCTAssertEqual(sh("cp -a '\(realCipher)' '\(finished)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
