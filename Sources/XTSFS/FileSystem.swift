@@ -225,6 +225,16 @@ public final class FileSystem: @unchecked Sendable {
         throw lastError
     }
 
+    /// The directory descriptor of `link`'s directory; nil when the kernel forgot that
+    /// directory since `location` gave the link (the caller asks `location` again, which
+    /// now passes over it: a file with hard links may still be reached by another name).
+    func parentHandle(_ link: Link) throws(FSError) -> DirHandle? {
+        do { return try dirHandle(link.parent) } catch {
+            if case .notFound = error, table.withLock({ $0.isGone(link.parent) }) { return nil }
+            throw error
+        }
+    }
+
     /// Runs `body` with an O_PATH descriptor of node `id`'s backing object and its attributes,
     /// after checking that the object is still the one the node was looked up as.
     func withPinned<R>(_ id: UInt64, _ body: (Int32, stat) throws(FSError) -> R) throws(FSError) -> R {
@@ -241,7 +251,7 @@ public final class FileSystem: @unchecked Sendable {
                 do { st = try Sys.fstat(removed.fd) } catch { throw .system(error) }
                 return try body(removed.fd, st)
             }
-            let dir = try dirHandle(link.parent)
+            guard let dir = try parentHandle(link) else { continue }
             let fd: Int32
             do { fd = try Sys.openPath(dir.fd, link.entry, directory: loc.isDirectory) } catch {
                 if error.errno == ENOENT || error.errno == ENOTDIR {
@@ -280,7 +290,7 @@ public final class FileSystem: @unchecked Sendable {
                 guard let removed = removedDirs.withLock({ $0[id] }) else { throw .notFound }
                 do { return (try Sys.fstat(removed.fd), removed, ".") } catch { throw .system(error) }
             }
-            let dir = try dirHandle(link.parent)
+            guard let dir = try parentHandle(link) else { continue }
             let st: stat
             do { st = try Sys.fstatat(dir.fd, link.entry) } catch {
                 if error.errno == ENOENT {

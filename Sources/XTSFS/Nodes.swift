@@ -63,7 +63,9 @@ struct NodeTable {
     mutating func add(_ link: Link, identity: Identity, isDirectory: Bool) -> UInt64 {
         if let id = byIdentity[identity], var n = nodes[id], n.isDirectory == isDirectory {
             n.lookups += 1
-            n.links.removeAll { $0.parent == link.parent && $0.name == link.name }
+            // Names in directories the kernel forgot lead nowhere (see `location`): they
+            // go, rather than push out a name that still leads here.
+            n.links.removeAll { ($0.parent == link.parent && $0.name == link.name) || nodes[$0.parent] == nil }
             n.links.insert(link, at: 0)
             if n.links.count > NodeTable.maxLinks { n.links.removeLast() }
             nodes[id] = n
@@ -138,11 +140,19 @@ struct NodeTable {
         nodes[id] = n
     }
 
-    /// Where a node can be reached: its most recent name.
+    /// Where a node can be reached: its most recent name in a directory still known. A
+    /// file with hard links keeps the names it was found by in other directories, and the
+    /// kernel may forget such a directory while the file lives on through another name (it
+    /// drops a directory's entries under memory pressure, at `drop_caches`, or when they
+    /// expire unused): that directory's node is gone, and a name in it leads nowhere
+    /// (node IDs are never reused); the next lookup there gives it a node and the name back.
     func location(_ id: UInt64) -> (link: Link?, identity: Identity, isDirectory: Bool)? {
         guard let n = nodes[id] else { return nil }
-        return (n.links.first, n.identity, n.isDirectory)
+        return (n.links.first { nodes[$0.parent] != nil }, n.identity, n.isDirectory)
     }
+
+    /// Whether directory node `id` was forgotten (or never was).
+    func isGone(_ id: UInt64) -> Bool { nodes[id] == nil }
 
     /// The object of a node was replaced by another under the same names (an online
     /// rekey re-encrypting a symlink): the node follows it.

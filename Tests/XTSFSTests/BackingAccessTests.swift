@@ -270,6 +270,58 @@ final class BackingAccessTests: XCTestCase {
 
     // MARK: - hard links
 
+    /// The soak's ENOENT (fsbench's drop_caches beside it): a file with hard links in two
+    /// directories is reached by its most recent name; when the kernel forgets the
+    /// directory of that name (its entries dropped while the file lives on through the
+    /// other name, held open) that name leads nowhere, and open, getattr, setxattr and
+    /// link of the file answered ENOENT instead of taking the other name.
+    func testHardLinkOutlivesTheDirectoryOfItsLatestName() throws {
+        let (sub, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("sub"), mode: 0o755, caller: me)
+        let f = try makeFile(sub, "h", "shared")
+        _ = try fs.link(f, newParent: FileSystem.rootID, newName: name("h"))
+        // Found again through sub: the name in sub comes first now.
+        XCTAssertEqual(try fs.lookup(parent: sub, name: name("h")).0, f)
+        fs.forget(sub, count: 1)
+        XCTAssertNil(fs.table.withLock { $0.nodes[sub] }, "the kernel forgot sub")
+        let h = try fs.open(f, flags: O_RDWR)
+        XCTAssertEqual(try read(h, 100), name("shared"))
+        fs.release(h)
+        XCTAssertEqual(try fs.getattr(f, handle: nil).st_nlink, 2)
+        try fs.setxattr(f, name: name("user.k"), value: name("v"))
+        let (third, _) = try fs.link(f, newParent: FileSystem.rootID, newName: name("third"))
+        XCTAssertEqual(third, f)
+        // sub looked up again is a new node; its name of the file is back.
+        let sub2 = try fs.lookup(parent: FileSystem.rootID, name: name("sub")).0
+        XCTAssertNotEqual(sub2, sub)
+        XCTAssertEqual(try fs.lookup(parent: sub2, name: name("h")).0, f)
+        XCTAssertEqual(try fs.getattr(f, handle: nil).st_nlink, 3)
+        // The other names gone, the file is reached through the new node of sub.
+        try fs.unlink(parent: FileSystem.rootID, name: name("h"))
+        try fs.unlink(parent: FileSystem.rootID, name: name("third"))
+        let h2 = try fs.open(f, flags: O_RDONLY)
+        XCTAssertEqual(try read(h2, 100), name("shared"))
+        fs.release(h2)
+    }
+
+    func testNodeTablePassesOverNamesInForgottenDirectories() {
+        let root = Identity(dev: 1, ino: 1), d = Identity(dev: 1, ino: 2), f = Identity(dev: 1, ino: 3)
+        var t = NodeTable(root: root)
+        let dir = t.add(Link(parent: NodeTable.rootID, name: Array("d".utf8), entry: "D"), identity: d, isDirectory: true)
+        let top = Link(parent: NodeTable.rootID, name: Array("h".utf8), entry: "H")
+        let inD = Link(parent: dir, name: Array("h".utf8), entry: "HD")
+        let x = t.add(top, identity: f, isDirectory: false)
+        XCTAssertEqual(t.add(inD, identity: f, isDirectory: false), x)
+        XCTAssertEqual(t.location(x)?.link, inD)
+        XCTAssertTrue(t.forget(dir, 1))
+        XCTAssertEqual(t.location(x)?.link, top, "the name in the forgotten directory is passed over")
+        // The next registration drops it, so that it never pushes out a live name.
+        let dir2 = t.add(Link(parent: NodeTable.rootID, name: Array("d".utf8), entry: "D"), identity: d, isDirectory: true)
+        XCTAssertNotEqual(dir2, dir)
+        let inD2 = Link(parent: dir2, name: Array("h".utf8), entry: "HD")
+        XCTAssertEqual(t.add(inD2, identity: f, isDirectory: false), x)
+        XCTAssertEqual(t.nodes[x]?.links, [inD2, top])
+    }
+
     func testHardLinksAreOneNode() throws {
         let a = try makeFile(FileSystem.rootID, "a", "shared")
         let (sub, _) = try fs.mkdir(parent: FileSystem.rootID, name: name("sub"), mode: 0o755, caller: me)
