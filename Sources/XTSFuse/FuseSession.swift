@@ -82,7 +82,7 @@ public final class FuseServer: @unchecked Sendable {
     /// By handle: its node and the content stamp at open.
     private let openStamps = Mutex<[UInt64: (node: UInt64, stamp: [UInt8])]>([:])
 
-    /// Ask for FUSE over io_uring (`-o uring`; see `RingTransport`). Never with forwarded
+    /// Ask for FUSE over io_uring (`-o uring`; see Sources/CFuseRing). Never with forwarded
     /// locks: a lock waiter holds its request's ring entry until it is granted, and the
     /// request that would release it could find no free entry on its CPU.
     let uring: Bool
