@@ -30,7 +30,7 @@
 #include <unistd.h>
 
 enum { CMD_REGISTER = 1, CMD_COMMIT_AND_FETCH = 2 };
-enum { IN_HEADER = 40, OP_AREA = 128, OUT_HEADER = 16 };
+enum { IN_HEADER = sizeof(struct fuse_in_header), OP_AREA = 128, OUT_HEADER = sizeof(struct fuse_out_header) };
 
 // The kernel's layouts (include/uapi/linux/fuse.h, protocol 7.42).
 struct ent_in_out { uint64_t flags, commit_id; uint32_t payload_sz, padding; uint64_t reserved; };
@@ -47,6 +47,9 @@ struct ent {
     struct iovec iov[2];
     _Atomic uint64_t unique; // of the request being served, 0 when none
     uint64_t commit;
+    // A large request handed to the worker pool (one at most per entry: no allocation).
+    struct fuse_buf work;
+    struct ent *next_work;
 };
 #define OFFSET 256
 
@@ -67,13 +70,12 @@ struct queue {
 // pool of unpinned workers instead (twice as many as CPUs, 4 to 8, so that their backing
 // reads overlap), and the queue's thread fetches the next request.
 #define LARGE_REQUEST (64 * 1024)
-struct work { struct ent *e; struct fuse_buf b; struct work *next; };
 
 struct xtsfs_ring {
     struct fuse_session *se;
     pthread_mutex_t pool_lock;
     pthread_cond_t pool_wake;
-    struct work *pool_head, *pool_tail;
+    struct ent *pool_head, *pool_tail;
     int workers;
     pthread_t worker_tids[8];
     int fd;
@@ -203,17 +205,15 @@ static void serve(struct queue *q, struct ent *e) {
                 (in.opcode == FUSE_READ && op >= sizeof(struct fuse_read_in) &&
                  ((const struct fuse_read_in *)(const void *)e->hdr->op_in)->size >= LARGE_REQUEST) ||
                 in.opcode == FUSE_FSYNC || in.opcode == FUSE_FSYNCDIR;
-    struct work *w = large && ring->workers > 0 ? malloc(sizeof *w) : NULL;
-    if (!w) {
+    if (!large || ring->workers == 0) {
         fuse_session_process_buf(ring->se, &b);
         return;
     }
-    w->e = e;
-    w->b = b;
-    w->next = NULL;
+    e->work = b;
+    e->next_work = NULL;
     pthread_mutex_lock(&ring->pool_lock);
-    if (ring->pool_tail) ring->pool_tail->next = w; else ring->pool_head = w;
-    ring->pool_tail = w;
+    if (ring->pool_tail) ring->pool_tail->next_work = e; else ring->pool_head = e;
+    ring->pool_tail = e;
     pthread_cond_signal(&ring->pool_wake);
     pthread_mutex_unlock(&ring->pool_lock);
 }
@@ -223,15 +223,16 @@ static void *worker_thread(void *arg) {
     for (;;) {
         pthread_mutex_lock(&ring->pool_lock);
         while (!ring->pool_head && !atomic_load(&ring->stop)) pthread_cond_wait(&ring->pool_wake, &ring->pool_lock);
-        struct work *w = ring->pool_head;
-        if (w) {
-            ring->pool_head = w->next;
+        struct ent *e = ring->pool_head;
+        if (e) {
+            ring->pool_head = e->next_work;
             if (!ring->pool_head) ring->pool_tail = NULL;
         }
         pthread_mutex_unlock(&ring->pool_lock);
-        if (!w) return NULL; // stopping, nothing left
-        fuse_session_process_buf(ring->se, &w->b);
-        free(w);
+        if (!e) return NULL; // stopping, nothing left
+        // The entry is not fetched again before this request's reply commits it.
+        struct fuse_buf b = e->work;
+        fuse_session_process_buf(ring->se, &b);
     }
 }
 

@@ -68,11 +68,12 @@ static inline int xts_fallocate(int fd, int mode, long long offset, long long le
     return fallocate(fd, mode, (off_t)offset, (off_t)len);
 }
 
-/// syncfs(2): one flush of the whole backing filesystem (the rekey's batches).
 // getdents64(2) with a buffer of the caller's size (tests list with small ones).
 static inline long xts_getdents64(int fd, void *buf, size_t len) {
     return syscall(SYS_getdents64, fd, buf, len);
 }
+
+/// syncfs(2): one flush of the whole backing filesystem (the rekey's batches).
 static inline int xts_syncfs(int fd) {
     return (int)syscall(SYS_syncfs, fd);
 }

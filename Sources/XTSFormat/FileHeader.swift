@@ -40,6 +40,13 @@ public struct FileHeader: Sendable, Equatable {
         return b + (try truncatedMAC(FileHeader.macLabel, b, macKey, FileHeader.macLength))
     }
 
+    /// The key generation field of encoded header bytes, read before the MAC is checked
+    /// (the MAC key depends on it); 0 when the bytes are too short to hold one.
+    public static func generation(of bytes: [UInt8]) -> UInt32 {
+        guard bytes.count >= 8 else { return 0 }
+        return UInt32(bytes[4]) | UInt32(bytes[5]) << 8 | UInt32(bytes[6]) << 16 | UInt32(bytes[7]) << 24
+    }
+
     public static func decode(_ bytes: [UInt8], macKey: SecretBytes) throws(FormatError) -> FileHeader {
         guard bytes.count >= length else { throw .truncated("file header") }
         var r = ByteReader(bytes)

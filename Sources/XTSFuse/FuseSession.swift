@@ -143,11 +143,8 @@ public final class FuseServer: @unchecked Sendable {
     /// (cache eviction), so the name is gone at once rather than after the cache timeout.
     /// Best effort; a no-op once the session is over.
     public func invalidate(parent: UInt64, name: [UInt8]) {
-        notifySession.withLock { address in
-            guard let se = OpaquePointer(bitPattern: address) else { return }
-            _ = name.withUnsafeBufferPointer { p in
-                p.withMemoryRebound(to: CChar.self) { fuse_lowlevel_notify_inval_entry(se, fuse_ino_t(parent), $0.baseAddress, p.count) }
-            }
+        withNotifySession { se in
+            FuseServer.invalidateEntry(se, parent, name)
             // The kernel's cached listing of the directory (without OPENDIR) goes too: the
             // entry invalidation reaches it only when the name's dentry is cached.
             if noOpendir.load(ordering: .relaxed) { _ = fuse_lowlevel_notify_inval_inode(se, fuse_ino_t(parent), 0, 0) }
@@ -169,18 +166,13 @@ public final class FuseServer: @unchecked Sendable {
         }
         let names = old.rootNames()
         let nodes = old.knownNodeIDs()
-        notifySession.withLock { address in
-            guard let se = OpaquePointer(bitPattern: address) else { return }
+        withNotifySession { se in
             // Cached pages of the old files go too: a file still open must not keep
             // reading plaintext the purge was meant to make unreadable.
             for id in nodes where id != FileSystem.rootID {
                 _ = fuse_lowlevel_notify_inval_inode(se, fuse_ino_t(id), 0, 0)
             }
-            for name in names {
-                _ = name.withUnsafeBufferPointer { p in
-                    p.withMemoryRebound(to: CChar.self) { fuse_lowlevel_notify_inval_entry(se, fuse_ino_t(FileSystem.rootID), $0.baseAddress, p.count) }
-                }
-            }
+            for name in names { FuseServer.invalidateEntry(se, FileSystem.rootID, name) }
             _ = fuse_lowlevel_notify_inval_inode(se, fuse_ino_t(FileSystem.rootID), 0, 0)
         }
         return old
@@ -205,12 +197,16 @@ public final class FuseServer: @unchecked Sendable {
         }
     }
 
+    /// FUSE_NOTIFY_INVAL_ENTRY: the kernel forgets `name` in directory `parent`.
+    private static func invalidateEntry(_ se: OpaquePointer, _ parent: UInt64, _ name: [UInt8]) {
+        _ = name.withUnsafeBufferPointer { p in
+            p.withMemoryRebound(to: CChar.self) { fuse_lowlevel_notify_inval_entry(se, fuse_ino_t(parent), $0.baseAddress, p.count) }
+        }
+    }
+
     /// Tells the kernel to drop the attributes it cached for node `id` (not its pages).
     func invalidateAttributes(_ id: UInt64) {
-        notifySession.withLock { address in
-            guard let se = OpaquePointer(bitPattern: address) else { return }
-            _ = fuse_lowlevel_notify_inval_inode(se, fuse_ino_t(id), -1, 0)
-        }
+        withNotifySession { se in _ = fuse_lowlevel_notify_inval_inode(se, fuse_ino_t(id), -1, 0) }
     }
 
     /// Unmounts and tears down a session that was mounted but will never be served
@@ -293,13 +289,7 @@ public final class FuseServer: @unchecked Sendable {
     private func startRing(granted: Bool, session se: OpaquePointer) {
         guard granted else {
             let param = "/sys/module/fuse/parameters/enable_uring"
-            var enabled: Bool?
-            let fd = Glibc.open(param, O_RDONLY | O_CLOEXEC)
-            if fd >= 0 {
-                var c: UInt8 = 0
-                if Glibc.read(fd, &c, 1) == 1 { enabled = c == UInt8(ascii: "Y") }
-                Glibc.close(fd)
-            }
+            let enabled = (try? Sys.readSmallFile(AT_FDCWD, param, limit: 4096)).map { $0.first == UInt8(ascii: "Y") }
             uringStatus = enabled == false
                 ? "-o uring: the kernel offers FUSE over io_uring only with \(param) set to 1 (as root: echo 1 > \(param)); requests go through /dev/fuse"
                 : "-o uring: this kernel does not offer FUSE over io_uring (Linux 6.14 or later, CONFIG_FUSE_IO_URING); requests go through /dev/fuse"

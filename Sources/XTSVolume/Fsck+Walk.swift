@@ -422,12 +422,11 @@ extension Fsck {
             return
         }
         // Under the generation it names (mid-rekey: old or new; the MAC covers the field).
-        func generation(_ b: [UInt8]) -> UInt32 { UInt32(b[4]) | UInt32(b[5]) << 8 | UInt32(b[6]) << 16 | UInt32(b[7]) << 24 }
         let verifies: ([UInt8]) -> Bool = { b in
-            generations.keys(generation(b)).map { (try? FileHeader.decode(b, macKey: $0.metadataMACKey)) != nil } ?? false
+            generations.keys(FileHeader.generation(of: b)).map { (try? FileHeader.decode(b, macKey: $0.metadataMACKey)) != nil } ?? false
         }
         do {
-            let h = try FileHeader.decode(raw, macKey: (generations.keys(generation(raw)) ?? keys).metadataMACKey)
+            let h = try FileHeader.decode(raw, macKey: (generations.keys(FileHeader.generation(of: raw)) ?? keys).metadataMACKey)
             if generations.keys(h.keyGeneration) == nil {
                 _ = add(.fileHeaderDamaged, path, plain: plainPath, "written under key generation \(h.keyGeneration), which this volume does not hold")
             }

@@ -199,13 +199,9 @@ final class RekeySweep {
         let bytes: [UInt8]
         do { bytes = try Sys.readSmallFile(dirfd, DirHeader.fileName, limit: 4096) } catch { throw .system("read \(DirHeader.fileName)", error) }
         guard bytes.count == DirHeader.length else { throw .damaged("directory header of wrong length") }
-        let gen = u32(bytes, 12)
+        let gen = DirHeader.generation(of: bytes)
         guard let k = keys(gen) else { throw .damaged("directory header of unknown key generation \(gen)") }
         do { return try DirHeader.decode(bytes, macKey: k.metadataMACKey) } catch { throw .damaged("directory header: \(error)") }
-    }
-
-    func u32(_ b: [UInt8], _ at: Int) -> UInt32 {
-        UInt32(b[at]) | UInt32(b[at + 1]) << 8 | UInt32(b[at + 2]) << 16 | UInt32(b[at + 3]) << 24
     }
 
     static func copyName(for entry: String) -> String {
@@ -421,7 +417,7 @@ final class RekeySweep {
         let n: Int
         do { n = try raw.withMutableBytes { (p) throws(SystemError) -> Int in try Sys.pread(fd, p.baseAddress!, p.count, 0) } } catch { throw .system("read file header", error) }
         guard n == FileHeader.length else { return nil }
-        return (u32(raw, 4), raw)
+        return (FileHeader.generation(of: raw), raw)
     }
 
     /// A file whose new ciphertext is being prepared, in a batch of one directory.
