@@ -163,8 +163,10 @@ public struct ContentFile<File: BackingFile> {
     }
 
     /// Writes `data` at `offset`, growing the file (with a hole) if needed. Returns the
-    /// file's crypto state after the write (new for a new or tiny file).
+    /// file's crypto state after the write (new for a new or tiny file). `data` must not be
+    /// empty (an empty file has no crypto state to return): callers answer such writes alone.
     public func write(_ data: UnsafeRawBufferPointer, at offset: Int64, crypto: FileCrypto?) throws(ContentError) -> FileCrypto {
+        precondition(!data.isEmpty, "ContentFile.write of nothing")
         if integrity { return try authenticated.write(data, at: offset, crypto: crypto) }
         let old = try plainSize()
         let new = max(old, offset + Int64(data.count))

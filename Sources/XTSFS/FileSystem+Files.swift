@@ -177,6 +177,9 @@ extension FileSystem {
         try checkWritable()
         guard offset >= 0, offset <= FileSystem.maxFileSize - Int64(data.count) else { throw .fileTooLarge }
         let f = try openFile(handle)
+        // Writing nothing changes nothing (as on ext4: no size, no mtime); FUSE does not send
+        // such writes, but the content layer has no state to return for an empty file.
+        if data.isEmpty { return 0 }
         dropPrivileges(f.fd, f.state, node: f.node, for: caller)
         // O_APPEND needs nothing here: the kernel sends such writes at the current size
         // (its own idea of it with -o writecache), and page writeback (mmap) must keep

@@ -56,6 +56,20 @@ final class FileSystemTests: XCTestCase {
         XCTAssertFalse(backing[0].contains("hello"))
     }
 
+    /// A write of nothing (FUSE does not send one, a direct caller may) changes nothing, on an
+    /// empty file (no header, no crypto state) and on one with contents; it crashed once.
+    func testEmptyWriteChangesNothing() throws {
+        let (id, _, h) = try fs.create(parent: FileSystem.rootID, name: name("empty"), mode: 0o644, flags: O_RDWR, caller: me)
+        try write(h, [], at: 0)
+        try write(h, [], at: 5000)
+        XCTAssertEqual(try fs.getattr(id, handle: nil).st_size, 0)
+        try write(h, name("abc"))
+        try write(h, [], at: 10)
+        XCTAssertEqual(try fs.getattr(id, handle: nil).st_size, 3)
+        XCTAssertEqual(try read(h, 100), name("abc"))
+        fs.release(h)
+    }
+
     func testErrorsAreTyped() throws {
         XCTAssertThrowsError(try fs.lookup(parent: FileSystem.rootID, name: name("missing"))) {
             guard case .notFound = $0 as? FSError else { return XCTFail("\($0)") }
