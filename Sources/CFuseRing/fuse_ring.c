@@ -144,7 +144,8 @@ static ssize_t ring_writev(int fd, struct iovec *iov, int count, void *userdata)
             len = 0;
             break;
         }
-        memcpy(e->buf + OFFSET + len, iov[i].iov_base, iov[i].iov_len);
+        // A read decrypted straight into the entry (xtsfs_ring_reply_buffer) is in place.
+        if (iov[i].iov_base != e->buf + OFFSET + len) memcpy(e->buf + OFFSET + len, iov[i].iov_base, iov[i].iov_len);
         len += iov[i].iov_len;
     }
     if (oh.error) len = 0;
@@ -158,6 +159,21 @@ static ssize_t ring_writev(int fd, struct iovec *iov, int count, void *userdata)
     pthread_mutex_unlock(&q->lock);
     if (r < 0) { errno = -r; return -1; }
     return (ssize_t)total;
+}
+
+// The entry whose request this thread is serving, while libfuse dispatches it.
+static __thread struct ent *serving;
+
+void *xtsfs_ring_reply_buffer(size_t size) {
+    struct ent *e = serving;
+    if (!e || size > e->q->ring->payload) return NULL;
+    return e->buf + OFFSET;
+}
+
+static void process(struct xtsfs_ring *ring, struct ent *e, struct fuse_buf *b) {
+    serving = e;
+    fuse_session_process_buf(ring->se, b);
+    serving = NULL;
 }
 
 static ssize_t ring_read(int fd, void *buf, size_t len, void *userdata) {
@@ -206,7 +222,7 @@ static void serve(struct queue *q, struct ent *e) {
                  ((const struct fuse_read_in *)(const void *)e->hdr->op_in)->size >= LARGE_REQUEST) ||
                 in.opcode == FUSE_FSYNC || in.opcode == FUSE_FSYNCDIR;
     if (!large || ring->workers == 0) {
-        fuse_session_process_buf(ring->se, &b);
+        process(ring, e, &b);
         return;
     }
     e->work = b;
@@ -232,7 +248,7 @@ static void *worker_thread(void *arg) {
         if (!e) return NULL; // stopping, nothing left
         // The entry is not fetched again before this request's reply commits it.
         struct fuse_buf b = e->work;
-        fuse_session_process_buf(ring->se, &b);
+        process(ring, e, &b);
     }
 }
 

@@ -652,7 +652,9 @@ public final class FuseServer: @unchecked Sendable {
             FuseServer.count(req, .read)
             let s = server(req)
             guard let fi else { fuse_reply_err(req, EBADF); return }
-            let buf = ThreadScratch.buffer(.request, count: size)
+            // Through io_uring, decrypted straight into the ring entry the reply goes out of.
+            let buf = s.uring ? xtsfs_ring_reply_buffer(size).map { UnsafeMutableRawBufferPointer(start: $0, count: size) } ?? ThreadScratch.buffer(.request, count: size)
+                : ThreadScratch.buffer(.request, count: size)
             s.run(req, { () throws(FSError) in try s.fs.read(handle: fi.pointee.fh, offset: Int64(off), into: buf) }) { n in
                 s.requests.add(.bytesRead, UInt64(n))
                 fuse_reply_buf(req, buf.baseAddress!.assumingMemoryBound(to: CChar.self), n)

@@ -28,6 +28,12 @@ int xtsfs_ring_install_io(void *session);
 /// through the rings (atomically; it must outlive the ring).
 struct xtsfs_ring *xtsfs_ring_start(void *session, unsigned depth, size_t payload, uint64_t *served);
 
+/// Where a read being served on this thread may put its reply: the payload buffer of the
+/// ring entry its request came from (a reply written there is not copied again), or NULL
+/// when the request did not come off a ring or `size` does not fit. Valid only until the
+/// reply is sent, on the thread that asked.
+void *xtsfs_ring_reply_buffer(size_t size);
+
 /// Whether every queue registered (the kernel sends requests through the rings).
 int xtsfs_ring_active(const struct xtsfs_ring *ring);
 
