@@ -478,15 +478,44 @@ extension Fsck {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
         defer { buffer.deallocate() }
         var offset: Int64 = 0
+        let unit = IntegrityLayout.blockSize
+        // Every unit that fails its tag, not only the first: a 1 MiB read that fails is read
+        // again unit by unit, and the check goes on after it.
+        var failing: [Range<Int64>] = []
+        var firstWhy = ""
         do throws(ContentError) {
             let crypto = try content.loadCrypto()
             let size = try content.plainSize()
             while offset < size {
-                let n = try content.read(into: buffer, at: offset, crypto: crypto)
+                let n: Int
+                do throws(ContentError) { n = try content.read(into: buffer, at: offset, crypto: crypto) } catch {
+                    guard case .authentication = error else { throw error }
+                    let end = min(offset + Int64(buffer.count), size)
+                    let one = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(unit)])
+                    for at in stride(from: offset, to: end, by: Int(unit)) {
+                        do throws(ContentError) { _ = try content.read(into: one, at: at, crypto: crypto) } catch {
+                            guard case .authentication(let why) = error else { throw error }
+                            if failing.isEmpty { firstWhy = why }
+                            let u = at / unit
+                            if let last = failing.last, last.upperBound == u { failing[failing.count - 1] = last.lowerBound..<u + 1 } else { failing.append(u..<u + 1) }
+                        }
+                    }
+                    offset = end
+                    continue
+                }
                 if n == 0 { break }
                 offset += Int64(n)
             }
-            if offset < size {
+            if !failing.isEmpty {
+                let count = failing.reduce(0) { $0 + $1.count }
+                let shown = failing.prefix(8).map { r in
+                    r.count == 1 ? "\(r.lowerBound) (bytes \(r.lowerBound * unit)–\(r.lowerBound * unit + unit - 1))"
+                        : "\(r.lowerBound)–\(r.upperBound - 1) (bytes \(r.lowerBound * unit)–\(r.upperBound * unit - 1))"
+                }.joined(separator: ", ") + (failing.count > 8 ? ", …" : "")
+                let i = add(.fileAuthenticationFailed, path, plain: plainPath,
+                        "\(count) unit\(count == 1 ? "" : "s") of its \((size + unit - 1) / unit) fail\(count == 1 ? "s" : "") \(count == 1 ? "its tag" : "their tags"): \(count == 1 ? "unit" : "units") \(shown); reads there fail with EIO (the first: \(firstWhy))")
+                if repair { notRepaired(i, "kept as is: the tags tell that the contents changed, not what they were; restore the file from a backup") }
+            } else if offset < size {
                 _ = add(.fileAuthenticationFailed, path, plain: plainPath, "its committed length is \(size) bytes but only \(offset) can be read")
             }
             checkIntegrityLayout(fd: fd, dirfd, name, size: size, path: path, plainPath: plainPath)

@@ -173,7 +173,8 @@ final class IntegrityTamperTests: VolumeTestCase {
         let cut = try create("cut", pattern(size, seed: 4))
         unmount()
         XCTAssertEqual(Harness.run(["fsck", cipher, "--passfile", passfile]).status, 0, "before tampering")
-        try patch(a) { $0[dataOffset(4) + 77] ^= 0x01 }
+        // Three units of a, two of them adjacent: every one is named, not just the first.
+        try patch(a) { $0[dataOffset(4) + 77] ^= 0x01; $0[dataOffset(7)] ^= 0x80; $0[dataOffset(8) + 4095] ^= 0x02 }
         try patch(b) { $0[entryOffset(4) + 5] ^= 0x01 }
         XCTAssertEqual(truncate(cut, off_t(dataOffset(8))), 0)
         let before = try [a, b, c, cut].map { try read($0) }
@@ -187,6 +188,8 @@ final class IntegrityTamperTests: VolumeTestCase {
                 return findings.filter { ($0["backingPath"] as? String)?.hasSuffix(name) == true }.compactMap { $0["kind"] as? String }
             }
             XCTAssertEqual(kinds(a), ["fileAuthenticationFailed"], "bit flip in a unit \(extra)")
+            let detail = findings.first { ($0["backingPath"] as? String)?.hasSuffix((a as NSString).lastPathComponent) == true }?["detail"] as? String ?? ""
+            XCTAssertTrue(detail.hasPrefix("3 units of its 11 fail their tags: units 4 (bytes 16384–20479), 7–8 (bytes 28672–36863);"), detail)
             XCTAssertEqual(kinds(b), ["fileAuthenticationFailed"], "bit flip in a tag \(extra)")
             XCTAssertEqual(kinds(cut), ["fileAuthenticationFailed"], "cut at a unit boundary \(extra)")
             XCTAssertEqual(kinds(c), [], "untouched file \(extra)")
