@@ -481,7 +481,8 @@ extension Fsck {
         let unit = IntegrityLayout.blockSize
         // Every unit that fails its tag, not only the first: a 1 MiB read that fails is read
         // again unit by unit, and the check goes on after it.
-        var failing: [Range<Int64>] = []
+        // Bounded however many fail (a hostile or damaged file may fail in every other unit).
+        var failing: [Range<Int64>] = [], failingCount: Int64 = 0, failingRuns = 0, lastFailing: Int64 = -2
         var firstWhy = ""
         do throws(ContentError) {
             let crypto = try content.loadCrypto()
@@ -495,9 +496,16 @@ extension Fsck {
                     for at in stride(from: offset, to: end, by: Int(unit)) {
                         do throws(ContentError) { _ = try content.read(into: one, at: at, crypto: crypto) } catch {
                             guard case .authentication(let why) = error else { throw error }
-                            if failing.isEmpty { firstWhy = why }
+                            if failingCount == 0 { firstWhy = why }
                             let u = at / unit
-                            if let last = failing.last, last.upperBound == u { failing[failing.count - 1] = last.lowerBound..<u + 1 } else { failing.append(u..<u + 1) }
+                            failingCount += 1
+                            if lastFailing + 1 == u {
+                                if failingRuns <= 8 { failing[failing.count - 1] = failing[failing.count - 1].lowerBound..<u + 1 }
+                            } else {
+                                failingRuns += 1
+                                if failingRuns <= 8 { failing.append(u..<u + 1) }
+                            }
+                            lastFailing = u
                         }
                     }
                     offset = end
@@ -506,12 +514,12 @@ extension Fsck {
                 if n == 0 { break }
                 offset += Int64(n)
             }
-            if !failing.isEmpty {
-                let count = failing.reduce(0) { $0 + $1.count }
-                let shown = failing.prefix(8).map { r in
+            if failingCount > 0 {
+                let count = failingCount
+                let shown = failing.map { r in
                     r.count == 1 ? "\(r.lowerBound) (bytes \(r.lowerBound * unit)–\(r.lowerBound * unit + unit - 1))"
                         : "\(r.lowerBound)–\(r.upperBound - 1) (bytes \(r.lowerBound * unit)–\(r.upperBound * unit - 1))"
-                }.joined(separator: ", ") + (failing.count > 8 ? ", …" : "")
+                }.joined(separator: ", ") + (failingRuns > 8 ? ", …" : "")
                 let i = add(.fileAuthenticationFailed, path, plain: plainPath,
                         "\(count) unit\(count == 1 ? "" : "s") of its \((size + unit - 1) / unit) fail\(count == 1 ? "s" : "") \(count == 1 ? "its tag" : "their tags"): \(count == 1 ? "unit" : "units") \(shown); reads there fail with EIO (the first: \(firstWhy))")
                 if repair { notRepaired(i, "kept as is: the tags tell that the contents changed, not what they were; restore the file from a backup") }
