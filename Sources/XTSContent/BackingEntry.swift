@@ -10,6 +10,9 @@ public enum BackingEntry: Equatable, Sendable {
     case volumeHeader(copy: Int)
     /// `xtsfs.dir`: the directory's ID and key generation.
     case directoryHeader
+    /// `xtsfs.list`: the directory's listing manifest (volumes with `listingManifests`,
+    /// FORMAT.md 12.10); never an entry of the listing it describes.
+    case listManifest
     /// An encrypted name, used as is.
     case encryptedName(String)
     /// `xtsfs.long.HASH`: an entry whose encrypted name is in its side file.
@@ -64,6 +67,7 @@ public enum BackingEntry: Equatable, Sendable {
     public static func classify(_ name: String) -> BackingEntry {
         if name.hasPrefix(internalPrefix) {
             if name == DirHeader.fileName { return .directoryHeader }
+            if name == ListManifest.fileName { return .listManifest }
             if name == NameCodec.linkStore { return .linkStore }
             if name == auditLogName { return .auditLog }
             if name == presenceName { return .presence }

@@ -78,16 +78,25 @@ public struct ContentFile<File: BackingFile> {
     /// tag algorithm: every call goes to `IntegrityContent`, whose layout is `IntegrityLayout`.
     public let unitTags: UnitTagAlgorithm?
     public var integrity: Bool { unitTags != nil }
+    /// The volume has listing manifests (feature `listingManifests`, FORMAT.md 12.10): every
+    /// file has a header with a file ID from its creation on, kept when it is emptied.
+    public let fileIDs: Bool
 
-    public init(file: File, currentKeys: KeySet, unitTags: UnitTagAlgorithm?, keys: @escaping @Sendable (UInt32) -> KeySet?) {
+    public init(file: File, currentKeys: KeySet, unitTags: UnitTagAlgorithm?, fileIDs: Bool = false, keys: @escaping @Sendable (UInt32) -> KeySet?) {
         self.file = file
         self.currentKeys = currentKeys
         self.unitTags = unitTags
+        self.fileIDs = fileIDs && unitTags != nil
         self.keys = keys
     }
 
     /// Only used when `unitTags` is set (every caller checks `integrity` first).
-    var authenticated: IntegrityContent<File> { IntegrityContent(file: file, currentKeys: currentKeys, tags: unitTags ?? .ghashAES256, keys: keys) }
+    var authenticated: IntegrityContent<File> { IntegrityContent(file: file, currentKeys: currentKeys, tags: unitTags ?? .ghashAES256, fileIDs: fileIDs, keys: keys) }
+
+    /// A new file of a volume with listing manifests: its header, length 0, file ID `fileID`.
+    public func writeNewHeader(fileID: [UInt8]) throws(ContentError) -> FileCrypto {
+        try authenticated.writeNewHeader(fileID: fileID)
+    }
 
     /// The plaintext size; a backing file larger than the format allows (a planted sparse
     /// file, say) is damaged rather than a reason for arithmetic to overflow.

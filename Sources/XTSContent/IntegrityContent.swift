@@ -18,7 +18,14 @@ struct IntegrityContent<File: BackingFile> {
     /// The volume's tag algorithm: new files get it, and a file header naming the other
     /// one is damage (a file planted from, or copied between, volumes of the other kind).
     let tags: UnitTagAlgorithm
+    /// Listing manifests (FORMAT.md 12.10): every file has a header with a file ID, from
+    /// its creation on; a file without one is damage, and emptying keeps it.
+    var fileIDs = false
     let keys: @Sendable (UInt32) -> KeySet?
+
+    init(file: File, currentKeys: KeySet, tags: UnitTagAlgorithm, fileIDs: Bool = false, keys: @escaping @Sendable (UInt32) -> KeySet?) {
+        self.file = file; self.currentKeys = currentKeys; self.tags = tags; self.fileIDs = fileIDs; self.keys = keys
+    }
 
     private var unit: Int { Int(L.blockSize) }
 
@@ -33,12 +40,18 @@ struct IntegrityContent<File: BackingFile> {
     /// was empty, and that is what it still is).
     func header() throws(ContentError) -> IntegrityFileHeader? {
         let backing = try backingSize()
-        if backing == 0 { return nil }
+        if backing == 0 {
+            if fileIDs { throw .badHeader("no file header (0 bytes): every file of a volume with listing manifests has one") }
+            return nil
+        }
         guard backing >= L.headerLength else { throw .badHeader("backing file is \(backing) bytes, shorter than its header") }
         var raw = [UInt8](repeating: 0, count: IntegrityFileHeader.length)
         let n = try readFully(&raw, at: 0)
         guard n == raw.count else { throw .badHeader("short read") }
-        if raw.allSatisfy({ $0 == 0 }) { return nil }
+        if raw.allSatisfy({ $0 == 0 }) {
+            if fileIDs { throw .badHeader("file header of 64 zero bytes: every file of a volume with listing manifests has one") }
+            return nil
+        }
         let h: IntegrityFileHeader
         do { h = try IntegrityFileHeader.decode(raw, macKey: currentKeys.metadataMACKey) } catch {
             // The MAC key depends on the generation recorded inside; try that one.
@@ -48,6 +61,9 @@ struct IntegrityContent<File: BackingFile> {
         }
         guard h.version == tags.rawValue else {
             throw .badHeader("file header of version \(h.version) (\(h.tags.map { "\($0)" } ?? "?") unit tags) on a volume whose files have version \(tags.rawValue) (\(tags))")
+        }
+        if fileIDs != (h.fileID != IntegrityFileHeader.noFileID) {
+            throw .badHeader(fileIDs ? "no file ID, on a volume with listing manifests" : "a file ID, on a volume without listing manifests")
         }
         guard h.plainLength <= UInt64(L.maxPlainSize) else { throw .badHeader("claims \(h.plainLength) bytes, beyond the largest file the format allows") }
         return h
@@ -141,7 +157,28 @@ struct IntegrityContent<File: BackingFile> {
         return try change(st, newSize: new, edit: offset..<offset + Int64(data.count), data: data, punch: false)
     }
 
+    func writeNewHeader(fileID: [UInt8]) throws(ContentError) -> FileCrypto {
+        var h: IntegrityFileHeader
+        let c: FileCrypto
+        do {
+            h = try IntegrityFileHeader.random(tags: tags, keyGeneration: currentKeys.generation)
+            h.fileID = fileID
+            c = try FileCrypto(keys: currentKeys, integrityHeader: h)
+        } catch { throw .crypto(error) }
+        try writeHeader(h, c)
+        return c
+    }
+
     func truncate(to newSize: Int64, crypto: FileCrypto?) throws(ContentError) -> FileCrypto? {
+        if newSize == 0 && fileIDs {
+            // The file keeps its identity (its file ID, in its directories' manifests) but
+            // gets a new nonce, so nothing older can be replayed into it: the new header
+            // with length 0 first (from then on nothing past it is read), then the cut.
+            guard let st = try state(crypto) else { throw .badHeader("missing") }
+            let c = try writeNewHeader(fileID: st.header.fileID)
+            do { try file.truncate(Int64(L.headerLength)) } catch { throw .io(error) }
+            return c
+        }
         if newSize == 0 {
             // Emptying needs no key (a file with a damaged header can still be emptied); the
             // next write draws a new nonce, so nothing older can be replayed into the file.
@@ -211,7 +248,10 @@ struct IntegrityContent<File: BackingFile> {
             let session: UnitTagSession
             do { session = try c.tagSession() } catch { throw .crypto(error) }
             for run in L.groupRuns(lo..<hi) {
-                let deferred = try changeRun(run, c, session, old: old, edit: edit, data: data, punch: punch, deferEntries: fresh && run.lowerBound == 0)
+                // Also for a file of length 0 with a header (a new file of a volume with
+                // listing manifests): nothing of its units is read before the header with
+                // the new length, written last with these entries, says they exist.
+                let deferred = try changeRun(run, c, session, old: old, edit: edit, data: data, punch: punch, deferEntries: (fresh || old == 0) && new > 0 && run.lowerBound == 0)
                 if deferred != nil { firstEntries = deferred }
             }
         }

@@ -116,7 +116,7 @@ extension FileSystem {
                     listed.append((full, e))
                 case .foreign:
                     log("skipping a foreign entry in CIPHERDIR (directory node \(id)): \(e.name)")
-                case .volumeHeader, .directoryHeader, .longNameRecord, .temporary, .linkStore, .auditLog, .presence, .tempArea, .cacheArea, .cacheKey, .rekeyCopy, .rekeyJournal:
+                case .volumeHeader, .directoryHeader, .listManifest, .longNameRecord, .temporary, .linkStore, .auditLog, .presence, .tempArea, .cacheArea, .cacheKey, .rekeyCopy, .rekeyJournal:
                     continue
                 }
             }

@@ -1,5 +1,6 @@
 import CSysShim
 import XTSContent
+import XTSCrypto
 import XTSSystem
 #if canImport(Glibc)
 import Glibc
@@ -38,7 +39,7 @@ final class OpenFile: Sendable {
 extension FileSystem {
     func content(_ fd: Int32) -> ContentFile<FDBackingFile> {
         let ring = self.ring
-        return ContentFile(file: FDBackingFile(fd: fd), currentKeys: ring.newest, unitTags: unitTags, keys: { ring.keys($0) })
+        return ContentFile(file: FDBackingFile(fd: fd), currentKeys: ring.newest, unitTags: unitTags, fileIDs: listingManifests, keys: { ring.keys($0) })
     }
 
     /// Runs `body` under the file's exclusive lock with its keys loaded.
@@ -137,23 +138,53 @@ extension FileSystem {
 
     private func createLocked(parent: UInt64, name: [UInt8], mode: mode_t, flags: Int32, caller: Caller) throws(FSError) -> (UInt64, stat, UInt64) {
         let (dir, b) = try entry(parent, name)
-        try writeLongNameFile(dir, b)
-        let fd: Int32
-        do { fd = try Sys.openat(dir.fd, b.entryName, O_CREAT | O_EXCL | O_NOFOLLOW | FileSystem.backingFlags(flags), mode & 0o7777) } catch {
-            // A name taken since the kernel's lookup is EEXIST even without O_EXCL: opening
-            // the existing file here would skip the kernel's permission check on it.
-            // The side file of a long name that already exists belongs to that entry: keep it.
-            if error.errno != EEXIST { removeLongNameFile(dir, b) }
-            throw error.errno == EEXIST ? .exists : .system(error)
+        let fileID = try newFileID()
+        return try listingChange(try listingDirs(parent), plan: { () throws(FSError) -> [ListingDelta]? in
+            [ListingDelta(dir: 0, added: [ListedEntry(type: UInt8(DT_REG), name: name, identity: fileID ?? [])])]
+        }) { () throws(FSError) -> (UInt64, stat, UInt64) in
+            try writeLongNameFile(dir, b)
+            let fd: Int32
+            // With listing manifests the new file's header is written through this descriptor,
+            // so it is opened for writing even when the caller's open is read-only.
+            let access = fileID == nil ? FileSystem.backingFlags(flags) : O_RDWR | (flags & (O_SYNC | O_DSYNC))
+            do throws(SystemError) { fd = try Sys.openat(dir.fd, b.entryName, O_CREAT | O_EXCL | O_NOFOLLOW | access, mode & 0o7777) } catch {
+                // A name taken since the kernel's lookup is EEXIST even without O_EXCL: opening
+                // the existing file here would skip the kernel's permission check on it.
+                // The side file of a long name that already exists belongs to that entry: keep it.
+                if error.errno != EEXIST { removeLongNameFile(dir, b) }
+                throw error.errno == EEXIST ? .exists : .system(error)
+            }
+            if let fileID {
+                // Listing manifests: a file has its header (length 0, its file ID) from the start.
+                do throws(FSError) { try writeNewHeader(fd: fd, fileID: fileID) } catch {
+                    Sys.close(fd)
+                    _ = Glibc.unlinkat(dir.fd, b.entryName, 0)
+                    removeLongNameFile(dir, b)
+                    throw error
+                }
+            }
+            if chownToCaller { _ = Glibc.fchown(fd, caller.uid, groupFor(caller, in: dir)) }
+            let st: stat
+            do throws(SystemError) { st = try Sys.fstat(fd) } catch { Sys.close(fd); throw .system(error) }
+            let id = table.withLock { $0.add(Link(parent: parent, name: name, entry: b.entryName), identity: Identity(st), isDirectory: false) }
+            do throws(FSError) { return (id, translate(st) { nil }, try register(fd: fd, stat: st, node: id, writable: true)) } catch {
+                Sys.close(fd)
+                forget(id, count: 1)
+                throw error
+            }
         }
-        if chownToCaller { _ = Glibc.fchown(fd, caller.uid, groupFor(caller, in: dir)) }
-        let st: stat
-        do { st = try Sys.fstat(fd) } catch { Sys.close(fd); throw .system(error) }
-        let id = table.withLock { $0.add(Link(parent: parent, name: name, entry: b.entryName), identity: Identity(st), isDirectory: false) }
-        do { return (id, translate(st) { nil }, try register(fd: fd, stat: st, node: id, writable: true)) } catch {
-            Sys.close(fd)
-            forget(id, count: 1)
-            throw error
+    }
+
+    /// A random file ID for a new file of a volume with listing manifests; nil without.
+    func newFileID() throws(FSError) -> [UInt8]? {
+        guard listingManifests else { return nil }
+        do { return try Random.bytes(16) } catch { throw .damaged("\(error)") }
+    }
+
+    /// Writes a new file's header (length 0, `fileID`) through `fd` (one pwrite).
+    func writeNewHeader(fd: Int32, fileID: [UInt8]) throws(FSError) {
+        do throws(ContentError) { _ = try content(fd).writeNewHeader(fileID: fileID) } catch {
+            throw FSError(error)
         }
     }
 

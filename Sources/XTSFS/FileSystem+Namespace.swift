@@ -90,14 +90,40 @@ extension FileSystem {
     }
 
     private func mknodLocked(parent: UInt64, name: [UInt8], mode: mode_t, rdev: dev_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
-        try newEntry(parent: parent, name: name, caller: caller) { (dirfd, entry) throws(SystemError) in
-            if mode & S_IFMT == S_IFREG || mode & S_IFMT == 0 {
-                let fd = try Sys.openat(dirfd, entry, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW, mode & 0o7777)
-                Sys.close(fd)
-            } else {
-                try Sys.mknodat(dirfd, entry, mode, rdev)
+        let regular = mode & S_IFMT == S_IFREG || mode & S_IFMT == 0
+        let fileID = try regular ? newFileID() : nil
+        let identity: [UInt8]
+        switch mode & S_IFMT {
+        case S_IFCHR, S_IFBLK: identity = ListingElement.identity(rdev: UInt64(rdev))
+        default: identity = fileID ?? ListingElement.zero
+        }
+        let type = regular ? UInt8(DT_REG) : UInt8(truncatingIfNeeded: (mode & S_IFMT) >> 12)
+        return try listingChange(try listingDirs(parent), plan: { () throws(FSError) -> [ListingDelta]? in
+            [ListingDelta(dir: 0, added: [ListedEntry(type: type, name: name, identity: identity)])]
+        }) { () throws(FSError) -> (UInt64, stat) in
+            try newEntry(parent: parent, name: name, caller: caller) { (dirfd, entry) throws(SystemError) in
+                if regular {
+                    let fd = try Sys.openat(dirfd, entry, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW, mode & 0o7777)
+                    defer { Sys.close(fd) }
+                    if let fileID {
+                        do throws(FSError) { try writeNewHeader(fd: fd, fileID: fileID) } catch {
+                            _ = Glibc.unlinkat(dirfd, entry, 0)
+                            throw SystemError(EIO, "write the new file's header: \(error)")
+                        }
+                    }
+                } else {
+                    try Sys.mknodat(dirfd, entry, mode, rdev)
+                }
             }
         }
+    }
+
+    /// The directory `parent` as a manifest change needs it; none without listing manifests.
+    func listingDirs(_ parents: UInt64...) throws(FSError) -> [ListingDir] {
+        guard listingManifests else { return [] }
+        var out: [ListingDir] = []
+        for p in parents { out.append(ListingDir(node: p, dir: try dirHandle(p), dirID: try directoryID(p))) }
+        return out
     }
 
     public func mkdir(parent: UInt64, name: [UInt8], mode: mode_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
@@ -107,26 +133,42 @@ extension FileSystem {
     private func mkdirLocked(parent: UInt64, name: [UInt8], mode: mode_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
         let header: [UInt8]
         let keys = self.keys
-        do { header = try DirHeader.random(keyGeneration: keys.generation).encode(macKey: keys.metadataMACKey) } catch { throw .damaged("\(error)") }
-        return try newEntry(parent: parent, name: name, caller: caller, directory: true) { (dirfd, entry) throws(SystemError) in
-            // Owner-writable until its header is in, then the mode asked for.
-            try Sys.mkdirat(dirfd, entry, 0o700)
-            var pinned: Int32 = -1
-            do throws(SystemError) {
-                pinned = try Sys.openPath(dirfd, entry, directory: true)
-                // A new directory is invisible to readers until this returns: no rename needed.
-                try Sys.writeNewFile(header, at: pinned, DirHeader.fileName, mode: 0o444)
-                // Keep the setgid bit a setgid parent passes down.
-                let inherited = try Sys.fstat(pinned).st_mode & S_ISGID
-                try Sys.fchmod(pinned: pinned, (mode & 0o7777) | inherited)
-                Sys.close(pinned)
-            } catch {
-                if pinned >= 0 {
-                    _ = Glibc.unlinkat(pinned, DirHeader.fileName, 0)
+        let dirHeader: DirHeader
+        do {
+            dirHeader = try DirHeader.random(keyGeneration: keys.generation)
+            header = try dirHeader.encode(macKey: keys.metadataMACKey)
+        } catch { throw .damaged("\(error)") }
+        let manifest = try listingManifests ? FileSystem.newManifestBytes(keys: keys, dirID: dirHeader.directoryID) : nil
+        return try listingChange(try listingDirs(parent), plan: { () throws(FSError) -> [ListingDelta]? in
+            [ListingDelta(dir: 0, added: [ListedEntry(type: UInt8(DT_DIR), name: name, identity: dirHeader.directoryID)])]
+        }) { () throws(FSError) -> (UInt64, stat) in
+            try newEntry(parent: parent, name: name, caller: caller, directory: true) { (dirfd, entry) throws(SystemError) in
+                // Owner-writable until its header is in, then the mode asked for.
+                try Sys.mkdirat(dirfd, entry, 0o700)
+                var pinned: Int32 = -1
+                do throws(SystemError) {
+                    pinned = try Sys.openPath(dirfd, entry, directory: true)
+                    // A new directory is invisible to readers until this returns: no rename needed.
+                    try Sys.writeNewFile(header, at: pinned, DirHeader.fileName, mode: 0o444)
+                    if let manifest {
+                        // Its manifest (empty) next to it, before anything can see the directory.
+                        let fd = try Sys.openat(pinned, ListManifest.fileName, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
+                        defer { Sys.close(fd) }
+                        try manifest.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, 0) }
+                    }
+                    // Keep the setgid bit a setgid parent passes down.
+                    let inherited = try Sys.fstat(pinned).st_mode & S_ISGID
+                    try Sys.fchmod(pinned: pinned, (mode & 0o7777) | inherited)
                     Sys.close(pinned)
+                } catch {
+                    if pinned >= 0 {
+                        _ = Glibc.unlinkat(pinned, ListManifest.fileName, 0)
+                        _ = Glibc.unlinkat(pinned, DirHeader.fileName, 0)
+                        Sys.close(pinned)
+                    }
+                    _ = Glibc.unlinkat(dirfd, entry, AT_REMOVEDIR)
+                    throw error
                 }
-                _ = Glibc.unlinkat(dirfd, entry, AT_REMOVEDIR)
-                throw error
             }
         }
     }
@@ -140,8 +182,12 @@ extension FileSystem {
         do { encrypted = try names.encryptTarget(target) } catch { throw FSError(error) }
         let stored = try backingTarget(encrypted)
         do {
-            return try newEntry(parent: parent, name: name, caller: caller) { (dirfd, entry) throws(SystemError) in
-                try Sys.symlinkat(stored, dirfd, entry)
+            return try listingChange(try listingDirs(parent), plan: { () throws(FSError) -> [ListingDelta]? in
+                [ListingDelta(dir: 0, added: [ListedEntry(type: UInt8(DT_LNK), name: name, identity: ListingElement.identity(symlinkTarget: target))])]
+            }) { () throws(FSError) -> (UInt64, stat) in
+                try newEntry(parent: parent, name: name, caller: caller) { (dirfd, entry) throws(SystemError) in
+                    try Sys.symlinkat(stored, dirfd, entry)
+                }
             }
         } catch {
             if stored != encrypted { dropStoredTarget(Array(stored.utf8)) }
@@ -173,6 +219,16 @@ extension FileSystem {
         let sdir = try dirHandle(link.parent)
         // A name renamed to its new-generation name by an online rekey is found again.
         if (try? Sys.fstatat(sdir.fd, link.entry)) == nil, let fresh = refreshed(id, link) { link = fresh }
+        let source = link
+        return try listingChange(try listingDirs(newParent), plan: { () throws(FSError) -> [ListingDelta]? in
+            guard let st = try? Sys.fstatat(sdir.fd, source.entry), Identity(st) == loc.identity else { return nil }
+            return [ListingDelta(dir: 0, added: [try listedEntry(sdir, source.entry, name: newName, st)])]
+        }) { () throws(FSError) -> (UInt64, stat) in
+            try linkApply(loc: loc, link: source, sdir: sdir, ddir: ddir, db: db, newParent: newParent, newName: newName)
+        }
+    }
+
+    private func linkApply(loc: (link: Link?, identity: Identity, isDirectory: Bool), link: Link, sdir: DirHandle, ddir: DirHandle, db: BackingName, newParent: UInt64, newName: [UInt8]) throws(FSError) -> (UInt64, stat) {
         try writeLongNameFile(ddir, db)
         do { try Sys.linkat(sdir.fd, link.entry, ddir.fd, db.entryName) } catch {
             if error.errno != EEXIST { removeLongNameFile(ddir, db) }
@@ -197,6 +253,15 @@ extension FileSystem {
     private func unlinkLocked(parent: UInt64, name: [UInt8]) throws(FSError) {
         try checkWritable()
         let (dir, b) = try entry(parent, name)
+        try listingChange(try listingDirs(parent), plan: { () throws(FSError) -> [ListingDelta]? in
+            guard let st = try? Sys.fstatat(dir.fd, b.entryName), !st.isDirectory else { return nil }
+            return [ListingDelta(dir: 0, removed: [try listedEntry(dir, b.entryName, name: name, st)])]
+        }) { () throws(FSError) in
+            try unlinkApply(parent: parent, name: name, dir: dir, b: b)
+        }
+    }
+
+    private func unlinkApply(parent: UInt64, name: [UInt8], dir: DirHandle, b: BackingName) throws(FSError) {
         let st = try? Sys.fstatat(dir.fd, b.entryName)
         if let st, st.isDirectory { throw .isDirectory }
         let storedTarget = st.flatMap { $0.isSymlink && $0.st_nlink <= 1 ? try? Sys.readlinkat(dir.fd, b.entryName) : nil }
@@ -217,9 +282,23 @@ extension FileSystem {
         if let birth = Sys.birthIdentity(pinned) { _ = knownDirHeaders.withLock { $0.removeValue(forKey: birth) } }
         let entries: [(name: String, type: UInt8, ino: UInt64)]
         do { entries = try Sys.listDirectory(pinned) } catch { throw .system(error) }
-        guard entries.allSatisfy({ BackingEntry.classify($0.name) == .directoryHeader }) else { throw .notEmpty }
+        guard entries.allSatisfy({ let c = BackingEntry.classify($0.name); return c == .directoryHeader || c == .listManifest }) else { throw .notEmpty }
         if entries.isEmpty {
             do { try body() } catch { throw error.errno == EEXIST ? .notEmpty : .system(error) }
+            return
+        }
+        // The listing manifest goes first (put back if what follows fails): an empty
+        // directory's, which nothing reads once the directory is gone.
+        var savedManifest: [UInt8]?
+        if entries.contains(where: { $0.name == ListManifest.fileName }) { savedManifest = try? Sys.readSmallFile(pinned, ListManifest.fileName, limit: 4096) }
+        if savedManifest != nil { _ = Glibc.unlinkat(pinned, ListManifest.fileName, 0) }
+        func restoreManifest() {
+            guard let savedManifest, let fd = try? Sys.openat(pinned, ListManifest.fileName, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644) else { return }
+            _ = savedManifest.withUnsafeBytes { try? Sys.pwrite(fd, $0.baseAddress!, $0.count, 0) }
+            Sys.close(fd)
+        }
+        guard entries.contains(where: { $0.name == DirHeader.fileName }) else {
+            do { try body() } catch { restoreManifest(); throw error.errno == EEXIST ? .notEmpty : .system(error) }
             return
         }
         // The header is ours to put back; a damaged one goes back as it was.
@@ -229,15 +308,17 @@ extension FileSystem {
         var restoreMode: mode_t?
         do { try Sys.unlinkat(pinned, DirHeader.fileName) } catch {
             guard error.errno == EACCES, let st = try? Sys.fstat(pinned),
-                  (try? Sys.fchmod(pinned: pinned, (st.st_mode & 0o7777) | 0o700)) != nil else { throw .system(error) }
+                  (try? Sys.fchmod(pinned: pinned, (st.st_mode & 0o7777) | 0o700)) != nil else { restoreManifest(); throw .system(error) }
             restoreMode = st.st_mode & 0o7777
             do { try Sys.unlinkat(pinned, DirHeader.fileName) } catch {
                 _ = try? Sys.fchmod(pinned: pinned, restoreMode!)
+                restoreManifest()
                 throw .system(error)
             }
         }
         do { try body() } catch {
             if let saved { _ = try? Sys.atomicWrite(saved, at: pinned, DirHeader.fileName, mode: 0o444) }
+            restoreManifest()
             if let m = restoreMode { _ = try? Sys.fchmod(pinned: pinned, m) }
             throw error.errno == EEXIST ? .notEmpty : .system(error)
         }
@@ -250,6 +331,15 @@ extension FileSystem {
     private func rmdirLocked(parent: UInt64, name: [UInt8]) throws(FSError) {
         try checkWritable()
         let (dir, b) = try entry(parent, name)
+        try listingChange(try listingDirs(parent), plan: { () throws(FSError) -> [ListingDelta]? in
+            guard let st = try? Sys.fstatat(dir.fd, b.entryName), st.isDirectory else { return nil }
+            return [ListingDelta(dir: 0, removed: [try listedEntry(dir, b.entryName, name: name, st)])]
+        }) { () throws(FSError) in
+            try rmdirApply(parent: parent, name: name, dir: dir, b: b)
+        }
+    }
+
+    private func rmdirApply(parent: UInt64, name: [UInt8], dir: DirHandle, b: BackingName) throws(FSError) {
         let pinned: Int32
         do { pinned = try Sys.openPath(dir.fd, b.entryName, directory: true) } catch {
             throw error.errno == ENOENT ? .notFound : (error.errno == ENOTDIR || error.errno == ELOOP) ? .notDirectory : .system(error)
@@ -291,7 +381,13 @@ extension FileSystem {
             // Both names stay where they are (and so do long names' side files); the
             // objects behind them swap. A directory carries its ID inside it.
             guard let dst else { throw .notFound }
-            do { try Sys.renameat(sdir.fd, sb.entryName, ddir.fd, db.entryName, flags: exchange) } catch { throw .system(error) }
+            try listingChange(try listingDirs(parent, newParent), plan: { () throws(FSError) -> [ListingDelta]? in
+                let s = try listedEntry(sdir, sb.entryName, name: name, sst), d = try listedEntry(ddir, db.entryName, name: newName, dst)
+                return [ListingDelta(dir: 0, removed: [s], added: [ListedEntry(type: d.type, name: name, identity: d.identity)]),
+                        ListingDelta(dir: 1, removed: [d], added: [ListedEntry(type: s.type, name: newName, identity: s.identity)])]
+            }) { () throws(FSError) in
+                do throws(SystemError) { try Sys.renameat(sdir.fd, sb.entryName, ddir.fd, db.entryName, flags: exchange) } catch { throw .system(error) }
+            }
             table.withLock {
                 $0.moved(from: parent, name: name, to: target, identity: Identity(sst))
                 $0.moved(from: newParent, name: newName, to: source, identity: Identity(dst))
@@ -303,6 +399,20 @@ extension FileSystem {
             // Two names of one file: rename(2) does nothing then.
             return
         }
+        try listingChange(try listingDirs(parent, newParent), plan: { () throws(FSError) -> [ListingDelta]? in
+            let s = try listedEntry(sdir, sb.entryName, name: name, sst)
+            var replaced: [ListedEntry] = []
+            if let dst { replaced.append(try listedEntry(ddir, db.entryName, name: newName, dst)) }
+            return [ListingDelta(dir: 0, removed: [s]),
+                    ListingDelta(dir: 1, removed: replaced, added: [ListedEntry(type: s.type, name: newName, identity: s.identity)])]
+        }) { () throws(FSError) in
+            try renameApply(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags, sdir: sdir, sb: sb, ddir: ddir, db: db, sst: sst, dst: dst, target: target)
+        }
+    }
+
+    private func renameApply(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32, sdir: DirHandle, sb: BackingName, ddir: DirHandle, db: BackingName,
+                             sst: stat, dst: stat?, target: Link) throws(FSError) {
+        let noReplace = UInt32(XTS_RENAME_NOREPLACE)
         try writeLongNameFile(ddir, db)
         let replacedTarget = dst.flatMap { $0.isSymlink && $0.st_nlink <= 1 ? try? Sys.readlinkat(ddir.fd, db.entryName) : nil }
         let doRename = { () throws(SystemError) in

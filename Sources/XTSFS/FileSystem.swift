@@ -73,6 +73,11 @@ public final class FileSystem: @unchecked Sendable {
     /// to the volume's tag algorithm.
     public let unitTags: UnitTagAlgorithm?
     public var integrity: Bool { unitTags != nil }
+    /// Feature `listingManifests` (FORMAT.md 12.10): every directory has a manifest that
+    /// every change of its entries updates (FileSystem+Manifest), and every file a header
+    /// with a file ID from its creation on.
+    public let listingManifests: Bool
+    let manifestLocks = ManifestLocks()
     /// The DEK generations the volume holds: one, or two in the middle of a DEK rekey
     /// (FORMAT.md section 13). Objects of every generation held are read; new ones are
     /// written with the newest. An online rekey adds a generation, and drops the old one
@@ -140,11 +145,12 @@ public final class FileSystem: @unchecked Sendable {
     /// old one; 0 for a filesystem of its own.
     /// `olderKeys`: the generations still held besides `keys` (the newest), in the middle
     /// of a DEK rekey.
-    public init(cipherDir: String, keys: KeySet, olderKeys: [KeySet] = [], readOnly: Bool, unitTags: UnitTagAlgorithm? = nil, dirCacheCapacity: Int = 1024, idBase: UInt64 = 0,
+    public init(cipherDir: String, keys: KeySet, olderKeys: [KeySet] = [], readOnly: Bool, unitTags: UnitTagAlgorithm? = nil, listingManifests: Bool = false, dirCacheCapacity: Int = 1024, idBase: UInt64 = 0,
                 log: @escaping @Sendable (String) -> Void) throws(FSError) {
         nextHandle = Atomic(idBase + 1)
         self.cipherDir = cipherDir
         self.unitTags = unitTags
+        self.listingManifests = listingManifests && unitTags != nil
         self.generations = Mutex(KeyGenerations(newest: keys, older: olderKeys))
         self.readOnly = readOnly
         self.chownToCaller = geteuid() == 0

@@ -23,7 +23,7 @@ public enum UnitTagAlgorithm: UInt16, Sendable, CaseIterable, CustomStringConver
 /// (feature `blockAuthentication`), at the head of the file's first tag block:
 ///
 ///     version u16 | flags u16 | key generation u32 | nonce [16] | length u64 |
-///     reserved [16] | MAC [16]
+///     file ID [16] | MAC [16]
 ///
 /// Unlike the plain header it commits the plaintext length: an integrity file is not
 /// length-preserving (every unit is stored whole, with tags beside it), and the length is
@@ -44,6 +44,11 @@ public struct IntegrityFileHeader: Sendable, Equatable {
     public var nonce: [UInt8]
     /// The plaintext length, in bytes.
     public var plainLength: UInt64
+    /// The file's identity in its directories' listing manifests (FORMAT.md 12.10):
+    /// random at creation, kept when the file is emptied or rekeyed. 16 zero bytes on a
+    /// volume without listing manifests (the reserved bytes of older versions).
+    public var fileID: [UInt8] = IntegrityFileHeader.noFileID
+    public static let noFileID = [UInt8](repeating: 0, count: 16)
 
     public init(tags: UnitTagAlgorithm, keyGeneration: UInt32, nonce: [UInt8], plainLength: UInt64) {
         self.version = tags.rawValue
@@ -62,7 +67,7 @@ public struct IntegrityFileHeader: Sendable, Equatable {
     private func body() -> [UInt8] {
         var w = ByteWriter(capacity: IntegrityFileHeader.length)
         w.u16(version); w.u16(flags); w.u32(keyGeneration); w.raw(nonce); w.u64(plainLength)
-        w.raw([UInt8](repeating: 0, count: 16))
+        w.raw(fileID.count == 16 ? fileID : IntegrityFileHeader.noFileID)
         return w.bytes
     }
 
@@ -86,16 +91,17 @@ public struct IntegrityFileHeader: Sendable, Equatable {
         let generation = try r.u32("file key generation")
         let nonce = try r.raw(FileHeader.nonceLength, "file nonce")
         let plainLength = try r.u64("file length")
-        let reserved = try r.raw(16, "file header reserved")
+        let fileID = try r.raw(16, "file ID")
         let mac = try r.raw(macLength, "file header MAC")
         var h = IntegrityFileHeader(tags: tags, keyGeneration: generation, nonce: nonce, plainLength: plainLength)
         h.flags = flags
+        h.fileID = fileID
         let expected: [UInt8]
         do { expected = try truncatedMAC(macLabel, h.body(), macKey, macLength) }
         catch { throw .invalid("file header MAC: \(error)") }
-        // The reserved bytes are inside the MAC (body() writes them as zeros), so a header
-        // with anything there fails here rather than being half understood.
-        guard constantTimeEqual(expected, mac), reserved.allSatisfy({ $0 == 0 }) else { throw .checksumMismatch("integrity file header") }
+        // The file ID is inside the MAC; whether it must be zeros (a volume without listing
+        // manifests) or not (one with them) is for the reader, who knows the volume.
+        guard constantTimeEqual(expected, mac) else { throw .checksumMismatch("integrity file header") }
         guard flags == flagAuthenticated else { throw .unsupportedFeatures(UInt64(flags)) }
         return h
     }

@@ -39,8 +39,14 @@ public struct Features: OptionSet, Sendable, Hashable {
     /// FORMAT.md 12.4) instead of HMAC-SHA256. A reader that does not know it would find
     /// every unit's tag wrong and report the whole volume as tampered: it must refuse.
     public static let ghashUnitTags = Features(rawValue: 1 << 3)
+    /// With `blockAuthentication`: every backing directory holds a listing manifest
+    /// (`xtsfs.list`, FORMAT.md 12.10) that commits to its entries, and every regular file
+    /// has a header with a file ID from its creation. A reader that does not know it would
+    /// change directories without updating their manifests, and every directory it touched
+    /// would then be reported as tampered: it must refuse.
+    public static let listingManifests = Features(rawValue: 1 << 5)
     /// Every flag this build can read.
-    public static let known: Features = [.blockAuthentication, .rekeyInProgress, .rekeyJournal, .ghashUnitTags, .rekeyIntegrityJournal]
+    public static let known: Features = [.blockAuthentication, .rekeyInProgress, .rekeyJournal, .ghashUnitTags, .rekeyIntegrityJournal, .listingManifests]
 
     /// How units are tagged: nil on a plain volume.
     public var unitTags: UnitTagAlgorithm? {
@@ -53,7 +59,7 @@ public struct Features: OptionSet, Sendable, Hashable {
         switch tags {
         case nil: []
         case .hmacSHA256: [.blockAuthentication]
-        case .ghashAES256: [.blockAuthentication, .ghashUnitTags]
+        case .ghashAES256: [.blockAuthentication, .ghashUnitTags, .listingManifests]
         }
     }
 }
@@ -276,6 +282,9 @@ public struct VolumeHeader: Sendable, Equatable {
         guard unknown.isEmpty else { throw .unsupportedFeatures(unknown.rawValue) }
         guard !features.contains(.ghashUnitTags) || features.contains(.blockAuthentication) else {
             throw .invalid("feature ghashUnitTags (bit 3) without blockAuthentication (bit 0)")
+        }
+        guard !features.contains(.listingManifests) || features.contains(.blockAuthentication) else {
+            throw .invalid("feature listingManifests (bit 5) without blockAuthentication (bit 0)")
         }
         let sequence = try r.u64("sequence")
         let volumeID = try r.raw(16, "volume ID")

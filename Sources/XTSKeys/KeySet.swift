@@ -19,6 +19,11 @@ public final class KeySet: @unchecked Sendable {
     public let headerMACKey: SecretBytes
     /// Stored in keyslots: tells a right DEK from a wrong one without touching data.
     public let digest: [UInt8]
+    /// Listing manifests (FORMAT.md 12.10): the HMAC key of an entry's element, the AES-256
+    /// key that seals a directory's accumulator, and the HMAC key of the manifest file.
+    public let listElementKey: SecretBytes
+    public let listSealKey: SecretBytes
+    public let listMACKey: SecretBytes
 
     public enum Label {
         public static let content = "xtsfs v1 content"
@@ -26,6 +31,9 @@ public final class KeySet: @unchecked Sendable {
         public static let metadataMAC = "xtsfs v1 metadata mac"
         public static let headerMAC = "xtsfs v1 header mac"
         public static let digest = "xtsfs v1 dek digest"
+        public static let listElement = "xtsfs v1 listing element"
+        public static let listSeal = "xtsfs v1 listing seal"
+        public static let listMAC = "xtsfs v1 listing manifest mac"
     }
 
     public init(dek: SecretBytes, generation: UInt32, volumeID: [UInt8]) throws(CryptoError) {
@@ -40,6 +48,9 @@ public final class KeySet: @unchecked Sendable {
         metadataMACKey = try derive(Label.metadataMAC, 32)
         headerMACKey = try derive(Label.headerMAC, 32)
         digest = try derive(Label.digest, 32).withUnsafeBytes { Array($0) }
+        listElementKey = try derive(Label.listElement, 32)
+        listSealKey = try derive(Label.listSeal, 32)
+        listMACKey = try derive(Label.listMAC, 32)
     }
 
     public static func generate(generation: UInt32, volumeID: [UInt8]) throws(CryptoError) -> KeySet {

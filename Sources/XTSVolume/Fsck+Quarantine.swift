@@ -20,7 +20,7 @@ extension Fsck {
         guard let keys, let names, let rootDirID else { throw .damaged("the root directory cannot be used") }
         let fs: FileSystem
         if let existing = fileSystem { fs = existing } else {
-            fs = try FileSystem(cipherDir: cipherDir, keys: keys, readOnly: false, unitTags: unitTags, log: { _ in })
+            fs = try FileSystem(cipherDir: cipherDir, keys: keys, readOnly: false, unitTags: unitTags, listingManifests: listingManifests, log: { _ in })
             fileSystem = fs
         }
         let name = Array(Fsck.lostAndFound.utf8)

@@ -48,6 +48,9 @@ extension Fsck {
             switch BackingEntry.classify(e.name) {
             case .directoryHeader:
                 continue
+            case .listManifest:
+                if !listingManifests { _ = add(.foreignEntry, .warning, path, "a listing manifest on a volume without them; ignored by xtsfs") }
+                continue
             case .volumeHeader, .linkStore, .auditLog, .presence, .tempArea, .cacheArea, .cacheKey:
                 if isRoot { continue }
                 _ = add(.foreignEntry, .warning, path, "an xtsfs internal name outside CIPHERDIR's top level; ignored by xtsfs")
@@ -127,6 +130,9 @@ extension Fsck {
             }
         }
 
+        if listingManifests, keys != nil, let dirID, !isLostFound || movedIntoLostFound.isEmpty {
+            checkListingManifest(fd, backingPath: backingPath, plainPath: plainPath, dirID: dirID)
+        }
         guard repair else { return }
         // Repairs that move entries: only with the key, and never in the root when its
         // header is damaged (lost+found lives there).
@@ -473,8 +479,11 @@ extension Fsck {
             }
             return
         }
+        // A file without a header on a volume with listing manifests: the directory's
+        // manifest check says what it is (a create cut off, or damage).
+        if listingManifests, ListingIdentity.fileID(fd: fd) == nil, st.st_size <= Int64(IntegrityFileHeader.length) { return }
         // Read with the keys of the generation its header names, as the mount reads it.
-        let content = ContentFile(file: FDBackingFile(fd: fd), currentKeys: keys, unitTags: unitTags) { generations.keys($0) }
+        let content = ContentFile(file: FDBackingFile(fd: fd), currentKeys: keys, unitTags: unitTags, fileIDs: listingManifests) { generations.keys($0) }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
         defer { buffer.deallocate() }
         var offset: Int64 = 0

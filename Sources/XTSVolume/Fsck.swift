@@ -51,6 +51,9 @@ public final class Fsck {
     /// The volume authenticates file contents (init --integrity), with these unit tags.
     var unitTags: UnitTagAlgorithm?
     var integrity: Bool { unitTags != nil }
+    /// Feature `listingManifests`: every directory's entries are checked against its
+    /// manifest (FORMAT.md 12.10), and every file must have a header.
+    var listingManifests = false
     var names: NameCodec?
     /// The root directory's ID; nil when its header is damaged or no key was given.
     var rootDirID: [UInt8]?
@@ -113,6 +116,7 @@ public final class Fsck {
         // read and checked against its tag, and the length against the committed one.
         if let loaded = try? Volume.load(cipherDir) {
             unitTags = loaded.candidates.lazy.compactMap(\.header.features.unitTags).first
+            listingManifests = unitTags != nil && loaded.candidates.contains { $0.header.features.contains(.listingManifests) }
             // Mid-rekey, names and files of two key generations stand side by side, and what
             // looks out of place may be the rekey's own progress (a half-rewritten file, a
             // side file between two renames): a check reports it, a repair is refused.

@@ -21,6 +21,18 @@ public enum FsckDamage: String, Codable, Sendable, CaseIterable {
     case directoryHeaderMissing
     case directoryHeaderDamaged
     case directoryUnreadable
+    /// Volumes with listing manifests (FORMAT.md 12.10): a directory's `xtsfs.list` is
+    /// missing, or does not verify (damaged, planted, or moved from another directory).
+    case listingManifestMissing
+    case listingManifestDamaged
+    /// The entries of a directory are not the set its manifest commits to: an entry was
+    /// added, removed or swapped (or a file's header swapped) behind the mount's back.
+    case directoryListingMismatch
+    /// A change of a directory's entries was cut off (a crash): its listing matches the
+    /// manifest's pending slot or its committed one, both of which xtsfs wrote (a warning;
+    /// `--repair` settles the manifest, and removes a file whose create was cut off
+    /// before its header was written).
+    case listingChangeInterrupted
     // Names.
     case nameUndecryptable
     case longNameRecordMissing
@@ -93,6 +105,8 @@ public enum FsckAction: String, Codable, Sendable {
     case recreatedDirectoryHeader
     /// An integrity volume's file cut back to its committed length.
     case trimmedUncommittedTail
+    /// A listing manifest whose change was cut off, settled to the slot its listing matches.
+    case settledListingManifest
 }
 
 public struct FsckFinding: Codable, Sendable, Equatable {

@@ -250,7 +250,7 @@ public enum Mounter {
         let fs: FileSystem
         do {
             fs = try FileSystem(cipherDir: req.cipherDir, keys: newer ?? keys, olderKeys: newer == nil ? [] : [keys], readOnly: req.readOnly,
-                                unitTags: features.unitTags, log: log)
+                                unitTags: features.unitTags, listingManifests: features.contains(.listingManifests), log: log)
         } catch {
             ready(.failure(.corruptHeader("cannot open the root directory: \(error)")))
             return ExitStatus.corruptHeader.rawValue

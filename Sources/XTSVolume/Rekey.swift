@@ -189,6 +189,7 @@ public enum Rekey {
         defer { Sys.close(rootFD) }
         let sweep = RekeySweep(old: old, new: new, unitTags: header.features.unitTags, failpoint: failpoint, report: progress)
         sweep.rootFD = rootFD
+        sweep.listingManifests = header.features.contains(.listingManifests)
         var failure: RekeySweep.SweepError?
         var found: [String] = []
         var links = Set<String>()

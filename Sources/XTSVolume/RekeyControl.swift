@@ -270,6 +270,7 @@ final class RekeyControl: @unchecked Sendable {
             self.state.withLock { $0.progress = p }
         })
         sweep.rootFD = rootFD
+        sweep.listingManifests = fs.listingManifests
         sweep.fs = fs
         sweep.shouldStop = { [unowned self] in self.stopped.load(ordering: .relaxed) }
         for pass in 1...RekeyControl.maxPasses {

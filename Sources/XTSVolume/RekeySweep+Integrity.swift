@@ -84,6 +84,8 @@ extension RekeySweep {
         do {
             var newHeader = try IntegrityFileHeader.random(tags: tags, keyGeneration: new.generation)
             newHeader.plainLength = oldHeader.plainLength
+            // Listing manifests: the file keeps its identity (FORMAT.md 12.10).
+            newHeader.fileID = oldHeader.fileID
             return Job(name: name, stat: st, from: try FileCrypto(keys: old, integrityHeader: oldHeader), to: try FileCrypto(keys: new, integrityHeader: newHeader),
                        oldHeader: raw, newHeader: try newHeader.encode(macKey: new.metadataMACKey), fd: fd, lease: lease,
                        size: RekeySweep.integrityBackingSize(plain: plain), plainSize: plain, display: display)

@@ -80,6 +80,10 @@ final class RekeySweep {
     /// The volume's unit tags: nil for a plain volume.
     let unitTags: UnitTagAlgorithm?
     var integrity: Bool { unitTags != nil }
+    /// Feature `listingManifests`: each directory's manifest is verified under the old
+    /// generation and sealed again under the new one (`rekeyManifest`), before its header
+    /// is switched.
+    var listingManifests = false
     let failpoint: Failpoint
     let report: (RekeyProgress) -> Void
     var progress: RekeyProgress
@@ -306,6 +310,7 @@ final class RekeySweep {
         // and 4. the directory's own header, last: from here on its names are new.
         try exclusive { () throws(SweepError) in
             try renameEntries(dirfd, header: header, path: path)
+            try rekeyManifest(dirfd, dirID: header.directoryID, path: path)
             if switched { return }
             // Online: an rmdir may have taken the directory (its header first) meanwhile.
             if online, (try? Sys.fstatat(dirfd, DirHeader.fileName)) == nil { deferred += 1; return }
@@ -772,6 +777,9 @@ final class RekeySweep {
             found.append("\(path): directory header not of the new generation"); return
         }
         guard let entries = try? Sys.listDirectory(dirfd) else { found.append("\(path): unreadable"); return }
+        if listingManifests, ListManifest.generation(of: (try? Sys.readSmallFile(dirfd, ListManifest.fileName, limit: 4096)) ?? []) != new.generation {
+            found.append("\(path): listing manifest not of the new generation")
+        }
         let newNames = NameCodec(keys: new), oldNames = NameCodec(keys: old), newX = XattrCodec(keys: new), oldX = XattrCodec(keys: old)
         for e in entries {
             switch BackingEntry.classify(e.name) {

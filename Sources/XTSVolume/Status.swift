@@ -66,6 +66,7 @@ public struct StatusReport: Codable, Sendable {
         if h.features.contains(.rekeyJournal) { features.append("rekey-journal") }
         if h.features.contains(.ghashUnitTags) { features.append("ghash-unit-tags") }
         if h.features.contains(.rekeyIntegrityJournal) { features.append("rekey-integrity-journal") }
+        if h.features.contains(.listingManifests) { features.append("listing-manifests") }
         return StatusReport(
             cipherDir: cipherDir, formatVersion: Int(h.version),
             volumeID: hex(h.volumeID),

@@ -36,9 +36,16 @@ public enum Volume {
             var header = VolumeHeader(sequence: 1, volumeID: volumeID, created: now(), keyGeneration: 1, keyslots: slots)
             header.features = features
             header = try Keyring.seal(header, keys: keys)
-            let dir = try DirHeader.random(keyGeneration: 1).encode(macKey: keys.metadataMACKey)
+            let rootHeader = try DirHeader.random(keyGeneration: 1)
+            let dir = try rootHeader.encode(macKey: keys.metadataMACKey)
             // The root directory header first: a volume header marks a complete volume.
             try Sys.atomicWrite(dir, to: cipherDir + "/" + DirHeader.fileName, mode: 0o444)
+            if features.contains(.listingManifests) {
+                // The root's listing manifest, empty (FORMAT.md 12.10).
+                let empty = try ListingElement.seal(key: keys.listSealKey, ListingElement.zero)
+                let manifest = try ListManifest(keyGeneration: 1, slotA: empty, slotB: empty).encode(macKey: keys.listMACKey, directoryID: rootHeader.directoryID)
+                try Sys.atomicWrite(manifest, to: cipherDir + "/" + ListManifest.fileName, mode: 0o644)
+            }
             try HeaderStore(directory: cipherDir).write(header)
             return header
         } catch let e as KeyError {

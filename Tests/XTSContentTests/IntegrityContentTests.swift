@@ -374,6 +374,71 @@ final class IntegrityContentTests: XCTestCase {
         }
     }
 
+    /// Listing manifests (FORMAT.md 12.10): a file has its header with a file ID from its
+    /// creation; emptying keeps the file ID with a new nonce (64 bytes), a file without a
+    /// header is damage, and a file ID on a volume without manifests (or none on one with
+    /// them) is damage. A first write into a header-only file, stopped anywhere, reads as
+    /// empty or whole, and so does emptying.
+    func testFileIDsAreKeptAndAFileWithoutAHeaderIsDamage() throws {
+        let id = [UInt8](repeating: 0x5c, count: 16)
+        func ids<F: BackingFile>(_ f: F) -> ContentFile<F> {
+            let k = keys
+            return ContentFile(file: f, currentKeys: k, unitTags: tagAlgorithm, fileIDs: true) { $0 == k.generation ? k : nil }
+        }
+        func fileID(_ m: MemoryFile) -> [UInt8] { Array(m.bytes[32..<48]) }
+        let m = MemoryFile()
+        _ = try ids(m).writeNewHeader(fileID: id)
+        XCTAssertEqual(m.bytes.count, 64)
+        XCTAssertEqual(try ids(m).plainSize(), 0)
+        XCTAssertEqual(fileID(m), id)
+        let data = (0..<(130 * 4096 + 5)).map { UInt8(truncatingIfNeeded: $0 &* 11) }
+        try write(ids(m), data, at: 0)
+        XCTAssertEqual(try readAll(ids(m)), data)
+        XCTAssertEqual(fileID(m), id, "kept by writes")
+        let nonce = Array(m.bytes[8..<24])
+        _ = try ids(m).truncate(to: 0, crypto: nil)
+        XCTAssertEqual(m.bytes.count, 64, "emptied to its header")
+        XCTAssertEqual(fileID(m), id, "kept when emptied")
+        XCTAssertNotEqual(Array(m.bytes[8..<24]), nonce, "a new nonce when emptied")
+        XCTAssertEqual(try readAll(ids(m)), [])
+        // The wrong kind of volume.
+        XCTAssertThrowsError(try content(m).plainSize(), "a file ID without listing manifests")
+        let plain = MemoryFile()
+        try write(content(plain), [1, 2, 3], at: 0)
+        XCTAssertThrowsError(try ids(plain).plainSize(), "no file ID with listing manifests")
+        XCTAssertThrowsError(try ids(MemoryFile()).plainSize(), "0 bytes with listing manifests")
+        let zeros = MemoryFile()
+        zeros.bytes = [UInt8](repeating: 0, count: 64)
+        XCTAssertThrowsError(try ids(zeros).plainSize(), "64 zero bytes with listing manifests")
+        // Stopped anywhere: the first write into a header-only file, and emptying a file.
+        var stop = 0
+        while true {
+            let f = MemoryFile()
+            _ = try ids(f).writeNewHeader(fileID: id)
+            var finished = true
+            do { _ = try data.withUnsafeBytes { try ids(DyingFile(f, budget: stop)).write($0, at: 0, crypto: nil) } } catch { finished = false }
+            let got = try readAll(ids(f))
+            XCTAssertTrue(got.isEmpty || (finished && got == data), "first write stopped after \(stop) writes: \(got.count) bytes")
+            XCTAssertEqual(fileID(f), id)
+            if finished { break }
+            stop += 1
+        }
+        XCTAssertEqual(stop, 4, "data of group 0, entries and data of group 1, header with group 0's entries")
+        stop = 0
+        while true {
+            let f = MemoryFile()
+            _ = try ids(f).writeNewHeader(fileID: id)
+            try write(ids(f), data, at: 0)
+            var finished = true
+            do { _ = try ids(DyingFile(f, budget: stop)).truncate(to: 0, crypto: nil) } catch { finished = false }
+            let got = try readAll(ids(f))
+            XCTAssertTrue(got == data || got.isEmpty, "emptying stopped after \(stop) writes")
+            XCTAssertEqual(fileID(f), id)
+            if finished { XCTAssertEqual(f.bytes.count, 64); break }
+            stop += 1
+        }
+    }
+
     /// Every operation stopped after each possible number of its writes: every unit still
     /// authenticates (nothing reads as an error), the size is the old or the new one, and
     /// bytes the operation did not touch are unchanged.

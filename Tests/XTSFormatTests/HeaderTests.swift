@@ -123,7 +123,8 @@ final class HeaderTests: XCTestCase {
     func testUnitTagFeature() throws {
         XCTAssertNil(Features.contents(nil).unitTags)
         XCTAssertEqual(Features.contents(.hmacSHA256).rawValue, 1)
-        XCTAssertEqual(Features.contents(.ghashAES256).rawValue, 0b1001)
+        // Tag algorithm 2 volumes are made with listing manifests (bit 5) since they exist.
+        XCTAssertEqual(Features.contents(.ghashAES256).rawValue, 0b10_1001)
         for tags in UnitTagAlgorithm.allCases {
             var h = Self.fixedHeader()
             h.features = Features.contents(tags).union(.rekeyInProgress)
@@ -131,6 +132,11 @@ final class HeaderTests: XCTestCase {
         }
         var h = Self.fixedHeader()
         h.features = .ghashUnitTags
+        XCTAssertThrowsError(try VolumeHeader.decode(try h.encode())) {
+            guard case .invalid = $0 as? FormatError else { return XCTFail("\($0)") }
+        }
+        // Bit 5 (listing manifests) without bit 0 is damage too.
+        h.features = .listingManifests
         XCTAssertThrowsError(try VolumeHeader.decode(try h.encode())) {
             guard case .invalid = $0 as? FormatError else { return XCTFail("\($0)") }
         }

@@ -144,3 +144,36 @@ final class FrozenIntegrityVolumeV2Tests: FrozenIntegrityVolumeTests {
         unmount()
     }
 }
+
+/// The frozen volume with listing manifests (feature bit 5, FORMAT.md 12.10), passphrase
+/// "xtsfs frozen integrity v3", written by `init --integrity` with the same files as
+/// `integrity-volume` (the first one with manifests: every directory has `xtsfs.list`,
+/// every file a file ID, the empty one is its 64-byte header). Do not regenerate it.
+final class FrozenIntegrityVolumeV3Tests: FrozenIntegrityVolumeTests {
+    override var fixtureName: String { "integrity-volume-v3" }
+    override var frozenPassphrase: String { "xtsfs frozen integrity v3" }
+    override var helloText: String { "Hello from an xtsfs integrity volume (listing manifests).\n" }
+    override var tagAlgorithm: Int { 2 }
+
+    /// Every directory has its manifest, fsck checks them (clean), and two files swapped
+    /// in `sizes` are reported by it.
+    func testManifestsAreCheckedAndASwapIsReported() throws {
+        let status = Harness.run(["status", cipher])
+        XCTAssertTrue(status.stdout.contains("listing-manifests"), status.stdout)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: cipher + "/xtsfs.list"))
+        let sizes = try FileManager.default.contentsOfDirectory(atPath: cipher).first { n in
+            var st = stat()
+            return lstat(cipher + "/" + n, &st) == 0 && st.st_mode & S_IFMT == S_IFDIR && !n.hasPrefix("xtsfs.")
+        }.map { cipher + "/" + $0 }
+        let dir = try XCTUnwrap(sizes)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: dir + "/xtsfs.list"))
+        let files = try FileManager.default.contentsOfDirectory(atPath: dir).filter { !$0.hasPrefix("xtsfs.") }.sorted()
+        XCTAssertGreaterThanOrEqual(files.count, 9)
+        XCTAssertEqual(rename(dir + "/" + files[0], dir + "/swap"), 0)
+        XCTAssertEqual(rename(dir + "/" + files[1], dir + "/" + files[0]), 0)
+        XCTAssertEqual(rename(dir + "/swap", dir + "/" + files[1]), 0)
+        let r = Harness.run(["fsck", cipher, "--json", "--passfile", passfile])
+        XCTAssertEqual(r.status, 4, r.stdout)
+        XCTAssertTrue(r.stdout.contains("directoryListingMismatch") && r.stdout.contains("sizes"), r.stdout)
+    }
+}

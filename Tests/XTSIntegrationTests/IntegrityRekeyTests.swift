@@ -46,10 +46,13 @@ final class IntegrityRekeyTests: RekeyTests {
     override func prepareBackingForRekey() throws {
         let u = try Volume.unlock(cipher, provider: provider, audit: nil, operation: "test")
         let files = backingRegularFiles()
-        guard let empty = files.first(where: { $0.size == 0 }) else { return XCTFail("no empty file in the tree") }
-        let header = try IntegrityFileHeader(tags: .ghashAES256, keyGeneration: u.keys.generation, nonce: try Random.bytes(FileHeader.nonceLength), plainLength: 0)
-            .encode(macKey: u.keys.metadataMACKey)
-        try write(empty.path, header)
+        // With listing manifests (every volume init --integrity makes now) empty files are
+        // already their header alone.
+        if let empty = files.first(where: { $0.size == 0 }) {
+            let header = try IntegrityFileHeader(tags: .ghashAES256, keyGeneration: u.keys.generation, nonce: try Random.bytes(FileHeader.nonceLength), plainLength: 0)
+                .encode(macKey: u.keys.metadataMACKey)
+            try write(empty.path, header)
+        } else if !files.contains(where: { $0.size == 64 }) { return XCTFail("no empty file in the tree") }
         var tails = 0
         for f in files where f.size == 8192 {
             let h = try XCTUnwrap(FileHandle(forWritingAtPath: f.path))
@@ -71,11 +74,12 @@ final class IntegrityRekeyTests: RekeyTests {
         let before = manifest(mnt)
         unmount()
         try prepareBackingForRekey()
-        XCTAssertEqual(backingRegularFiles().filter { $0.size == 64 }.count, 1)
+        let headerOnly = backingRegularFiles().filter { $0.size == 64 }.count
+        XCTAssertGreaterThanOrEqual(headerOnly, 1)
         let r = Harness.run(["rekey", cipher, "--dek", "--passfile", passfile])
         XCTAssertEqual(r.status, 0, r.stderr)
         let after = backingRegularFiles()
-        XCTAssertEqual(after.filter { $0.size == 64 }.count, 1, "the header-only file")
+        XCTAssertEqual(after.filter { $0.size == 64 }.count, headerOnly, "the header-only files")
         XCTAssertTrue(after.allSatisfy { $0.size != 8192 + 4096 }, "an uncommitted tail was carried over: \(after.map(\.size))")
         for f in after where f.size >= 64 {
             XCTAssertEqual(try generation(f.path), 2, "\(f.path) (\(f.size) bytes)")

@@ -310,8 +310,9 @@ final class IntegrityTamperTests: VolumeTestCase {
         assertEIO("b", "unit and its tags zeroed")
     }
 
-    /// Documented limits (section 12.6): an older version of a unit put back with its tag
-    /// entry, and whole files swapped by their backing names, are not detected.
+    /// Documented limits (section 12.7): an older version of a unit put back with its tag
+    /// entry is not detected; whole files swapped by their backing names read as each
+    /// other through the mount, and fsck reports the directory (listing manifests, 12.10).
     func testReplayAndWholeFileSwapAreDocumentedLimits() throws {
         let a = try create("a", pattern(size, seed: 1))
         let b = try create("b", pattern(size, seed: 2))
@@ -332,6 +333,11 @@ final class IntegrityTamperTests: VolumeTestCase {
         mount()
         XCTAssertEqual(try? attempt("b").get(), pattern(size, seed: 1), "replayed unit reads as the old data")
         XCTAssertEqual(try? attempt("a").get(), pattern(size, seed: 2), "swapped files read as each other")
+        unmount()
+        let r = Harness.run(["fsck", cipher, "--json", "--passfile", passfile])
+        XCTAssertEqual(r.status, 4, r.stdout)
+        XCTAssertTrue(r.stdout.contains("directoryListingMismatch"), r.stdout)
+        mount()
     }
 
     /// The same bit flip on a plain volume returns garbage without an error (section 10).

@@ -1,0 +1,140 @@
+import CSysShim
+import Foundation
+import XCTest
+import XTSContent
+import XTSCrypto
+import XTSFormat
+import XTSKeys
+import XTSSystem
+@testable import XTSFS
+
+/// Listing manifests (FORMAT.md 12.10) in the filesystem layer, without FUSE: after every
+/// kind of namespace change, every backing directory's manifest is settled (A = B) and
+/// matches its entries as `ListingScan` (what fsck and the rekey use) computes them.
+final class ListingManifestFSTests: XCTestCase {
+    var dir = ""
+    var fs: FileSystem!
+    var keys: KeySet!
+    let me = Caller(uid: geteuid(), gid: getegid())
+    let root = FileSystem.rootID
+
+    override func setUpWithError() throws {
+        var template = Array("/tmp/xtsfs-manifest-XXXXXX".utf8CString)
+        dir = String(cString: mkdtemp(&template)!)
+        keys = try KeySet.generate(generation: 1, volumeID: try Random.bytes(16))
+        let header = try DirHeader.random(keyGeneration: 1)
+        try Sys.atomicWrite(try header.encode(macKey: keys.metadataMACKey), to: dir + "/" + DirHeader.fileName)
+        let empty = try ListingElement.seal(key: keys.listSealKey, ListingElement.zero)
+        try Sys.atomicWrite(try ListManifest(keyGeneration: 1, slotA: empty, slotB: empty).encode(macKey: keys.listMACKey, directoryID: header.directoryID),
+                            to: dir + "/" + ListManifest.fileName)
+        fs = try FileSystem(cipherDir: dir, keys: keys, readOnly: false, unitTags: .ghashAES256, listingManifests: true, log: { _ in })
+    }
+
+    override func tearDown() {
+        fs = nil
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+
+    func name(_ s: String) -> [UInt8] { Array(s.utf8) }
+
+    /// Every backing directory under `path`: (backing path, settled, matches).
+    func check(_ path: String? = nil, file: StaticString = #filePath, line: UInt = #line) throws {
+        let path = path ?? dir
+        let fd = try Sys.open(path, XTS_O_PATH | O_DIRECTORY)
+        defer { Sys.close(fd) }
+        let dirID = Array(try Sys.readSmallFile(fd, DirHeader.fileName, limit: 4096)[16..<32])
+        let m = try ListManifest.decode(try Sys.readSmallFile(fd, ListManifest.fileName, limit: 4096), macKey: keys.listMACKey, directoryID: dirID)
+        XCTAssertFalse(m.pending, "\(path): pending", file: file, line: line)
+        let k = keys!
+        let scan = try ListingScan.scan(fd, directoryID: dirID, codecs: [NameCodec(keys: k)], elementKey: k.listElementKey) { raw in
+            ListingTargets.plain(raw, root: self.rootFD, keys: [k])
+        }
+        XCTAssertTrue(scan.unidentified.isEmpty, "\(path): \(scan.unidentified.map(\.backing))", file: file, line: line)
+        XCTAssertEqual(scan.accumulator, try ListingElement.open(key: k.listSealKey, m.slotA), "\(path): listing does not match", file: file, line: line)
+        for e in try Sys.listDirectory(fd) where e.type == UInt8(DT_DIR) && !e.name.hasPrefix("xtsfs.") {
+            try check(path + "/" + e.name, file: file, line: line)
+        }
+    }
+
+    var rootFD: Int32 { fs.root.fd }
+
+    func create(_ parent: UInt64, _ n: String, _ bytes: [UInt8] = []) throws -> UInt64 {
+        let (id, _, h) = try fs.create(parent: parent, name: name(n), mode: 0o644, flags: O_WRONLY, caller: me)
+        if !bytes.isEmpty { _ = try bytes.withUnsafeBytes { try fs.write(handle: h, offset: 0, data: $0) } }
+        fs.release(h)
+        return id
+    }
+
+    func testEveryChangeKeepsTheManifestsTrue() throws {
+        try check()
+        let a = try create(root, "a", [1, 2, 3])
+        _ = try create(root, "b")
+        let (d, _) = try fs.mkdir(parent: root, name: name("d"), mode: 0o755, caller: me)
+        let (e, _) = try fs.mkdir(parent: d, name: name("e"), mode: 0o755, caller: me)
+        try check()
+        // Files are created with their header (64 bytes when empty), never 0 bytes.
+        for f in try FileManager.default.contentsOfDirectory(atPath: dir) where !f.hasPrefix("xtsfs.") {
+            var st = stat()
+            XCTAssertEqual(lstat(dir + "/" + f, &st), 0)
+            if st.st_mode & S_IFMT == S_IFREG { XCTAssertGreaterThanOrEqual(st.st_size, 64) }
+        }
+        _ = try fs.symlink(target: name("a"), parent: d, name: name("s"), caller: me)
+        _ = try fs.symlink(target: Array(repeating: UInt8(ascii: "t"), count: 3500), parent: e, name: name("long-target"), caller: me)
+        _ = try fs.mknod(parent: d, name: name("fifo"), mode: S_IFIFO | 0o644, rdev: 0, caller: me)
+        _ = try fs.mknod(parent: d, name: name("reg"), mode: S_IFREG | 0o644, rdev: 0, caller: me)
+        let long = String(repeating: "x", count: 200)
+        _ = try create(e, long, [9])
+        _ = try fs.link(a, newParent: e, newName: name("a-link"))
+        try check()
+        try fs.rename(parent: root, name: name("a"), newParent: d, newName: name("a2"), flags: 0)
+        try fs.rename(parent: e, name: name(long), newParent: e, newName: name(long + "y"), flags: 0)
+        try fs.rename(parent: root, name: name("b"), newParent: d, newName: name("reg"), flags: 0)   // over an existing file
+        try check()
+        XCTAssertThrowsError(try fs.rename(parent: d, name: name("a2"), newParent: d, newName: name("reg"), flags: UInt32(XTS_RENAME_NOREPLACE)))
+        try fs.rename(parent: d, name: name("a2"), newParent: e, newName: name("a-link"), flags: UInt32(XTS_RENAME_EXCHANGE))   // two names of one file
+        try fs.rename(parent: d, name: name("s"), newParent: e, newName: name(long + "y"), flags: UInt32(XTS_RENAME_EXCHANGE))
+        try check()
+        // Exceptions: nothing done, nothing pending.
+        XCTAssertThrowsError(try fs.create(parent: d, name: name("reg"), mode: 0o644, flags: O_WRONLY, caller: me))
+        XCTAssertThrowsError(try fs.unlink(parent: d, name: name("missing")))
+        XCTAssertThrowsError(try fs.rmdir(parent: d, name: name("e")))
+        try check()
+        // Emptying keeps the header and the file ID.
+        let reg = try fs.lookup(parent: d, name: name("reg")).0
+        let h = try fs.open(reg, flags: O_WRONLY | O_TRUNC)
+        fs.release(h)
+        try check()
+        let (f, _) = try fs.mkdir(parent: root, name: name("f"), mode: 0o755, caller: me)
+        _ = f
+        try fs.rename(parent: d, name: name("e"), newParent: root, newName: name("f"), flags: 0)   // a directory over an empty one
+        try check()
+        for n in ["fifo", "reg", "a2"] { try? fs.unlink(parent: d, name: name(n)) }
+        let (g, _) = try fs.mkdir(parent: d, name: name("g"), mode: 0o755, caller: me)
+        _ = g
+        try fs.rmdir(parent: d, name: name("g"))
+        try check()
+        _ = e
+    }
+
+    func testTamperIsVisibleToTheScan() throws {
+        _ = try create(root, "a", [1])
+        _ = try create(root, "b", [2])
+        try check()
+        let victim = try FileManager.default.contentsOfDirectory(atPath: dir).first { !$0.hasPrefix("xtsfs.") }!
+        XCTAssertEqual(unlink(dir + "/" + victim), 0)
+        let fd = try Sys.open(dir, XTS_O_PATH | O_DIRECTORY)
+        defer { Sys.close(fd) }
+        let dirID = Array(try Sys.readSmallFile(fd, DirHeader.fileName, limit: 4096)[16..<32])
+        let m = try ListManifest.decode(try Sys.readSmallFile(fd, ListManifest.fileName, limit: 4096), macKey: keys.listMACKey, directoryID: dirID)
+        let scan = try ListingScan.scan(fd, directoryID: dirID, codecs: [NameCodec(keys: keys)], elementKey: keys.listElementKey) { _ in nil }
+        XCTAssertNotEqual(scan.accumulator, try ListingElement.open(key: keys.listSealKey, m.slotA))
+        // A change of the tampered directory is not refused while the manifest is settled
+        // (the mount does not scan on every change), but after a crash it would be: forge
+        // a pending manifest and see the change fail with EIO.
+        let other = try ListingElement.seal(key: keys.listSealKey, [UInt8](repeating: 3, count: 16))
+        try Sys.atomicWrite(try ListManifest(keyGeneration: 1, slotA: m.slotA, slotB: other).encode(macKey: keys.listMACKey, directoryID: dirID), to: dir + "/" + ListManifest.fileName)
+        XCTAssertThrowsError(try fs.create(parent: root, name: name("c"), mode: 0o644, flags: O_WRONLY, caller: me)) {
+            guard case .damaged = $0 as? FSError else { return XCTFail("\($0)") }
+        }
+    }
+}
