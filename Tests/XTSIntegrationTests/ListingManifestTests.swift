@@ -372,8 +372,11 @@ final class ListingManifestTests: VolumeTestCase {
         var r = Harness.run(["rekey", cipher, "--dek", "--passfile", passfile])
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertEqual(try fsck().findings.map(\.kind), [])
-        // Tamper, then rekey again: it stops, naming the directory.
-        XCTAssertEqual(unlink(d + "/" + (try files(d)[0])), 0)
+        // Tamper, then rekey again: it stops, naming the directory. (The rekey renamed
+        // every backing entry to its new-generation name, `d` too.)
+        _ = d
+        let renamed = try XCTUnwrap(try entries(cipher).first { var st = stat(); return lstat(cipher + "/" + $0, &st) == 0 && st.st_mode & S_IFMT == S_IFDIR })
+        XCTAssertEqual(unlink(cipher + "/" + renamed + "/" + (try files(cipher + "/" + renamed)[0])), 0)
         r = Harness.run(["rekey", cipher, "--dek", "--passfile", passfile])
         XCTAssertNotEqual(r.status, 0)
         XCTAssertTrue(r.stderr.contains("/d") && r.stderr.contains("does not match its manifest"), r.stderr)
