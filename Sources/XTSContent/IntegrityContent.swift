@@ -174,8 +174,17 @@ struct IntegrityContent<File: BackingFile> {
             // The file keeps its identity (its file ID, in its directories' manifests) but
             // gets a new nonce, so nothing older can be replayed into it: the new header
             // with length 0 first (from then on nothing past it is read), then the cut.
-            guard let st = try state(crypto) else { throw .badHeader("missing") }
-            let c = try writeNewHeader(fileID: st.header.fileID)
+            // Emptying needs no key: a file whose header is damaged keeps the file ID its
+            // bytes still hold (its manifests may then match again), or gets a new one.
+            var id: [UInt8]
+            if let st = try? state(crypto) { id = st.header.fileID } else {
+                var raw = [UInt8](repeating: 0, count: 48)
+                id = (try? readFully(&raw, at: 0)) == 48 ? Array(raw[32..<48]) : IntegrityFileHeader.noFileID
+                if id == IntegrityFileHeader.noFileID {
+                    do { id = try Random.bytes(16) } catch { throw .crypto(error) }
+                }
+            }
+            let c = try writeNewHeader(fileID: id)
             do { try file.truncate(Int64(L.headerLength)) } catch { throw .io(error) }
             return c
         }

@@ -255,7 +255,14 @@ extension FileSystem {
         let (dir, b) = try entry(parent, name)
         try listingChange(try listingDirs(parent), plan: { () throws(FSError) -> [ListingDelta]? in
             guard let st = try? Sys.fstatat(dir.fd, b.entryName), !st.isDirectory else { return nil }
-            return [ListingDelta(dir: 0, removed: [try listedEntry(dir, b.entryName, name: name, st)])]
+            guard let id = listedIdentity(dir, b.entryName, st) else {
+                // Damaged (a file without a header, a symlink whose target does not
+                // decrypt): its element is unknown, so the manifest cannot follow. It goes
+                // anyway (the user wants it gone); the manifest, wrong already, stays so.
+                logDamage("\(displayPath(parent)): removing \(b.entryName), which has no identity; the directory's listing manifest no longer matches it (xtsfs fsck reports it)")
+                return nil
+            }
+            return [ListingDelta(dir: 0, removed: [ListedEntry(type: ListingIdentity.type(st), name: name, identity: id)])]
         }) { () throws(FSError) in
             try unlinkApply(parent: parent, name: name, dir: dir, b: b)
         }
