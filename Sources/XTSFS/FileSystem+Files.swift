@@ -166,6 +166,7 @@ extension FileSystem {
             if chownToCaller { _ = Glibc.fchown(fd, caller.uid, groupFor(caller, in: dir)) }
             let st: stat
             do throws(SystemError) { st = try Sys.fstat(fd) } catch { Sys.close(fd); throw .system(error) }
+            if let fileID { rememberFileID(st, fileID) }
             let id = table.withLock { $0.add(Link(parent: parent, name: name, entry: b.entryName), identity: Identity(st), isDirectory: false) }
             do throws(FSError) { return (id, translate(st) { nil }, try register(fd: fd, stat: st, node: id, writable: true)) } catch {
                 Sys.close(fd)

@@ -57,7 +57,23 @@ extension FileSystem {
     /// The identity of backing entry `entry` in `dir` (attributes `st`), for its element.
     /// A regular file without a readable header has none: nil.
     func listedIdentity(_ dir: DirHandle, _ entry: String, _ st: stat) -> [UInt8]? {
-        ListingIdentity.identity(dir.fd, entry, st) { raw in try? decryptedTarget(raw) }
+        if st.st_mode & S_IFMT == S_IFREG, !sharedStorage, let known = knownFileIDs.withLock({ $0[Identity(st)] }) { return known }
+        return ListingIdentity.identity(dir.fd, entry, st) { raw in try? decryptedTarget(raw) }
+    }
+
+    /// A file this mount created has file ID `id` (see `knownFileIDs`).
+    func rememberFileID(_ st: stat, _ id: [UInt8]) {
+        guard !sharedStorage else { return }
+        knownFileIDs.withLock { table in
+            if table.count >= 100_000 { table.removeAll(keepingCapacity: true) }
+            table[Identity(st)] = id
+        }
+    }
+
+    /// The last name of the file `st` describes is gone: its inode number may be reused.
+    func forgetFileID(_ st: stat) {
+        guard st.st_mode & S_IFMT == S_IFREG, st.st_nlink <= 1 else { return }
+        _ = knownFileIDs.withLock { $0.removeValue(forKey: Identity(st)) }
     }
 
     /// The entry `name` (backing `entry`) of `dir` as it is now, or nil if there is none.

@@ -278,6 +278,7 @@ extension FileSystem {
             if let identity, let detached { table.withLock { $0.reattach(identity, detached) } }
             throw error.errno == ENOENT ? .notFound : .system(error)
         }
+        if let st { forgetFileID(st) }
         removeLongNameFile(dir, b)
         dropStoredTarget(storedTarget)
         table.withLock { _ = $0.unlinked(parent: parent, name: name, identity: identity, detached: detached) }
@@ -445,6 +446,7 @@ extension FileSystem {
         }
         removeLongNameFile(sdir, sb)
         dropStoredTarget(replacedTarget)
+        if let dst { forgetFileID(dst) }
         let replaced = table.withLock { t -> UInt64? in
             var gone: UInt64?
             if let dst {

@@ -78,6 +78,11 @@ public final class FileSystem: @unchecked Sendable {
     /// with a file ID from its creation on.
     public let listingManifests: Bool
     let manifestLocks = ManifestLocks()
+    /// Listing manifests: the file IDs of files this mount created, by backing inode, so
+    /// that removing or renaming them needs no header read. A file's ID never changes
+    /// (emptying and rekeying keep it); an entry goes when the file's last name does (an
+    /// inode number may then be reused). Not used with -o shared.
+    let knownFileIDs = Mutex<[Identity: [UInt8]]>([:])
     /// The DEK generations the volume holds: one, or two in the middle of a DEK rekey
     /// (FORMAT.md section 13). Objects of every generation held are read; new ones are
     /// written with the newest. An online rekey adds a generation, and drops the old one
