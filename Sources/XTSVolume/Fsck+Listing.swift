@@ -90,6 +90,32 @@ extension Fsck {
         if repair { notRepaired(i, "kept as is: sealing the listing as it is would accept the change; restore the directory from a backup") }
     }
 
+    /// Listing manifests and quarantine: an entry moved into lost+found (`dirfd`, ID
+    /// `dirID`) under plaintext name `plain` becomes one of its entries. Before the move,
+    /// `{A, A′}` is written to lost+found's manifest (A′ with the entry's element); the
+    /// caller moves it and calls `commit` (`{A′, A′}`) or, if the move failed, `abort`
+    /// (`{A, A}`). nil (nothing written) when the manifest does not verify or is pending,
+    /// or the entry has no identity: lost+found is then reported by the next check.
+    func prepareLostFoundAdd(_ dirfd: Int32, dirID: [UInt8], entryDir: Int32, entry: String, plain: [UInt8]) -> (commit: () -> Void, abort: () -> Void)? {
+        guard listingManifests, let generations,
+              let bytes = try? Sys.readSmallFile(dirfd, ListManifest.fileName, limit: 4096),
+              let gen = ListManifest.generation(of: bytes), let k = generations.keys(gen),
+              let m = try? ListManifest.decode(bytes, macKey: k.listMACKey, directoryID: dirID), !m.pending,
+              let st = try? Sys.fstatat(entryDir, entry) else { return nil }
+        let all = generations.all, root = self.root
+        guard let id = ListingIdentity.identity(entryDir, entry, st, target: { ListingTargets.plain($0, root: root, keys: all) }),
+              let acc = try? ListingElement.open(key: k.listSealKey, m.slotA),
+              let p = try? ListingElement.element(key: k.listElementKey, directoryID: dirID, type: ListingIdentity.type(st), name: plain, identity: id),
+              let next = try? ListingElement.seal(key: k.listSealKey, ListingElement.xor(acc, p)) else { return nil }
+        func write(_ a: [UInt8], _ b: [UInt8]) {
+            if let out = try? ListManifest(keyGeneration: gen, slotA: a, slotB: b).encode(macKey: k.listMACKey, directoryID: dirID) {
+                try? writeInPlace(dirfd, ListManifest.fileName, out)
+            }
+        }
+        write(m.slotA, next)
+        return ({ write(next, next) }, { write(m.slotA, m.slotA) })
+    }
+
     /// Rewrites small internal file `name` of `dirfd` in place (one pwrite; it keeps its length).
     func writeInPlace(_ dirfd: Int32, _ name: String, _ bytes: [UInt8]) throws(SystemError) {
         let fd = try Sys.openat(dirfd, name, O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)

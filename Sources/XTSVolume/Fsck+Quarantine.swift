@@ -61,11 +61,17 @@ extension Fsck {
                 notRepaired(i, "cannot name it in /\(Fsck.lostAndFound): \(error)")
                 return
             }
-            do {
+            do throws(SystemError) {
                 if case .long = backing {
                     do { try Sys.writeNewFile(Array(backingFull(backing).utf8), at: lf.fd, backing.entryName + NameCodec.longSuffix, mode: 0o444) } catch where error.errno == EEXIST { continue }
                 }
-                try Sys.renameatNoReplace(dirfd, name, lf.fd, backing.entryName)
+                // Listing manifests: lost+found's manifest takes the entry's element.
+                let manifest = prepareLostFoundAdd(lf.fd, dirID: lf.dirID, entryDir: dirfd, entry: name, plain: candidate)
+                do throws(SystemError) { try Sys.renameatNoReplace(dirfd, name, lf.fd, backing.entryName) } catch {
+                    manifest?.abort()
+                    throw error
+                }
+                manifest?.commit()
             } catch {
                 if error.errno == EEXIST { continue }
                 if case .long = backing { _ = Glibc.unlinkat(lf.fd, backing.entryName + NameCodec.longSuffix, 0) }

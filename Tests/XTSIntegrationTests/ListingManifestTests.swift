@@ -325,6 +325,26 @@ final class ListingManifestTests: VolumeTestCase {
         XCTAssertEqual(report.findings.map { "\($0.kind) \($0.plaintextPath ?? $0.backingPath)" }, [])
     }
 
+    /// fsck --repair quarantines an entry whose name is lost (here a file copied into the
+    /// root from `d`: its name does not decrypt there) into /lost+found, made through the
+    /// filesystem's own mkdir: both manifests follow, and the next fsck is clean.
+    func testQuarantineKeepsTheManifestsTrue() throws {
+        let d = try populate()
+        let f = try files(d)[0]
+        XCTAssertEqual(Harness.shell("cp '\(d)/\(f)' '\(cipher)/\(f)'"), 0)
+        var r = try fsck()
+        XCTAssertEqual(kinds(r), ["nameUndecryptable"], "an undecryptable name is not an entry of the listing")
+        r = try fsck(["--repair"])
+        XCTAssertEqual(r.findings.first?.repaired, "quarantined", "\(r.findings)")
+        r = try fsck()
+        XCTAssertEqual(r.findings.map { "\($0.kind) \($0.plaintextPath ?? $0.backingPath): \($0.detail)" }, [])
+        mount()
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: mnt + "/lost+found").count, 1)
+        try write(mnt + "/lost+found/more", [1])
+        unmount()
+        XCTAssertEqual(try fsck().findings.count, 0)
+    }
+
     /// The states a crash between the two manifest writes of a change leaves, made by hand
     /// (the manifest's slots A and B from before and after a change made through the
     /// mount): the mount settles each at the next change of the directory, and fsck
