@@ -178,8 +178,11 @@ struct IntegrityContent<File: BackingFile> {
             // bytes still hold (its manifests may then match again), or gets a new one.
             var id: [UInt8]
             if let st = try? state(crypto) { id = st.header.fileID } else {
+                // A read that fails (an I/O error, a descriptor that cannot read) fails the
+                // truncate: a new file ID here would change the file's element behind its
+                // directories' manifests. Only a file too short to hold one gets a new one.
                 var raw = [UInt8](repeating: 0, count: 48)
-                id = (try? readFully(&raw, at: 0)) == 48 ? Array(raw[32..<48]) : IntegrityFileHeader.noFileID
+                id = try readFully(&raw, at: 0) == 48 ? Array(raw[32..<48]) : IntegrityFileHeader.noFileID
                 if id == IntegrityFileHeader.noFileID {
                     do { id = try Random.bytes(16) } catch { throw .crypto(error) }
                 }

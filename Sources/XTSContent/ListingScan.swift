@@ -46,6 +46,16 @@ public enum ListingIdentity {
         return Array(bytes[16..<32])
     }
 
+    /// Whether `name` in `dirfd` (attributes `st`) is a directory that holds nothing but, at
+    /// most, a listing manifest: no `xtsfs.dir`, no entries. A mkdir cut off before its
+    /// header was written, or an rmdir cut off after it removed the header, leaves one.
+    public static func isBareDirectory(_ dirfd: Int32, _ name: String, _ st: stat) -> Bool {
+        guard st.st_mode & S_IFMT == S_IFDIR, let fd = try? Sys.openPath(dirfd, name, directory: true) else { return false }
+        defer { Sys.close(fd) }
+        guard let entries = try? Sys.listDirectory(fd) else { return false }
+        return entries.allSatisfy { $0.name == ListManifest.fileName }
+    }
+
     /// The identity of entry `name` in `dirfd`, whose attributes are `st`. `target` turns a
     /// symlink's backing target into its plaintext one (nil: it does not decrypt).
     public static func identity(_ dirfd: Int32, _ name: String, _ st: stat, target: ([UInt8]) -> [UInt8]?) -> [UInt8]? {

@@ -100,6 +100,10 @@ extension FileSystem {
         // Each directory once, locks in stripe order.
         var unique: [ListingDir] = []
         for d in dirs where !unique.contains(where: { $0.node == d.node }) { unique.append(d) }
+        // Manifests are opened (and with -o shared locked) in the order of their directory
+        // IDs, the same on every host: two hosts renaming between the same two directories
+        // in opposite directions then never wait for each other's second lock.
+        unique.sort { $0.dirID.lexicographicallyPrecedes($1.dirID) }
         let stripes = Array(Set(unique.map { manifestLocks.index($0.dirID) })).sorted()
         for s in stripes { manifestLocks.stripes[s].lockWrite() }
         defer { for s in stripes.reversed() { manifestLocks.stripes[s].unlock() } }
@@ -147,12 +151,18 @@ extension FileSystem {
 
     private func openManifest(_ d: ListingDir) throws(FSError) -> OpenManifest {
         let fd: Int32
-        do { fd = try Sys.openat(d.dir.fd, ListManifest.fileName, O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC) } catch {
+        do { fd = try Sys.openat(d.dir.fd, ListManifest.fileName, O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC) } catch {
             let what = "\(displayPath(d.node)): listing manifest \(ListManifest.fileName): \(error.errno == ENOENT ? "missing" : "\(error)")"
             logDamage(what)
             throw .damaged(what)
         }
         do throws(FSError) {
+            // A planted device or FIFO is damage, found before any lock is taken on it.
+            guard let st = try? Sys.fstat(fd), st.st_mode & S_IFMT == S_IFREG else {
+                let what = "\(displayPath(d.node)): listing manifest \(ListManifest.fileName): not a regular file"
+                logDamage(what)
+                throw FSError.damaged(what)
+            }
             if sharedStorage {
                 var l = flock()
                 l.l_type = Int16(F_WRLCK); l.l_whence = Int16(SEEK_SET)
@@ -210,15 +220,28 @@ extension FileSystem {
             accB = try ListingElement.open(key: m.keys.listSealKey, m.manifest.slotB)
         } catch { throw .damaged("\(displayPath(d.node)): listing manifest: \(error)") }
         let headerless = scan.unidentified.filter { $0.st.st_mode & S_IFMT == S_IFREG && $0.st.st_size <= Int64(IntegrityFileHeader.length) && $0.st.st_nlink == 1 }
-        let settled: [UInt8]
-        if scan.unidentified.isEmpty && constantTimeEqual(scan.accumulator, accB) {
-            settled = m.manifest.slotB
-        } else if scan.unidentified.count == headerless.count && constantTimeEqual(scan.accumulator, accA) {
-            for e in headerless {
-                _ = Glibc.unlinkat(d.dir.fd, e.backing, 0)
+        // An empty subdirectory without its header (nothing in it but, at most, its
+        // manifest): a mkdir cut off before its header was written, or an rmdir after.
+        let bare = scan.unidentified.filter { ListingIdentity.isBareDirectory(d.dir.fd, $0.backing, $0.st) }
+        func remove(_ es: [ListingScan.Entry], _ what: String) {
+            for e in es {
+                if e.st.st_mode & S_IFMT == S_IFDIR {
+                    if let p = try? Sys.openPath(d.dir.fd, e.backing, directory: true) { _ = Glibc.unlinkat(p, ListManifest.fileName, 0); Sys.close(p) }
+                    _ = Glibc.unlinkat(d.dir.fd, e.backing, AT_REMOVEDIR)
+                } else {
+                    _ = Glibc.unlinkat(d.dir.fd, e.backing, 0)
+                }
                 if NameCodec.isLongName(e.backing) { _ = Glibc.unlinkat(d.dir.fd, e.backing + NameCodec.longSuffix, 0) }
-                log("\(displayPath(d.node)): removed \(e.backing), a file whose create was cut off before its header was written")
+                log("\(displayPath(d.node)): removed \(e.backing), \(what)")
             }
+        }
+        let settled: [UInt8]
+        if scan.unidentified.count == bare.count && constantTimeEqual(scan.accumulator, accB) {
+            remove(bare, "an empty directory without its header, left by an rmdir that was cut off")
+            settled = m.manifest.slotB
+        } else if scan.unidentified.count == headerless.count + bare.count && constantTimeEqual(scan.accumulator, accA) {
+            remove(headerless, "a file whose create was cut off before its header was written")
+            remove(bare, "an empty directory whose mkdir was cut off before its header was written")
             settled = m.manifest.slotA
         } else {
             let what = "\(displayPath(d.node)): listing does not match its manifest (an entry added, removed or swapped behind the mount's back); changes to this directory fail until it is restored (xtsfs fsck names it)"

@@ -148,14 +148,16 @@ extension FileSystem {
                 var pinned: Int32 = -1
                 do throws(SystemError) {
                     pinned = try Sys.openPath(dirfd, entry, directory: true)
-                    // A new directory is invisible to readers until this returns: no rename needed.
-                    try Sys.writeNewFile(header, at: pinned, DirHeader.fileName, mode: 0o444)
                     if let manifest {
-                        // Its manifest (empty) next to it, before anything can see the directory.
+                        // Its manifest (empty) first, then its header: a crash in between leaves
+                        // a directory with no header and nothing else, which the parent's
+                        // settling removes (FORMAT.md 12.10).
                         let fd = try Sys.openat(pinned, ListManifest.fileName, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
                         defer { Sys.close(fd) }
                         try manifest.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, 0) }
                     }
+                    // A new directory is invisible to readers until this returns: no rename needed.
+                    try Sys.writeNewFile(header, at: pinned, DirHeader.fileName, mode: 0o444)
                     // Keep the setgid bit a setgid parent passes down.
                     let inherited = try Sys.fstat(pinned).st_mode & S_ISGID
                     try Sys.fchmod(pinned: pinned, (mode & 0o7777) | inherited)

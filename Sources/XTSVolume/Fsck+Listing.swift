@@ -54,9 +54,12 @@ extension Fsck {
         let headerless = scan.unidentified.filter {
             $0.st.st_mode & S_IFMT == S_IFREG && $0.st.st_size <= Int64(IntegrityFileHeader.length) && $0.st.st_nlink == 1
         }
-        let others = scan.unidentified.count - headerless.count
+        // Empty subdirectories without their header: a mkdir cut off before its header (the
+        // manifest then matches A) or an rmdir cut off after removing it (B).
+        let bare = scan.unidentified.filter { ListingIdentity.isBareDirectory(fd, $0.backing, $0.st) }
+        let others = scan.unidentified.count - headerless.count - bare.count
         let matchesA = constantTimeEqual(scan.accumulator, accA), matchesB = constantTimeEqual(scan.accumulator, accB)
-        if others == 0 && headerless.isEmpty && matchesA && !manifest.pending { return }
+        if others == 0 && headerless.isEmpty && bare.isEmpty && matchesA && !manifest.pending { return }
         if others == 0 && manifest.pending && ((headerless.isEmpty && (matchesA || matchesB)) || (!headerless.isEmpty && matchesA)) {
             let settled = matchesA ? manifest.slotA : manifest.slotB
             let cutOff = headerless.map { Fsck.joinPlain(plainPath, $0.name) ?? Fsck.join(backingPath, $0.backing) }
@@ -67,6 +70,11 @@ extension Fsck {
             guard repair else { return }
             for e in headerless {
                 _ = Glibc.unlinkat(fd, e.backing, 0)
+                if NameCodec.isLongName(e.backing) { _ = Glibc.unlinkat(fd, e.backing + NameCodec.longSuffix, 0) }
+            }
+            for e in bare {
+                if let p = try? Sys.openPath(fd, e.backing, directory: true) { _ = Glibc.unlinkat(p, ListManifest.fileName, 0); Sys.close(p) }
+                _ = Glibc.unlinkat(fd, e.backing, AT_REMOVEDIR)
                 if NameCodec.isLongName(e.backing) { _ = Glibc.unlinkat(fd, e.backing + NameCodec.longSuffix, 0) }
             }
             do {

@@ -29,6 +29,11 @@ extension Fsck {
         let present = Set(entries.map(\.name))
         let isLostFound = depth == 1 && lostFound != nil && plainPath == "/" + Fsck.lostAndFound
 
+        // With listing manifests, an empty directory without its header (nothing in it but,
+        // at most, its manifest) is what a mkdir or rmdir cut off by a crash leaves: its
+        // parent's listing check reports it and --repair removes it there; a new header
+        // here would give it an ID its parent's manifest never had.
+        if listingManifests, !isRoot, !present.contains(DirHeader.fileName), present.isSubset(of: [ListManifest.fileName]) { return }
         // The directory header: its ID decrypts every name here.
         var dirID: [UInt8]? = isRoot ? rootDirID : nil
         var headerFinding: Int?

@@ -414,6 +414,58 @@ final class ListingManifestTests: VolumeTestCase {
         XCTAssertTrue(kinds(try fsck()).contains("directoryListingMismatch"))
     }
 
+    /// A mkdir cut off before the new directory's header was written, and an rmdir cut off
+    /// after it removed the header, leave an empty directory without a header: fsck reports
+    /// the change as interrupted and --repair removes it; the mount does the same at the
+    /// directory's next change.
+    func testInterruptedMkdirAndRmdirAreSettled() throws {
+        let d = try populate()
+        let provider = PassphraseProvider(passphrase: SecretBytes(copying: Array(Self.passphrase.utf8)))
+        let keys = try Volume.unlock(cipher, provider: provider, audit: nil, operation: "test").keys
+        let dirID = Array(try read(d + "/xtsfs.dir")[16..<32])
+        func slotA() throws -> [UInt8] { Array(try read(d + "/xtsfs.list")[16..<32]) }
+        func pending(_ a: [UInt8], _ b: [UInt8]) throws {
+            try write(d + "/xtsfs.list", try ListManifest(keyGeneration: keys.generation, slotA: a, slotB: b).encode(macKey: keys.listMACKey, directoryID: dirID))
+        }
+        func subdirs() throws -> Set<String> {
+            Set(try entries(d).filter { var st = stat(); return lstat(d + "/" + $0, &st) == 0 && st.st_mode & S_IFMT == S_IFDIR })
+        }
+        // mkdir cut off: the new directory holds its manifest but no header; the manifest B.
+        let old = try subdirs()
+        let beforeMkdir = try slotA()
+        mount()
+        XCTAssertEqual(mkdir(mnt + "/d/mk", 0o755), 0, String(cString: strerror(errno)))
+        unmount()
+        let sub = try XCTUnwrap(try subdirs().subtracting(old).first)
+        XCTAssertEqual(unlink(d + "/" + sub + "/xtsfs.dir"), 0)
+        try pending(beforeMkdir, try slotA())
+        var r = try fsck()
+        XCTAssertEqual(r.findings.map(\.kind), ["listingChangeInterrupted"], "\(r.findings)")
+        r = try fsck(["--repair"])
+        XCTAssertEqual(r.findings.first?.repaired, "settledListingManifest")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: d + "/" + sub))
+        XCTAssertEqual(try fsck().findings.map(\.kind), [])
+        // rmdir cut off after the header went: an empty directory, the listing matches B;
+        // the mount removes it at the next change.
+        mount()
+        XCTAssertEqual(mkdir(mnt + "/d/rm", 0o755), 0)
+        unmount()
+        let sub2 = try XCTUnwrap(try subdirs().subtracting(old).first)
+        let beforeRmdir = try slotA()
+        mount()
+        XCTAssertEqual(rmdir(mnt + "/d/rm"), 0)
+        unmount()
+        XCTAssertEqual(mkdir(d + "/" + sub2, 0o700), 0)
+        try pending(beforeRmdir, try slotA())
+        mount()
+        try write(mnt + "/d/after-rmdir", [1])
+        var st = stat()
+        XCTAssertEqual(stat(mnt + "/d/rm", &st), -1, "the rmdir cut off is finished")
+        unmount()
+        XCTAssertFalse(FileManager.default.fileExists(atPath: d + "/" + sub2))
+        XCTAssertEqual(try fsck().findings.map(\.kind), [])
+    }
+
     /// The DEK rekey verifies each directory's manifest under the old generation and seals
     /// it under the new one; a tampered listing stops it.
     func testDEKRekeyResealsManifestsAndStopsAtATamperedListing() throws {
