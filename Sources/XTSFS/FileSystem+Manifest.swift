@@ -152,6 +152,9 @@ extension FileSystem {
     private func openManifest(_ d: ListingDir) throws(FSError) -> OpenManifest {
         let fd: Int32
         do { fd = try Sys.openat(d.dir.fd, ListManifest.fileName, O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC) } catch {
+            // Not damage: the mount may not write here (another user's manifest, a read-only
+            // backing filesystem); the change fails with that error.
+            if [EACCES, EPERM, EROFS].contains(error.errno) { throw .system(error) }
             let what = "\(displayPath(d.node)): listing manifest \(ListManifest.fileName): \(error.errno == ENOENT ? "missing" : "\(error)")"
             logDamage(what)
             throw .damaged(what)

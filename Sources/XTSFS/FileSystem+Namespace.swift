@@ -78,7 +78,13 @@ extension FileSystem {
         let pinned: Int32
         do { pinned = try Sys.openPath(dir.fd, b.entryName, directory: directory) } catch { throw .system(error) }
         defer { Sys.close(pinned) }
-        if chownToCaller { try? Sys.fchown(pinned: pinned, caller.uid, groupFor(caller, in: dir)) }
+        if chownToCaller {
+            let gid = groupFor(caller, in: dir)
+            try? Sys.fchown(pinned: pinned, caller.uid, gid)
+            // A new directory's manifest belongs to its owner too: a later mount by that user
+            // (not root) must be able to rewrite it.
+            if directory && listingManifests { _ = Glibc.fchownat(pinned, ListManifest.fileName, caller.uid, gid, AT_SYMLINK_NOFOLLOW) }
+        }
         let st: stat
         do { st = try Sys.fstat(pinned) } catch { throw .system(error) }
         let id = table.withLock { $0.add(Link(parent: parent, name: name, entry: b.entryName), identity: Identity(st), isDirectory: st.isDirectory) }
