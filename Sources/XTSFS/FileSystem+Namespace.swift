@@ -158,9 +158,7 @@ extension FileSystem {
                         // Its manifest (empty) first, then its header: a crash in between leaves
                         // a directory with no header and nothing else, which the parent's
                         // settling removes (FORMAT.md 12.10).
-                        let fd = try Sys.openat(pinned, ListManifest.fileName, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644)
-                        defer { Sys.close(fd) }
-                        try manifest.withBytes { (p) throws(SystemError) in try Sys.pwrite(fd, p.baseAddress!, p.count, 0) }
+                        try Sys.writeNewFile(manifest, at: pinned, ListManifest.fileName, mode: 0o644, sync: false)
                     }
                     // A new directory is invisible to readers until this returns: no rename needed.
                     try Sys.writeNewFile(header, at: pinned, DirHeader.fileName, mode: 0o444)
@@ -309,9 +307,7 @@ extension FileSystem {
         if entries.contains(where: { $0.name == ListManifest.fileName }) { savedManifest = try? Sys.readSmallFile(pinned, ListManifest.fileName, limit: 4096) }
         if savedManifest != nil { _ = Glibc.unlinkat(pinned, ListManifest.fileName, 0) }
         func restoreManifest() {
-            guard let savedManifest, let fd = try? Sys.openat(pinned, ListManifest.fileName, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644) else { return }
-            _ = savedManifest.withUnsafeBytes { try? Sys.pwrite(fd, $0.baseAddress!, $0.count, 0) }
-            Sys.close(fd)
+            if let savedManifest { _ = try? Sys.writeNewFile(savedManifest, at: pinned, ListManifest.fileName, mode: 0o644, sync: false) }
         }
         guard entries.contains(where: { $0.name == DirHeader.fileName }) else {
             do { try body() } catch { restoreManifest(); throw error.errno == EEXIST ? .notEmpty : .system(error) }

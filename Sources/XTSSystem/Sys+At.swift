@@ -185,14 +185,15 @@ public extension Sys {
         return Array(buf[0..<n])
     }
 
-    /// Creates `name` in `dirfd` (which must not exist; never through a symlink) with `bytes`, fsynced.
-    static func writeNewFile(_ bytes: [UInt8], at dirfd: Int32, _ name: String, mode: mode_t) throws(SystemError) {
-        let fd = try openat(dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode)
+    /// Creates `name` in `dirfd` (which must not exist; never through a symlink) with `bytes`,
+    /// fsynced unless `sync` is false.
+    static func writeNewFile(_ bytes: [UInt8], at dirfd: Int32, _ name: String, mode: mode_t, sync: Bool = true) throws(SystemError) {
+        let fd = try openat(dirfd, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
         defer { close(fd) }
         try bytes.withBytes { (p) throws(SystemError) in
             if p.count > 0 { try pwrite(fd, p.baseAddress!, p.count, 0) }
         }
-        try fsync(fd)
+        if sync { try fsync(fd) }
     }
 
     /// Replaces `name` in `dirfd` so that a crash leaves the old or the new file: write a
