@@ -14,6 +14,13 @@ public final class FileCrypto: @unchecked Sendable {
     /// how it tags (the file header's version).
     let tagKey: SecretBytes?
     public let tagAlgorithm: UnitTagAlgorithm?
+    /// Files with a file root (header version 3, FORMAT.md 12.11): the key of the tag
+    /// blocks' elements (K1 || K2 of tag algorithm 2), the key that seals a tag block's
+    /// record, and what this process has verified of the file (shared by every handle of
+    /// the file that holds this object).
+    let elementKey: SecretBytes?
+    let recordKey: SecretBytes?
+    public let root: FileRootCache?
 
     static let fileLabel: [UInt8] = Array("xtsfs v1 file key".utf8)
     static let tinyLabel: [UInt8] = Array("xtsfs v1 tiny pad".utf8)
@@ -24,6 +31,7 @@ public final class FileCrypto: @unchecked Sendable {
         xtsKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.fileLabel + header.nonce, count: 64)
         tagKey = nil
         tagAlgorithm = nil
+        elementKey = nil; recordKey = nil; root = nil
     }
 
     /// The keys of a file of an integrity volume: an XTS key and a tag key of its own,
@@ -38,8 +46,15 @@ public final class FileCrypto: @unchecked Sendable {
         switch tags {
         case .hmacSHA256:
             tagKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.integrityTagLabel + h.nonce, count: 32)
-        case .ghashAES256:
+        case .ghashAES256, .ghashAES256Root:
             tagKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.integrityTagV2Label + h.nonce, count: GHASHTagContext.keyLength)
+        }
+        if tags.hasFileRoot {
+            elementKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.rootElementLabel + h.nonce, count: GHASHTagContext.keyLength)
+            recordKey = try HKDF.derive(key: keys.contentKey, salt: [], info: FileCrypto.rootRecordLabel + h.nonce, count: 32)
+            root = FileRootCache()
+        } else {
+            elementKey = nil; recordKey = nil; root = nil
         }
     }
 

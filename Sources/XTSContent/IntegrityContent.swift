@@ -35,10 +35,10 @@ struct IntegrityContent<File: BackingFile> {
         do { return try file.size() } catch { throw .io(error) }
     }
 
-    /// The stored header; nil when the backing file is empty (created, never written) or
-    /// its header is 64 zero bytes (a first write interrupted before its header: the file
-    /// was empty, and that is what it still is).
-    func header() throws(ContentError) -> IntegrityFileHeader? {
+    /// The stored header bytes; nil when the backing file is empty (created, never written)
+    /// or its header is 64 zero bytes (a first write interrupted before its header: the
+    /// file was empty, and that is what it still is).
+    func headerBytes() throws(ContentError) -> [UInt8]? {
         let backing = try backingSize()
         if backing == 0 {
             if fileIDs { throw .badHeader("no file header (0 bytes): every file of a volume with listing manifests has one") }
@@ -52,6 +52,34 @@ struct IntegrityContent<File: BackingFile> {
             if fileIDs { throw .badHeader("file header of 64 zero bytes: every file of a volume with listing manifests has one") }
             return nil
         }
+        return raw
+    }
+
+    /// What every header must be, once its MAC is checked.
+    private func checkFields(_ h: IntegrityFileHeader) throws(ContentError) {
+        guard h.version == tags.rawValue else {
+            throw .badHeader("file header of version \(h.version) (\(h.tags.map { "\($0)" } ?? "?") unit tags) on a volume whose files have version \(tags.rawValue) (\(tags))")
+        }
+        if fileIDs != (h.fileID != IntegrityFileHeader.noFileID) {
+            throw .badHeader(fileIDs ? "no file ID, on a volume without listing manifests" : "a file ID, on a volume without listing manifests")
+        }
+        guard h.plainLength <= UInt64(L.maxPlainSize) else { throw .badHeader("claims \(h.plainLength) bytes, beyond the largest file the format allows") }
+    }
+
+    /// The header and the keys it names (the cached ones if the nonce is unchanged), both
+    /// checked: the header's MAC, and on a volume with file roots the root of every tag
+    /// block it covers (from what `crypto` verified before, when the header is the same).
+    func state(_ crypto: FileCrypto?) throws(ContentError) -> (header: IntegrityFileHeader, crypto: FileCrypto)? {
+        guard let raw = try headerBytes() else { return nil }
+        if tags.hasFileRoot { return try rootedState(raw, crypto) }
+        let h = try decodeUnrooted(raw)
+        if let c = crypto, c.isIntegrity, c.header.nonce == h.nonce, c.header.keyGeneration == h.keyGeneration { return (h, c) }
+        guard let k = keys(h.keyGeneration) else { throw .badHeader("written under key generation \(h.keyGeneration), which this volume no longer holds") }
+        do { return (h, try FileCrypto(keys: k, integrityHeader: h)) } catch { throw .crypto(error) }
+    }
+
+    /// A header of version 1 or 2, its MAC and fields checked.
+    private func decodeUnrooted(_ raw: [UInt8]) throws(ContentError) -> IntegrityFileHeader {
         let h: IntegrityFileHeader
         do { h = try IntegrityFileHeader.decode(raw, macKey: currentKeys.metadataMACKey) } catch {
             // The MAC key depends on the generation recorded inside; try that one.
@@ -59,32 +87,40 @@ struct IntegrityContent<File: BackingFile> {
                   let other = try? IntegrityFileHeader.decode(raw, macKey: k.metadataMACKey) else { throw .badHeader("\(error)") }
             h = other
         }
-        guard h.version == tags.rawValue else {
-            throw .badHeader("file header of version \(h.version) (\(h.tags.map { "\($0)" } ?? "?") unit tags) on a volume whose files have version \(tags.rawValue) (\(tags))")
-        }
-        if fileIDs != (h.fileID != IntegrityFileHeader.noFileID) {
-            throw .badHeader(fileIDs ? "no file ID, on a volume with listing manifests" : "a file ID, on a volume without listing manifests")
-        }
-        guard h.plainLength <= UInt64(L.maxPlainSize) else { throw .badHeader("claims \(h.plainLength) bytes, beyond the largest file the format allows") }
+        try checkFields(h)
         return h
     }
 
-    /// The header and the keys it names (the cached ones if the nonce is unchanged).
-    func state(_ crypto: FileCrypto?) throws(ContentError) -> (header: IntegrityFileHeader, crypto: FileCrypto)? {
-        guard let h = try header() else { return nil }
-        if let c = crypto, c.isIntegrity, c.header.nonce == h.nonce, c.header.keyGeneration == h.keyGeneration { return (h, c) }
-        guard let k = keys(h.keyGeneration) else { throw .badHeader("written under key generation \(h.keyGeneration), which this volume no longer holds") }
-        do { return (h, try FileCrypto(keys: k, integrityHeader: h)) } catch { throw .crypto(error) }
+    /// The header, checked (`state`); nil for an empty file.
+    func header() throws(ContentError) -> IntegrityFileHeader? {
+        guard let raw = try headerBytes() else { return nil }
+        return tags.hasFileRoot ? try rootedState(raw, nil).header : try decodeUnrooted(raw)
     }
 
-    func plainSize() throws(ContentError) -> Int64 {
-        try header().map { Int64($0.plainLength) } ?? 0
+    /// The committed length; `crypto` spares reading every tag block again on a volume
+    /// with file roots when it verified this header before.
+    func plainSize(crypto: FileCrypto? = nil) throws(ContentError) -> Int64 {
+        guard let raw = try headerBytes() else { return 0 }
+        return Int64((tags.hasFileRoot ? try rootedState(raw, crypto).header : try decodeUnrooted(raw)).plainLength)
     }
 
     func loadCrypto() throws(ContentError) -> FileCrypto? { try state(nil)?.crypto }
 
+    /// Writes a header alone. With a file root, its root counts the actual tag blocks of
+    /// the groups its length covers, as verified (`state`) or written by this process: a
+    /// header for a shorter length, or the header of a file of length 0 (no groups).
     private func writeHeader(_ h: IntegrityFileHeader, _ c: FileCrypto) throws(ContentError) {
         let bytes: [UInt8]
+        if let cache = c.root {
+            let groups = Int(L.groupCount(plainSize: Int64(h.plainLength)))
+            let elements = cache.state.withLock { Array($0.elements.prefix(groups)) }
+            guard elements.count == groups else { throw .badHeader("the file root of a shorter file needs the tag blocks verified first") }
+            let root = elements.reduce(RootElement(), ^)
+            do { bytes = try h.encode(macKey: c.keys.metadataMACKey, root: root.bytes) } catch { throw .crypto(error) }
+            do { try bytes.withBytes { (p) throws(SystemError) in try file.write(p, at: 0) } } catch { throw .io(error) }
+            cache.state.withLock { $0 = .init(header: bytes, elements: elements, recorded: [:]) }
+            return
+        }
         do { bytes = try h.encode(macKey: c.keys.metadataMACKey) } catch { throw .crypto(error) }
         do { try bytes.withBytes { (p) throws(SystemError) in try file.write(p, at: 0) } } catch { throw .io(error) }
     }
@@ -120,10 +156,19 @@ struct IntegrityContent<File: BackingFile> {
 
     /// Reads the entries and ciphertext of `run` (zeros past the end of the backing file)
     /// and checks every unit against its entry. Returns the entries and, for each unit, the
-    /// slot that holds its current tag.
-    private func load(_ run: Range<Int64>, into buf: UnsafeMutableRawBufferPointer, _ c: FileCrypto, _ s: UnitTagSession) throws(ContentError) -> (entries: [UInt8], slots: [Int]) {
+    /// slot that holds its current tag. With a file root, the whole tag block is read and
+    /// checked against the root first (and returned).
+    private func load(_ run: Range<Int64>, into buf: UnsafeMutableRawBufferPointer, _ c: FileCrypto, _ s: UnitTagSession) throws(ContentError) -> (entries: [UInt8], slots: [Int], page: [UInt8]?) {
         var entries = [UInt8](repeating: 0, count: run.count * Int(L.entryLength))
-        _ = try readFully(&entries, at: L.entryOffset(unit: run.lowerBound))
+        var page: [UInt8]?
+        if c.hasFileRoot {
+            let p = try verifiedTagBlock(L.group(of: run.lowerBound), c)
+            let at = Int(L.entryOffset(unit: run.lowerBound) - L.tagBlockOffset(group: L.group(of: run.lowerBound)))
+            entries = Array(p[at..<at + entries.count])
+            page = p
+        } else {
+            _ = try readFully(&entries, at: L.entryOffset(unit: run.lowerBound))
+        }
         _ = try readFully(buf, at: L.dataOffset(unit: run.lowerBound))
         var slots = [Int](repeating: 0, count: run.count)
         var tag = (UInt64(0), UInt64(0))
@@ -145,7 +190,7 @@ struct IntegrityContent<File: BackingFile> {
             }
             slots[i] = slot
         }
-        return (entries, slots)
+        return (entries, slots, page)
     }
 
     // MARK: - changing
@@ -241,6 +286,10 @@ struct IntegrityContent<File: BackingFile> {
         }
         let old = Int64(h.plainLength)
         let oldUnits = L.unitCount(old)
+        // A file root (FORMAT.md 12.11): every tag block written names the header on disk;
+        // the new header, always written last, commits to them all.
+        var root: RootChange? = c.hasFileRoot ? RootChange(header: fresh ? nil : h, crypto: c) : nil
+        if c.hasFileRoot && L.groupCount(plainSize: new) > L.maxRootGroups { throw .io(SystemError(27 /* EFBIG */, "grow a file with a file root past its largest size")) }
         if new > old {
             // Whatever lies past the committed length was left by an interrupted change:
             // drop it, so that new units start from zeros.
@@ -263,16 +312,18 @@ struct IntegrityContent<File: BackingFile> {
                 // Also for a file of length 0 with a header (a new file of a volume with
                 // listing manifests): nothing of its units is read before the header with
                 // the new length, written last with these entries, says they exist.
-                let deferred = try changeRun(run, c, session, old: old, edit: edit, data: data, punch: punch, deferEntries: (fresh || old == 0) && new > 0 && run.lowerBound == 0)
+                let deferred = try changeRun(run, c, session, old: old, edit: edit, data: data, punch: punch,
+                                             deferEntries: (fresh || old == 0) && new > 0 && run.lowerBound == 0, root: &root)
                 if deferred != nil { firstEntries = deferred }
             }
         }
-        if new > old || fresh {
+        if new > old || fresh || root != nil {
             do {
                 let want = L.backingSize(plainSize: new)
                 if try file.size() < want { try file.truncate(want) }
             } catch { throw .io(error) }
             h.plainLength = UInt64(new)
+            if let root { try commitRooted(h, root, c); return c }
             let bytes: [UInt8]
             do { bytes = try h.encode(macKey: c.keys.metadataMACKey) + (firstEntries ?? []) } catch { throw .crypto(error) }
             do { try bytes.withBytes { (p) throws(SystemError) in try file.write(p, at: 0) } } catch { throw .io(error) }
@@ -282,7 +333,8 @@ struct IntegrityContent<File: BackingFile> {
 
     /// Changes the units of `run`. With `deferEntries` (a new file's first group) the
     /// entries are returned instead of written, for the caller to write with the header.
-    private func changeRun(_ run: Range<Int64>, _ c: FileCrypto, _ s: UnitTagSession, old: Int64, edit: Range<Int64>?, data: UnsafeRawBufferPointer?, punch: Bool, deferEntries: Bool) throws(ContentError) -> [UInt8]? {
+    private func changeRun(_ run: Range<Int64>, _ c: FileCrypto, _ s: UnitTagSession, old: Int64, edit: Range<Int64>?, data: UnsafeRawBufferPointer?, punch: Bool, deferEntries: Bool,
+                           root: inout RootChange?) throws(ContentError) -> [UInt8]? {
         let n = run.count
         let B = L.blockSize
         // Units below the old unit count exist and must be authentic before they change; the
@@ -291,16 +343,18 @@ struct IntegrityContent<File: BackingFile> {
         let runBytes = run.lowerBound * B..<run.upperBound * B
         if existing == 0 && !(edit.map { $0.overlaps(runBytes) } ?? false) {
             // Only new holes (a file grown past them): tags, and nothing else to write.
-            return try writeHoleEntries(run, s, deferEntries: deferEntries)
+            return try writeHoleEntries(run, s, deferEntries: deferEntries, c, root: &root)
         }
         let buf = ThreadScratch.buffer(.request, count: n * unit)
         var entries = [UInt8](repeating: 0, count: n * Int(L.entryLength))
         var slots = [Int](repeating: 0, count: n)
+        var page: [UInt8]?
         if existing > 0 {
             let head = UnsafeMutableRawBufferPointer(rebasing: buf[0..<existing * unit])
             let loaded = try load(run.lowerBound..<run.lowerBound + Int64(existing), into: head, c, s)
             entries.replaceSubrange(0..<loaded.entries.count, with: loaded.entries)
             slots.replaceSubrange(0..<existing, with: loaded.slots)
+            page = loaded.page
             let needOld: (Int) -> Bool = { i in
                 let r = L.plainRange(unit: run.lowerBound + Int64(i))
                 return !(edit.map { $0.lowerBound <= r.lowerBound && $0.upperBound >= r.upperBound } ?? false)
@@ -347,12 +401,7 @@ struct IntegrityContent<File: BackingFile> {
                 catch { throw .crypto(error) }
             }
         }
-        do throws(SystemError) {
-            // Tags first, then ciphertext: see the type's comment. (Deferred entries belong
-            // to a file whose header is not written yet: nothing here is read before it.)
-            if !deferEntries {
-                try entries.withBytes { (p) throws(SystemError) in try file.write(p, at: L.entryOffset(unit: run.lowerBound)) }
-            }
+        let writeData = { () throws(SystemError) in
             var i = 0
             while i < n {
                 var j = i
@@ -366,11 +415,23 @@ struct IntegrityContent<File: BackingFile> {
                 }
                 i = j
             }
+        }
+        if root != nil {
+            try writeRooted(run, entries: entries, slots: slots, existing: existing, page: page, &root!, c, writeData: writeData)
+            return nil
+        }
+        do throws(SystemError) {
+            // Tags first, then ciphertext: see the type's comment. (Deferred entries belong
+            // to a file whose header is not written yet: nothing here is read before it.)
+            if !deferEntries {
+                try entries.withBytes { (p) throws(SystemError) in try file.write(p, at: L.entryOffset(unit: run.lowerBound)) }
+            }
+            try writeData()
         } catch { throw .io(error) }
         return deferEntries ? entries : nil
     }
 
-    private func writeHoleEntries(_ run: Range<Int64>, _ s: UnitTagSession, deferEntries: Bool) throws(ContentError) -> [UInt8]? {
+    private func writeHoleEntries(_ run: Range<Int64>, _ s: UnitTagSession, deferEntries: Bool, _ c: FileCrypto, root: inout RootChange?) throws(ContentError) -> [UInt8]? {
         let E = Int(L.entryLength), T = L.tagLength
         var entries = [UInt8](repeating: 0, count: run.count * E)
         try entries.withMutableBytes { (e) throws(ContentError) in
@@ -380,6 +441,10 @@ struct IntegrityContent<File: BackingFile> {
                 } catch { throw .crypto(error) }
             }
         }
+        if root != nil {
+            try writeRooted(run, entries: entries, slots: [], existing: 0, page: nil, &root!, c, writeData: { () throws(SystemError) in })
+            return nil
+        }
         if deferEntries { return entries }
         do { try entries.withBytes { (p) throws(SystemError) in try file.write(p, at: L.entryOffset(unit: run.lowerBound)) } } catch { throw .io(error) }
         return nil
@@ -388,7 +453,7 @@ struct IntegrityContent<File: BackingFile> {
     // MARK: - helpers
 
     /// Reads until `buffer` is full or the file ends; the rest is zeros. Returns the bytes read.
-    private func readFully(_ buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws(ContentError) -> Int {
+    func readFully(_ buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws(ContentError) -> Int {
         var done = 0
         while done < buffer.count {
             let n: Int
@@ -400,7 +465,7 @@ struct IntegrityContent<File: BackingFile> {
         return done
     }
 
-    private func readFully(_ bytes: inout [UInt8], at offset: Int64) throws(ContentError) -> Int {
+    func readFully(_ bytes: inout [UInt8], at offset: Int64) throws(ContentError) -> Int {
         try bytes.withMutableBytes { (p) throws(ContentError) -> Int in try readFully(p, at: offset) }
     }
 

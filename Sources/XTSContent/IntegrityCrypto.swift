@@ -21,7 +21,7 @@ public final class UnitTagSession {
         switch algorithm {
         case .hmacSHA256:
             engine = .hmac(try HMACSession(key: key))
-        case .ghashAES256:
+        case .ghashAES256, .ghashAES256Root:
             let ctx = try GHASHTagContext.forCurrentThread()
             engine = .ghash(ctx, key)
         }

@@ -85,3 +85,25 @@ extension IntegrityLayout {
         return min(maxPlainSize, (groups * unitsPerGroup + blocks) * blockSize)
     }
 }
+
+/// The first 64 bytes of the tag block of a group after the first, on files with a file
+/// root (header version 3, FORMAT.md 12.11); group 0 has the file header there.
+extension IntegrityLayout {
+    /// A random salt, drawn anew whenever the tag block is written: part of the group's
+    /// element, so no two versions of a group have the same element.
+    public static let saltRange = 0..<16
+    /// The record: the element the header named by `recordHeaderRange` counts for this
+    /// group (sealed under the file's record key) while a change of the group is under way.
+    public static let recordElementRange = 16..<32
+    /// The MAC bytes of the file header the record was written under.
+    public static let recordHeaderRange = 32..<48
+
+    /// Groups whose tag blocks a file root covers: those holding units of a file of `size` bytes.
+    public static func groupCount(plainSize size: Int64) -> Int64 {
+        let n = unitCount(size)
+        return (n + unitsPerGroup - 1) / unitsPerGroup
+    }
+
+    /// Backing offset of group `g`'s tag block.
+    public static func tagBlockOffset(group g: Int64) -> Int64 { g * groupLength }
+}

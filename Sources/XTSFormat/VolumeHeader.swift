@@ -45,13 +45,20 @@ public struct Features: OptionSet, Sendable, Hashable {
     /// change directories without updating their manifests, and every directory it touched
     /// would then be reported as tampered: it must refuse.
     public static let listingManifests = Features(rawValue: 1 << 5)
+    /// With `blockAuthentication` and `ghashUnitTags`: every file header's MAC also covers
+    /// the file's **root**, a commitment to all of its tag blocks (file header version 3,
+    /// FORMAT.md 12.11), so that a unit put back from an older version of its file is
+    /// detected. A reader that does not know it would find every file header's MAC wrong:
+    /// it must refuse.
+    public static let fileRoots = Features(rawValue: 1 << 6)
     /// Every flag this build can read.
-    public static let known: Features = [.blockAuthentication, .rekeyInProgress, .rekeyJournal, .ghashUnitTags, .rekeyIntegrityJournal, .listingManifests]
+    public static let known: Features = [.blockAuthentication, .rekeyInProgress, .rekeyJournal, .ghashUnitTags, .rekeyIntegrityJournal, .listingManifests, .fileRoots]
 
     /// How units are tagged: nil on a plain volume.
     public var unitTags: UnitTagAlgorithm? {
         guard contains(.blockAuthentication) else { return nil }
-        return contains(.ghashUnitTags) ? .ghashAES256 : .hmacSHA256
+        guard contains(.ghashUnitTags) else { return .hmacSHA256 }
+        return contains(.fileRoots) ? .ghashAES256Root : .ghashAES256
     }
 
     /// The features of a new volume: plain, or authenticated with `tags`.
@@ -60,6 +67,7 @@ public struct Features: OptionSet, Sendable, Hashable {
         case nil: []
         case .hmacSHA256: [.blockAuthentication]
         case .ghashAES256: [.blockAuthentication, .ghashUnitTags, .listingManifests]
+        case .ghashAES256Root: [.blockAuthentication, .ghashUnitTags, .listingManifests, .fileRoots]
         }
     }
 }
@@ -282,6 +290,9 @@ public struct VolumeHeader: Sendable, Equatable {
         guard unknown.isEmpty else { throw .unsupportedFeatures(unknown.rawValue) }
         guard !features.contains(.ghashUnitTags) || features.contains(.blockAuthentication) else {
             throw .invalid("feature ghashUnitTags (bit 3) without blockAuthentication (bit 0)")
+        }
+        guard !features.contains(.fileRoots) || features.contains([.blockAuthentication, .ghashUnitTags]) else {
+            throw .invalid("feature fileRoots (bit 6) without blockAuthentication and ghashUnitTags (bits 0 and 3)")
         }
         guard !features.contains(.listingManifests) || features.contains(.blockAuthentication) else {
             throw .invalid("feature listingManifests (bit 5) without blockAuthentication (bit 0)")

@@ -73,7 +73,7 @@ final class IntegrityContentTests: XCTestCase {
     /// Runs `body` once per tag algorithm; a failure is followed by a line naming the
     /// algorithm it happened with.
     func bothAlgorithms(_ body: () throws -> Void) throws {
-        for a in [UnitTagAlgorithm.ghashAES256, .hmacSHA256] {
+        for a in [UnitTagAlgorithm.ghashAES256Root, .ghashAES256, .hmacSHA256] {
             tagAlgorithm = a
             let before = testRun?.totalFailureCount ?? 0
             defer { if (testRun?.totalFailureCount ?? 0) > before { print("(the failure above is with unit tags \(a))") } }
@@ -254,9 +254,11 @@ final class IntegrityContentTests: XCTestCase {
     func testBitFlipInTagIsDetected() throws {
         try bothAlgorithms {
             let (m, c, plain) = try makeWritten()
-            // Written once: slot A holds the tag, slot B is empty. Flipping B changes nothing.
+            // Written once: slot A holds the tag, slot B is empty. Flipping B changes nothing
+            // the unit needs; with a file root, it changes the tag block the root commits to.
             m.bytes[Int(L.entryOffset(unit: 2)) + 16] ^= 1
-            XCTAssertEqual(try readAll(c), plain)
+            if tagAlgorithm.hasFileRoot { assertTampered(c, "bit flip in an empty slot") } else { XCTAssertEqual(try readAll(c), plain) }
+            m.bytes[Int(L.entryOffset(unit: 2)) + 16] ^= 1
             m.bytes[Int(L.entryOffset(unit: 2)) + 3] ^= 1
             assertTampered(c, "bit flip in a tag")
         }
@@ -338,18 +340,50 @@ final class IntegrityContentTests: XCTestCase {
         }
     }
 
-    /// Documented limit (FORMAT.md 12.6): a unit and its entry put back from an older copy
-    /// of the same file, without the rest of the file, read as the older data.
-    func testReplayOfAnOlderUnitVersionIsADocumentedLimit() throws {
+    /// Without a file root (FORMAT.md 12.7): a unit and its entry put back from an older
+    /// copy of the same file, without the rest of the file, read as the older data. With a
+    /// file root (12.11) it is detected, in group 0 (whose tag block shares the header's
+    /// page) and in later groups, whether the unit comes back with its entry, with its whole
+    /// tag block, or alone; only the whole file put back (header included) is not.
+    func testReplayOfAnOlderUnitVersion() throws {
         try bothAlgorithms {
-            let (m, c, plain) = try makeWritten()
-            let d = Int(L.dataOffset(unit: 3)), e = Int(L.entryOffset(unit: 3))
-            let oldData = Array(m.bytes[d..<d + 4096]), oldEntry = Array(m.bytes[e..<e + 32])
-            try write(c, [UInt8](repeating: 0xEE, count: 4096), at: 3 * 4096)
-            try write(c, [UInt8](repeating: 0xDD, count: 4096), at: 3 * 4096)
-            m.bytes.replaceSubrange(d..<d + 4096, with: oldData)
-            m.bytes.replaceSubrange(e..<e + 32, with: oldEntry)
-            XCTAssertEqual(try readAll(c), plain, "replay is not detected (documented)")
+            for unit in [3, 130] {
+                let (m, c, plain) = try makeWritten(140 * 4096 + 100)
+                let d = Int(L.dataOffset(unit: Int64(unit))), e = Int(L.entryOffset(unit: Int64(unit)))
+                let block = Int(L.tagBlockOffset(group: L.group(of: Int64(unit))))
+                let old = m.bytes
+                try write(c, [UInt8](repeating: 0xEE, count: 4096), at: Int64(unit) * 4096)
+                let middle = m.bytes
+                try write(c, [UInt8](repeating: 0xDD, count: 4096), at: Int64(unit) * 4096)
+                let now = m.bytes
+                var expected = plain
+                expected.replaceSubrange(unit * 4096..<unit * 4096 + 4096, with: repeatElement(0xDD, count: 4096))
+                XCTAssertEqual(try readAll(c), expected)
+                for (what, from) in [("the first version", old), ("the version before the last", middle)] {
+                    m.bytes = now
+                    m.bytes.replaceSubrange(d..<d + 4096, with: from[d..<d + 4096])
+                    if tagAlgorithm.hasFileRoot {
+                        assertTampered(c, "unit \(unit): \(what) put back alone")
+                    } else if from == middle {
+                        XCTAssertEqual(try readAll(c)[unit * 4096], 0xEE, "unit \(unit): the previous version's tag is still in the other slot")
+                    }
+                    m.bytes.replaceSubrange(e..<e + 32, with: from[e..<e + 32])
+                    if tagAlgorithm.hasFileRoot {
+                        assertTampered(c, "unit \(unit): \(what) put back with its entry")
+                        m.bytes.replaceSubrange(block..<block + 4096, with: from[block..<block + 4096])
+                        // Group 0's tag block holds the header: put back whole, with nothing
+                        // else changed since, it is the whole file put back (read below).
+                        if block > 0 { assertTampered(c, "unit \(unit): \(what) put back with its whole tag block") }
+                    } else {
+                        XCTAssertNotEqual(try readAll(c), expected, "unit \(unit): replay is not detected (documented)")
+                    }
+                }
+                // The whole file put back: an older file, which nothing in it can tell.
+                m.bytes = old
+                XCTAssertEqual(try readAll(c), plain)
+                m.bytes = now
+                XCTAssertEqual(try readAll(c), expected)
+            }
         }
     }
 

@@ -125,6 +125,8 @@ final class HeaderTests: XCTestCase {
         XCTAssertEqual(Features.contents(.hmacSHA256).rawValue, 1)
         // Tag algorithm 2 volumes are made with listing manifests (bit 5) since they exist.
         XCTAssertEqual(Features.contents(.ghashAES256).rawValue, 0b10_1001)
+        // File roots (bit 6) since they exist.
+        XCTAssertEqual(Features.contents(.ghashAES256Root).rawValue, 0b110_1001)
         for tags in UnitTagAlgorithm.allCases {
             var h = Self.fixedHeader()
             h.features = Features.contents(tags).union(.rekeyInProgress)
@@ -135,6 +137,13 @@ final class HeaderTests: XCTestCase {
         XCTAssertThrowsError(try VolumeHeader.decode(try h.encode())) {
             guard case .invalid = $0 as? FormatError else { return XCTFail("\($0)") }
         }
+        // Bit 6 (file roots) without bits 0 and 3 is damage.
+        for f: Features in [.fileRoots, [.fileRoots, .blockAuthentication]] {
+            h.features = f
+            XCTAssertThrowsError(try VolumeHeader.decode(try h.encode())) {
+                guard case .invalid = $0 as? FormatError else { return XCTFail("\($0)") }
+            }
+        }
         // Bit 5 (listing manifests) without bit 0 is damage too.
         h.features = .listingManifests
         XCTAssertThrowsError(try VolumeHeader.decode(try h.encode())) {
@@ -142,19 +151,32 @@ final class HeaderTests: XCTestCase {
         }
     }
 
-    /// The integrity file header's version is its tag algorithm: 1 and 2 decode, others not.
+    /// The integrity file header's version is its tag algorithm: 1, 2 and 3 decode, others
+    /// not. Version 3's MAC covers the file root: it needs one to be written and checked,
+    /// and does not verify under another root.
     func testIntegrityFileHeaderVersions() throws {
         let key = SecretBytes(copying: [UInt8](repeating: 7, count: 32))
+        let root = [UInt8](repeating: 0xA5, count: 16)
         for tags in UnitTagAlgorithm.allCases {
             let h = IntegrityFileHeader(tags: tags, keyGeneration: 3, nonce: [UInt8](repeating: 1, count: 16), plainLength: 12345)
-            let bytes = try h.encode(macKey: key)
+            let bytes = try h.encode(macKey: key, root: tags.hasFileRoot ? root : nil)
             XCTAssertEqual(Array(bytes[0..<2]), [UInt8(tags.rawValue), 0])
-            XCTAssertEqual(try IntegrityFileHeader.decode(bytes, macKey: key).tags, tags)
+            XCTAssertEqual(try IntegrityFileHeader.decode(bytes, macKey: key, root: tags.hasFileRoot ? root : nil).tags, tags)
+            XCTAssertEqual(try IntegrityFileHeader.parse(bytes), try IntegrityFileHeader.decode(bytes, macKey: key, root: tags.hasFileRoot ? root : nil))
+            if tags.hasFileRoot {
+                XCTAssertThrowsError(try h.encode(macKey: key), "no root")
+                XCTAssertThrowsError(try IntegrityFileHeader.decode(bytes, macKey: key), "no root")
+                var other = root
+                other[15] ^= 1
+                XCTAssertThrowsError(try IntegrityFileHeader.decode(bytes, macKey: key, root: other)) {
+                    XCTAssertEqual($0 as? FormatError, .checksumMismatch("integrity file header"))
+                }
+            }
         }
         var h = IntegrityFileHeader(tags: .ghashAES256, keyGeneration: 3, nonce: [UInt8](repeating: 1, count: 16), plainLength: 1)
-        h.version = 3
+        h.version = 4
         XCTAssertThrowsError(try IntegrityFileHeader.decode(try h.encode(macKey: key), macKey: key)) {
-            XCTAssertEqual($0 as? FormatError, .unsupportedVersion(3))
+            XCTAssertEqual($0 as? FormatError, .unsupportedVersion(4))
         }
     }
 
