@@ -67,6 +67,7 @@ public struct StatusReport: Codable, Sendable {
         if h.features.contains(.ghashUnitTags) { features.append("ghash-unit-tags") }
         if h.features.contains(.rekeyIntegrityJournal) { features.append("rekey-integrity-journal") }
         if h.features.contains(.listingManifests) { features.append("listing-manifests") }
+        if h.features.contains(.fileRoots) { features.append("file-roots") }
         return StatusReport(
             cipherDir: cipherDir, formatVersion: Int(h.version),
             volumeID: hex(h.volumeID),

@@ -47,7 +47,7 @@ struct Init: ParsableCommand {
             more.append(p)
             recovery = printable
         }
-        let header = try Volume.initialize(cipherDir: cipherDir, provider: provider, more: more, features: .contents(integrity ? .ghashAES256 : nil))
+        let header = try Volume.initialize(cipherDir: cipherDir, provider: provider, more: more, features: .contents(integrity ? .ghashAES256Root : nil))
         if let k = provider as? KMIPProvider, generate { say("Created key \(k.keyID) on the KMIP server \(k.connection.server); unlock with --kmip-key-id \(k.keyID).") }
         let what: String
         if choice.usesKDF {
