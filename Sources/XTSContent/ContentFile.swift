@@ -100,8 +100,10 @@ public struct ContentFile<File: BackingFile> {
 
     /// The plaintext size; a backing file larger than the format allows (a planted sparse
     /// file, say) is damaged rather than a reason for arithmetic to overflow.
-    public func plainSize() throws(ContentError) -> Int64 {
-        if integrity { return try authenticated.plainSize() }
+    /// `crypto`: what an earlier call returned for this file, which spares reading every tag
+    /// block of a file with a file root again.
+    public func plainSize(crypto: FileCrypto? = nil) throws(ContentError) -> Int64 {
+        if integrity { return try authenticated.plainSize(crypto: crypto) }
         let backing: Int64
         do { backing = try file.size() } catch { throw .io(error) }
         let size = Layout.plainSize(backingSize: backing)

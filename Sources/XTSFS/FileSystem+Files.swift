@@ -289,7 +289,7 @@ extension FileSystem {
         let end = offset + length
         try withExclusive(f.fd, f.state) { (c, s) throws(FSError) in
             do throws(ContentError) {
-                let size = try c.plainSize()
+                let size = try c.plainSize(crypto: s.crypto)
                 if mode & (punch | zero) != 0 {
                     s.crypto = try c.zeroRange(offset..<end, crypto: s.crypto)
                 } else {
@@ -316,7 +316,7 @@ extension FileSystem {
     public func release(_ handle: UInt64) {
         guard let f = files.withLock({ $0.removeValue(forKey: handle) }) else { return }
         // Once per written handle rather than per WRITE (a header read and two fstat each).
-        if integrity && !sharedStorage && f.writable { f.state.lock.withWriteLock { rememberIntegritySize(f.fd) } }
+        if integrity && !sharedStorage && f.writable { f.state.lock.withWriteLock { rememberIntegritySize(f.fd, crypto: f.state.crypto) } }
         Sys.close(f.fd)
         releaseState(f.identity)
     }

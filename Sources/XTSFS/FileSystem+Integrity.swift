@@ -48,12 +48,12 @@ extension FileSystem {
         if backing == 0 { return 0 }
         let key = Identity(st)
         if let known = integritySizes.withLock({ $0[key] }), known.matches(st) { return known.plain }
-        func fromHeader(_ fd: Int32) -> Int64? { try? content(fd).plainSize() }
+        func fromHeader(_ fd: Int32, _ crypto: FileCrypto? = nil) -> Int64? { try? content(fd).plainSize(crypto: crypto) }
         var size: Int64?
         switch source {
         case .none: break
         case .open(let f):
-            size = f.state.lock.withReadLock { fromHeader(f.fd) }
+            size = f.state.lock.withReadLock { fromHeader(f.fd, f.state.crypto) }
         case .pinned(let p):
             if let fd = try? Sys.reopen(p, O_RDONLY | O_NONBLOCK) { size = fromHeader(fd); Sys.close(fd) }
         case .entry(let dir, let name):
@@ -83,9 +83,9 @@ extension FileSystem {
     /// (`ls -l` of files just written, or after the kernel dropped its caches) need no
     /// header read. Skipped when the backing file moved while it was read (someone else
     /// writing it) or its header cannot be read through `fd` (a write-only descriptor).
-    func rememberIntegritySize(_ fd: Int32) {
+    func rememberIntegritySize(_ fd: Int32, crypto: FileCrypto? = nil) {
         guard let before = try? Sys.fstat(fd), before.isRegular, before.st_size > 0,
-              let size = try? content(fd).plainSize(),
+              let size = try? content(fd).plainSize(crypto: crypto),
               let after = try? Sys.fstat(fd),
               IntegritySize(before, plain: size).matches(after) else { return }
         integritySizes.withLock { table in

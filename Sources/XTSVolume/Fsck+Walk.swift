@@ -500,7 +500,7 @@ extension Fsck {
         var firstWhy = ""
         do throws(ContentError) {
             let crypto = try content.loadCrypto()
-            let size = try content.plainSize()
+            let size = try content.plainSize(crypto: crypto)
             while offset < size {
                 let n: Int
                 do throws(ContentError) { n = try content.read(into: buffer, at: offset, crypto: crypto) } catch {
@@ -564,12 +564,15 @@ extension Fsck {
         let committed = L.backingSize(plainSize: size)
         // Groups after the first that lie within the committed length.
         let groups = size == 0 ? 1 : L.group(of: L.unitCount(size) - 1) + 1
+        // With file roots (FORMAT.md 12.11) the first 48 bytes are the salt (under the root)
+        // and the record: only the last 16 are reserved.
+        let reserved = unitTags?.hasFileRoot == true ? L.recordHeaderRange.upperBound..<Int(L.headerLength) : 0..<Int(L.headerLength)
         for g in 1..<max(groups, 1) {
-            var raw = [UInt8](repeating: 0, count: Int(L.headerLength))
-            let n = raw.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(g * L.groupLength)) }
+            var raw = [UInt8](repeating: 0, count: reserved.count)
+            let n = raw.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(g * L.groupLength) + off_t(reserved.lowerBound)) }
             if n > 0 && raw[0..<n].contains(where: { $0 != 0 }) {
                 add(.fileReservedBytesForeign, .warning, path, plain: plainPath,
-                    "the reserved 64 bytes of group \(g) (backing offset \(g * L.groupLength)) are not zeros; xtsfs never reads them")
+                    "the reserved \(reserved.count) bytes of group \(g) (backing offset \(g * L.groupLength + Int64(reserved.lowerBound))) are not zeros; xtsfs never reads them")
             }
         }
         guard backing > committed else { return }

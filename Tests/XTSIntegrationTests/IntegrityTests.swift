@@ -250,7 +250,7 @@ final class IntegrityTamperTests: VolumeTestCase {
         unmount()
         let committed = try read(tail).count
         try patch(tail) { $0 += pattern(9000, seed: 14) }
-        try patch(reserved) { $0[127 * 4096 + 10] = 0x5a }
+        try patch(reserved) { $0[127 * 4096 + 50] = 0x5a }
         func findings(_ extra: [String]) throws -> (Int32, [[String: Any]]) {
             let r = Harness.run(["fsck", cipher, "--json", "--passfile", passfile] + extra)
             let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
@@ -269,7 +269,7 @@ final class IntegrityTamperTests: VolumeTestCase {
         (status, all) = try findings(["--repair"])
         XCTAssertEqual(of(all, tail).compactMap { $0["repaired"] as? String }, ["trimmedUncommittedTail"], "\(all)")
         XCTAssertEqual(try read(tail).count, committed, "cut back to the committed length")
-        XCTAssertEqual(try read(reserved)[127 * 4096 + 10], 0x5a, "reserved bytes left alone")
+        XCTAssertEqual(try read(reserved)[127 * 4096 + 50], 0x5a, "reserved bytes left alone")
         (status, all) = try findings([])
         XCTAssertEqual(of(all, tail).count, 0, "nothing left to report")
         mount()
@@ -310,33 +310,82 @@ final class IntegrityTamperTests: VolumeTestCase {
         assertEIO("b", "unit and its tags zeroed")
     }
 
-    /// Documented limits (section 12.7): an older version of a unit put back with its tag
-    /// entry is not detected; whole files swapped by their backing names read as each
-    /// other through the mount, and fsck reports the directory (listing manifests, 12.10).
-    func testReplayAndWholeFileSwapAreDocumentedLimits() throws {
+    /// File roots (section 12.11): an older version of a unit put back, alone, with its tag
+    /// entry, or with its whole tag block, reads as EIO, through a mount that has the file
+    /// open (and cached what it verified) and after a remount, and fsck reports it; the
+    /// whole file put back reads as the older file (documented). Whole files swapped by
+    /// their backing names read as each other, and fsck reports the directory (12.10).
+    func testReplayIsDetectedAndWholeFileSwapIsReported() throws {
+        let big = 140 * 4096 + 5
         let a = try create("a", pattern(size, seed: 1))
         let b = try create("b", pattern(size, seed: 2))
+        let c = try create("c", pattern(big, seed: 3))
         unmount()
-        let old = try read(a)
+        let oldA = try read(a), oldC = try read(c)
         mount()
-        let fd = open(mnt + "/a", O_WRONLY)
-        XCTAssertEqual(pattern(4096, seed: 7).withUnsafeBytes { pwrite(fd, $0.baseAddress!, 4096, 4096 * 3) }, 4096)
+        for (name, unit) in [("a", 3), ("c", 130)] {
+            let fd = open(mnt + "/" + name, O_WRONLY)
+            XCTAssertEqual(pattern(4096, seed: 7).withUnsafeBytes { pwrite(fd, $0.baseAddress!, 4096, off_t(4096 * unit)) }, 4096)
+            close(fd)
+        }
+        unmount()
+        let newA = try read(a), newC = try read(c)
+        let block = 127 * 4096
+        let cases: [(String, (inout [UInt8]) -> Void)] = [
+            ("unit alone", { $0.replaceSubrange(self.dataOffset(130)..<self.dataOffset(130) + 4096, with: oldC[self.dataOffset(130)..<self.dataOffset(130) + 4096]) }),
+            ("unit and entry", { x in
+                x.replaceSubrange(self.dataOffset(130)..<self.dataOffset(130) + 4096, with: oldC[self.dataOffset(130)..<self.dataOffset(130) + 4096])
+                x.replaceSubrange(self.entryOffset(130)..<self.entryOffset(130) + 32, with: oldC[self.entryOffset(130)..<self.entryOffset(130) + 32]) }),
+            ("unit and tag block", { x in
+                x.replaceSubrange(self.dataOffset(130)..<self.dataOffset(130) + 4096, with: oldC[self.dataOffset(130)..<self.dataOffset(130) + 4096])
+                x.replaceSubrange(block..<block + 4096, with: oldC[block..<block + 4096]) }),
+        ]
+        for (what, change) in cases {
+            try write(c, newC)
+            try patch(c, change)
+            mount()
+            assertEIO("c", "replay: \(what), after a remount")
+            unmount()
+            let r = Harness.run(["fsck", cipher, "--json", "--passfile", passfile])
+            XCTAssertEqual(r.status, 4, what + ": " + r.stdout)
+            XCTAssertTrue(r.stdout.contains("fileAuthenticationFailed"), r.stdout)
+        }
+        // While the mount has the file open and verified: the next read sees the change.
+        try write(c, newC)
+        mount()
+        let fd = open(mnt + "/c", O_RDONLY | 0o40000 /* O_DIRECT: past the page cache */)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        var buf = [UInt8](repeating: 0, count: 4096)
+        XCTAssertEqual(buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress!, 4096, off_t(4096 * 130)) }, 4096)
+        XCTAssertEqual(buf, pattern(4096, seed: 7))
+        try patch(c, cases[2].1)
+        XCTAssertEqual(buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress!, 4096, off_t(4096 * 130)) }, -1, "replay under an open file")
+        XCTAssertEqual(errno, EIO)
         close(fd)
         unmount()
+        // Group 0 shares its tag block with the header: the unit with its entry is detected.
         try patch(a) { x in
-            x.replaceSubrange(dataOffset(3)..<dataOffset(3) + 4096, with: old[dataOffset(3)..<dataOffset(3) + 4096])
-            x.replaceSubrange(entryOffset(3)..<entryOffset(3) + 32, with: old[entryOffset(3)..<entryOffset(3) + 32])
+            x.replaceSubrange(self.dataOffset(3)..<self.dataOffset(3) + 4096, with: oldA[self.dataOffset(3)..<self.dataOffset(3) + 4096])
+            x.replaceSubrange(self.entryOffset(3)..<self.entryOffset(3) + 32, with: oldA[self.entryOffset(3)..<self.entryOffset(3) + 32])
         }
+        mount()
+        assertEIO("a", "replay in group 0")
+        unmount()
+        // The whole file put back: an older file.
+        try write(a, oldA)
+        try write(c, oldC)
         XCTAssertEqual(rename(a, scratch + "/swap"), 0)
         XCTAssertEqual(rename(b, a), 0)
         XCTAssertEqual(rename(scratch + "/swap", b), 0)
         mount()
-        XCTAssertEqual(try? attempt("b").get(), pattern(size, seed: 1), "replayed unit reads as the old data")
+        XCTAssertEqual(try? attempt("c").get(), pattern(big, seed: 3), "the whole file put back reads as the older file")
+        XCTAssertEqual(try? attempt("b").get(), pattern(size, seed: 1), "swapped files read as each other")
         XCTAssertEqual(try? attempt("a").get(), pattern(size, seed: 2), "swapped files read as each other")
         unmount()
         let r = Harness.run(["fsck", cipher, "--json", "--passfile", passfile])
         XCTAssertEqual(r.status, 4, r.stdout)
         XCTAssertTrue(r.stdout.contains("directoryListingMismatch"), r.stdout)
+        _ = newA
         mount()
     }
 
