@@ -221,3 +221,53 @@ extension IntegrityContent {
         c.root?.state.withLock { $0 = .init(header: header, elements: Array(t.elements.prefix(Int(groups))), recorded: [:]) }
     }
 }
+
+extension IntegrityContent {
+    /// Tag blocks whose record names the header on disk were left so by a change cut off
+    /// (a crash): their units may still hold both the tag of the version before that change
+    /// and the one after. Before a new header makes them count as they are, each unit keeps
+    /// only the tag its ciphertext has now, so neither version can later be put back in
+    /// place of the other. A unit that matches neither is damage (EIO).
+    func settleRecorded(_ t: inout RootChange, _ c: FileCrypto) throws(ContentError) {
+        guard let h = t.header, !t.recorded.isEmpty else { return }
+        let n = L.unitCount(Int64(h.plainLength))
+        let s: UnitTagSession
+        do { s = try c.tagSession() } catch { throw .crypto(error) }
+        let E = Int(L.entryLength), T = L.tagLength, H = Int(L.headerLength)
+        for g in t.recorded.keys.sorted() where g * L.unitsPerGroup < n {
+            var page = [UInt8](repeating: 0, count: Int(L.blockSize))
+            _ = try readFully(&page, at: L.tagBlockOffset(group: g))
+            guard Int(g) < t.elements.count, try element(g, page, c) == t.elements[Int(g)] else {
+                throw .authentication("the tag block of units \(g * L.unitsPerGroup)–\((g + 1) * L.unitsPerGroup - 1) changed while the file was changed")
+            }
+            let first = g * L.unitsPerGroup, count = Int(min(L.unitsPerGroup, n - first))
+            let buf = ThreadScratch.buffer(.request, count: count * unit)
+            _ = try readFully(buf, at: L.dataOffset(unit: first))
+            var changed = false
+            var tag = [UInt8](repeating: 0, count: T)
+            for i in 0..<count {
+                let ct = UnsafeRawBufferPointer(rebasing: buf[i * unit..<(i + 1) * unit])
+                let hole = FileCrypto.isZero(ct.baseAddress!, unit)
+                do throws(CryptoError) {
+                    try tag.withMutableBytes { (o) throws(CryptoError) in try FileCrypto.tag(s, unit: first + Int64(i), ciphertext: hole ? nil : ct, into: o) }
+                } catch { throw .crypto(error) }
+                let a = H + i * E, b = a + T
+                let keep: Int
+                if page[a..<a + T].elementsEqual(tag) { keep = a } else if page[b..<b + T].elementsEqual(tag) { keep = b } else {
+                    let u = first + Int64(i)
+                    throw .authentication("unit \(u) (plaintext bytes \(u * L.blockSize)–\((u + 1) * L.blockSize - 1)) does not match its tag")
+                }
+                let drop = keep == a ? b : a
+                if page[drop..<drop + T].contains(where: { $0 != 0 }) {
+                    page.replaceSubrange(drop..<drop + T, with: repeatElement(0, count: T))
+                    changed = true
+                }
+            }
+            guard changed else { continue }
+            try write(page, at: L.tagBlockOffset(group: g))
+            let e = try element(g, page, c)
+            t.set(g, e)
+            c.root?.state.withLock { if Int(g) < $0.elements.count { $0.elements[Int(g)] = e } }
+        }
+    }
+}

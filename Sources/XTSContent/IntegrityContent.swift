@@ -27,7 +27,7 @@ struct IntegrityContent<File: BackingFile> {
         self.file = file; self.currentKeys = currentKeys; self.tags = tags; self.fileIDs = fileIDs; self.keys = keys
     }
 
-    private var unit: Int { Int(L.blockSize) }
+    var unit: Int { Int(L.blockSize) }
 
     // MARK: - header and keys
 
@@ -249,6 +249,10 @@ struct IntegrityContent<File: BackingFile> {
         var h = st.header
         let c = st.crypto
         if newSize < old {
+            if c.hasFileRoot {
+                var t = RootChange(header: h, crypto: c)
+                try settleRecorded(&t, c)
+            }
             // Length first: from here on the units past it are never read.
             h.plainLength = UInt64(newSize)
             try writeHeader(h, c)
@@ -289,6 +293,7 @@ struct IntegrityContent<File: BackingFile> {
         // A file root (FORMAT.md 12.11): every tag block written names the header on disk;
         // the new header, always written last, commits to them all.
         var root: RootChange? = c.hasFileRoot ? RootChange(header: fresh ? nil : h, crypto: c) : nil
+        if root != nil { try settleRecorded(&root!, c) }
         if c.hasFileRoot && L.groupCount(plainSize: new) > L.maxRootGroups { throw .io(SystemError(27 /* EFBIG */, "grow a file with a file root past its largest size")) }
         if new > old {
             // Whatever lies past the committed length was left by an interrupted change:

@@ -389,6 +389,36 @@ final class IntegrityContentTests: XCTestCase {
 
     // MARK: - crash consistency
 
+    /// File roots: a change cut off after its tag block (both tags) and its ciphertext
+    /// leaves the unit readable as the new version; the file's next change (here of
+    /// another group) first keeps only the tag the unit has now, so the version from before
+    /// the cut-off change cannot be put back afterwards.
+    func testAChangeCutOffIsSettledByTheNextOne() throws {
+        tagAlgorithm = .ghashAES256Root
+        for next in ["write", "shrink"] {
+            let (m, c, plain) = try makeWritten(140 * 4096 + 100)
+            let d = Int(L.dataOffset(unit: 130))
+            let before = Array(m.bytes[d..<d + 4096])
+            // Tag block with both tags, then the ciphertext; the writer dies before the rest.
+            XCTAssertThrowsError(try [UInt8](repeating: 0xAB, count: 4096).withUnsafeBytes {
+                try content(DyingFile(m, budget: 2)).write($0, at: 130 * 4096, crypto: nil)
+            })
+            var expected = plain
+            expected.replaceSubrange(130 * 4096..<131 * 4096, with: repeatElement(0xAB, count: 4096))
+            XCTAssertEqual(try readAll(c), expected, "the new version, after the cut-off change")
+            if next == "write" {
+                try write(c, [7], at: 5)
+                expected[5] = 7
+            } else {
+                _ = try c.truncate(to: 135 * 4096, crypto: nil)
+                expected = Array(expected.prefix(135 * 4096))
+            }
+            XCTAssertEqual(try readAll(c), expected)
+            m.bytes.replaceSubrange(d..<d + 4096, with: before)
+            assertTampered(c, "the version from before the cut-off change put back after the next \(next)")
+        }
+    }
+
     /// A new file's first write, stopped anywhere: the file is empty or complete.
     func testFirstWriteStoppedAnywhereReadsEmptyOrWhole() throws {
         try bothAlgorithms {
