@@ -47,7 +47,7 @@ final class ListingManifestFSTests: XCTestCase {
         XCTAssertFalse(m.pending, "\(path): pending", file: file, line: line)
         let k = keys!
         let scan = try ListingScan.scan(fd, directoryID: dirID, codecs: [NameCodec(keys: k)], elementKey: k.listElementKey) { raw in
-            ListingTargets.plain(raw, root: self.rootFD, keys: [k])
+            (try? SymlinkTarget.plain(raw, root: self.rootFD, keys: [k]))
         }
         XCTAssertTrue(scan.unidentified.isEmpty, "\(path): \(scan.unidentified.map(\.backing))", file: file, line: line)
         XCTAssertEqual(scan.accumulator, try ListingElement.open(key: k.listSealKey, m.slotA), "\(path): listing does not match", file: file, line: line)
