@@ -1,5 +1,6 @@
 import CSysShim
 import Foundation
+import Synchronization
 import XCTest
 import XTSContent
 import XTSCrypto
@@ -114,6 +115,60 @@ final class ListingManifestFSTests: XCTestCase {
         try fs.rmdir(parent: d, name: name("g"))
         try check()
         _ = e
+    }
+
+    /// The manifest of a directory read raw: (pending, slot A open).
+    func manifest(_ path: String? = nil) throws -> ListManifest {
+        let path = path ?? dir
+        let fd = try Sys.open(path, XTS_O_PATH | O_DIRECTORY)
+        defer { Sys.close(fd) }
+        let dirID = Array(try Sys.readSmallFile(fd, DirHeader.fileName, limit: 4096)[16..<32])
+        return try ListManifest.decode(try Sys.readSmallFile(fd, ListManifest.fileName, limit: 4096), macKey: keys.listMACKey, directoryID: dirID)
+    }
+
+    /// Step 5 of a change (`{A′, A′}`, after the change itself was made) failing does not
+    /// fail the change: it happened, and the caller is told so. The failure is logged, the
+    /// manifest is left pending ({A, A′}, the listing matching A′), and the next change of
+    /// the directory settles it.
+    func testFailedCommitAfterTheChangeIsLoggedAndTheChangeSucceeds() throws {
+        let logged = Mutex<[String]>([])
+        fs = try FileSystem(cipherDir: dir, keys: keys, readOnly: false, unitTags: .ghashAES256, listingManifests: true,
+                            log: { m in logged.withLock { $0.append(m) } })
+        _ = try create(root, "a", [1])
+        let fifo = name("fifo")
+        let (d, b) = try fs.entry(root, fifo)
+        var limit = rlimit()
+        XCTAssertEqual(getrlimit(__rlimit_resource_t(RLIMIT_FSIZE.rawValue), &limit), 0)
+        let handler = signal(SIGXFSZ, SIG_IGN)
+        var restored = false
+        func restore() {
+            guard !restored else { return }
+            restored = true
+            _ = setrlimit(__rlimit_resource_t(RLIMIT_FSIZE.rawValue), &limit)
+            signal(SIGXFSZ, handler)
+        }
+        defer { restore() }
+        var result: Result<Void, FSError> = .success(())
+        do throws(FSError) {
+            try fs.listingChange(try fs.listingDirs(root), plan: { () throws(FSError) -> [ListingDelta]? in
+                [ListingDelta(dir: 0, added: [ListedEntry(type: UInt8(DT_FIFO), name: fifo, identity: ListingElement.zero)])]
+            }) { () throws(FSError) in
+                do throws(SystemError) { try Sys.mknodat(d.fd, b.entryName, S_IFIFO | 0o644, 0) } catch { throw .system(error) }
+                // From here no write of this process to a regular file succeeds (EFBIG): the
+                // commit's pwrite fails.
+                var zero = limit
+                zero.rlim_cur = 0
+                _ = setrlimit(__rlimit_resource_t(RLIMIT_FSIZE.rawValue), &zero)
+            }
+        } catch { result = .failure(error) }
+        restore()
+        if case .failure(let e) = result { XCTFail("the change was made, yet reported as failed: \(e)") }
+        XCTAssertTrue(logged.withLock { $0 }.contains { $0.contains(ListManifest.fileName) && $0.contains("pending") }, "\(logged.withLock { $0 })")
+        XCTAssertTrue(try manifest().pending)
+        XCTAssertNoThrow(try fs.lookup(parent: root, name: fifo))
+        // The next change of the directory settles it from the listing.
+        _ = try create(root, "b")
+        try check()
     }
 
     func testTamperIsVisibleToTheScan() throws {
