@@ -171,6 +171,73 @@ final class ListingManifestFSTests: XCTestCase {
         try check()
     }
 
+    /// With -o shared another host may change a directory up to the moment this one holds
+    /// its manifest's lock. A rename (or exchange) that looked at its target before that
+    /// must look again under the lock: here the test holds the lock, the rename waits for
+    /// it, and meanwhile "the other host" (a second filesystem on the same CIPHERDIR,
+    /// standing for one that made its change under the lock) creates, or replaces, the
+    /// target. The manifest must then describe what the rename really did.
+    func testSharedRenameLooksAtItsTargetAgainUnderTheManifestLock() throws {
+        fs.sharedStorage = true
+        let other = try FileSystem(cipherDir: dir, keys: keys, readOnly: false, unitTags: .ghashAES256, listingManifests: true, log: { _ in })
+        _ = try create(root, "x", [1])
+        _ = try create(root, "e1", [2])
+        _ = try create(root, "e2", [3])
+        try check()
+        let fs = self.fs!, root = self.root, exchange = UInt32(XTS_RENAME_EXCHANGE)
+        let x = name("x"), y = name("y"), e1 = name("e1"), e2 = name("e2")
+        // rename x → y, y made meanwhile; exchange e1 ↔ e2, e2 replaced meanwhile.
+        try whileTheManifestIsLocked({ try fs.rename(parent: root, name: x, newParent: root, newName: y, flags: 0) }) {
+            _ = try other.create(parent: root, name: name("y"), mode: 0o644, flags: O_WRONLY, caller: me)
+        }
+        try check()
+        try whileTheManifestIsLocked({ try fs.rename(parent: root, name: e1, newParent: root, newName: e2, flags: exchange) }) {
+            try other.unlink(parent: root, name: name("e2"))
+            _ = try other.create(parent: root, name: name("e2"), mode: 0o644, flags: O_WRONLY, caller: me)
+        }
+        try check()
+        // The target gone meanwhile: an exchange finds nothing to exchange with.
+        XCTAssertThrowsError(try whileTheManifestIsLocked({ try fs.rename(parent: root, name: e1, newParent: root, newName: y, flags: exchange) }) {
+            try other.unlink(parent: root, name: name("y"))
+        }) { if case .notFound = $0 as? FSError {} else { XCTFail("\($0)") } }
+        try check()
+    }
+
+    /// Runs `change` on another thread while this one holds an OFD lock on the root's
+    /// manifest; once `change` waits for that lock, runs `meanwhile`, then lets it go.
+    func whileTheManifestIsLocked(_ change: @escaping @Sendable () throws -> Void, meanwhile: () throws -> Void) throws {
+        let path = dir + "/" + ListManifest.fileName
+        var st = stat()
+        XCTAssertEqual(stat(path, &st), 0)
+        let fd = open(path, O_RDWR | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        var l = flock()
+        l.l_type = Int16(F_WRLCK); l.l_whence = Int16(SEEK_SET)
+        XCTAssertEqual(fcntl(fd, XTS_F_OFD_SETLK, &l), 0)
+        let outcome = Mutex<Result<Void, FSError>?>(nil)
+        let finished = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            do { try change(); outcome.withLock { $0 = .success(()) } } catch { outcome.withLock { $0 = .failure(error as? FSError ?? .invalidArgument) } }
+            finished.signal()
+        }
+        // A request waiting for a lock on this inode shows in /proc/locks as "-> OFDLCK".
+        let inode = ":\(st.st_ino) "
+        let deadline = Date().addingTimeInterval(10)
+        var waiting = false
+        while !waiting && Date() < deadline {
+            let locks = (try? String(contentsOfFile: "/proc/locks", encoding: .utf8)) ?? ""
+            waiting = locks.split(separator: "\n").contains { $0.contains("-> OFDLCK") && $0.contains(inode) }
+            if !waiting { usleep(5_000) }
+        }
+        XCTAssertTrue(waiting, "the change never waited for the manifest's lock")
+        var failure: Error?
+        do { try meanwhile() } catch { failure = error }
+        close(fd)
+        XCTAssertEqual(finished.wait(timeout: .now() + 30), .success, "the change did not finish")
+        if let failure { throw failure }
+        if case .failure(let e) = outcome.withLock({ $0 }) { throw e }
+    }
+
     func testTamperIsVisibleToTheScan() throws {
         _ = try create(root, "a", [1])
         _ = try create(root, "b", [2])
