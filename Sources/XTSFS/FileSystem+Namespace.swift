@@ -65,9 +65,9 @@ extension FileSystem {
     }
 
     /// Creates an entry with `make(dirfd, entryName)`, then pins it to give it to the caller
-    /// and learn its identity.
+    /// and learn its identity. The caller has checked that the filesystem is writable (before
+    /// any manifest is written).
     private func newEntry(parent: UInt64, name: [UInt8], caller: Caller, directory: Bool = false, make: (Int32, String) throws(SystemError) -> Void) throws(FSError) -> (UInt64, stat) {
-        try checkWritable()
         let (dir, b) = try entry(parent, name)
         try writeLongNameFile(dir, b)
         do { try make(dir.fd, b.entryName) } catch {
@@ -96,6 +96,7 @@ extension FileSystem {
     }
 
     private func mknodLocked(parent: UInt64, name: [UInt8], mode: mode_t, rdev: dev_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
+        try checkWritable()
         let regular = mode & S_IFMT == S_IFREG || mode & S_IFMT == 0
         let fileID = try regular ? newFileID() : nil
         let identity: [UInt8]
@@ -137,6 +138,7 @@ extension FileSystem {
     }
 
     private func mkdirLocked(parent: UInt64, name: [UInt8], mode: mode_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
+        try checkWritable()
         let header: [UInt8]
         let keys = self.keys
         let dirHeader: DirHeader
@@ -184,6 +186,7 @@ extension FileSystem {
     }
 
     private func symlinkLocked(target: [UInt8], parent: UInt64, name: [UInt8], caller: Caller) throws(FSError) -> (UInt64, stat) {
+        try checkWritable()
         let encrypted: String
         do { encrypted = try names.encryptTarget(target) } catch { throw FSError(error) }
         let stored = try backingTarget(encrypted)

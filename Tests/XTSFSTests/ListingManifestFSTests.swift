@@ -238,6 +238,29 @@ final class ListingManifestFSTests: XCTestCase {
         if case .failure(let e) = outcome.withLock({ $0 }) { throw e }
     }
 
+    /// A read-only filesystem refuses mknod, mkdir and symlink before it touches a
+    /// manifest (or the link store): nothing in CIPHERDIR is written.
+    func testReadOnlyRefusesBeforeWritingAManifest() throws {
+        let ro = try FileSystem(cipherDir: dir, keys: keys, readOnly: true, unitTags: .ghashAES256, listingManifests: true, log: { _ in })
+        let path = dir + "/" + ListManifest.fileName
+        var old = [timespec(tv_sec: 946_684_800, tv_nsec: 0), timespec(tv_sec: 946_684_800, tv_nsec: 0)]
+        XCTAssertEqual(utimensat(AT_FDCWD, path, &old, 0), 0)
+        let before = try Sys.readFile(path)
+        func refused(_ what: String, _ body: () throws -> Void) {
+            XCTAssertThrowsError(try body(), what) { if case .readOnly = $0 as? FSError {} else { XCTFail("\(what): \($0)") } }
+        }
+        refused("mknod") { _ = try ro.mknod(parent: root, name: name("n"), mode: S_IFIFO | 0o644, rdev: 0, caller: me) }
+        refused("mkdir") { _ = try ro.mkdir(parent: root, name: name("d"), mode: 0o755, caller: me) }
+        refused("symlink") { _ = try ro.symlink(target: name("t"), parent: root, name: name("s"), caller: me) }
+        refused("long symlink") { _ = try ro.symlink(target: Array(repeating: UInt8(ascii: "t"), count: 3500), parent: root, name: name("l"), caller: me) }
+        var st = stat()
+        XCTAssertEqual(stat(path, &st), 0)
+        XCTAssertEqual(st.st_mtim.tv_sec, 946_684_800, "the manifest was written")
+        XCTAssertEqual(try Sys.readFile(path), before)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/" + NameCodec.linkStore), "the link store was written")
+        try check()
+    }
+
     func testTamperIsVisibleToTheScan() throws {
         _ = try create(root, "a", [1])
         _ = try create(root, "b", [2])
