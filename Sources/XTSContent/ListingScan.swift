@@ -129,22 +129,3 @@ public struct ListingScan {
         return out
     }
 }
-
-/// Target decryption without a mount (fsck, rekey): the backing target, from the link
-/// store when it names a stored one, opened under whichever of `keys` opens it.
-public enum ListingTargets {
-    public static func plain(_ raw: [UInt8], root: Int32, keys: [KeySet]) -> [UInt8]? {
-        var encoded = raw
-        let prefix = Array(NameCodec.storedTargetPrefix.utf8)
-        if raw.count > prefix.count, Array(raw.prefix(prefix.count)) == prefix {
-            let name = String(decoding: raw.dropFirst(prefix.count), as: UTF8.self)
-            guard let store = try? Sys.openPath(root, NameCodec.linkStore, directory: true) else { return nil }
-            defer { Sys.close(store) }
-            guard let bytes = try? Sys.readSmallFile(store, name, limit: 3 * NameCodec.maxBackingTarget),
-                  NameCodec.storedTargetName(forEncoded: bytes) == name else { return nil }
-            encoded = bytes
-        }
-        for k in keys { if let p = try? NameCodec(keys: k).decryptTarget(encoded) { return p } }
-        return nil
-    }
-}

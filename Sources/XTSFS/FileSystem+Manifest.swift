@@ -139,7 +139,14 @@ extension FileSystem {
             }
             throw error
         }
-        for (i, d) in unique.enumerated() { try writeManifest(opened[i], d, a: sealed[i], b: sealed[i]) }
+        for (i, d) in unique.enumerated() {
+            do throws(FSError) { try writeManifest(opened[i], d, a: sealed[i], b: sealed[i]) } catch {
+                // The change was made: failing it now would tell the caller it was not. The
+                // manifest stays pending ({A, A′}, the listing matching A′), which the next
+                // change of the directory, or fsck --repair, settles from the listing.
+                log("\(displayPath(d.node)): listing manifest \(ListManifest.fileName): the change was made but could not be committed (\(error)); the manifest is left pending, and the next change of this directory (or xtsfs fsck --repair) settles it")
+            }
+        }
         return result
     }
 

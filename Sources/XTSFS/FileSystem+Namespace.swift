@@ -65,9 +65,9 @@ extension FileSystem {
     }
 
     /// Creates an entry with `make(dirfd, entryName)`, then pins it to give it to the caller
-    /// and learn its identity.
+    /// and learn its identity. The caller has checked that the filesystem is writable (before
+    /// any manifest is written).
     private func newEntry(parent: UInt64, name: [UInt8], caller: Caller, directory: Bool = false, make: (Int32, String) throws(SystemError) -> Void) throws(FSError) -> (UInt64, stat) {
-        try checkWritable()
         let (dir, b) = try entry(parent, name)
         try writeLongNameFile(dir, b)
         do { try make(dir.fd, b.entryName) } catch {
@@ -96,6 +96,7 @@ extension FileSystem {
     }
 
     private func mknodLocked(parent: UInt64, name: [UInt8], mode: mode_t, rdev: dev_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
+        try checkWritable()
         let regular = mode & S_IFMT == S_IFREG || mode & S_IFMT == 0
         let fileID = try regular ? newFileID() : nil
         let identity: [UInt8]
@@ -137,6 +138,7 @@ extension FileSystem {
     }
 
     private func mkdirLocked(parent: UInt64, name: [UInt8], mode: mode_t, caller: Caller) throws(FSError) -> (UInt64, stat) {
+        try checkWritable()
         let header: [UInt8]
         let keys = self.keys
         let dirHeader: DirHeader
@@ -184,6 +186,7 @@ extension FileSystem {
     }
 
     private func symlinkLocked(target: [UInt8], parent: UInt64, name: [UInt8], caller: Caller) throws(FSError) -> (UInt64, stat) {
+        try checkWritable()
         let encrypted: String
         do { encrypted = try names.encryptTarget(target) } catch { throw FSError(error) }
         let stored = try backingTarget(encrypted)
@@ -380,55 +383,106 @@ extension FileSystem {
         try checkWritable()
         let exchange = UInt32(XTS_RENAME_EXCHANGE), noReplace = UInt32(XTS_RENAME_NOREPLACE)
         guard flags & ~(exchange | noReplace) == 0, flags & (exchange | noReplace) != (exchange | noReplace) else { throw .invalidArgument }
+        // A target that appears between the plan and the rename (see renameOnce) makes the
+        // rename fail with nothing done; it is tried again from the start, twice at most.
+        for attempt in 1...3 {
+            if try renameOnce(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags, retrying: attempt < 3) { return }
+        }
+    }
+
+    /// One try of a rename. With listing manifests the names are looked at again inside
+    /// `plan`, under the directories' manifest locks: with -o shared another host may have
+    /// changed them up to the moment those locks were taken, and the manifest must describe
+    /// what the rename does. false (the caller tries again, when `retrying`): a target absent
+    /// at the plan appeared before the rename, which then did nothing.
+    private func renameOnce(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32, retrying: Bool) throws(FSError) -> Bool {
+        let exchange = UInt32(XTS_RENAME_EXCHANGE), noReplace = UInt32(XTS_RENAME_NOREPLACE)
         let (sdir, sb) = try entry(parent, name)
         let (ddir, db) = try entry(newParent, newName)
-        if parent == newParent && sb == db { return }
-        let sst: stat
+        if parent == newParent && sb == db { return true }
+        var sst: stat
         do { sst = try Sys.fstatat(sdir.fd, sb.entryName) } catch { throw error.errno == ENOENT ? .notFound : .system(error) }
-        let dst = try? Sys.fstatat(ddir.fd, db.entryName)
+        var dst = try? Sys.fstatat(ddir.fd, db.entryName)
         let source = Link(parent: parent, name: name, entry: sb.entryName)
         let target = Link(parent: newParent, name: newName, entry: db.entryName)
+        // Both names as they are now (under the manifest locks, in `plan`).
+        func restat() throws(FSError) {
+            do { sst = try Sys.fstatat(sdir.fd, sb.entryName) } catch { throw error.errno == ENOENT ? .notFound : .system(error) }
+            dst = try? Sys.fstatat(ddir.fd, db.entryName)
+        }
 
         if flags & exchange != 0 {
             // Both names stay where they are (and so do long names' side files); the
             // objects behind them swap. A directory carries its ID inside it.
-            guard let dst else { throw .notFound }
+            guard dst != nil else { throw .notFound }
             try listingChange(try listingDirs(parent, newParent), plan: { () throws(FSError) -> [ListingDelta]? in
+                try restat()
+                guard let dst else { throw .notFound }
                 let s = try listedEntry(sdir, sb.entryName, name: name, sst), d = try listedEntry(ddir, db.entryName, name: newName, dst)
                 return [ListingDelta(dir: 0, removed: [s], added: [ListedEntry(type: d.type, name: name, identity: d.identity)]),
                         ListingDelta(dir: 1, removed: [d], added: [ListedEntry(type: s.type, name: newName, identity: s.identity)])]
             }) { () throws(FSError) in
                 do throws(SystemError) { try Sys.renameat(sdir.fd, sb.entryName, ddir.fd, db.entryName, flags: exchange) } catch { throw .system(error) }
             }
+            guard let dst else { return true }
             table.withLock {
                 $0.moved(from: parent, name: name, to: target, identity: Identity(sst))
                 $0.moved(from: newParent, name: newName, to: source, identity: Identity(dst))
             }
-            return
+            return true
         }
         if dst != nil && flags & noReplace != 0 { throw .exists }
         if let dst, Identity(dst) == Identity(sst) {
             // Two names of one file: rename(2) does nothing then.
-            return
+            return true
         }
-        try listingChange(try listingDirs(parent, newParent), plan: { () throws(FSError) -> [ListingDelta]? in
-            let s = try listedEntry(sdir, sb.entryName, name: name, sst)
-            var replaced: [ListedEntry] = []
-            if let dst { replaced.append(try listedEntry(ddir, db.entryName, name: newName, dst)) }
-            return [ListingDelta(dir: 0, removed: [s]),
-                    ListingDelta(dir: 1, removed: replaced, added: [ListedEntry(type: s.type, name: newName, identity: s.identity)])]
-        }) { () throws(FSError) in
-            try renameApply(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags, sdir: sdir, sb: sb, ddir: ddir, db: db, sst: sst, dst: dst, target: target)
+        var planned = false, sameFile = false, appeared = false
+        do throws(FSError) {
+            try listingChange(try listingDirs(parent, newParent), plan: { () throws(FSError) -> [ListingDelta]? in
+                try restat()
+                planned = true
+                if dst != nil && flags & noReplace != 0 { throw .exists }
+                if let dst, Identity(dst) == Identity(sst) { sameFile = true; return nil }
+                let s = try listedEntry(sdir, sb.entryName, name: name, sst)
+                var replaced: [ListedEntry] = []
+                if let dst { replaced.append(try listedEntry(ddir, db.entryName, name: newName, dst)) }
+                return [ListingDelta(dir: 0, removed: [s]),
+                        ListingDelta(dir: 1, removed: replaced, added: [ListedEntry(type: s.type, name: newName, identity: s.identity)])]
+            }) { () throws(FSError) in
+                if sameFile { return }
+                // A target absent when the manifests were planned must still be absent when the
+                // rename is made: the manifests say nothing was replaced.
+                let absent = planned && dst == nil
+                do throws(FSError) {
+                    try renameApply(parent: parent, name: name, newParent: newParent, newName: newName, flags: flags,
+                                    sdir: sdir, sb: sb, ddir: ddir, db: db, sst: sst, dst: dst, target: target, locked: absent)
+                } catch {
+                    if absent, flags & noReplace == 0, retrying, case .exists = error { appeared = true }
+                    throw error
+                }
+            }
+        } catch {
+            // EEXIST is "nothing done": the manifests went back to A.
+            if appeared { return false }
+            throw error
         }
+        return true
     }
 
     private func renameApply(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32, sdir: DirHandle, sb: BackingName, ddir: DirHandle, db: BackingName,
-                             sst: stat, dst: stat?, target: Link) throws(FSError) {
+                             sst: stat, dst: stat?, target: Link, locked: Bool = false) throws(FSError) {
         let noReplace = UInt32(XTS_RENAME_NOREPLACE)
         try writeLongNameFile(ddir, db)
         let replacedTarget = dst.flatMap { $0.isSymlink && $0.st_nlink <= 1 ? try? Sys.readlinkat(ddir.fd, db.entryName) : nil }
         let doRename = { () throws(SystemError) in
-            try Sys.renameat(sdir.fd, sb.entryName, ddir.fd, db.entryName, flags: flags & noReplace)
+            if locked {
+                // Under the manifest locks: where the backing filesystem does not take
+                // RENAME_NOREPLACE, a check that the target is absent, which the locks make
+                // good against every host that changes the directory through them.
+                try Sys.renameatNoReplace(sdir.fd, sb.entryName, ddir.fd, db.entryName)
+            } else {
+                try Sys.renameat(sdir.fd, sb.entryName, ddir.fd, db.entryName, flags: flags & noReplace)
+            }
         }
         var replacedDir: Int32 = -1
         defer { if replacedDir >= 0 { Sys.close(replacedDir) } }
@@ -444,6 +498,8 @@ extension FileSystem {
             }
         } catch {
             if let replacedIdentity, let detached { table.withLock { $0.reattach(replacedIdentity, detached) } }
+            // The side file of a long name that appeared meanwhile belongs to that entry: keep it.
+            if case .system(let e) = error, e.errno == EEXIST { throw FSError.exists }
             if dst == nil { removeLongNameFile(ddir, db) }
             if case .system(let e) = error, e.errno == ENOENT { throw FSError.notFound }
             throw error

@@ -24,36 +24,21 @@ extension FileSystem {
         return NameCodec.storedTargetPrefix + name
     }
 
-    /// The encoded target behind a backing target.
-    func encodedTarget(_ raw: [UInt8]) throws(FSError) -> [UInt8] {
-        let prefix = Array(NameCodec.storedTargetPrefix.utf8)
-        guard raw.count > prefix.count, Array(raw.prefix(prefix.count)) == prefix else { return raw }
-        let name = String(decoding: raw.dropFirst(prefix.count), as: UTF8.self)
-        let store = try linkStore(create: false)
-        let bytes: [UInt8]
-        do { bytes = try Sys.readSmallFile(store.fd, name, limit: 3 * NameCodec.maxBackingTarget) } catch {
-            throw .damaged("stored symlink target \(name): \(error)")
-        }
-        guard NameCodec.storedTargetName(forEncoded: bytes) == name else { throw .damaged("stored symlink target \(name) does not match its name") }
-        return bytes
-    }
-
+    /// The plaintext target behind a backing target (`SymlinkTarget`, shared with fsck and
+    /// the rekey); the link store's descriptor is the mount's cached one.
     func decryptedTarget(_ raw: [UInt8]) throws(FSError) -> [UInt8] {
-        let encoded = try encodedTarget(raw)
-        // AES-SIV is authenticated: at most one generation's key opens a target.
-        var failure: NameError?
-        for k in ring.all {
-            do { return try NameCodec(keys: k).decryptTarget(encoded) } catch { failure = failure ?? error }
+        do {
+            return try SymlinkTarget.plain(raw, store: { () throws -> Int32 in try linkStore(create: false).fd },
+                                           codecs: ring.all.lazy.map { NameCodec(keys: $0) })
+        } catch {
+            if case .storeUnusable(let e) = error, let e = e as? FSError { throw e }
+            throw .damaged("\(error)")
         }
-        throw .damaged("symlink target: \(failure.map { "\($0)" } ?? "no key")")
     }
 
     /// After the last name of a symlink is gone: drop its stored target, if it has one.
     func dropStoredTarget(_ raw: [UInt8]?) {
-        let prefix = Array(NameCodec.storedTargetPrefix.utf8)
-        guard let raw, raw.count > prefix.count, Array(raw.prefix(prefix.count)) == prefix,
-              let store = try? linkStore(create: false) else { return }
-        let name = String(decoding: raw.dropFirst(prefix.count), as: UTF8.self)
+        guard let raw, let name = SymlinkTarget.storedName(raw), let store = try? linkStore(create: false) else { return }
         // Only a hash names a stored target: nothing else in the store is ever removed.
         guard name.utf8.count == 43, name.utf8.allSatisfy(Base64URL.isAlphabet) else { return }
         _ = Glibc.unlinkat(store.fd, name, 0)

@@ -41,7 +41,7 @@ extension Fsck {
         do {
             let all = generations.all
             scan = try ListingScan.scan(fd, directoryID: dirID, codecs: nameCodecs, elementKey: k.listElementKey) { raw in
-                ListingTargets.plain(raw, root: self.root, keys: all)
+                (try? SymlinkTarget.plain(raw, root: self.root, keys: all))
             }
             accA = try ListingElement.open(key: k.listSealKey, manifest.slotA)
             accB = try ListingElement.open(key: k.listSealKey, manifest.slotB)
@@ -111,7 +111,7 @@ extension Fsck {
               let m = try? ListManifest.decode(bytes, macKey: k.listMACKey, directoryID: dirID), !m.pending,
               let st = try? Sys.fstatat(entryDir, entry) else { return nil }
         let all = generations.all, root = self.root
-        guard let id = ListingIdentity.identity(entryDir, entry, st, target: { ListingTargets.plain($0, root: root, keys: all) }),
+        guard let id = ListingIdentity.identity(entryDir, entry, st, target: { try? SymlinkTarget.plain($0, root: root, keys: all) }),
               let acc = try? ListingElement.open(key: k.listSealKey, m.slotA),
               let p = try? ListingElement.element(key: k.listElementKey, directoryID: dirID, type: ListingIdentity.type(st), name: plain, identity: id),
               let next = try? ListingElement.seal(key: k.listSealKey, ListingElement.xor(acc, p)) else { return nil }

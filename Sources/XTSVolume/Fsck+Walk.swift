@@ -614,27 +614,25 @@ extension Fsck {
             _ = add(.fileUnreadable, path, plain: plainPath, "cannot read the symlink: \(error)")
             return
         }
-        let prefix = Array(NameCodec.storedTargetPrefix.utf8)
-        var encoded = raw
-        if raw.count > prefix.count, Array(raw.prefix(prefix.count)) == prefix {
-            let stored = String(decoding: raw.dropFirst(prefix.count), as: UTF8.self)
+        // The stored target is in use whether or not this check can open it.
+        if let stored = SymlinkTarget.storedName(raw) {
             referencedLinks.insert(stored)
             guard keys != nil else { return }
-            do {
-                let store = try Sys.openPath(root, NameCodec.linkStore, directory: true)
-                defer { Sys.close(store) }
-                encoded = try Sys.readSmallFile(store, stored, limit: 3 * NameCodec.maxBackingTarget)
-            } catch {
-                _ = add(.symlinkTargetUndecryptable, path, plain: plainPath, "its stored target \(NameCodec.linkStore)/\(stored) is unusable (\(error))")
-                return
+        }
+        let encoded: [UInt8]
+        do { encoded = try SymlinkTarget.encoded(raw, root: root) } catch {
+            let why: String
+            switch error {
+            case .storedMismatch: why = "does not match its hash"
+            case .storedUnreadable(_, let e): why = "is unusable (\(e))"
+            case .storeUnusable(let e): why = "is unusable (\(e))"
+            case .undecryptable: why = "is unusable (\(error))"
             }
-            guard NameCodec.storedTargetName(forEncoded: encoded) == stored else {
-                _ = add(.symlinkTargetUndecryptable, path, plain: plainPath, "its stored target \(NameCodec.linkStore)/\(stored) does not match its hash")
-                return
-            }
+            _ = add(.symlinkTargetUndecryptable, path, plain: plainPath, "its stored target \(NameCodec.linkStore)/\(SymlinkTarget.storedName(raw) ?? "") \(why)")
+            return
         }
         guard !nameCodecs.isEmpty else { return }
-        if !nameCodecs.contains(where: { (try? $0.decryptTarget(encoded)) != nil }) {
+        if (try? SymlinkTarget.decrypt(encoded, codecs: nameCodecs)) == nil {
             _ = add(.symlinkTargetUndecryptable, path, plain: plainPath, "its target does not decrypt: readlink fails with EIO")
         }
     }

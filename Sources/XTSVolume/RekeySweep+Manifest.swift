@@ -40,7 +40,7 @@ extension RekeySweep {
             let all = [new, old]
             let root = rootFD
             scan = try ListingScan.scan(dirfd, directoryID: dirID, codecs: all.map { NameCodec(keys: $0) }, elementKeys: [old.listElementKey, new.listElementKey]) { raw in
-                ListingTargets.plain(raw, root: root, keys: all)
+                (try? SymlinkTarget.plain(raw, root: root, keys: all))
             }
             accA = try ListingElement.open(key: old.listSealKey, manifest.slotA)
             accB = try ListingElement.open(key: old.listSealKey, manifest.slotB)

@@ -183,6 +183,63 @@ final class ListingManifestTests: VolumeTestCase {
         XCTAssertEqual(try fsck().findings.count, 0)
     }
 
+    /// A FIFO, a character device (as root) or a symlink planted as a directory's
+    /// `xtsfs.list`: every change in that directory fails with EIO, within the deadline
+    /// (the daemon neither blocks on the FIFO nor follows the symlink, which leads to a
+    /// copy of the directory's own good manifest), the daemon goes on serving the rest, and
+    /// fsck reports the manifest as damaged without hanging.
+    func testPlantedFIFODeviceOrSymlinkManifestFailsChangesAndIsReported() throws {
+        let d = try populate()
+        let manifest = d + "/xtsfs.list"
+        let good = try read(manifest)
+        let outside = scratch + "/good-manifest-copy"
+        try write(outside, good)
+        var plants: [(String, () -> Int32)] = [("FIFO", { mkfifo(manifest, 0o666) }), ("symlink", { symlink(outside, manifest) })]
+        if geteuid() == 0 { plants.insert(("character device", { mknod(manifest, S_IFCHR | 0o666, devNullNumbers) }), at: 1) }
+        for (what, plant) in plants {
+            XCTAssertEqual(unlink(manifest), 0, what)
+            XCTAssertEqual(plant(), 0, "\(what): errno \(errno)")
+            mount()
+            let m = mnt, p = mnt + "/d/"
+            let changes: [(String, @Sendable () -> Int32)] = [
+                ("create", { let fd = open(p + "new", O_CREAT | O_WRONLY | O_EXCL, 0o644); if fd >= 0 { close(fd) }; return fd }),
+                ("mkdir", { mkdir(p + "newdir", 0o755) }),
+                ("symlink", { symlink("t", p + "newlink") }),
+                ("mkfifo", { mkfifo(p + "newfifo", 0o644) }),
+                ("link", { link(p + "a", p + "a-link") }),
+                ("unlink", { unlink(p + "a") }),
+                ("rmdir", { rmdir(p + "sub") }),
+                ("rename within", { rename(p + "a", p + "a2") }),
+                ("rename out", { rename(p + "b", m + "/b-out") }),
+                ("rename in", { rename(m + "/in", p + "in") }),
+            ]
+            try write(mnt + "/in", [1])
+            for (name, change) in changes {
+                XCTAssertEqual(sys32(callDeadline, change), .failed(EIO), "\(what): \(name)")
+            }
+            // Reads of the directory are served, and the rest of the volume changes.
+            XCTAssertEqual(readWithDeadline(p + "a").1, pattern(5000, seed: 0), what)
+            XCTAssertEqual(listWithDeadline(p).1.map(\.name).sorted(), ["a", "b", "c", "sub"], what)
+            XCTAssertEqual(sys32 { unlink(m + "/in") }, .ok(0), what)
+            unmount()
+            var st = stat()
+            XCTAssertEqual(lstat(manifest, &st), 0, what)
+            XCTAssertNotEqual(st.st_mode & S_IFMT, S_IFREG, "\(what): replaced by a regular file")
+            XCTAssertEqual(try read(outside), good, "\(what): the symlink's target was written")
+            let bounded = runWithTimeout([Harness.binary, "fsck", cipher, "--passfile", passfile], seconds: 60)
+            XCTAssertNotEqual(bounded.status, 137, "\(what): fsck hung")
+            guard bounded.status != 137 else { break }
+            let r = try fsck()
+            XCTAssertEqual(r.exitStatus, FsckExit.uncorrected.rawValue, "\(what): \(kinds(r))")
+            let hit = r.findings.first { $0.kind == "listingManifestDamaged" || $0.kind == "listingManifestMissing" }
+            XCTAssertEqual(hit?.kind, "listingManifestDamaged", "\(what): \(kinds(r))")
+            XCTAssertEqual(hit?.plaintextPath, "/d", what)
+            XCTAssertEqual(unlink(manifest), 0, what)
+            try write(manifest, good)
+        }
+        XCTAssertEqual(try fsck().findings.count, 0)
+    }
+
     /// A file emptied keeps its header (and file ID): 64 bytes, fsck-clean; a file cut to 0
     /// bytes behind the mount's back reads as EIO and is reported.
     func testEmptiedFileKeepsItsHeaderAndZeroBytesIsDamage() throws {
