@@ -180,7 +180,7 @@ extension FileSystem {
                     guard errno == EINTR else { throw FSError.system(SystemError(errno, "F_OFD_SETLKW \(ListManifest.fileName)")) }
                 }
             }
-            var m = try readManifest(fd, d)
+            var m = try readManifest(fd, d, st)
             if m.manifest.pending { m = try recoverManifest(m, d) }
             return m
         } catch {
@@ -189,14 +189,16 @@ extension FileSystem {
         }
     }
 
-    private func readManifest(_ fd: Int32, _ d: ListingDir) throws(FSError) -> OpenManifest {
+    /// `st`: the manifest's attributes, just read (a regular file). Its size says how much
+    /// to read: one `pread`, no second one to find the end.
+    private func readManifest(_ fd: Int32, _ d: ListingDir, _ st: stat) throws(FSError) -> OpenManifest {
         let fail = { (why: String) -> FSError in
             let what = "\(self.displayPath(d.node)): listing manifest \(ListManifest.fileName): \(why)"
             self.logDamage(what)
             return .damaged(what)
         }
-        guard let st = try? Sys.fstat(fd), st.st_mode & S_IFMT == S_IFREG else { throw fail("not a regular file") }
-        var buf = [UInt8](repeating: 0, count: ListManifest.length + 1)
+        guard st.st_size == Int64(ListManifest.length) else { throw fail("\(st.st_size) bytes, not \(ListManifest.length)") }
+        var buf = [UInt8](repeating: 0, count: ListManifest.length)
         let n = buf.withUnsafeMutableBytes { (try? Sys.pread(fd, $0.baseAddress!, $0.count, 0)) ?? -1 }
         guard n >= 0 else { throw fail("unreadable") }
         let bytes = Array(buf[0..<n])
