@@ -30,7 +30,7 @@ extension IntegrityContent {
             do { c = try FileCrypto(keys: k, integrityHeader: fields) } catch { throw .crypto(error) }
         }
         guard let cache = c.root else { throw .badHeader("no file root keys") }
-        if cache.state.withLock({ $0.header == raw }) { return (fields, c) }
+        if cache.isVerified(raw) { return (fields, c) }
         let scan = try scanRoot(raw, fields, c)
         let h: IntegrityFileHeader
         do { h = try IntegrityFileHeader.decode(raw, macKey: c.keys.metadataMACKey, root: scan.committed.bytes) } catch {
@@ -40,7 +40,7 @@ extension IntegrityContent {
         if fileIDs != (h.fileID != IntegrityFileHeader.noFileID) {
             throw .badHeader(fileIDs ? "no file ID, on a volume with listing manifests" : "a file ID, on a volume without listing manifests")
         }
-        cache.state.withLock { $0 = .init(header: raw, elements: scan.elements, recorded: scan.recorded) }
+        cache.store(header: raw, elements: scan.elements, recorded: scan.recorded)
         return (h, c)
     }
 
@@ -91,13 +91,13 @@ extension IntegrityContent {
         var page = [UInt8](repeating: 0, count: Int(L.blockSize))
         _ = try readFully(&page, at: L.tagBlockOffset(group: g))
         let e = try element(g, page, c)
-        if cache.state.withLock({ g < $0.elements.count && $0.elements[Int(g)] == e }) { return page }
+        if cache.element(g) == e { return page }
         cache.reset()
         guard let raw = try headerBytes() else { throw .authentication("the file header disappeared while the file was read") }
         _ = try rootedState(raw, c)
         _ = try readFully(&page, at: L.tagBlockOffset(group: g))
         let again = try element(g, page, c)
-        guard cache.state.withLock({ g < $0.elements.count && $0.elements[Int(g)] == again }) else {
+        guard cache.element(g) == again else {
             throw .authentication("the tag block of units \(g * L.unitsPerGroup)–\((g + 1) * L.unitsPerGroup - 1) does not match the file root")
         }
         return page
@@ -105,40 +105,38 @@ extension IntegrityContent {
 }
 
 /// One change of a file with a file root, group by group (FORMAT.md 12.11): the header
-/// MAC the records of its tag blocks name, each group's actual element, and group 0's
-/// new tag block, written last with the new header.
+/// MAC the records of its tag blocks name, the elements of the tag blocks it rewrote (over
+/// those the file's cache verified), and group 0's new tag block, written last with the
+/// new header.
 struct RootChange {
     /// The header the change started from (nil: a file without one yet).
     var header: IntegrityFileHeader?
     /// MAC bytes of the header on disk now (zeros for a file without one: no record names them).
     var mac: [UInt8]
-    var elements: [RootElement]
+    let cache: FileRootCache
+    var overlay: [Int64: RootElement] = [:]
     var recorded: [Int64: RootElement]
     var page0: [UInt8]?
 
     init(header: IntegrityFileHeader?, crypto c: FileCrypto) {
         self.header = header
-        let s = c.root?.state.withLock { $0 } ?? .init()
+        cache = c.root ?? FileRootCache()
+        let s = cache.snapshot()
         mac = header == nil || s.header.isEmpty ? [UInt8](repeating: 0, count: 16) : Array(IntegrityFileHeader.macBytes(s.header))
-        elements = header == nil ? [] : s.elements
         recorded = header == nil ? [:] : s.recorded
     }
 
-    /// The element the header on disk counts for group `g`.
-    func committed(_ g: Int64) -> RootElement {
-        recorded[g] ?? (g < elements.count ? elements[Int(g)] : RootElement())
-    }
+    /// Group `g`'s tag block as it is on disk now.
+    func actual(_ g: Int64) -> RootElement { overlay[g] ?? (header == nil ? nil : cache.element(g)) ?? RootElement() }
 
-    mutating func set(_ g: Int64, _ e: RootElement) {
-        while elements.count <= Int(g) { elements.append(RootElement()) }
-        elements[Int(g)] = e
-    }
+    /// The element the header on disk counts for group `g`.
+    func committed(_ g: Int64) -> RootElement { recorded[g] ?? actual(g) }
+
+    mutating func set(_ g: Int64, _ e: RootElement) { overlay[g] = e }
 
     /// The root of the actual tag blocks of the first `groups` groups.
     func root(groups: Int64) -> RootElement {
-        var acc = RootElement()
-        for g in 0..<Int(groups) where g < elements.count { acc ^= elements[g] }
-        return acc
+        header == nil ? overlay.filter { $0.key < groups }.values.reduce(RootElement(), ^) : cache.root(groups: groups, overlay: overlay)
     }
 }
 
@@ -218,7 +216,8 @@ extension IntegrityContent {
         let header = bytes
         if let p = t.page0 { bytes += p[Int(L.headerLength)...] }
         try write(bytes, at: 0)
-        c.root?.state.withLock { $0 = .init(header: header, elements: Array(t.elements.prefix(Int(groups))), recorded: [:]) }
+        if t.header == nil { t.cache.reset() }
+        t.cache.commit(header: header, groups: groups, overlay: t.overlay)
     }
 }
 
@@ -237,7 +236,7 @@ extension IntegrityContent {
         for g in t.recorded.keys.sorted() where g * L.unitsPerGroup < n {
             var page = [UInt8](repeating: 0, count: Int(L.blockSize))
             _ = try readFully(&page, at: L.tagBlockOffset(group: g))
-            guard Int(g) < t.elements.count, try element(g, page, c) == t.elements[Int(g)] else {
+            guard try element(g, page, c) == t.actual(g) else {
                 throw .authentication("the tag block of units \(g * L.unitsPerGroup)–\((g + 1) * L.unitsPerGroup - 1) changed while the file was changed")
             }
             let first = g * L.unitsPerGroup, count = Int(min(L.unitsPerGroup, n - first))
@@ -265,9 +264,7 @@ extension IntegrityContent {
             }
             guard changed else { continue }
             try write(page, at: L.tagBlockOffset(group: g))
-            let e = try element(g, page, c)
-            t.set(g, e)
-            c.root?.state.withLock { if Int(g) < $0.elements.count { $0.elements[Int(g)] = e } }
+            t.cache.replace(g, try element(g, page, c))
         }
     }
 }

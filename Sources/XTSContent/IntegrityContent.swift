@@ -112,13 +112,12 @@ struct IntegrityContent<File: BackingFile> {
     private func writeHeader(_ h: IntegrityFileHeader, _ c: FileCrypto) throws(ContentError) {
         let bytes: [UInt8]
         if let cache = c.root {
-            let groups = Int(L.groupCount(plainSize: Int64(h.plainLength)))
-            let elements = cache.state.withLock { Array($0.elements.prefix(groups)) }
-            guard elements.count == groups else { throw .badHeader("the file root of a shorter file needs the tag blocks verified first") }
-            let root = elements.reduce(RootElement(), ^)
+            let groups = L.groupCount(plainSize: Int64(h.plainLength))
+            guard groups == 0 || cache.element(groups - 1) != nil else { throw .badHeader("the file root of a shorter file needs the tag blocks verified first") }
+            let root = cache.root(groups: groups, overlay: [:])
             do { bytes = try h.encode(macKey: c.keys.metadataMACKey, root: root.bytes) } catch { throw .crypto(error) }
             do { try bytes.withBytes { (p) throws(SystemError) in try file.write(p, at: 0) } } catch { throw .io(error) }
-            cache.state.withLock { $0 = .init(header: bytes, elements: elements, recorded: [:]) }
+            cache.commit(header: bytes, groups: groups, overlay: [:])
             return
         }
         do { bytes = try h.encode(macKey: c.keys.metadataMACKey) } catch { throw .crypto(error) }

@@ -43,6 +43,8 @@ public final class FileRootCache: Sendable {
         var header: [UInt8] = []
         var elements: [RootElement] = []
         var recorded: [Int64: RootElement] = [:]
+        /// The XOR of `elements`.
+        var acc = RootElement()
     }
     let state = Mutex(State())
 
@@ -50,6 +52,64 @@ public final class FileRootCache: Sendable {
 
     /// Forgets what was verified (the next access reads every tag block again).
     public func reset() { state.withLock { $0 = State() } }
+
+    func isVerified(_ header: [UInt8]) -> Bool { state.withLock { $0.header == header } }
+
+    func store(header: [UInt8], elements: [RootElement], recorded: [Int64: RootElement]) {
+        let acc = elements.reduce(RootElement(), ^)
+        state.withLock { $0 = State(header: header, elements: elements, recorded: recorded, acc: acc) }
+    }
+
+    /// The verified header bytes and the records that name it.
+    func snapshot() -> (header: [UInt8], recorded: [Int64: RootElement]) { state.withLock { ($0.header, $0.recorded) } }
+
+    /// Group `g`'s element as verified; nil past the groups covered.
+    func element(_ g: Int64) -> RootElement? {
+        state.withLock { g >= 0 && g < $0.elements.count ? $0.elements[Int(g)] : nil }
+    }
+
+    /// A tag block rewritten with the same header in place (its record still naming it).
+    func replace(_ g: Int64, _ e: RootElement) {
+        state.withLock { st in
+            guard g >= 0 && g < st.elements.count else { return }
+            st.acc ^= st.elements[Int(g)] ^ e
+            st.elements[Int(g)] = e
+        }
+    }
+
+    /// The root of the first `groups` groups with the elements of `overlay` in place of
+    /// the verified ones (every group past those verified must be in `overlay`): O(groups
+    /// changed), and O(groups dropped) for a shorter file, never a copy of the elements.
+    func root(groups: Int64, overlay: [Int64: RootElement]) -> RootElement {
+        state.withLock { Self.root(&$0, groups: groups, overlay: overlay) }
+    }
+
+    private static func root(_ st: inout State, groups: Int64, overlay: [Int64: RootElement]) -> RootElement {
+        var acc = st.acc
+        let n = Int64(st.elements.count)
+        if groups < n { for g in Int(groups)..<Int(n) { acc ^= st.elements[g] } }
+        for (g, e) in overlay where g < groups {
+            acc ^= e
+            if g < n { acc ^= st.elements[Int(g)] }
+        }
+        return acc
+    }
+
+    /// The header `header` was written, committing to the first `groups` groups with
+    /// `overlay` applied: it is what is verified now, in place.
+    func commit(header: [UInt8], groups: Int64, overlay: [Int64: RootElement]) {
+        state.withLock { st in
+            let acc = Self.root(&st, groups: groups, overlay: overlay)
+            if st.elements.count > Int(groups) { st.elements.removeLast(st.elements.count - Int(groups)) }
+            for (g, e) in overlay.sorted(by: { $0.key < $1.key }) where g < groups {
+                while st.elements.count <= Int(g) { st.elements.append(RootElement()) }
+                st.elements[Int(g)] = e
+            }
+            st.acc = acc
+            st.header = header
+            st.recorded = [:]
+        }
+    }
 }
 
 extension IntegrityLayout {
