@@ -64,6 +64,11 @@ extension IntegrityContent {
         var page = [UInt8](repeating: 0, count: Int(L.blockSize))
         for g in 0..<G {
             _ = try readFully(&page, at: L.tagBlockOffset(group: g))
+            // A covered group's tag block always holds tags (a hole has one too): all zeros
+            // is a hole punched or planted in the backing file, found without reading on.
+            if g > 0 && FileCrypto.isZero(page, page.count) {
+                throw .authentication("the tag block of units \(g * L.unitsPerGroup)–\((g + 1) * L.unitsPerGroup - 1) is all zeros")
+            }
             let e = try element(g, page, c)
             elements.append(e)
             if g > 0, page[L.recordHeaderRange].elementsEqual(mac) {

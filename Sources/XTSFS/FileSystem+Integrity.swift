@@ -48,7 +48,18 @@ extension FileSystem {
         if backing == 0 { return 0 }
         let key = Identity(st)
         if let known = integritySizes.withLock({ $0[key] }), known.matches(st) { return known.plain }
-        func fromHeader(_ fd: Int32, _ crypto: FileCrypto? = nil) -> Int64? { try? content(fd).plainSize(crypto: crypto) }
+        // Damage (a header or tag blocks that do not verify) is remembered like a size, so that
+        // `ls -l` of a damaged large file does not read all of its tag blocks every time.
+        var damaged = false
+        func fromHeader(_ fd: Int32, _ crypto: FileCrypto? = nil) -> Int64? {
+            do throws(ContentError) { return try content(fd).plainSize(crypto: crypto) } catch {
+                switch error {
+                case .authentication, .badHeader: damaged = true
+                default: break
+                }
+                return nil
+            }
+        }
         var size: Int64?
         switch source {
         case .none: break
@@ -64,16 +75,17 @@ extension FileSystem {
                 Sys.close(fd)
             }
         }
-        guard let size else { return IntegrityLayout.largestPlainSize(backingSize: backing) }
+        if size == nil && !damaged { return IntegrityLayout.largestPlainSize(backingSize: backing) }
+        let shown = size ?? IntegrityLayout.largestPlainSize(backingSize: backing)
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
-        guard now.tv_sec - st.st_ctim.tv_sec >= 3 else { return size }
+        guard now.tv_sec - st.st_ctim.tv_sec >= 3 else { return shown }
         integritySizes.withLock { table in
             // A bound, not an LRU: refilling costs one header read per file.
             if table.count >= 100_000 { table.removeAll(keepingCapacity: true) }
-            table[key] = IntegritySize(st, plain: size)
+            table[key] = IntegritySize(st, plain: shown)
         }
-        return size
+        return shown
     }
 }
 

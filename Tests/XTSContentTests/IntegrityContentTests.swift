@@ -387,6 +387,42 @@ final class IntegrityContentTests: XCTestCase {
         }
     }
 
+    /// A backing file that claims `size` bytes (sparse: zeros past the real ones) and
+    /// counts the reads made of it.
+    final class SparseFile: BackingFile {
+        let inner: MemoryFile
+        let claimed: Int64
+        var reads = 0
+        init(_ inner: MemoryFile, claimed: Int64) { self.inner = inner; self.claimed = claimed }
+        func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws(SystemError) -> Int {
+            reads += 1
+            guard offset < claimed else { return 0 }
+            let n = Int(min(Int64(buffer.count), claimed - offset))
+            buffer.baseAddress!.initializeMemory(as: UInt8.self, repeating: 0, count: n)
+            if offset < Int64(inner.bytes.count) { _ = try inner.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]), at: offset) }
+            return n
+        }
+        func write(_ buffer: UnsafeRawBufferPointer, at offset: Int64) throws(SystemError) { throw SystemError(30, "read-only") }
+        func size() throws(SystemError) -> Int64 { claimed }
+        func truncate(_ size: Int64) throws(SystemError) { throw SystemError(30, "read-only") }
+        func punchHole(at offset: Int64, length: Int64) throws(SystemError) { throw SystemError(30, "read-only") }
+    }
+
+    /// File roots: a planted header claiming a huge length over a sparse backing file (no
+    /// key needed: the MAC can only be checked after the scan) stops the scan at the first
+    /// tag block of zeros, and one claiming more than the largest file is refused before
+    /// any tag block is read: the daemon never reads (or keeps) without bound.
+    func testAPlantedHugeLengthIsRefusedWithoutAScan() throws {
+        tagAlgorithm = .ghashAES256Root
+        for (length, maxReads) in [(Int64(1) << 40, 8), (Int64(1) << 50, 4)] {
+            let (m, _, _) = try makeWritten()
+            for i in 0..<8 { m.bytes[24 + i] = UInt8(truncatingIfNeeded: length >> (8 * i)) }
+            let sparse = SparseFile(m, claimed: L.backingSize(plainSize: length))
+            XCTAssertThrowsError(try content(sparse).plainSize(), "length \(length)")
+            XCTAssertLessThanOrEqual(sparse.reads, maxReads, "length \(length): reads")
+        }
+    }
+
     // MARK: - crash consistency
 
     /// File roots: a change cut off after its tag block (both tags) and its ciphertext
