@@ -414,7 +414,8 @@ final class AreaTests: VolumeTestCase {
 
     /// An integrity volume's daemon, as `testKeysOnlyInLockedUndumpableMemoryAndAbortLeavesNothing`
     /// reads a plain one's: each file's XTS key halves and unit tag keys (K1, K2 of tag
-    /// algorithm 2: an AES key schedule starts with its key) appear only in locked,
+    /// algorithm 2: an AES key schedule starts with its key) and file root keys (element
+    /// key K1, K2 and record key) appear only in locked,
     /// undumpable mappings, also after many reads and writes and with a file still open;
     /// so no GCM, ECB or XTS key schedule is left in the heap between requests.
     func testIntegrityKeysOnlyInLockedUndumpableMemory() throws {
@@ -442,14 +443,18 @@ final class AreaTests: VolumeTestCase {
         for name in try FileManager.default.contentsOfDirectory(atPath: cipher) where !name.hasPrefix("xtsfs.") {
             guard let d = FileManager.default.contents(atPath: cipher + "/" + name), d.count >= 64 else { continue }
             let h = [UInt8](d)
-            XCTAssertEqual(Array(h[0..<2]), [2, 0], "tag algorithm 2")
+            XCTAssertEqual(Array(h[0..<2]), [3, 0], "file header version 3: tag algorithm 2 and a file root")
             let nonce = Array(h[8..<24])
             let xts = try HKDF.derive(key: volume.contentKey, salt: [], info: Array("xtsfs integrity file key".utf8) + nonce, count: 64).withUnsafeBytes { Array($0) }
             let tag = try HKDF.derive(key: volume.contentKey, salt: [], info: Array("xtsfs integrity unit tag v2 ghash-aes256".utf8) + nonce, count: 64).withUnsafeBytes { Array($0) }
+            let element = try HKDF.derive(key: volume.contentKey, salt: [], info: Array("xtsfs integrity group element".utf8) + nonce, count: 64).withUnsafeBytes { Array($0) }
+            let record = try HKDF.derive(key: volume.contentKey, salt: [], info: Array("xtsfs integrity group record".utf8) + nonce, count: 32).withUnsafeBytes { Array($0) }
             fileNeedles += [("xts key of \(name) 1st half", Array(xts[0..<32])), ("xts key of \(name) 2nd half", Array(xts[32...])),
-                            ("tag key K1 of \(name)", Array(tag[0..<32])), ("tag key K2 of \(name)", Array(tag[32...]))]
+                            ("tag key K1 of \(name)", Array(tag[0..<32])), ("tag key K2 of \(name)", Array(tag[32...])),
+                            ("element key K1 of \(name)", Array(element[0..<32])), ("element key K2 of \(name)", Array(element[32...])),
+                            ("record key of \(name)", record)]
         }
-        XCTAssertEqual(fileNeedles.count, 16, "open, a, b, c")
+        XCTAssertEqual(fileNeedles.count, 28, "open, a, b, c")
         let (hits, scanned) = scanMemory(pid, needles(volume) + fileNeedles)
         XCTAssertGreaterThan(scanned, 1 << 20)
         XCTAssertTrue(hits.contains { $0.0 == "dek" }, "the scan must find the DEK where it is kept")
