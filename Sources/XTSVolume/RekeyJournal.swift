@@ -419,8 +419,18 @@ extension RekeySweep {
                       oldHeader: [UInt8], newHeader: [UInt8], path: String, display: String? = nil) throws(SweepError) {
         let size = plainSize(backingSize: backingSize, header: oldHeader)
         var pos = start
+        var newHeader = newHeader
         if integrity {
-            if start == 0 { try verifyIntegrityFile(fd, backingSize: backingSize, oldHeader: oldHeader, from: from, start: 0, display: display ?? path + name.prefix(20) + "…") }
+            if start == 0 {
+                // With a file root, this check also gives the root of the new tag blocks: the
+                // new header is final before its segment (the first) is written. (Resumed
+                // from a journal, the record holds the final header.)
+                let root = try verifyIntegrityFile(fd, backingSize: backingSize, oldHeader: oldHeader, from: from, to: to, start: 0,
+                                                   display: display ?? path + name.prefix(20) + "…")
+                if let root {
+                    do { newHeader = try rootedHeader(newHeader, root: root) } catch { throw .damaged("\(display ?? path): the new file header: \(error)") }
+                }
+            }
             try fitBackingSize(fd, backingSize, path: path)
         }
         do {

@@ -52,6 +52,33 @@ extension RekeySweep {
         return name
     }
 
+    /// The fields of a file header of generation `keys`, checked. With file roots (header
+    /// version 3) only its fields are: its MAC covers the root of the file's tag blocks,
+    /// checked by `checkOldRoot` before anything of the file is written (and a journal
+    /// record's headers are vouched for by the record's own MAC).
+    func headerFields(_ raw: [UInt8], keys: KeySet) throws -> IntegrityFileHeader {
+        guard unitTags?.hasFileRoot == true else { return try IntegrityFileHeader.decode(raw, macKey: keys.metadataMACKey) }
+        let h = try IntegrityFileHeader.parse(raw)
+        guard h.flags == IntegrityFileHeader.flagAuthenticated else { throw FormatError.unsupportedFeatures(UInt64(h.flags)) }
+        return h
+    }
+
+    /// Checks the old header of a file with a file root against the root of its old tag
+    /// blocks (each group's committed element: the record's when it names this header, as
+    /// a read counts it). A mismatch is tampering (a tag block put back from an older
+    /// version of the file, with its units), handled as a unit failing its tag.
+    static func checkOldRoot(_ oldHeader: [UInt8], root: RootElement, keys: KeySet) throws(ContentError) {
+        guard (try? IntegrityFileHeader.decode(oldHeader, macKey: keys.metadataMACKey, root: root.bytes)) != nil else {
+            throw .authentication("the file header does not match the file's tag blocks (the header was changed, or a tag block was changed or put back from an older version of the file)")
+        }
+    }
+
+    /// The new header of a file with a file root, its MAC over `root` (the XOR of the
+    /// elements of the new tag blocks).
+    func rootedHeader(_ newHeader: [UInt8], root: RootElement) throws -> [UInt8] {
+        try IntegrityFileHeader.parse(newHeader).encode(macKey: new.metadataMACKey, root: root.bytes)
+    }
+
     /// The work for an integrity file still of the old generation (nil when there is
     /// none: empty, new, or damaged, with a warning). Its new header keeps the committed
     /// length and gets a new nonce.
@@ -70,7 +97,7 @@ extension RekeySweep {
         if gen == new.generation { return nil }
         guard gen == old.generation else { warnings.append("\(display): unknown key generation \(gen); left as it is"); return nil }
         let oldHeader: IntegrityFileHeader
-        do { oldHeader = try IntegrityFileHeader.decode(raw, macKey: old.metadataMACKey) } catch {
+        do { oldHeader = try headerFields(raw, keys: old) } catch {
             warnings.append("\(display): damaged file header (\(error)); left as it is")
             return nil
         }
@@ -81,13 +108,20 @@ extension RekeySweep {
         }
         let plain = Int64(oldHeader.plainLength)
         guard plain <= IL.maxPlainSize else { warnings.append("\(display): a committed length beyond the largest file; left as it is"); return nil }
+        guard !tags.hasFileRoot || IL.groupCount(plainSize: plain) <= IL.maxRootGroups else {
+            warnings.append("\(display): a committed length beyond the largest file with a file root; left as it is")
+            return nil
+        }
         do {
             var newHeader = try IntegrityFileHeader.random(tags: tags, keyGeneration: new.generation)
             newHeader.plainLength = oldHeader.plainLength
             // Listing manifests: the file keeps its identity (FORMAT.md 12.10).
             newHeader.fileID = oldHeader.fileID
+            // With a file root, the header is encoded again once the root of the new tag
+            // blocks is known (before anything is written): for now that of no groups.
             return Job(name: name, stat: st, from: try FileCrypto(keys: old, integrityHeader: oldHeader), to: try FileCrypto(keys: new, integrityHeader: newHeader),
-                       oldHeader: raw, newHeader: try newHeader.encode(macKey: new.metadataMACKey), fd: fd, lease: lease,
+                       oldHeader: raw, newHeader: try newHeader.encode(macKey: new.metadataMACKey, root: tags.hasFileRoot ? IntegrityFileHeader.emptyRoot : nil),
+                       fd: fd, lease: lease,
                        size: RekeySweep.integrityBackingSize(plain: plain), plainSize: plain, display: display)
         } catch { throw .damaged("\(error)") }
     }
@@ -126,6 +160,10 @@ extension RekeySweep {
         var units: [JournalTagUnit] = []
         var runs: [(offset: Int64, at: Int, count: Int)] = []
         var failure: (any Error)?
+        /// With a file root: the element the old header counts for the group (its old tag
+        /// block's, or the record's that names that header), and the new tag block's.
+        var oldElement = RootElement()
+        var newElement = RootElement()
     }
 
     /// The new image of whole groups of an integrity file from plaintext offset `start`
@@ -185,12 +223,16 @@ extension RekeySweep {
             let base: UnsafeMutableRawPointer
             let from: FileCrypto, to: FileCrypto
             let newHeader: [UInt8]
+            let oldMAC: [UInt8]
             let plain: Int64
             func run(_ i: Int) {
-                do { results[i] = try sweep.sealGroup(reads[i], at: base + reads[i].at, from: from, to: to, newHeader: newHeader, plain: plain) } catch { results[i].failure = error }
+                do { results[i] = try sweep.sealGroup(reads[i], at: base + reads[i].at, from: from, to: to, newHeader: newHeader, oldMAC: oldMAC, plain: plain) } catch {
+                    results[i].failure = error
+                }
             }
         }
-        let work = Work(sweep: self, reads: reads, results: results, base: arena.buffer.baseAddress!, from: from, to: to, newHeader: newHeader, plain: plain)
+        let work = Work(sweep: self, reads: reads, results: results, base: arena.buffer.baseAddress!, from: from, to: to, newHeader: newHeader,
+                        oldMAC: Array(IntegrityFileHeader.macBytes(oldHeader)), plain: plain)
         if parallel && reads.count > 1 && RekeySweep.processors > 1 {
             DispatchQueue.concurrentPerform(iterations: reads.count) { work.run($0) }
         } else {
@@ -204,16 +246,49 @@ extension RekeySweep {
             seg.record.tagUnits += results[i].units
             seg.runs += results[i].runs
         }
+        // A file with a file root in one segment: its old root checked, its new header's
+        // MAC computed over the new tag blocks' root and put in group 0's tag block, before
+        // anything is written. (A file rewritten in segments had both done by the whole-file
+        // check, verifyIntegrityFile: `newHeader` is already the final one.)
+        if from.hasFileRoot && start == 0 && seg.record.coverEnd >= plain {
+            let G = IL.groupCount(plainSize: plain)
+            var oldRoot = RootElement(), newRoot = RootElement()
+            for i in reads.indices where reads[i].group < G {
+                oldRoot ^= results[i].oldElement
+                newRoot ^= results[i].newElement
+            }
+            do throws(ContentError) { try RekeySweep.checkOldRoot(oldHeader, root: oldRoot, keys: old) } catch {
+                throw SweepError.damaged(RekeySweep.tamperMessage(display, error))
+            }
+            let header = try rootedHeader(newHeader, root: newRoot)
+            seg.record.newHeader = header
+            header.withUnsafeBytes { (arena.buffer.baseAddress! + reads[0].at).copyMemory(from: $0.baseAddress!, byteCount: header.count) }
+        }
         return seg
     }
 
     /// One group's old units checked against their tags and decrypted, then encrypted and
     /// tagged under the new file keys, and its tag block rebuilt (the new header in group
     /// 0, one new tag per unit in slot A, zeros elsewhere), all in place in the arena.
-    func sealGroup(_ r: GroupRead, at p: UnsafeMutableRawPointer, from: FileCrypto, to: FileCrypto, newHeader: [UInt8], plain: Int64) throws -> GroupResult {
+    ///
+    /// With a file root (groups the length covers): the element the old header counts for
+    /// the group (`oldMAC`: that header's MAC bytes, which a record naming it carries) and
+    /// the new tag block's element. The new tag block is the same whatever wrote it (the
+    /// sweep, the whole-file check, a journal being finished): salt and record zero.
+    func sealGroup(_ r: GroupRead, at p: UnsafeMutableRawPointer, from: FileCrypto, to: FileCrypto, newHeader: [UInt8], oldMAC: [UInt8], plain: Int64) throws -> GroupResult {
         let B = Int(IL.blockSize), E = Int(IL.entryLength), T = IL.tagLength, H = Int(IL.headerLength)
         let count = r.units.count
         let tagBlock = UnsafeMutableRawBufferPointer(start: p, count: B)
+        let rooted = from.hasFileRoot && r.group < IL.groupCount(plainSize: plain)
+        var out = GroupResult()
+        if rooted {
+            let e = try from.element(group: r.group, tagBlock: UnsafeRawBufferPointer(tagBlock))
+            if r.group > 0, tagBlock[IL.recordHeaderRange].elementsEqual(oldMAC) {
+                out.oldElement = try from.openRecord(tagBlock[IL.recordElementRange])
+            } else {
+                out.oldElement = e
+            }
+        }
         let data = r.sparse ? UnsafeMutableRawBufferPointer(rebasing: RekeySweep.zeroGroup[0..<count * B]) : UnsafeMutableRawBufferPointer(start: p + B, count: count * B)
         var entries = [UInt8](repeating: 0, count: count * E)
         entries.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(rebasing: tagBlock[H..<H + count * E])) }
@@ -234,7 +309,7 @@ extension RekeySweep {
         newTags.withUnsafeBytes { t in
             for i in 0..<count { (tagBlock.baseAddress! + H + i * E).copyMemory(from: t.baseAddress! + i * T, byteCount: T) }
         }
-        var out = GroupResult()
+        if rooted { out.newElement = try to.element(group: r.group, tagBlock: UnsafeRawBufferPointer(tagBlock)) }
         for i in 0..<count where !hole[i] {
             out.units.append(JournalTagUnit(start: (r.units.lowerBound + Int64(i)) * IL.blockSize,
                                             oldTag: Array(oldTags[i * T..<(i + 1) * T]), newTag: Array(newTags[i * T..<(i + 1) * T])))
@@ -261,8 +336,15 @@ extension RekeySweep {
     /// rewritten would be readable only through its journal, which could never finish).
     /// `end`: stop there (a group boundary), not at the end of the file; `explain`: whether
     /// the error says what the rekey does about it.
-    func verifyIntegrityFile(_ fd: Int32, backingSize: Int64, oldHeader: [UInt8], from: FileCrypto, start: Int64, end: Int64? = nil,
-                             display: String, explain: Bool = true) throws(SweepError) {
+    ///
+    /// With a file root, checked whole (`start` 0, no `end`) with the new keys `to`: each
+    /// group is also sealed under the new keys (in scratch memory, never written), so that
+    /// the old header is checked against the root of the old tag blocks, and the root of
+    /// the new ones (returned) is known before the first segment, which holds the new
+    /// header, is written.
+    @discardableResult
+    func verifyIntegrityFile(_ fd: Int32, backingSize: Int64, oldHeader: [UInt8], from: FileCrypto, to: FileCrypto? = nil, start: Int64, end: Int64? = nil,
+                             display: String, explain: Bool = true) throws(SweepError) -> RootElement? {
         let plain = plainSize(backingSize: backingSize, header: oldHeader)
         let unitCount = IL.unitCount(plain)
         let B = Int(IL.blockSize), E = Int(IL.entryLength), H = Int(IL.headerLength)
@@ -270,6 +352,9 @@ extension RekeySweep {
         defer { buf.deallocate() }
         var tags = [UInt8](repeating: 0, count: Int(IL.unitsPerGroup) * IL.tagLength)
         var g = start / RekeySweep.groupPlainBytes
+        let sealing = from.hasFileRoot && start == 0 && end == nil ? to : nil
+        let oldMAC = Array(IntegrityFileHeader.macBytes(oldHeader))
+        var oldRoot = RootElement(), newRoot = RootElement()
         do {
             while g * IL.unitsPerGroup < unitCount && (end.map { g * RekeySweep.groupPlainBytes < $0 } ?? true) {
                 let units = g * IL.unitsPerGroup..<min(unitCount, (g + 1) * IL.unitsPerGroup)
@@ -280,6 +365,14 @@ extension RekeySweep {
                 let want = sparse ? B : n
                 let got = try Sys.pread(fd, buf.baseAddress!, want, lo)
                 if got < want { (buf.baseAddress! + got).initializeMemory(as: UInt8.self, repeating: 0, count: want - got) }
+                if let to = sealing {
+                    let r = try sealGroup(GroupRead(group: g, units: units, at: 0, offsetInSegment: 0, sparse: sparse), at: buf.baseAddress!,
+                                          from: from, to: to, newHeader: oldHeader, oldMAC: oldMAC, plain: plain)
+                    oldRoot ^= r.oldElement
+                    newRoot ^= r.newElement
+                    g += 1
+                    continue
+                }
                 let ct = sparse ? UnsafeMutableRawBufferPointer(rebasing: RekeySweep.zeroGroup[0..<units.count * B])
                                 : UnsafeMutableRawBufferPointer(rebasing: buf[B..<n])
                 try tags.withUnsafeMutableBytes { t in
@@ -288,10 +381,12 @@ extension RekeySweep {
                 }
                 g += 1
             }
+            if sealing != nil { try RekeySweep.checkOldRoot(oldHeader, root: oldRoot, keys: old) }
         } catch let c as ContentError {
             if case .authentication = c, explain { throw .damaged(RekeySweep.tamperMessage(display, c)) }
             throw .damaged("\(display): \(c)")
         } catch let e as SystemError { throw .system("read \(display)", e) } catch { throw .damaged("\(display): \(error)") }
+        return sealing == nil ? nil : newRoot
     }
 
     static func tamperMessage(_ display: String, _ c: ContentError) -> String {
@@ -305,17 +400,23 @@ extension RekeySweep {
     /// 13.2): each data unit it names is new (its new tag matches), or old (its old tag
     /// matches: rebuilt under the new keys), or neither (reported, left: it reads as an
     /// error, never as data); then every tag block of the cover is written from the
-    /// journal. Returns false (with a warning) when the record does not fit the file.
+    /// journal (salt and record zero: the very bytes the sweep writes, so that a file root
+    /// matches the root the record's new header was made for). Returns false (with a
+    /// warning) when the record does not fit the file.
     func finishIntegrityRecord(_ fd: Int32, _ st: stat, _ rec: JournalRecord, what: String) throws -> (from: FileCrypto, to: FileCrypto)? {
+        // With file roots the headers' MACs cover the roots of tag blocks (the old ones half
+        // gone): their fields are taken as the record gives them, which its own MAC vouches for.
         let oldHeader: IntegrityFileHeader, newHeader: IntegrityFileHeader
         do {
-            oldHeader = try IntegrityFileHeader.decode(rec.oldHeader, macKey: old.metadataMACKey)
-            newHeader = try IntegrityFileHeader.decode(rec.newHeader, macKey: new.metadataMACKey)
+            oldHeader = try headerFields(rec.oldHeader, keys: old)
+            newHeader = try headerFields(rec.newHeader, keys: new)
         } catch { warnings.append("\(what): a rekey journal record whose headers do not verify; left as it is"); return nil }
         let plain = Int64(newHeader.plainLength)
         let G = RekeySweep.groupPlainBytes
         func aligned(_ x: Int64) -> Bool { x == plain || x % G == 0 }
-        guard oldHeader.keyGeneration == old.generation, newHeader.keyGeneration == new.generation, oldHeader.plainLength == newHeader.plainLength,
+        let rooted = unitTags?.hasFileRoot == true
+        guard !rooted || (oldHeader.tags == unitTags && newHeader.tags == unitTags && IL.groupCount(plainSize: plain) <= IL.maxRootGroups),
+              oldHeader.keyGeneration == old.generation, newHeader.keyGeneration == new.generation, oldHeader.plainLength == newHeader.plainLength,
               plain <= IL.maxPlainSize, rec.backingSize == RekeySweep.integrityBackingSize(plain: plain),
               aligned(rec.coverStart), aligned(rec.coverEnd), rec.coverStart <= rec.coverEnd, rec.coverEnd <= plain,
               rec.tagUnits.allSatisfy({ $0.start >= rec.coverStart && $0.start < rec.coverEnd && $0.start % IL.blockSize == 0 }) else {

@@ -49,8 +49,9 @@ final class IntegrityRekeyTests: RekeyTests {
         // With listing manifests (every volume init --integrity makes now) empty files are
         // already their header alone.
         if let empty = files.first(where: { $0.size == 0 }) {
-            let header = try IntegrityFileHeader(tags: .ghashAES256, keyGeneration: u.keys.generation, nonce: try Random.bytes(FileHeader.nonceLength), plainLength: 0)
-                .encode(macKey: u.keys.metadataMACKey)
+            // (init --integrity makes file roots: the root of no tag blocks.)
+            let header = try IntegrityFileHeader(tags: .ghashAES256Root, keyGeneration: u.keys.generation, nonce: try Random.bytes(FileHeader.nonceLength), plainLength: 0)
+                .encode(macKey: u.keys.metadataMACKey, root: IntegrityFileHeader.emptyRoot)
             try write(empty.path, header)
         } else if !files.contains(where: { $0.size == 64 }) { return XCTFail("no empty file in the tree") }
         var tails = 0
