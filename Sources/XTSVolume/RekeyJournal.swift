@@ -446,6 +446,7 @@ extension RekeySweep {
             } while pos < size
             try Sys.fdatasync(fd)
         } catch let e as SweepError { throw e } catch let e as SystemError { throw .system("rewrite a file in \(path)", e) } catch { throw .damaged("re-encrypt: \(error)") }
+        if integrity && start > 0 { try checkNewRoot(fd, newHeader: newHeader, to: to, display: display ?? path + name.prefix(20) + "…") }
         try removeJournal(dirfd, path: path)
     }
 

@@ -389,6 +389,33 @@ extension RekeySweep {
         return sealing == nil ? nil : newRoot
     }
 
+    /// A file with a file root rewritten from a journal on (a run resumed after a crash):
+    /// its groups from the journal's cover on were checked against their old tags only
+    /// (the old root needs the groups already rewritten). A unit put back with its tag
+    /// block between the crash and now was sealed under the new keys as it was, and the
+    /// new header, made for the file as the first run read it, then does not match the
+    /// root of the new tag blocks (the file reads as an error, never as that data): it is
+    /// reported here, naming the file.
+    func checkNewRoot(_ fd: Int32, newHeader: [UInt8], to: FileCrypto, display: String) throws(SweepError) {
+        guard to.hasFileRoot, let h = try? IntegrityFileHeader.parse(newHeader) else { return }
+        let G = IL.groupCount(plainSize: Int64(h.plainLength))
+        guard G <= IL.maxRootGroups else { return }
+        var page = [UInt8](repeating: 0, count: Int(IL.blockSize))
+        var root = RootElement()
+        do {
+            for g in 0..<G {
+                let got = try page.withMutableBytes { (p) throws(SystemError) -> Int in try Sys.pread(fd, p.baseAddress!, p.count, IL.tagBlockOffset(group: g)) }
+                if got < page.count { page.replaceSubrange(got..., with: repeatElement(0, count: page.count - got)) }
+                root ^= try page.withUnsafeBytes { (p) throws(CryptoError) in try to.element(group: g, tagBlock: p) }
+            }
+        } catch let e as SystemError { throw .system("read \(display)", e) } catch { throw .damaged("\(display): \(error)") }
+        if (try? IntegrityFileHeader.decode(newHeader, macKey: new.metadataMACKey, root: root.bytes)) == nil {
+            warnings.append("\(display): rewritten under the new key, but its header does not match its tag blocks: a part of the file still to rewrite " +
+                            "when the rekey was interrupted was changed or put back from an older version since; the file reads as an error " +
+                            "(restore it from a backup)")
+        }
+    }
+
     static func tamperMessage(_ display: String, _ c: ContentError) -> String {
         "\(display): \(c); its old contents are not what was written, so the rekey does not seal them under the new key. " +
             "The rekey stops here, nothing of this file rewritten: restore the file from a backup or remove it first"

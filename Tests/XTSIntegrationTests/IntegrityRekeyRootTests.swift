@@ -175,4 +175,53 @@ extension IntegrityRekeyTests {
             try checkDone("point \(point) (\(steps[point - 1]))")
         }
     }
+
+    /// A rekey killed after the first segment of a large file, then a unit of a segment
+    /// still to rewrite put back with its tag block from an older version of the file:
+    /// it passes its old tag, and the rerun seals it, but the new header (made for the
+    /// file as the first run read it) no longer matches: the rerun says so, naming the
+    /// file, and the file reads as an error, never as the older data.
+    func testUnitPutBackBetweenInterruptionAndRerunIsReported() throws {
+        let env = ["XTSFS_REKEY_BATCH_BYTES": "1048576"]
+        initVolume()
+        mount()
+        let size = 3 << 20
+        try write(mnt + "/large", pattern(size, seed: 31))
+        unmount()
+        guard let victim = backingFile(size: 6 * Self.groupLength + 4096 * 13) else { return }
+        let snapshot = try read(victim)
+        let unit = 700, group = unit / 126
+        mount()
+        let fd = open(mnt + "/large", O_WRONLY)
+        XCTAssertEqual(pattern(4096, seed: 32).withUnsafeBytes { pwrite(fd, $0.baseAddress, 4096, off_t(unit * 4096)) }, 4096)
+        close(fd)
+        unmount()
+        let template = scratch + "/template-putback"
+        XCTAssertEqual(sh("cp -a '\(cipher)' '\(template)' && echo ok").trimmingCharacters(in: .whitespacesAndNewlines), "ok")
+        let (traced, trace) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: env.merging(["XTSFS_REKEY_TRACE": "1"]) { $1 })
+        XCTAssertEqual(traced, 0, trace)
+        let steps = trace.split(separator: "\n").filter { $0.hasPrefix("rekey step ") }.map(String.init)
+        guard let first = steps.firstIndex(where: { $0.contains(": file part rewritten") }) else { return XCTFail(trace) }
+        guard rekeyKilled(at: first + 1, from: template, env: env) != nil else { return }
+        let h = open(victim, O_RDWR)
+        XCTAssertGreaterThanOrEqual(h, 0)
+        for at in [Self.dataOffset(unit), group * Self.groupLength] {
+            XCTAssertEqual(Array(snapshot[at..<at + 4096]).withUnsafeBytes { pwrite(h, $0.baseAddress, 4096, off_t(at)) }, 4096)
+        }
+        close(h)
+        let (again, err) = runEnv(["rekey", cipher, "--dek", "--passfile", passfile], env: env)
+        XCTAssertEqual(again, 0, err)
+        XCTAssertTrue(err.contains("its header does not match its tag blocks"), err)
+        mount()
+        let v = open(mnt + "/large", O_RDONLY)
+        if v >= 0 {
+            var buf = [UInt8](repeating: 0, count: 4096)
+            XCTAssertEqual(pread(v, &buf, 4096, off_t(unit * 4096)), -1, "the unit put back reads")
+            XCTAssertEqual(errno, EIO)
+            close(v)
+        } else {
+            XCTAssertEqual(errno, EIO)
+        }
+        unmount()
+    }
 }
