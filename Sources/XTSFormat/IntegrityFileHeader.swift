@@ -130,26 +130,15 @@ public struct IntegrityFileHeader: Sendable, Equatable {
     /// Decodes and checks a header; a version 3 header needs `root`, the file root computed
     /// from the file's tag blocks (a header whose root does not match fails its MAC).
     public static func decode(_ bytes: [UInt8], macKey: SecretBytes, root: [UInt8]? = nil) throws(FormatError) -> IntegrityFileHeader {
-        guard bytes.count >= length else { throw .truncated("integrity file header") }
-        var r = ByteReader(Array(bytes.prefix(length)))
-        let version = try r.u16("file header version")
-        guard let tags = UnitTagAlgorithm(rawValue: version) else { throw .unsupportedVersion(version) }
-        let flags = try r.u16("file header flags")
-        let generation = try r.u32("file key generation")
-        let nonce = try r.raw(FileHeader.nonceLength, "file nonce")
-        let plainLength = try r.u64("file length")
-        let fileID = try r.raw(16, "file ID")
-        let mac = try r.raw(macLength, "file header MAC")
-        var h = IntegrityFileHeader(tags: tags, keyGeneration: generation, nonce: nonce, plainLength: plainLength)
-        h.flags = flags
-        h.fileID = fileID
+        let h = try parse(bytes)
+        let mac = Array(macBytes(bytes))
         let expected: [UInt8]
         do { expected = try h.mac(h.body(), macKey: macKey, root: root) }
         catch { throw .invalid("file header MAC: \(error)") }
         // The file ID is inside the MAC; whether it must be zeros (a volume without listing
         // manifests) or not (one with them) is for the reader, who knows the volume.
         guard constantTimeEqual(expected, mac) else { throw .checksumMismatch("integrity file header") }
-        guard flags == flagAuthenticated else { throw .unsupportedFeatures(UInt64(flags)) }
+        guard h.flags == flagAuthenticated else { throw .unsupportedFeatures(UInt64(h.flags)) }
         return h
     }
 }
