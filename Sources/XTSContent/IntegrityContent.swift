@@ -61,7 +61,7 @@ struct IntegrityContent<File: BackingFile> {
             throw .badHeader("file header of version \(h.version) (\(h.tags.map { "\($0)" } ?? "?") unit tags) on a volume whose files have version \(tags.rawValue) (\(tags))")
         }
         if fileIDs != (h.fileID != IntegrityFileHeader.noFileID) {
-            throw .badHeader(fileIDs ? "no file ID, on a volume without listing manifests" : "a file ID, on a volume without listing manifests")
+            throw .badHeader(fileIDs ? "no file ID, on a volume with listing manifests" : "a file ID, on a volume without listing manifests")
         }
         guard h.plainLength <= UInt64(L.maxPlainSize) else { throw .badHeader("claims \(h.plainLength) bytes, beyond the largest file the format allows") }
     }
