@@ -291,9 +291,9 @@ struct IntegrityContent<File: BackingFile> {
         let oldUnits = L.unitCount(old)
         // A file root (FORMAT.md 12.11): every tag block written names the header on disk;
         // the new header, always written last, commits to them all.
+        if c.hasFileRoot && L.groupCount(plainSize: new) > L.maxRootGroups { throw .io(SystemError(27 /* EFBIG */, "grow a file with a file root past its largest size")) }
         var root: RootChange? = c.hasFileRoot ? RootChange(header: fresh ? nil : h, crypto: c) : nil
         if root != nil { try settleRecorded(&root!, c) }
-        if c.hasFileRoot && L.groupCount(plainSize: new) > L.maxRootGroups { throw .io(SystemError(27 /* EFBIG */, "grow a file with a file root past its largest size")) }
         if new > old {
             // Whatever lies past the committed length was left by an interrupted change:
             // drop it, so that new units start from zeros.
