@@ -421,6 +421,15 @@ final class IntegrityContentTests: XCTestCase {
             XCTAssertThrowsError(try content(sparse).plainSize(), "length \(length)")
             XCTAssertLessThanOrEqual(sparse.reads, maxReads, "length \(length): reads")
         }
+        // Growing a file past the largest one a file root covers fails, with nothing written.
+        let (m, c, plain) = try makeWritten()
+        let before = m.bytes
+        XCTAssertThrowsError(try write(c, [1], at: 3 << 40)) { e in
+            guard case .io(let s) = e as? ContentError else { return XCTFail("\(e)") }
+            XCTAssertEqual(s.errno, 27, "EFBIG")
+        }
+        XCTAssertEqual(m.bytes, before)
+        XCTAssertEqual(try readAll(c), plain)
     }
 
     // MARK: - crash consistency
