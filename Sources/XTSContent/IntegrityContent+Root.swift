@@ -98,12 +98,17 @@ extension IntegrityContent {
         let e = try element(g, page, c)
         if cache.element(g) == e { return page }
         cache.reset()
+        let units = "units \(g * L.unitsPerGroup)–\((g + 1) * L.unitsPerGroup - 1) (plaintext bytes \(g * L.unitsPerGroup * L.blockSize)–\((g + 1) * L.unitsPerGroup * L.blockSize - 1))"
         guard let raw = try headerBytes() else { throw .authentication("the file header disappeared while the file was read") }
-        _ = try rootedState(raw, c)
+        do { _ = try rootedState(raw, c) } catch {
+            // Name where the change was seen: the tag block of these units.
+            guard case .authentication(let why) = error else { throw error }
+            throw .authentication("the tag block of \(units) changed since it was verified: \(why)")
+        }
         _ = try readFully(&page, at: L.tagBlockOffset(group: g))
         let again = try element(g, page, c)
         guard cache.element(g) == again else {
-            throw .authentication("the tag block of units \(g * L.unitsPerGroup)–\((g + 1) * L.unitsPerGroup - 1) does not match the file root")
+            throw .authentication("the tag block of \(units) does not match the file root")
         }
         return page
     }

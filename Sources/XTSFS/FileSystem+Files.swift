@@ -127,7 +127,7 @@ extension FileSystem {
                 // cannot read the header; its first write loads the keys.)
                 try withExclusive(f.fd, f.state) { (_, _) throws(FSError) in }
             }
-        } catch { release(h); throw error }
+        } catch { release(h); throw naming(error, id) }
         return h
     }
 
