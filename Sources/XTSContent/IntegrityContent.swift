@@ -474,7 +474,7 @@ struct IntegrityContent<File: BackingFile> {
     }
 
     /// Comparison whose time does not depend on where the bytes differ.
-    private func equal(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer) -> Bool {
+    func equal(_ a: UnsafeRawBufferPointer, _ b: UnsafeRawBufferPointer) -> Bool {
         var d: UInt8 = 0
         for i in 0..<a.count { d |= a[i] ^ b[i] }
         return d == 0
